@@ -1,0 +1,89 @@
+"""The design card's rules for the repository itself, checked on every run.
+
+Each root concept file must: open with a module docstring, answer `--help` instantly, and import only
+the standard library, the card's packages and other root files, without import cycles. The README's
+quick-start test command must be the one `.ci/run` executes, so the two cannot drift apart.
+"""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCEPTS = ["clip", "qformer", "lora", "nf4", "paligemma", "vlm_train", "flow_matching", "rouge"]
+CARD = {"torch", "numpy", "transformers", "safetensors", "bitsandbytes", "torchdiffeq", "PIL", "tqdm", "scipy"}
+PRESENT = [name for name in CONCEPTS if (ROOT / f"{name}.py").exists()]
+
+
+def imported_modules(path):
+    """Top-level names of every absolute import in a file (module level and inside functions)."""
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_at_least_one_concept_file_exists():
+    assert PRESENT, "no root concept file found"
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_module_docstring_teaches(name):
+    doc = ast.get_docstring(ast.parse((ROOT / f"{name}.py").read_text()))
+    assert doc and len(doc.splitlines()) >= 10, f"{name}.py needs a module docstring that teaches the idea"
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_imports_stay_on_the_design_card(name):
+    outside = sorted(m for m in imported_modules(ROOT / f"{name}.py")
+                     if m not in CARD | set(CONCEPTS) and m not in sys.stdlib_module_names)
+    assert not outside, f"{name}.py imports packages outside the design card: {outside}"
+
+
+def test_root_import_graph_is_acyclic():
+    graph = {n: imported_modules(ROOT / f"{n}.py") & set(PRESENT) - {n} for n in PRESENT}
+    state = {}
+
+    def visit(node, path):
+        assert state.get(node) != "open", f"import cycle: {' -> '.join(path + [node])}"
+        if state.get(node) == "done":
+            return
+        state[node] = "open"
+        for child in sorted(graph[node]):
+            visit(child, path + [node])
+        state[node] = "done"
+
+    for node in graph:
+        visit(node, [])
+
+
+def test_no_unexpected_python_files_at_root():
+    extra = sorted(p.name for p in ROOT.glob("*.py") if p.stem not in CONCEPTS)
+    assert not extra, f"root .py files that are not on the design card: {extra}"
+
+
+# rouge.py does no tensor work (pure Python on strings), so it alone has no --device flag.
+NO_DEVICE = {"rouge"}
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_help_answers(name):
+    out = subprocess.run([sys.executable, f"{name}.py", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if name not in NO_DEVICE:
+        assert "--device" in out.stdout, f"{name}.py --help does not offer --device"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    lines = [l.strip() for l in readme.splitlines() if "python -m pytest" in l and not l.strip().startswith("#")]
+    assert lines, "README has no quick-start test command"
+    assert lines[0] in ci, f"README's test command is not the one .ci/run runs:\n{lines[0]}"
