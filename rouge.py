@@ -282,12 +282,24 @@ class PorterStemmer:
 # Tokenizers
 # ---------------------------------------------------------------------------------------------------
 ASCII_WORD = re.compile(r"[a-z0-9]+")
+# byte -> itself for [a-z0-9] and "\n" (kept so that lines survive), a space for every other byte
+TO_SPACE = bytes(c if chr(c) in "abcdefghijklmnopqrstuvwxyz0123456789\n" else 32 for c in range(256))
+
+
+def ascii_words(text):
+    """text.lower() with every character outside [a-z0-9] and "\n" turned into a space.
+
+    rouge-score does re.sub("[^a-z0-9]+", " ", text.lower()); the same in C and twice as fast: each
+    non-ASCII character becomes "?" (one per code point), then every byte outside [a-z0-9] a space.
+    Lower-casing first matters: the Kelvin sign K lower-cases to an ASCII "k".
+    """
+    return text.lower().encode("ascii", "replace").translate(TO_SPACE).decode("ascii")
 
 
 def tokenize(text, stemmer=None):
     """rouge-score's tokenizer: lower-case, every character outside [a-z0-9] becomes a space, split,
     then stem words longer than 3 characters. Non-ASCII letters vanish ("café" -> "caf")."""
-    words = ASCII_WORD.findall(text.lower())
+    words = ascii_words(text).split()
     if stemmer is None:
         return words
     return [stemmer.stem(w) if len(w) > 3 else w for w in words]
@@ -303,7 +315,13 @@ class DefaultTokenizer:
         self._token_of = _StemTable() if use_stemmer else None
 
     def tokenize(self, text):
-        words = ASCII_WORD.findall(text.lower())
+        return self._tokens(ascii_words(text).split())
+
+    def tokenize_lines(self, text):
+        """The tokens of each non-empty line (rougeLsum's sentences), in one pass over the text."""
+        return [self._tokens(line.split()) for line in ascii_words(text).split("\n") if line]
+
+    def _tokens(self, words):
         if self._token_of is None:
             return words
         token_of = self._token_of
@@ -563,31 +581,39 @@ def score_lcs(target_tokens, prediction_tokens):
     return Score(precision, recall, fmeasure(precision, recall))
 
 
+class WordBudget:
+    """ROUGE-1.5.5's clipping for summary-level scores: a word can be matched only as often as it
+    occurs in the whole reference and in the whole prediction, whichever is fewer. Without it a
+    predicted sentence could be credited once for every reference sentence it overlaps."""
+
+    def __init__(self, target_sentences, prediction_sentences):
+        self.target_left = collections.Counter(t for s in target_sentences for t in s)
+        self.prediction_left = collections.Counter(t for s in prediction_sentences for t in s)
+
+    def take(self, token):
+        """Spend one occurrence of token on both sides if both have one left; say whether it did."""
+        if self.target_left[token] > 0 and self.prediction_left[token] > 0:
+            self.target_left[token] -= 1
+            self.prediction_left[token] -= 1
+            return True
+        return False
+
+
 def summary_level_lcs(target_sentences, prediction_sentences):
     """rougeLsum (section 3.2): for each reference sentence r_i, the union of its LCS positions with
-    every predicted sentence, then hits clipped by word counts as in ROUGE-1.5.5 (a predicted word
-    used by one reference sentence cannot be matched again by another).
+    every predicted sentence; each covered word is a hit if WordBudget still allows it.
 
     rougeL vs rougeLsum, a classic source of wrong numbers: rougeL ignores sentence structure, while
     rougeLsum is the summary-level ROUGE-L of the Perl toolkit that summarisation papers cite. It
     splits on "\n" only, so summaries whose sentences are not on separate lines make rougeLsum
     silently equal rougeL. Put one sentence per line (or use split_summaries=True).
     """
-    m = sum(map(len, target_sentences))
-    n = sum(map(len, prediction_sentences))
+    m, n = sum(map(len, target_sentences)), sum(map(len, prediction_sentences))
     if not m or not n:
         return ZERO
-    target_left = collections.Counter(t for s in target_sentences for t in s)
-    prediction_left = collections.Counter(t for s in prediction_sentences for t in s)
+    budget = WordBudget(target_sentences, prediction_sentences)
     layout = side_by_side(prediction_sentences)
-    hits = 0
-    for r in target_sentences:
-        for i in union_lcs(r, layout):
-            token = r[i]
-            if target_left[token] > 0 and prediction_left[token] > 0:
-                hits += 1
-                target_left[token] -= 1
-                prediction_left[token] -= 1
+    hits = sum(budget.take(r[i]) for r in target_sentences for i in union_lcs(r, layout))
     precision, recall = hits / n, hits / m
     return Score(precision, recall, fmeasure(precision, recall))
 
@@ -641,7 +667,7 @@ def summary_level_wlcs(target_sentences, prediction_sentences, weight=1.2):
     """rougeW as ROUGE-1.5.5 computes ROUGE-W-1.2 (its sub wlcs):
         hit = sum over runs of consecutive marked positions in each reference sentence of f(run)
         R = f^-1(hit / f(sum_i f(|r_i|))),   P = f^-1(hit / f(|prediction|)),   f^-1(x) = x^(1/w)
-    The marks are the union of WLCS paths against every predicted sentence, clipped by word counts
+    The marks are the union of WLCS paths against every predicted sentence, clipped by WordBudget
     as in rougeLsum. Three quirks of the Perl code are kept, so the numbers match published ones:
     - the reference length is weighted twice, f(sum_i f(|r_i|)) (sub computeWLCSScore applies f to
       a base that sub wlcs already weighted), so even a prediction identical to a one-sentence
@@ -650,12 +676,10 @@ def summary_level_wlcs(target_sentences, prediction_sentences, weight=1.2):
       in a row of the reference counts as one run of 4, exactly like "A B C D";
     - a clipped word inside a run neither counts nor ends the run.
     """
-    m = sum(map(len, target_sentences))
-    n = sum(map(len, prediction_sentences))
+    m, n = sum(map(len, target_sentences)), sum(map(len, prediction_sentences))
     if not m or not n:
         return ZERO
-    target_left = collections.Counter(t for s in target_sentences for t in s)
-    prediction_left = collections.Counter(t for s in prediction_sentences for t in s)
+    budget = WordBudget(target_sentences, prediction_sentences)
     hit = 0.0
     for r in target_sentences:
         marked = [False] * len(r)
@@ -664,13 +688,11 @@ def summary_level_wlcs(target_sentences, prediction_sentences, weight=1.2):
                 marked[i] = True
         run = 0
         for j, token in enumerate(r):
-            if marked[j] and target_left[token] > 0 and prediction_left[token] > 0:
+            if marked[j] and budget.take(token):
                 run += 1
                 if j + 1 == len(r) or not marked[j + 1]:       # the run ends here
                     hit += run ** weight
                     run = 0
-                target_left[token] -= 1
-                prediction_left[token] -= 1
     # R = f^-1(hit / f(sum_i f(|r_i|))), the Perl's double weighting, f^-1(x) = x^(1/w)
     base = sum(len(r) ** weight for r in target_sentences) ** weight
     recall = (hit / base) ** (1 / weight)
@@ -759,7 +781,7 @@ class RougeScorer:
         self._kinds = [(name, *parse_rouge_type(name)) for name in self.rouge_types]
         if tokenizer is not None and not callable(getattr(tokenizer, "tokenize", None)):
             raise TypeError(f"tokenizer must have a tokenize(text) method, got {type(tokenizer).__name__}")
-        self._tokenizer = tokenizer or DefaultTokenizer(use_stemmer)
+        self._tokenizer = tokenizer if tokenizer is not None else DefaultTokenizer(use_stemmer)
         self._split_summaries = split_summaries
         kinds = {kind for _, kind, _ in self._kinds}
         self._needs_sentences = bool(kinds & {"Lsum", "W"})
@@ -767,18 +789,15 @@ class RougeScorer:
 
     def _prepare(self, text):
         tokenize = self._tokenizer.tokenize
-        sentences = ([tokenize(s) for s in get_sentences(text, self._split_summaries)]
-                     if self._needs_sentences else None)
-        if not self._needs_tokens:
-            tokens = None
-        elif sentences is not None and isinstance(self._tokenizer, DefaultTokenizer) \
-                and not self._split_summaries:
-            # "\n" is a separator to the default tokenizer, so the lines' tokens, joined, are the
-            # text's tokens: tokenize once
-            tokens = [t for s in sentences for t in s]
-        else:
-            tokens = tokenize(text)
-        return _Text(tokens, sentences)
+        if not self._needs_sentences:
+            return _Text(tokenize(text), None)
+        if isinstance(self._tokenizer, DefaultTokenizer) and not self._split_summaries:
+            # "\n" separates words for the default tokenizer, so the text's tokens are its lines'
+            # tokens joined: one pass gives both
+            sentences = self._tokenizer.tokenize_lines(text)
+            return _Text([t for s in sentences for t in s] if self._needs_tokens else None, sentences)
+        sentences = [tokenize(s) for s in get_sentences(text, self._split_summaries)]
+        return _Text(tokenize(text) if self._needs_tokens else None, sentences)
 
     def _score_prepared(self, target, prediction):
         result, ngrams = {}, {}
@@ -808,8 +827,9 @@ class RougeScorer:
     def score_multi(self, targets, prediction):
         """Score against each target and keep, per type, the target with the best F-measure (the
         first one on a tie, like numpy.argmax in rouge-score)."""
-        if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
+        if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
             raise TypeError(f"targets must be a list of str, got {type(targets).__name__}")
+        targets = list(targets)
         if not targets:
             raise ValueError("targets is empty: score_multi needs at least one reference")
         for target in targets:
@@ -876,24 +896,35 @@ class BootstrapAggregator:
 # ---------------------------------------------------------------------------------------------------
 def read_examples(path):
     """One example per line; a literal backslash-n inside a line is a sentence break."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise FileNotFoundError(f"{path} is a directory, not a file of examples") from None
     if lines and lines[-1] == "":
         lines.pop()                                    # the file's final newline ends the last line
     return [line.rstrip("\r").replace("\\n", "\n") for line in lines]
 
 
+def read_corpus(reference_paths, prediction_path):
+    """(one list of texts per reference file, predictions); every file must have as many lines."""
+    predictions = read_examples(prediction_path)
+    if not predictions:
+        raise ValueError(f"no examples: {prediction_path} is empty")
+    references = []
+    for path in reference_paths:
+        references.append(read_examples(path))
+        if len(references[-1]) != len(predictions):
+            raise ValueError(f"line counts differ: {prediction_path} has {len(predictions)} lines "
+                             f"but {path} has {len(references[-1])}; one example per line in each")
+    return references, predictions
+
+
 def evaluate(references, predictions, config):
     """Score each prediction against its references (best F of several), then bootstrap.
     references: one list of texts per reference file. Returns (per-example scores, intervals)."""
-    for path_lines in references:
-        if len(path_lines) != len(predictions):
-            raise ValueError(f"line counts differ: {len(predictions)} predictions but "
-                             f"{len(path_lines)} references in one reference file")
-    if not predictions:
-        raise ValueError("no examples: the predictions file is empty")
     tokenizer = UnicodeTokenizer(config.use_stemmer) if config.unicode else None
     scorer = RougeScorer(config.rouge_types, config.use_stemmer, config.split_summaries, tokenizer)
     aggregator = BootstrapAggregator(config.confidence_interval, config.n_samples, config.seed)
@@ -942,7 +973,8 @@ def _explain_ngrams(ref, pred, n):
     ref_counts, pred_counts = ngram_counts(ref, n), ngram_counts(pred, n)
     print(f"\nROUGE-{n}: clipped {n}-gram matches, min(count in reference, count in prediction)")
     for gram, count in ref_counts.items():
-        print(f"  {' '.join(gram):<18} ref {count}  pred {pred_counts[gram]}  -> {min(count, pred_counts[gram])}")
+        words = gram if n == 1 else " ".join(gram)
+        print(f"  {words:<18} ref {count}  pred {pred_counts[gram]}  -> {min(count, pred_counts[gram])}")
     hits = sum(min(c, pred_counts[g]) for g, c in ref_counts.items())
     print(f"  R = hits / reference {n}-grams  = {_fraction(hits, sum(ref_counts.values()))}")
     print(f"  P = hits / prediction {n}-grams = {_fraction(hits, sum(pred_counts.values()))}")
@@ -999,12 +1031,19 @@ def demo():
     print(f"\nROUGE-W (Lin 2004, section 4): X = {x}")
     print(f"  Y1 = {y1}: LCS {lcs_length(x, y1)}, WLCS with f(k)=k^2: {wlcs(x, y1, 2):.0f} (one run of 4)")
     print(f"  Y2 = {y2}: LCS {lcs_length(x, y2)}, WLCS with f(k)=k^2: {wlcs(x, y2, 2):.0f} (four runs of 1)")
+    w = RougeScorer(["rougeW"])
+    f1, f2 = (w.score(" ".join(x), " ".join(y))["rougeW"].fmeasure for y in (y1, y2))
+    print(f"  rougeW (ROUGE-1.5.5's scoring, runs counted along the reference only): F(Y1) = {f1:.4f}, "
+          f"F(Y2) = {f2:.4f}")
 
     s1, s2 = "police killed the gunman".split(), "the gunman police killed".split()
     c1, c2 = skip_bigram_counts(s1), skip_bigram_counts(s2)
     common = sorted(" ".join(g) for g in c1 if g in c2)
     print(f"\nROUGE-S (section 5): skip-bigrams of {' '.join(s1)!r}: {[' '.join(g) for g in c1]}")
     print(f"  shared with {' '.join(s2)!r}: {common} -> R = P = {_fraction(len(common), len(c1))}")
+    su = RougeScorer(["rougeSU"]).score(" ".join(s1), " ".join(reversed(s1)))["rougeSU"]
+    print(f"  reversed, no pair survives; rougeSU adds unigrams, all but each text's last word as in "
+          f"ROUGE-1.5.5:\n  9 units each, 'killed' and 'the' shared: R = {su.recall:.4f} = 2/9")
 
 
 def build_parser():
@@ -1044,8 +1083,7 @@ def main(argv=None):
                   split_summaries=args.split_summaries, confidence_interval=args.confidence,
                   seed=args.seed, **overrides)
     try:
-        references = [read_examples(path) for path in args.references]
-        predictions = read_examples(args.predictions)
+        references, predictions = read_corpus(args.references, args.predictions)
         per_example, intervals = evaluate(references, predictions, config)
     except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))

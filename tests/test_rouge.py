@@ -99,11 +99,16 @@ def test_custom_tokenizer_is_used_as_in_rouge_score():
 
 def test_tokenizer_matches_rouge_score_on_unicode_edge_cases():
     stemmer = rouge.PorterStemmer()
-    texts = ["İstanbul KELVIN \u212a", "ﬁnal ŉ ǰ", "Straße café", "tab\tnew\nline\r\n", "x_y-z", "Ⅻ ½ ²"]
+    texts = ["İstanbul KELVIN \u212a", "ﬁnal ŉ ǰ", "Straße café", "tab\tnew\nline\r\n", "x_y-z", "Ⅻ ½ ²",
+             "next\x85line\u2028sep\x1cfile", "İ\nİ\n\n", "\udcff lone surrogate"]
     for text in texts + [t for pair in generated_pairs(seed=5, n=40) for t in pair]:
-        assert rouge.tokenize(text) == rs_tokenize.tokenize(text, None)
-        assert rouge.tokenize(text, stemmer) == rs_tokenize.tokenize(text, NltkPorterStemmer())
-        assert rouge.DefaultTokenizer(True).tokenize(text) == rs_tokenize.tokenize(text, NltkPorterStemmer())
+        for use_stemmer in (False, True):
+            theirs = NltkPorterStemmer() if use_stemmer else None
+            ours = rouge.DefaultTokenizer(use_stemmer)
+            assert rouge.tokenize(text, stemmer if use_stemmer else None) == rs_tokenize.tokenize(text, theirs)
+            assert ours.tokenize(text) == rs_tokenize.tokenize(text, theirs)
+            assert ours.tokenize_lines(text) == [rs_tokenize.tokenize(line, theirs)
+                                                 for line in text.split("\n") if line]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -508,7 +513,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     refs = write_lines(tmp_path / "refs.txt", ["a b", "c d", "e f"])
     preds = write_lines(tmp_path / "preds.txt", ["a b", "c d"])
     err = cli_error(capsys, ["--references", refs, "--predictions", preds])
-    assert "rouge.py: error: line counts differ: 2 predictions but 3 references" in err
+    assert f"rouge.py: error: line counts differ: {preds} has 2 lines but {refs} has 3" in err
     err = cli_error(capsys, ["--references", str(tmp_path / "missing.txt"), "--predictions", preds])
     assert "rouge.py: error: no such file" in err and "missing.txt" in err
     err = cli_error(capsys, ["--references", preds, "--predictions", preds, "--types", "rougeQ"])
@@ -522,6 +527,7 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 def test_demo_walks_through_the_worked_example(capsys):
     rouge.main([])
     out = capsys.readouterr().out
+    assert "  the                ref 2  pred 2  -> 2" in out and "  on the             ref 1  pred 1  -> 1" in out
     assert "R = hits / reference 1-grams  = 5/6 = 0.8333" in out
     assert "LCS (* above) = 'the cat on the mat', length 5" in out
     assert "WLCS with f(k)=k^2: 16" in out and "WLCS with f(k)=k^2: 4" in out
