@@ -470,9 +470,11 @@ def lcs_table(a, b):
 # L[i][0..n] never drop and rise by 0 or 1, so a row is fully described by n bits. Keep
 # V with bit j = 0 where the row steps up (L[i][j+1] = L[i][j] + 1) and 1 where it stays flat.
 # Then one integer expression moves from row i-1 to row i for all columns at once:
-#     U = V & M[a_i]           M[x]: bit j set where b[j] == x; U: matches on a flat stretch
-#     V' = (V + U) | (V - U)   adding U carries each match left to the end of its flat run:
-#                              the match becomes a step, the old step to its left becomes flat
+#     U = V & M[a_i]           M[x]: bit j set where b[j] == x; U: matches on flat stretches
+#     V' = (V + U) | (V - U)   the carry of + runs from the first match of a flat stretch up to
+#                              the step that ends it: that match becomes a step, the old step
+#                              (at a larger j) becomes flat, so the row now rises at the match;
+#                              | (V - U) keeps the rest of the stretch flat
 # and L[i][j] = j - popcount(V_i & (2^j - 1)). Python's integers are arbitrarily long, so a row
 # of any length is O(1) interpreter steps: O(|a|) steps instead of O(|a| |b|).
 
