@@ -547,7 +547,7 @@ def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, dou
             bias = None if bias is None else take(weights, f"{name}.bias", used)
         model.set_submodule(name, LinearNF4.from_weight(weight, bias, blocksize, double_quant, compute_dtype))
     if weights is not None:
-        fill_from(model, weights, used)
+        load_weights(model, weights, used)
     return model
 
 
@@ -558,26 +558,32 @@ def take(weights: Mapping, key: str, used: set) -> torch.Tensor:
     return weights[key]
 
 
-def fill_from(model: nn.Module, weights: Mapping, used: set) -> None:
-    """Assign every parameter and persistent buffer not yet loaded from `weights`, strictly."""
-    for full_name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if isinstance(model.get_submodule(full_name.rpartition(".")[0]), LinearNF4):
-            continue                                                 # loaded already
-        module_name, _, attr = full_name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if attr in module._buffers and attr in module._non_persistent_buffers_set:
-            continue                                                 # computed, not stored (rotary inv_freq)
-        value = take(weights, full_name, used).to(tensor.dtype)
-        if value.shape != tensor.shape:
-            raise ValueError(f"'{full_name}': the weights hold shape {tuple(value.shape)}, the model {tuple(tensor.shape)}")
-        if attr in module._parameters:
-            module._parameters[attr] = nn.Parameter(value, requires_grad=tensor.requires_grad)
-        else:
-            module._buffers[attr] = value
+def load_weights(model: nn.Module, weights: Mapping, used: set | None = None) -> nn.Module:
+    """Assign every parameter and persistent buffer from `weights` (skipping LinearNF4 layers
+    already built), strictly: a missing, unexpected or misshapen tensor raises an error."""
+    used = set() if used is None else used
+    for module_name, module in model.named_modules():
+        if isinstance(module, LinearNF4):
+            continue
+        prefix = module_name + "." if module_name else ""
+        persistent = [k for k in module._buffers if k not in module._non_persistent_buffers_set]
+        for attr in list(module._parameters) + persistent:
+            old = getattr(module, attr)
+            if old is None:
+                continue
+            value = take(weights, prefix + attr, used).to(old.dtype)
+            if value.shape != old.shape:
+                raise ValueError(f"'{prefix + attr}': the weights hold shape {tuple(value.shape)}, "
+                                 f"the model {tuple(old.shape)}")
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+            else:
+                module._buffers[attr] = value
     unexpected = sorted(set(weights.keys()) - used)
     if unexpected:
         raise KeyError(f"the weights hold tensors the model does not use: {unexpected[:10]}"
                        f"{' ...' if len(unexpected) > 10 else ''}")
+    return model
 
 
 @contextmanager
@@ -606,15 +612,25 @@ class SafetensorsWeights(Mapping):
     """A lazy mapping over a safetensors checkpoint: each tensor is read only when asked for.
 
     `path` is a .safetensors file or a folder with model.safetensors or a sharded
-    model.safetensors.index.json, as transformers saves them.
+    model.safetensors.index.json, as transformers saves them. The format is simple: 8 bytes of
+    header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw bytes. We read
+    each tensor with a plain file read rather than a memory map, so that the process holds only
+    the tensors it keeps (a memory-mapped file counts in the RSS as its pages are touched).
     """
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool}
 
     def __init__(self, path: str):
-        from safetensors import safe_open
-
-        files = self._files(path)
-        self._handles = {f: safe_open(f, framework="pt") for f in files}
-        self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
+        self._index = {}                                             # name -> (file, dtype, shape, start, end)
+        for file in self._files(path):
+            with open(file, "rb") as fh:
+                length = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(length))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    start, end = info["data_offsets"]
+                    self._index[name] = (file, info["dtype"], info["shape"], 8 + length + start, 8 + length + end)
 
     @staticmethod
     def _files(path: str) -> list[str]:
@@ -631,13 +647,20 @@ class SafetensorsWeights(Mapping):
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
+        file, dtype, shape, start, end = self._index[key]
+        buffer = bytearray(end - start)
+        with open(file, "rb") as fh:
+            fh.seek(start)
+            fh.readinto(buffer)
+        if not buffer:
+            return torch.empty(shape, dtype=self.DTYPES[dtype])
+        return torch.frombuffer(buffer, dtype=self.DTYPES[dtype]).reshape(shape)
 
     def __iter__(self):
-        return iter(self._where)
+        return iter(self._index)
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._index)
 
 
 # ----------------------------------------------------------------------------------------------
