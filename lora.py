@@ -566,10 +566,29 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024       # Linux reports KiB
 
 
+def return_freed_memory_to_the_os() -> None:
+    """Make glibc give large freed blocks back to the OS, so the peak RSS is what was in use.
+
+    By default glibc raises its mmap threshold each time a large block is freed and then serves
+    blocks of that size from its heap, which it rarely shrinks. QLoRA frees a dequantized weight
+    per layer per step, so the heap would grow by allocator slack, not by data. A fixed threshold
+    (mallopt M_MMAP_THRESHOLD, which also turns the adjustment off) keeps large blocks in mmap.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 128 * 1024)                                 # M_MMAP_THRESHOLD = -3
+    except (OSError, TypeError, AttributeError):                   # not glibc: nothing to adjust
+        pass
+
+
 def memory_child(method: str, model_kwargs: dict, checkpoint: str, device: str, seq_len: int, r: int) -> dict:
     """One training step of `method` in this (fresh) process; returns its byte counts and peak."""
     from transformers import LlamaForCausalLM
 
+    return_freed_memory_to_the_os()
     device = torch.device(device)
     baseline = peak_rss_bytes()                                      # python + torch + transformers
     with nf4.init_empty_weights():                                   # parameters on 'meta': no memory
@@ -633,19 +652,22 @@ def memory_table(model_kwargs: dict = MEMORY_MODEL, device: str = "cpu", seq_len
 
 
 def print_memory_table(rows: list[dict], device: str) -> None:
+    """Markdown table of the byte counts and peaks, with ratios to full fine-tuning."""
     mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
-    full = rows[0]
-    full_state = full["weights"] + full["grads"] + full["optimizer"]
-    peak_name = "peak CUDA allocated" if device.startswith("cuda") else "peak RSS"
-    print(f"| method | trainable params | weights MiB | grads MiB | AdamW state MiB | training state MiB | "
-          f"vs full | {peak_name} MiB | above import baseline MiB | vs full |")
+    state = {row["method"]: row["weights"] + row["grads"] + row["optimizer"] for row in rows}
+    above = {row["method"]: row["peak"] - row["baseline"] for row in rows}
+    peak = "peak CUDA allocated" if device.startswith("cuda") else "peak RSS"
+    print(f"| method | trainable / all params | weights MiB | grads MiB | AdamW state MiB | training state MiB | "
+          f"vs full | {peak} MiB | peak - start MiB | vs full |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        state = row["weights"] + row["grads"] + row["optimizer"]
-        above = row["peak"] - row["baseline"]
-        print(f"| {row['method']} | {row['trainable']:,} / {row['total']:,} | {mib(row['weights'])} | {mib(row['grads'])} | "
-              f"{mib(row['optimizer'])} | {mib(state)} | {state / full_state:.3f} | {mib(row['peak'])} | {mib(above)} | "
-              f"{above / (full['peak'] - full['baseline']):.3f} |")
+        m = row["method"]
+        print(f"| {m} | {row['trainable']:,} / {row['total']:,} | {mib(row['weights'])} | {mib(row['grads'])} | "
+              f"{mib(row['optimizer'])} | {mib(state[m])} | {state[m] / state['full']:.3f} | {mib(row['peak'])} | "
+              f"{mib(above[m])} | {above[m] / above['full']:.3f} |")
+    other = ", ".join(f"{m} {mib(above[m] - state[m])}" for m in state)
+    print(f"\nstart: the child's {peak} after importing torch and transformers ({mib(rows[0]['baseline'])} MiB). "
+          f"peak - start - training state = activations and temporaries (MiB): {other}.")
 
 
 # ----------------------------------------------------------------------------------------------

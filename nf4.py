@@ -39,6 +39,7 @@ against fp16 / int8 / int4 / FP4 on the same weights.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -136,6 +137,11 @@ def fp4_code() -> torch.Tensor:
     return torch.cat([-magnitudes[1:], magnitudes]).sort().values  # (15,): +0 and -0 are one level
 
 
+# computed once at import; quantize_nf4 stores copies of them in each state
+NF4_CODE = nf4_code()
+DYNAMIC_MAP = dynamic_map()
+
+
 # ----------------------------------------------------------------------------------------------
 # Blockwise absmax quantization: the shared core of the 4-bit and the 8-bit step
 # ----------------------------------------------------------------------------------------------
@@ -194,17 +200,29 @@ def round_to_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     settles. Multiplying by 2048 is exact, so x and the midpoints fall in their bins consistently.
     A code with levels closer than a bin (the 8-bit dynamic map) falls back to bucketize.
     """
-    midpoints = (code[:-1] + code[1:]) / 2                         # (levels - 1,)
-    bins = grid_bin(midpoints)
-    if bins.unique().numel() < bins.numel():
+    tables = rounding_tables(tuple(code.tolist()), str(x.device))
+    if tables is None:
+        midpoints = (code[:-1] + code[1:]) / 2
         return torch.bucketize(x, midpoints, out_int32=True).to(torch.uint8)
-    all_bins = torch.arange(2 * GRID + 1, dtype=torch.int32, device=x.device)
-    below = torch.searchsorted(bins, all_bins).to(torch.uint8)     # (4097,) midpoints in lower bins
-    threshold = torch.full((2 * GRID + 1,), float("inf"), device=x.device)
-    threshold[bins.long()] = midpoints                               # (4097,) the midpoint in each bin
+    below, threshold = tables
     b = grid_bin(x)                                                 # (n,)
     # q = #{midpoints in lower bins} + [x > the midpoint in its own bin]
     return below.index_select(0, b).add_(x > threshold.index_select(0, b))
+
+
+@functools.lru_cache(maxsize=16)
+def rounding_tables(levels: tuple, device: str):
+    """round_to_code's two tables over the 4097 bins, or None if two midpoints share a bin."""
+    code = torch.tensor(levels, dtype=torch.float32, device=device)
+    midpoints = (code[:-1] + code[1:]) / 2                         # (levels - 1,)
+    bins = grid_bin(midpoints)
+    if bins.unique().numel() < bins.numel():
+        return None
+    all_bins = torch.arange(2 * GRID + 1, dtype=torch.int32, device=device)
+    below = torch.searchsorted(bins, all_bins).to(torch.uint8)     # (4097,) midpoints in lower bins
+    threshold = torch.full((2 * GRID + 1,), float("inf"), device=device)
+    threshold[bins.long()] = midpoints                               # (4097,) the midpoint in each bin
+    return below, threshold
 
 
 def grid_bin(x: torch.Tensor) -> torch.Tensor:
@@ -251,7 +269,7 @@ def quantize_absmax(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     reconstructed constant at least as close to the true one as bitsandbytes' (tests check both).
     """
     offset = absmax.mean()
-    code8 = dynamic_map().to(absmax.device)
+    code8 = DYNAMIC_MAP.to(absmax.device)
     scales, scaled = blockwise_absmax(absmax - offset, NESTED_BLOCKSIZE)
     # bitsandbytes' kernel stores a block of equal constants (all at the mean) with scale 0 where
     # its 4-bit path stores 1e-38; either way map[q] * s + mean gives back the mean exactly
@@ -360,7 +378,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64,
     """
     check_float(w)
     check_blocksize(blocksize)
-    code = nf4_code().to(w.device)
+    code = NF4_CODE.to(w.device)
     absmax, scaled = blockwise_absmax(w, blocksize)                 # (n_blocks,), (n,)
     if scaled.numel() % 2:
         # an odd count is padded with a 0.0 *before* rounding, so the spare nibble holds the code
@@ -368,10 +386,10 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64,
         scaled = F.pad(scaled, (0, 1))
     # q_i = argmin_j |w_i / c_b - code_j|
     packed = pack_nibbles(round_to_code(scaled, code))              # (ceil(n / 2), 1)
-    state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, code=code)
+    state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, code=code.clone())
     if double_quant:
         state.absmax, state.nested_absmax, state.offset = quantize_absmax(absmax)
-        state.nested_code = dynamic_map().to(w.device)
+        state.nested_code = DYNAMIC_MAP.to(w.device, copy=True)
     return packed, state
 
 
