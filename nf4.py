@@ -9,11 +9,15 @@ probability mass: the NF4 code is made of quantiles of N(0, 1).
     quantize:    c_b = max_{i in b} |w_i|,     q_i = argmin_j |w_i / c_b - code_j|      (4 bits)
     dequantize:  w_i ~= code[q_i] * c_b
 
-The code (section 3, "4-bit NormalFloat"): estimate 8 quantiles of N(0, 1) for the positive half
-and 7 for the negative half, add an exact 0, normalise by the largest value. The two halves have
-unequal counts (8 + 7 + zero = 16) so that 0 is exactly representable: padding and zero weights
-must stay zero. `nf4_code()` derives the table from `torch.special.ndtri` (the inverse normal CDF)
-and matches bitsandbytes' hard-coded table to the last bit.
+The code (section 3, "4-bit NormalFloat"): 8 quantiles of N(0, 1) for the positive half, 7 for
+the negative half, an exact 0, all divided by the largest. The halves are unequal (8 + 7 + zero =
+16) so that 0 is exactly representable: padding and zero weights must stay zero. Why quantiles:
+for normal data each of the 16 levels is then hit about equally often, so each 4-bit code carries
+nearly its full 4 bits of information; evenly spaced levels (int4) spend codes on rare large values
+and round the crowded middle coarsely. (The paper's eq. 4 averages neighbouring quantiles; the
+table that checkpoints hold, bitsandbytes' create_normal_map, takes the quantiles at evenly spaced
+probabilities directly. We follow the table.) `nf4_code()` derives it with `torch.special.ndtri`,
+the inverse normal CDF, and matches bitsandbytes' hard-coded values to the last bit.
 
 Double quantization (section 3, "Double Quantization"). The fp32 constants c_b cost 32 / 64 = 0.5
 bits per weight. QLoRA quantizes them again: subtract their mean, then quantize them to 8 bits in
@@ -34,7 +38,7 @@ Left out: FP4 storage (used only as an error baseline here), CUDA kernels (we de
 plain torch ops, which also run on CUDA), quant_storage other than uint8, paged optimizers.
 
 Run `python nf4.py` for the code table, the bits-per-parameter arithmetic and the error of NF4
-against fp16 / int8 / int4 / FP4 on the same weights.
+against fp16 / int8 / int4 / FP4 on the same weights (with how evenly each 4-bit code is used).
 """
 from __future__ import annotations
 
@@ -89,7 +93,7 @@ class NF4Config:
 # ----------------------------------------------------------------------------------------------
 
 def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
-    """The 16 NF4 levels in [-1, 1], sorted, with an exact 0 (QLoRA section 3, eq. 4).
+    """The 16 NF4 levels in [-1, 1], sorted, with an exact 0 (QLoRA section 3; bitsandbytes' table).
 
     Equal probability mass per level means levels at quantiles of N(0, 1). The extreme quantiles
     (p = 0 and 1) are infinite, so the outermost level sits at p = offset instead. One reading of
@@ -106,7 +110,7 @@ def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
     pos = torch.special.ndtri(p_pos.double()).float()
     neg = -torch.special.ndtri(p_neg.double()).float()
     code = torch.cat([neg, torch.zeros(1), pos]).sort().values    # (16,), code[7] = 0 exactly
-    # normalise into [-1, 1]: the largest level becomes 1 (the smallest is -0.696... / ... = -1)
+    # normalise into [-1, 1]: both halves start at p = offset, so the levels end at -1 and 1 exactly
     return code / code.max()
 
 
@@ -243,12 +247,6 @@ def scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """(n,) codes 0..15 -> (n / 2, 1) uint8, the first of each pair in the high nibble."""
     return ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
-
-
-def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """(ceil(n / 2), 1) uint8 -> (n,) uint8 codes; drops the padding nibble of an odd n."""
-    packed = packed.reshape(-1)
-    return torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)[:n]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,8 +394,8 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64,
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Undo `quantize_nf4`: w_i ~= code[q_i] * c_b, in the original shape and dtype (or `dtype`).
 
-    The byte table pairs[b] = (code[b >> 4], code[b & 15]) turns both nibbles of a byte into
-    values with a single lookup. Products are fp32 and rounded once to the output dtype, which
+    Unpacking and looking up are one step: the byte table pairs[b] = (code[b >> 4], code[b & 15])
+    turns both nibbles of a byte (high nibble first) into their two values with a single lookup. Products are fp32 and rounded once to the output dtype, which
     is what bitsandbytes' kernels do, so the values agree bit for bit.
     """
     if packed.dtype != torch.uint8:
@@ -734,28 +732,36 @@ def atomic_write(path: str, write) -> None:
 # The demo: the code table, bits per parameter, and the error of each format on the same weights
 # ----------------------------------------------------------------------------------------------
 
-def fake_quantize(w: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """Quantize-dequantize with any sorted code in [-1, 1] and blockwise absmax (fp32 result)."""
+def fake_quantize(w: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize-dequantize with any sorted code in [-1, 1] and blockwise absmax: (w_hat fp32, q)."""
     absmax, scaled = blockwise_absmax(w, blocksize)
-    values = code.to(w.device)[round_to_code(scaled, code.to(w.device)).long()]
-    return scale_blocks(values, absmax, blocksize).view(w.shape)
+    q = round_to_code(scaled, code.to(w.device))                   # (n,) level indices
+    values = code.to(w.device)[q.long()]
+    return scale_blocks(values, absmax, blocksize).view(w.shape), q
 
 
-def format_errors(w: torch.Tensor, blocksize: int = 64) -> list[tuple[str, float, torch.Tensor]]:
-    """(name, bits per weight, reconstruction) for fp16, int8, int4, FP4 and NF4 on one matrix."""
+def code_entropy(q: torch.Tensor, levels: int) -> float:
+    """H = -sum_j p_j log2 p_j of how often each level is used; log2(levels) if all equally."""
+    p = torch.bincount(q.long(), minlength=levels).float() / q.numel()
+    p = p[p > 0]
+    return -(p * p.log2()).sum().item()
+
+
+def format_errors(w: torch.Tensor, blocksize: int = 64) -> list[tuple[str, float, torch.Tensor, float | None]]:
+    """(name, bits per weight, reconstruction, entropy of the 4-bit codes) for each format."""
     int8 = torch.arange(-127, 128, dtype=torch.float32) / 127      # absmax int8: 255 linear levels
     int4 = torch.arange(-7, 8, dtype=torch.float32) / 7            # absmax int4: 15 linear levels
-    packed, state = quantize_nf4(w, blocksize, double_quant=False)
-    packed_dq, state_dq = quantize_nf4(w, blocksize, double_quant=True)
     const = 32 / blocksize                                          # one fp32 absmax per block
-    return [
-        ("fp16", 16.0, w.half().float()),
-        (f"int8 absmax, block {blocksize}", 8 + const, fake_quantize(w, int8, blocksize)),
-        (f"int4 absmax, block {blocksize}", 4 + const, fake_quantize(w, int4, blocksize)),
-        (f"FP4 (e2m1), block {blocksize}", 4 + const, fake_quantize(w, fp4_code(), blocksize)),
-        (f"NF4, block {blocksize}", bits_per_parameter(packed, state), dequantize_nf4(packed, state, torch.float32)),
-        ("NF4 + double quant", bits_per_parameter(packed_dq, state_dq), dequantize_nf4(packed_dq, state_dq, torch.float32)),
-    ]
+    rows = [("fp16", 16.0, w.half().float(), None),
+            (f"int8 absmax, block {blocksize}", 8 + const, fake_quantize(w, int8, blocksize)[0], None)]
+    for name, code in ((f"int4 absmax, block {blocksize}", int4), (f"FP4 (e2m1), block {blocksize}", fp4_code())):
+        approx, q = fake_quantize(w, code, blocksize)
+        rows.append((name, 4 + const, approx, code_entropy(q, len(code))))
+    entropy = code_entropy(fake_quantize(w, NF4_CODE, blocksize)[1], 16)
+    for name, double in ((f"NF4, block {blocksize}", False), ("NF4 + double quant", True)):
+        packed, state = quantize_nf4(w, blocksize, double_quant=double)
+        rows.append((name, bits_per_parameter(packed, state), dequantize_nf4(packed, state, torch.float32), entropy))
+    return rows
 
 
 def print_code_table() -> None:
@@ -789,16 +795,19 @@ def run_demo(cfg: NF4Config) -> dict:
     g = torch.Generator().manual_seed(cfg.seed)
     w = (torch.randn(cfg.rows, cfg.cols, generator=g) * cfg.std).to(device)
     print(f"\n## Error on a ({cfg.rows}, {cfg.cols}) matrix of N(0, {cfg.std}^2) weights on {device}\n")
-    print("| format | bits / weight | mean abs error | RMSE | max abs error | RMSE / NF4's |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| format | bits / weight | mean abs error | RMSE | max abs error | RMSE / NF4's | level usage entropy (bits) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     rows = format_errors(w, cfg.blocksize)
     nf4_rmse = (rows[4][2] - w).pow(2).mean().sqrt().item()
     results = {}
-    for name, bits, approx in rows:
+    for name, bits, approx, entropy in rows:
         err = (approx - w).abs()
         rmse = err.pow(2).mean().sqrt().item()
-        results[name] = {"bits": bits, "mae": err.mean().item(), "rmse": rmse}
-        print(f"| {name} | {bits:.3f} | {err.mean().item():.3e} | {rmse:.3e} | {err.max().item():.3e} | {rmse / nf4_rmse:.2f} |")
+        results[name] = {"bits": bits, "mae": err.mean().item(), "rmse": rmse, "entropy": entropy}
+        print(f"| {name} | {bits:.3f} | {err.mean().item():.3e} | {rmse:.3e} | {err.max().item():.3e} | "
+              f"{rmse / nf4_rmse:.3f} | {'-' if entropy is None else f'{entropy:.3f}'} |")
+    print("\nA 4-bit code carries at most 4 bits when all 16 levels are used equally often; NF4's levels sit at "
+          "equal-probability quantiles of the normal, so normal weights use them most evenly.")
     return results
 
 

@@ -3,7 +3,8 @@
 Speed: one Llama-style model, adapters on every linear layer but lm_head, the very same adapter
 weights in both (peft loads ours from disk), one training forward + backward per call; warm-up,
 then the median of interleaved repeats (wall and CPU time). QLoRA compares our NF4 base with
-peft on transformers' bitsandbytes 4-bit model built from the same checkpoint.
+peft on transformers' bitsandbytes 4-bit model; ours loads that model's 4-bit checkpoint, so both
+hold the same 4-bit weights.
 
 Memory: full fine-tuning vs LoRA vs QLoRA, one training step each in its own process, from
 lora.memory_table (the same code as `python lora.py --memory`).
@@ -13,33 +14,18 @@ lora.memory_table (the same code as `python lora.py --memory`).
 """
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lora  # noqa: E402
 import nf4  # noqa: E402
+from bench_nf4 import race  # noqa: E402  (interleaved medians, shared by both benchmarks)
 
 SPEED_MODEL = dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8, num_kv_heads=8)
-
-
-def race(candidates: dict, repeats: int) -> dict:
-    """Median wall and CPU seconds per candidate, calls interleaved so that load hits all alike."""
-    for fn in candidates.values():
-        fn()
-    wall = {k: [] for k in candidates}
-    cpu = {k: [] for k in candidates}
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in candidates}
 
 
 def step(model, tokens):
@@ -53,6 +39,7 @@ def step(model, tokens):
 def build_pairs(tmp: str, r: int):
     """(ours, peft) for LoRA and for QLoRA, each pair with identical base and adapter weights."""
     import peft
+    from safetensors.torch import load_file
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -69,8 +56,14 @@ def build_pairs(tmp: str, r: int):
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=torch.float32)
     hf4 = LlamaForCausalLM.from_pretrained(os.path.join(tmp, "fp32"), quantization_config=bnb_config, device_map="cpu")
+    hf4.save_pretrained(os.path.join(tmp, "hf4"))
+    for module in hf4.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False                 # the generic fp32 path on any CPU
     theirs_q = peft.PeftModel.from_pretrained(hf4, os.path.join(tmp, "adapter"), is_trainable=True)
+    # our NF4 base reads transformers' 4-bit checkpoint, so both hold the very same 4-bit weights
     ours_q = nf4.quantize_model(LlamaForCausalLM.from_pretrained(os.path.join(tmp, "fp32")))
+    ours_q.load_state_dict(load_file(os.path.join(tmp, "hf4", "model.safetensors")))
     lora.load_adapter(ours_q, os.path.join(tmp, "adapter"))
     return {"LoRA": (ours.train(), theirs.train()), "QLoRA": (ours_q.train(), theirs_q.train())}
 

@@ -77,7 +77,7 @@ def closeness_table(w: torch.Tensor) -> dict:
         "offset equal": torch.equal(state.offset, state_b.offset),
         "256-block scales equal": torch.equal(state.nested_absmax, state_b.state2.absmax),
         "8-bit codes that differ": (state.absmax != state_b.absmax).float().mean().item(),
-        "constants no closer than bitsandbytes'": (ours_err > theirs_err).sum().item(),
+        "constants further from the true value than bitsandbytes'": (ours_err > theirs_err).sum().item(),
         "mean |c_hat - c| nf4.py / bitsandbytes": ours_err.mean().item() / theirs_err.mean().item(),
         "max |c_hat - c| nf4.py / bitsandbytes": ours_err.max().item() / theirs_err.max().item(),
         "mean weight error nf4.py": w_err,
@@ -88,7 +88,7 @@ def closeness_table(w: torch.Tensor) -> dict:
     for key, value in r.items():
         text = f"{value:.3e}" if "weight error" in key and "difference" not in key else (
             f"{value:+.4%}" if "difference" in key else f"{value:.2%}" if "differ" in key else
-            f"{value:.4f}" if isinstance(value, float) else str(value))
+            f"{value:.5f}" if isinstance(value, float) else str(value))
         print(f"| {key} | {text} |")
     return r
 

@@ -126,6 +126,18 @@ def test_merge_and_unmerge_are_exact(kind):
     assert torch.all((base.weight - W).abs() <= (ulp(W_merged) + ulp(base.weight)) / 2)
 
 
+def test_merge_without_unload_can_be_undone_for_the_whole_model():
+    model = lora.apply_lora(tiny_llama(), "all-linear", r=4, alpha=8)
+    randomize_adapters(model)
+    before, weights = logits(model), {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
+    lora.merge_lora(model, unload=False)
+    assert all(layer.merged for layer in lora.lora_layers(model).values())
+    assert torch.allclose(logits(model), before, atol=1e-5)
+    lora.unmerge_lora(model)
+    assert all(torch.allclose(p, weights[n], atol=1e-6, rtol=0) for n, p in model.named_parameters() if "base_layer" in n)
+    assert torch.allclose(logits(model), before, atol=1e-5)
+
+
 def test_merge_lora_leaves_plain_layers_with_the_same_output():
     model = lora.apply_lora(tiny_llama(), "all-linear", r=4, alpha=8)
     randomize_adapters(model)
@@ -308,7 +320,7 @@ def test_qlora_adapter_runs_in_peft_on_a_transformers_4bit_model(tmp_path):
 def test_main_tiny_training_demo(tmp_path, capsys):
     results = lora.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)])
     assert set(results) == {"LoRA", "QLoRA"}
-    assert results["LoRA"]["merged_diff"] < 1e-5 and results["LoRA"]["reload_vs_merged"] < 1e-5
+    assert results["LoRA"]["merged_diff"] < 1e-4 and results["LoRA"]["reload_diff"] == 0.0
     assert (tmp_path / "qlora" / "adapter_model.safetensors").exists()
     assert "| QLoRA |" in capsys.readouterr().out
 

@@ -327,12 +327,22 @@ def test_transformers_4bit_checkpoints_load_here_and_ours_load_there(tmp_path):
         assert torch.equal(theirs(input_ids=tokens).logits, mine(input_ids=tokens).logits)
 
 
+def test_fp4_baseline_equals_bitsandbytes_fp4():
+    # the demo's FP4 error row is only fair if it is bitsandbytes' FP4
+    w = torch.randn(40, 70) * 0.02
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="fp4")
+    theirs = bnb_functional.dequantize_4bit(packed, state, quant_type="fp4")
+    assert torch.equal(nf4.fake_quantize(w, nf4.fp4_code(), 64)[0], theirs)
+
+
 def test_main_tiny_demo_prints_the_tables(capsys):
     results = nf4.main(["--tiny", "--device", "cpu"])
     out = capsys.readouterr().out
     assert out.count("| yes |") == 16 and "4.1270 bits" in out
     rmse = {k.split(",")[0]: v["rmse"] for k, v in results.items()}
     assert rmse["NF4"] < rmse["FP4 (e2m1)"] and rmse["NF4"] < rmse["int4 absmax"] and rmse["int8 absmax"] < rmse["NF4"]
+    entropy = {k.split(",")[0]: v["entropy"] for k, v in results.items()}
+    assert entropy["int4 absmax"] < entropy["NF4"] <= 4 and entropy["FP4 (e2m1)"] < entropy["NF4"]
 
 
 def test_main_reports_user_errors(capsys):
