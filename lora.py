@@ -535,12 +535,13 @@ def train_and_merge(method: str, cfg: DemoConfig, device, probe, out_dir: str) -
 
 def print_demo(results: dict, out_dir: str) -> None:
     print("| method | trainable / all params | loss at step 0 | loss, last 10 steps | held-out loss | "
-          "held-out loss after merge | max abs logit change by merge | seconds |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "held-out loss after merge | max abs logit change by merge |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for method, r in results.items():
         print(f"| {method} | {r['trainable']:,} / {r['total']:,} ({100 * r['trainable'] / r['total']:.1f}%) | "
               f"{r['first']:.3f} | {r['last']:.3f} | {r['eval_loss']:.3f} | {r['merged_loss']:.3f} | "
-              f"{r['merged_diff']:.2e} | {r['seconds']:.1f} |")
+              f"{r['merged_diff']:.2e} |")
+    print("\ntraining time (wall): " + ", ".join(f"{m} {r['seconds']:.1f} s" for m, r in results.items()))
     rep = results["QLoRA"]["report"]
     ratio = sum(v["rounding_rms"] / v["update_rms"] for v in rep.values()) / len(rep)
     print(f"\nQLoRA's merge re-quantized {len(rep)} layers (lm_head stays fp32); the rounding it added has "

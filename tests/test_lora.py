@@ -19,6 +19,16 @@ import lora
 import nf4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # every tensor here is tiny: a second OpenMP thread only adds synchronisation, and on a busy
+    # machine its spin-waiting multiplies the run time
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_llama(seed=0, hidden=64):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -16,6 +16,16 @@ import nf4
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # every tensor here is tiny: a second OpenMP thread only adds synchronisation, and on a busy
+    # machine its spin-waiting multiplies the run time
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def eager_bitsandbytes():
     # bitsandbytes wraps its torch fallbacks in torch.compile, which recompiles for every new shape
