@@ -388,8 +388,7 @@ def save_adapter(model: nn.Module, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     nf4.atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS),
                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    nf4.atomic_write(os.path.join(out_dir, ADAPTER_CONFIG),
-                     lambda tmp: open(tmp, "w").write(json.dumps(config, indent=2)))
+    nf4.atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), json.dumps(config, indent=2))
     return out_dir
 
 

@@ -46,7 +46,6 @@ import argparse
 import functools
 import json
 import os
-import sys
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -694,17 +693,22 @@ def bnb_quantization_config(double_quant: bool = True, compute_dtype: torch.dtyp
             "llm_int8_enable_fp32_cpu_offload": False}
 
 
-def save_quantized(model: nn.Module, out_dir: str, config: dict, skip=("lm_head",)) -> str:
+def save_quantized(model: nn.Module, out_dir: str, config: dict | None = None, skip=("lm_head",)) -> str:
     """Write a quantize_model()-ed model as transformers does: model.safetensors + config.json.
 
-    `config` is the model's config as a dict (model.config.to_dict() for a transformers model);
-    the quantization_config is added from the first LinearNF4. Files are written atomically.
+    `config` is the model's config as a dict (by default model.config.to_dict(), for a
+    transformers model); the quantization_config is added from the first LinearNF4, and `skip`
+    must name the layers quantize_model skipped. Files are written atomically.
     """
     from safetensors.torch import save_file
 
     layers = [m for m in model.modules() if isinstance(m, LinearNF4)]
     if not layers:
         raise ValueError("the model has no LinearNF4 layer: call quantize_model(model) first")
+    if config is None:
+        if not hasattr(model, "config"):
+            raise ValueError("pass config=: the model has no .config to describe it in config.json")
+        config = model.config.to_dict()
     state = layers[0].quant_state
     config = {**config, "quantization_config": bnb_quantization_config(
         state.double_quant, layers[0].compute_dtype or torch.float32, skip)}
@@ -712,16 +716,20 @@ def save_quantized(model: nn.Module, out_dir: str, config: dict, skip=("lm_head"
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(os.path.join(out_dir, "model.safetensors"),
                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(os.path.join(out_dir, "config.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps(config, indent=2, default=str)))
+    atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2, default=str))
     return out_dir
 
 
-def atomic_write(path: str, write) -> None:
-    """write(tmp) into a temporary file next to `path`, then rename it over `path`."""
+def atomic_write(path: str, content) -> None:
+    """Write `content` (text, or a function that writes a given file) to a temporary file next to
+    `path`, then rename it over `path`: a crash never leaves a half-written file behind."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        write(tmp)
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "w") as fh:
+                fh.write(content)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

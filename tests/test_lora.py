@@ -12,21 +12,11 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lora
 import nf4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # every tensor here is tiny: a second OpenMP thread only adds synchronisation, and on a busy
-    # machine its spin-waiting multiplies the run time
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_nf4 import one_thread  # noqa: E402,F401  (tiny tensors: run this module single-threaded)
 
 
 def tiny_llama(seed=0, hidden=64):

@@ -330,7 +330,7 @@ def test_transformers_4bit_checkpoints_load_here_and_ours_load_there(tmp_path):
         assert torch.equal(ours(input_ids=tokens).logits, expected)
         # our own quantization of the same weights -> saved -> transformers from_pretrained
         mine = nf4.quantize_model(tiny_llama())
-        nf4.save_quantized(mine, str(tmp_path / "ours4"), mine.config.to_dict())
+        nf4.save_quantized(mine, str(tmp_path / "ours4"))
         config = json.loads((tmp_path / "ours4" / "config.json").read_text())
         assert config["quantization_config"]["bnb_4bit_use_double_quant"] is True
         theirs = transformers_4bit(tmp_path / "ours4", quantize=False)
