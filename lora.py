@@ -165,7 +165,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         x_in = self.lora_dropout(x).to(self.lora_A.dtype)
-        # B A x computed as two thin matmuls, (.., in) -> (.., r) -> (.., out), never forming B A
+        # B A x as two thin matmuls, never forming B A: (B, T, in) -> (B, T, r) -> (B, T, out)
         lora = F.linear(F.linear(x_in, self.lora_A), self.lora_B)
         if not self.use_dora:
             # h = W x + b + s B A x   (same operation order as peft, so outputs agree bit for bit)

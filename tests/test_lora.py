@@ -342,3 +342,18 @@ def test_main_reports_user_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         lora.main(["--r", "0", "--tiny"])
     assert exit_info.value.code == 2 and "r must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_qlora_step_on_cuda_matches_cpu():
+    cpu = nf4.quantize_model(tiny_llama())
+    lora.apply_lora(cpu, "all-linear", r=4, alpha=8)
+    randomize_adapters(cpu)
+    gpu = copy.deepcopy(cpu).cuda()
+    assert all(m.quant_state.absmax.is_cuda for m in gpu.modules() if isinstance(m, nf4.LinearNF4))
+    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+        model.train()
+        lora.lm_loss(model, TOKENS.to(device)).backward()
+    for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad.cpu(), atol=1e-4, rtol=1e-3), name

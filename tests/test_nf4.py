@@ -108,7 +108,7 @@ SHAPES = [(64, 64), (33, 17), (7,), (1,), (1000,), (3, 5, 7), (130, 96), (4096 +
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_packed_bytes_and_dequantized_values_equal_bitsandbytes(shape, dtype):
-    torch.manual_seed(hash((shape, str(dtype))) % 1000)
+    torch.manual_seed(len(SHAPES) * SHAPES.index(shape) + 1)
     w = torch.randn(shape).to(dtype)
     for blocksize in (64, 128):
         packed, state = nf4.quantize_nf4(w, blocksize=blocksize, double_quant=False)
@@ -339,6 +339,7 @@ def test_transformers_4bit_checkpoints_load_here_and_ours_load_there(tmp_path):
 
 def test_fp4_baseline_equals_bitsandbytes_fp4():
     # the demo's FP4 error row is only fair if it is bitsandbytes' FP4
+    torch.manual_seed(5)
     w = torch.randn(40, 70) * 0.02
     packed, state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type="fp4")
     theirs = bnb_functional.dequantize_4bit(packed, state, quant_type="fp4")
