@@ -168,8 +168,10 @@ class LoRALinear(nn.Module):
         # B A x as two thin matmuls, never forming B A: (B, T, in) -> (B, T, r) -> (B, T, out)
         lora = F.linear(F.linear(x_in, self.lora_A), self.lora_B)
         if not self.use_dora:
-            # h = W x + b + s B A x   (same operation order as peft, so outputs agree bit for bit)
-            return result + (lora * self.scaling).to(result.dtype)
+            # h = W x + b + s B A x: the same operations as peft, so outputs agree bit for bit, done
+            # in place on tensors autograd does not keep (a linear layer's backward needs only its
+            # input and weight), which saves two (B, T, out) temporaries per layer
+            return result.add_(lora.mul_(self.scaling).to(result.dtype))
         return self.dora_forward(x_in, result, lora)
 
     def dora_forward(self, x_in, result, lora):

@@ -49,16 +49,25 @@ def randomize_adapters(model, seed=1):
 # The layer
 # ---------------------------------------------------------------------------------------------
 
-def test_layer_computes_the_lora_formula():
+@pytest.mark.parametrize("quantized", [False, True])
+def test_layer_computes_the_lora_formula_and_its_gradients(quantized):
     torch.manual_seed(0)
     base = nn.Linear(12, 7)
+    if quantized:
+        base = nf4.LinearNF4.from_linear(base)                     # QLoRA: W is the dequantized NF4
+    W, b = lora.base_weight(base), base.bias
     layer = lora.LoRALinear(base, r=3, alpha=6)
     assert layer.lora_A.shape == (3, 12) and layer.lora_B.shape == (7, 3) and layer.scaling == 2.0
     randomize_adapters(layer)
-    x = torch.randn(5, 12)
+    x = torch.randn(5, 12, requires_grad=True)
     # h = W x + b + (alpha / r) B A x
-    expected = x @ base.weight.T + base.bias + (6 / 3) * (x @ layer.lora_A.T @ layer.lora_B.T)
-    assert torch.allclose(layer(x), expected, atol=1e-6)
+    formula = lambda: x @ W.T + b + (6 / 3) * (x @ layer.lora_A.T @ layer.lora_B.T)  # noqa: E731
+    assert torch.allclose(layer(x), formula(), atol=1e-6)
+    # gradients for A, B and the input agree with autograd through the written-out formula
+    g = torch.randn(5, 7)
+    ours = torch.autograd.grad(layer(x), (layer.lora_A, layer.lora_B, x), g)
+    theirs = torch.autograd.grad(formula(), (layer.lora_A, layer.lora_B, x), g)
+    assert all(torch.allclose(a, c, atol=1e-5) for a, c in zip(ours, theirs))
     rs = lora.LoRALinear(nn.Linear(12, 7), r=4, alpha=6, use_rslora=True)
     assert rs.scaling == 6 / math.sqrt(4)                      # rsLoRA: alpha / sqrt(r)
 
