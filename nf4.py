@@ -575,8 +575,10 @@ def take(weights: Mapping, key: str, used: set) -> torch.Tensor:
 
 def load_weights(model: nn.Module, weights: Mapping, used: set | None = None) -> nn.Module:
     """Assign every parameter and persistent buffer from `weights` (skipping LinearNF4 layers
-    already built), strictly: a missing, unexpected or misshapen tensor raises an error."""
+    already built), strictly: a missing, unexpected or misshapen tensor raises an error. Tied
+    parameters (lm_head sharing the embedding) stay tied and need only one of their names."""
     used = set() if used is None else used
+    loaded = {}                                                      # id(old tensor) -> its new value
     for module_name, module in model.named_modules():
         if isinstance(module, LinearNF4):
             continue
@@ -586,19 +588,25 @@ def load_weights(model: nn.Module, weights: Mapping, used: set | None = None) ->
             old = getattr(module, attr)
             if old is None:
                 continue
-            value = take(weights, prefix + attr, used).to(old.dtype)
-            if value.shape != old.shape:
-                raise ValueError(f"'{prefix + attr}': the weights hold shape {tuple(value.shape)}, "
-                                 f"the model {tuple(old.shape)}")
-            if attr in module._parameters:
-                module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+            if id(old) in loaded:                                    # tied to one loaded already
+                used.update({prefix + attr} & set(weights.keys()))
             else:
-                module._buffers[attr] = value
+                loaded[id(old)] = load_one(weights, prefix + attr, old, used)
+            target = module._parameters if attr in module._parameters else module._buffers
+            target[attr] = loaded[id(old)]
     unexpected = sorted(set(weights.keys()) - used)
     if unexpected:
         raise KeyError(f"the weights hold tensors the model does not use: {unexpected[:10]}"
                        f"{' ...' if len(unexpected) > 10 else ''}")
     return model
+
+
+def load_one(weights: Mapping, key: str, old: torch.Tensor, used: set) -> torch.Tensor:
+    """weights[key] in old's dtype, checked against old's shape; a Parameter if old was one."""
+    value = take(weights, key, used).to(old.dtype)
+    if value.shape != old.shape:
+        raise ValueError(f"'{key}': the weights hold shape {tuple(value.shape)}, the model {tuple(old.shape)}")
+    return nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value
 
 
 @contextmanager
@@ -613,7 +621,7 @@ def init_empty_weights():
 
     def register_on_meta(module, name, param):
         register(module, name, param)
-        if param is not None:
+        if param is not None and not param.is_meta:                 # a meta one is kept as is: ties hold
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
     nn.Module.register_parameter = register_on_meta

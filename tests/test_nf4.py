@@ -286,6 +286,23 @@ def test_loading_straight_into_nf4_equals_quantizing_a_loaded_model(tmp_path):
         assert torch.equal(model(input_ids=tokens).logits, reference(input_ids=tokens).logits)
 
 
+def test_loading_straight_into_nf4_keeps_tied_embeddings_tied(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)           # the file holds no lm_head.weight
+    reference = nf4.quantize_model(LlamaForCausalLM.from_pretrained(tmp_path).eval())
+    with nf4.init_empty_weights():
+        model = LlamaForCausalLM(config).eval()
+    nf4.quantize_model(model, weights=nf4.SafetensorsWeights(str(tmp_path)))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    tokens = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, reference(input_ids=tokens).logits)
+
+
 def test_safetensors_reader_equals_the_safetensors_library(tmp_path):
     from safetensors.torch import load_file, save_file
 
