@@ -374,7 +374,10 @@ def make_matcher(method, sigma=0.0, ot="exact", ot_reg=0.01):
 # ----------------------------------------------------------------------------------------------------
 
 class VelocityField(nn.Module):
-    """MLP on [x, sin(pi k t), cos(pi k t)]_{k=1..K}; call as model(t, x), the signature odeint expects."""
+    """MLP on [x, sin(pi k t), cos(pi k t)] for k = 1 .. time_features, hidden width D = `width`.
+
+    Called as model(t, x), the signature torchdiffeq's odeint expects.
+    """
 
     def __init__(self, width=128, depth=3, time_features=8):
         super().__init__()
@@ -388,8 +391,9 @@ class VelocityField(nn.Module):
 
     def forward(self, t, x):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))   # () or (B,) -> (B,)
-        angles = t[:, None] * self.frequencies                                       # (B, K)
-        return self.net(torch.cat([x, angles.sin(), angles.cos()], 1))               # (B, 2 + 2K) -> (B, 2)
+        angles = t[:, None] * self.frequencies                                       # (B, time_features)
+        features = torch.cat([x, angles.sin(), angles.cos()], 1)                     # (B, 2 + 2 time_features)
+        return self.net(features)                                                    # -> (B, D) ... -> (B, 2)
 
 
 def build_model(cfg):
