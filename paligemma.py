@@ -313,12 +313,16 @@ def grouped_attention(q, k, v, mask, scale, cap=None):
     """Softmax attention where K key/value heads serve H = G K query heads.
 
     q: (B, H, T, d); k, v: (B, K, S, d); mask: (B, 1, T, S) bool or None.
-    The G query heads that share key head k are folded into the query axis, so the keys are never
-    copied G times (transformers' repeat_kv does copy them when there is a mask).
+    Query head h uses key head h // G. With a mask, the G query heads that share a key head are
+    folded into the query axis, so the keys are never copied G times (transformers' repeat_kv does
+    copy them); without one, torch's kernel shares the key heads itself (enable_gqa), as in
+    transformers, whose calls we then match exactly.
     """
     B, H, T, d = q.shape
     K = k.shape[1]
     G = H // K
+    if mask is None and cap is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=G > 1)   # (B, H, T, d)
     q = q.reshape(B, K, G * T, d)                                     # (B, H, T, d) -> (B, K, G T, d)
     if mask is not None:
         mask = mask.repeat(1, 1, G, 1)                                 # (B, 1, T, S) -> (B, 1, G T, S)
