@@ -64,6 +64,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from clip import ACTIVATIONS, Encoder
+
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
@@ -236,13 +238,16 @@ def _text_from_hf(d):
 # Core math: small pure functions
 # ----------------------------------------------------------------------------------------------
 
+# transformers' activation names -> clip.py's; SigLIP and Gemma both use GELU's tanh approximation
+_CLIP_ACTIVATION = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                    "gelu": "gelu", "quick_gelu": "quick_gelu"}
+
+
 def activation(name):
-    """SigLIP and Gemma both use the tanh approximation of GELU (transformers' gelu_pytorch_tanh)."""
-    if name in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu
-    raise ValueError(f"unsupported activation {name!r}")
+    """Gemma's MLP activation by transformers' name (tanh-approximate GELU in every released config)."""
+    if name not in _CLIP_ACTIVATION:
+        raise ValueError(f"unsupported activation {name!r}, expected one of {sorted(_CLIP_ACTIVATION)}")
+    return ACTIVATIONS[_CLIP_ACTIVATION[name]]
 
 
 def rms_norm(x, weight, eps):
@@ -392,29 +397,6 @@ def dense_channel_integration(hidden_states, final, groups):
 # SigLIP vision tower (Zhai et al. 2023): keys vision_tower.{embeddings, encoder, post_layernorm}
 # ----------------------------------------------------------------------------------------------
 
-class EncoderLayer(nn.Module):
-    """Pre-norm ViT block with CLIP/SigLIP key names: x + attn(LN1 x), then x + mlp(LN2 x)."""
-
-    def __init__(self, width, heads, mlp_width, activation_name="gelu_tanh", eps=1e-6):
-        super().__init__()
-        self.heads = heads
-        self.layer_norm1 = nn.LayerNorm(width, eps=eps)
-        self.self_attn = nn.Module()
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            setattr(self.self_attn, name, nn.Linear(width, width))
-        self.layer_norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = nn.Module()
-        self.mlp.fc1, self.mlp.fc2 = nn.Linear(width, mlp_width), nn.Linear(mlp_width, width)
-        self.act = activation(activation_name)
-
-    def forward(self, x):
-        B, N, D = x.shape
-        a, h = self.self_attn, self.layer_norm1(x)
-        q, k, v = (p(h).view(B, N, self.heads, -1).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
-        x = x + a.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
-        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
-
-
 class SiglipVisionTower(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
@@ -422,23 +404,20 @@ class SiglipVisionTower(nn.Module):
         # A P x P convolution with stride P is a linear map of each flattened patch: (C P^2) -> Dv
         self.embeddings.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, c.patch_size)
         self.embeddings.position_embedding = nn.Embedding(c.num_patches, c.hidden_size)   # learned, no [CLS]
-        self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(
-            EncoderLayer(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.hidden_act, c.layer_norm_eps)
-            for _ in range(c.num_hidden_layers))
+        # the pre-norm blocks are clip.py's (same key names as transformers' CLIP and SigLIP layers)
+        self.encoder = Encoder(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size,
+                               _CLIP_ACTIVATION[c.hidden_act], c.layer_norm_eps)
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, pixel_values, return_hidden_states=False):
-        """pixel_values (B, C, S, S) -> features (B, N, Dv) [and the L pre-layer hidden states]."""
+        """pixel_values (B, C, S, S) -> features (B, N, Dv) [and the L pre-layer hidden states h_0..h_{L-1}]."""
         emb = self.embeddings
         x = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype))   # (B, Dv, S/P, S/P)
         x = x.flatten(2).transpose(1, 2) + emb.position_embedding.weight               # (B, N, Dv)
-        hidden = []
-        for layer in self.encoder.layers:
-            hidden.append(x)
-            x = layer(x)                                                               # (B, N, Dv)
-        x = self.post_layernorm(x)
-        return (x, hidden) if return_hidden_states else x
+        if not return_hidden_states:
+            return self.post_layernorm(self.encoder(x))                                # (B, N, Dv)
+        hidden = self.encoder(x, output_hidden_states=True)                           # L + 1 x (B, N, Dv)
+        return self.post_layernorm(hidden[-1]), hidden[:-1]
 
 
 class MultiModalProjector(nn.Module):
