@@ -1,60 +1,69 @@
-"""PaliGemma: a SigLIP image encoder, a linear projector and a Gemma decoder, read layer by layer.
+r"""PaliGemma: a SigLIP image encoder, a linear projector and a Gemma decoder, read layer by layer.
 
 PaliGemma (Beyer et al. 2024, sec. 3) turns an image into N "soft tokens" and lets a decoder-only
 language model read them as a prefix:
 
-    z   = SigLIP(image)                         (B, N, Dv)  ViT, no class token (Zhai et al. 2023)
-    u   = W z + b                               (B, N, D)   linear projector to Gemma's width
-    x   = [u ; E[prompt] sqrt(D)] ++ E[answer] sqrt(D)      image tokens first, then text
-    p(answer | image, prompt) = prod_t softmax(Gemma(x)_t E^T)          tied input/output embedding
+    z = SigLIP(image)                                  (B, N, Dv)  ViT, no class token (Zhai et al. 2023)
+    u = W z + b                                        (B, N, D)   linear projector to Gemma's width
+    x = [u ; E[prompt] sqrt(D) ; E[answer] sqrt(D)]    (B, T, D)   image tokens first, then the text
+    p(answer | image, prompt) = prod_t softmax(Gemma(x)_t E^T)     output layer tied to the embedding E
 
-and trains with a prefix-LM mask: the image and the prompt ("prefix") see each other in full, the
-answer ("suffix") is causal, and only answer tokens are scored. Drawn for 3 image tokens, the prompt
-"<bos> cap \\n" and the answer "a cat <eos>" (row = query, column = key, # = may attend):
+and trains with a prefix-LM mask: the image and the prompt (the "prefix") see each other in full,
+the answer (the "suffix") is causal, and only answer tokens are scored. Drawn for 3 image tokens,
+the prompt "<bos> cap \n" and the answer "a cat <eos>" (row = query, column = key, # = may attend):
 
-                 img img img bos cap \\n |  a  cat eos
-        img       #   #   #   #   #   #  |  .   .   .
-        img       #   #   #   #   #   #  |  .   .   .
-        img       #   #   #   #   #   #  |  .   .   .     prefix: full attention,
-        bos       #   #   #   #   #   #  |  .   .   .     the image may read the prompt
-        cap       #   #   #   #   #   #  |  .   .   .
-        \\n        #   #   #   #   #   #  |  .   .   .
-        ------------------------------------------------
-        a         #   #   #   #   #   #  |  #   .   .     suffix: causal,
-        cat       #   #   #   #   #   #  |  #   #   .     scored by the loss
-        eos       #   #   #   #   #   #  |  #   #   #
+               img  img  img  bos  cap  \n  |  a   cat  eos
+        img     #    #    #    #    #    #  |  .    .    .
+        img     #    #    #    #    #    #  |  .    .    .     prefix: full attention,
+        img     #    #    #    #    #    #  |  .    .    .     so the image tokens also
+        bos     #    #    #    #    #    #  |  .    .    .     read the prompt
+        cap     #    #    #    #    #    #  |  .    .    .
+        \n      #    #    #    #    #    #  |  .    .    .
+        ---------------------------------------------------
+        a       #    #    #    #    #    #  |  #    .    .     suffix: causal,
+        cat     #    #    #    #    #    #  |  #    #    .     scored by the loss
+        eos     #    #    #    #    #    #  |  #    #    #
 
 The Gemma decoder (Gemma Team 2024, sec. 2) is a pre-norm transformer with RMSNorm(x) * (1 + w),
 rotary position embeddings (Su et al. 2021) on 1-indexed positions, multi-query attention in the 3B
 model (one key/value head for 8 query heads; Shazeer 2019) or grouped-query attention (Ainslie et
-al. 2023), a GeGLU MLP down(gelu_tanh(gate x) * up x) (Shazeer 2020), embeddings scaled by sqrt(D),
-and an output layer tied to the input embedding. PaliGemma 2 (Steiner et al. 2024) swaps in Gemma 2,
+al. 2023), a GeGLU MLP down(gelu_tanh(gate x) * up x) (Shazeer 2020), inputs scaled by sqrt(D), and
+an output layer tied to the input embedding. PaliGemma 2 (Steiner et al. 2024) swaps in Gemma 2,
 which adds sandwich norms, local sliding-window layers and tanh soft-capping of attention scores and
-final logits, logits <- c tanh(logits / c); both decoders are implemented and follow the config.
+of the final logits, logits <- c tanh(logits / c); both decoders are here and the config decides.
+Why image tokens are divided by sqrt(D) on the way in: see PaliGemma.embed_inputs.
 
 Conventions: text is left-padded for generation (positions come from the attention mask, so a padded
 row gives the same numbers as the row alone); token_type_ids are 0 for the prefix, 1 for the suffix;
 labels are -100 where no loss is taken. Shapes use the repo alphabet: B batch, T tokens, S key
 length, N image tokens, D model width, Dv vision width, H query heads, K key/value heads, d head
-width, V vocabulary, C channels, P patch side.
+width, V vocabulary, C channels, P patch side, L layers, G dense-connector groups.
 
-The dense connector (`connector="dense"`, Yao et al. 2024, "Dense Channel Integration") feeds the
-projector more than the last vision layer: the L hidden states are split into G groups, averaged,
-and concatenated along channels with the final features, [z_L ; mean(group 1) ; ... ; mean(group G)]
-(B, N, (G + 1) Dv). Same number of image tokens, a (G + 1) times wider projector; low-level layers
-carry texture and position that the last layer has abstracted away. No public pretrained weights
-exist for it: from_pretrained widens a checkpoint's linear projector with zero columns so that the
-dense model starts out exactly equal to PaliGemma, and vlm_train.py trains the new columns.
+The dense connector (connector="dense"; Yao et al. 2024, "Dense Channel Integration") feeds the
+projector more than the last vision layer: the vision hidden states h_0 .. h_{L-1} are split into G
+groups, averaged per group, and concatenated along channels with the final features,
+[z ; mean(group 1) ; ... ; mean(group G)] (B, N, (G + 1) Dv). The trade-off: the decoder sees the
+same N image tokens (no extra attention cost, unlike stacking layers along the token axis), the
+projector grows (G + 1) times (a 3B model's 1152 -> 2048 map becomes 3456 -> 2048) and earlier layers
+bring back texture and position that the last layer has abstracted away; but the decoder was trained
+on last-layer features only, so the new inputs are useless until trained. No public pretrained
+weights exist for it: from_pretrained(connector="dense") widens a checkpoint's linear projector with
+zero columns, so the dense model starts out exactly equal to PaliGemma; vlm_train.py trains it.
 
-Matches transformers 5.23's PaliGemmaForConditionalGeneration (fp32 logits to 1e-4, tests in
-tests/test_paligemma.py). Left out: multi-image prompts, position-embedding interpolation for other
-resolutions, SigLIP's unused attention-pooling head, training utilities (see vlm_train.py).
+Checkpoints: PaliGemma.from_pretrained reads a transformers-format folder (single or sharded
+safetensors, the original release's key layout or today's), strictly and straight into the target
+dtype and device; load_in_4bit=True stores the linear layers in NF4 through nf4.py, adapter=DIR adds
+a peft-format LoRA adapter through lora.py. The tests check it all against transformers 5.23's
+PaliGemmaForConditionalGeneration (fp32 logits to 1e-4, bf16 bit for bit on CPU, greedy tokens,
+training loss), bitsandbytes and peft. Left out: several images per prompt, position-embedding
+interpolation for other resolutions, SigLIP's unused attention-pooling head, training (vlm_train.py).
 """
 import argparse
 import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -263,7 +272,7 @@ def rms_norm(x, weight, eps):
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
-    """cos and sin of RoPE angles: angle(p, i) = p / theta^(2i / d), i < d/2 (Su et al. 2021, eq. 15).
+    """cos and sin of RoPE angles: angle(p, i) = p / theta^(2i / d), i < d/2 (Su et al. 2021).
 
     positions: (B, T) integers, 1-indexed in PaliGemma. Returns two (B, 1, T, d) tensors.
     """
@@ -383,7 +392,7 @@ def sample_next_token(logits, temperature=0.0, top_p=1.0, generator=None):
 
 
 def dense_channel_integration(hidden_states, final, groups):
-    """Dense connector (Yao et al. 2024, sec. 3.2, DCI): [z_final ; mean(group 1) ; ... ; mean(group G)].
+    """Dense connector (Yao et al. 2024, Dense Channel Integration): [z ; mean(group 1) ; ... ; mean(group G)].
 
     hidden_states: the L vision hidden states h_0 (patch + position embeddings) .. h_{L-1}, each
     (B, N, Dv); final: the post-norm last layer (B, N, Dv). Returns (B, N, (G + 1) Dv).
@@ -480,7 +489,7 @@ class GemmaMLP(nn.Module):
         self.act = activation(t.hidden_act)
 
     def forward(self, x):
-        # GeGLU: down(gelu_tanh(x W_gate) * (x W_up))   (Shazeer 2020, eq. 6)
+        # GeGLU: down(gelu_tanh(x W_gate) * (x W_up))   (Shazeer 2020)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))         # (B, T, D)
 
 
@@ -634,13 +643,15 @@ class PaliGemma(nn.Module):
         """The decoder's input vectors: image tokens at the <image> positions, text embeddings elsewhere,
         everything times sqrt(D).
 
-        Why 1/sqrt(D) on the image: Gemma multiplies every input vector by sqrt(D) (its embedding
-        rows are small, ~1/sqrt(D), and the scale brings them to unit size). The projector was trained
-        to emit vectors that are already at the decoder's scale (big_vision concatenates them after
-        the text has been scaled), so an image token must come out of the multiplication unchanged:
-        divide it by sqrt(D) first. transformers 5.23 gets the same numbers the other way round: it
-        scales inside the embedding layer (GemmaTextScaledWordEmbedding) and never touches the image
-        features; older transformers divided the image by sqrt(D) and scaled everything afterwards.
+        Why 1/sqrt(D) on the image: Gemma ties its input embedding E to its output layer (logits =
+        h E^T), which keeps the rows of E small, and so it multiplies its inputs by sqrt(D), as the
+        original Transformer did (Vaswani et al. 2017, sec. 3.4). The projector was trained to emit
+        vectors that are already at the decoder's input scale: big_vision scales the text embeddings
+        and then concatenates the image tokens as they are. A decoder that scales every input vector
+        must therefore see u / sqrt(D) at an image position, so that the multiplication gives u back.
+        That is how older transformers wrote it (image features / sqrt(D), then everything times
+        sqrt(D) inside GemmaModel). transformers 5.23 moved the scale into the embedding layer
+        (GemmaTextScaledWordEmbedding) and puts the image features in untouched; same numbers.
 
         The bf16 subtlety: sqrt(D) is rounded to the weights' dtype first (sqrt(2048) = 45.2548 becomes
         45.25 in bf16; transformers and big_vision do the same), and (u / s) * s in bf16 is not u
@@ -663,7 +674,7 @@ class PaliGemma(nn.Module):
             x[is_image] = (u / s).reshape(-1, x.shape[-1])
         elif bool(is_image.any()):
             raise ValueError("the prompt contains <image> tokens but no pixel_values were given")
-        # x <- x sqrt(D)   (Gemma Team 2024, sec. 2: embeddings are scaled by sqrt(D))
+        # x <- x sqrt(D): Gemma's input scaling (its reference code; transformers' GemmaTextScaledWordEmbedding)
         return (x * s).to(self.dtype)                                                  # (B, T, D)
 
     # -- the forward pass ---------------------------------------------------------------------
@@ -770,11 +781,16 @@ class PaliGemma(nn.Module):
         on the target device, and every tensor is read from disk straight into its parameter, so the
         peak memory is the model plus at most one tensor (when a dtype or device conversion needs a
         staging buffer). dtype=None keeps the checkpoint's dtype. Loading is strict: the tensors in
-        the files must be exactly the model's (ignoring a tied lm_head copy and SigLIP's unused head).
+        the files must be exactly the model's (ignoring a tied lm_head copy and SigLIP's unused head),
+        and every mismatch is listed before a single byte of weights is read.
 
         connector="dense" loads a linear-connector checkpoint into a dense-connector model: the
         projector's weight is widened with zero columns for the G extra vision groups, so the model
         starts equal to the pretrained one (vlm_train.py then trains those columns).
+        load_in_4bit=True stores every nn.Linear in NF4 (nf4.py; QLoRA's base model, as transformers'
+        BitsAndBytesConfig(load_in_4bit=True) does), quantizing each weight as it is read, so the
+        full-precision model never exists; `dtype` is then the compute dtype. adapter=DIR loads a
+        LoRA adapter in peft's format through lora.py (module names of transformers' PaliGemma or ours).
         """
         path = Path(path)
         config = read_config(path)
@@ -784,23 +800,31 @@ class PaliGemma(nn.Module):
         files = checkpoint_tensors(path)
         if dtype is None:
             dtype = next(SAFETENSORS_DTYPES[e["dtype"]] for _, e, _ in files.values()
-                         if SAFETENSORS_DTYPES[e["dtype"]].is_floating_point)
+                         if SAFETENSORS_DTYPES.get(e["dtype"], torch.uint8).is_floating_point)
         device = torch.device(device or "cpu")
         with torch.device("meta"):
             model = cls(config)
-        model = model.to(dtype=dtype).to_empty(device=device)
-        load_tensors(model, files)
-        model.eval()
+        model = model.to(dtype=dtype)
+        located, widen = match_checkpoint(model, files)
         if load_in_4bit:
-            raise NotImplementedError("load_in_4bit needs nf4.py, which is not in this repository yet")
+            import nf4
+            weights = CheckpointTensors(located, widen, config, dtype, device)
+            nf4.quantize_model(model, skip=(), compute_dtype=dtype, weights=weights)
+        else:
+            model.to_empty(device=device)
+            read_checkpoint(model, located, widen)
         if adapter is not None:
-            raise NotImplementedError("adapter needs lora.py, which is not in this repository yet")
-        return model
+            load_adapter(model, adapter)
+        return model.eval()
 
     def save_pretrained(self, path):
         """config.json + model.safetensors in the layout transformers 5.23 saves (tied lm_head omitted),
         each written to a temporary file and renamed, so a crash never leaves half a checkpoint."""
         from safetensors.torch import save_file
+        wrapped = sorted({type(m).__name__ for m in self.modules()} & {"LinearNF4", "LoRALinear"})
+        if wrapped:
+            raise ValueError(f"save_pretrained writes plain full-precision models; this one has {wrapped} layers "
+                             f"(save an adapter with lora.save_adapter, or merge it with lora.merge_lora first)")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -895,8 +919,13 @@ def _ignored(name, config):
             or name.endswith(".position_ids") or name.endswith("rotary_emb.inv_freq"))      # old saved buffers
 
 
-def load_tensors(model, files):
-    """Strict, tensor-by-tensor load of checkpoint_tensors() into an allocated model."""
+def match_checkpoint(model, files):
+    """Pair the checkpoint's tensors (any key layout) with the model's, strictly.
+
+    Returns {model key: (file, header entry, data start)} and the keys to widen (a linear projector
+    going into a dense-connector model); raises CheckpointError listing every missing, unexpected
+    or misshapen tensor.
+    """
     config, params = model.config, model.state_dict(keep_vars=True)
     located = {}
     for file_name, where in files.items():
@@ -905,13 +934,12 @@ def load_tensors(model, files):
             located[name] = where
     missing = sorted(set(params) - set(located))
     unexpected = sorted(set(located) - set(params))
-    widen = []   # a linear projector weight going into a dense-connector model
-    wrong_shape = []
+    widen, wrong_shape = [], []
     for name in sorted(set(params) & set(located)):
         want, have = tuple(params[name].shape), tuple(located[name][1]["shape"])
         if want == have:
             continue
-        if name.startswith("multi_modal_projector.linear.weight") and config.connector == "dense" \
+        if name == "multi_modal_projector.linear.weight" and config.connector == "dense" \
                 and have == (want[0], config.vision.hidden_size):
             widen.append(name)
         else:
@@ -921,18 +949,72 @@ def load_tensors(model, files):
                     f"unexpected ({len(unexpected)}): {', '.join(unexpected)}" if unexpected else "",
                     f"wrong shape: {'; '.join(wrong_shape)}" if wrong_shape else ""]
         raise CheckpointError("checkpoint does not match the model: " + " | ".join(p for p in problems if p))
+    return located, widen
+
+
+def read_checkpoint(model, located, widen):
+    """Read every tensor into its (allocated) parameter, file by file in storage order."""
+    params, vision_width = model.state_dict(keep_vars=True), model.config.vision.hidden_size
     by_file = {}
     for name, (file, entry, start) in located.items():
         by_file.setdefault(file, []).append((entry["data_offsets"][0], name, entry, start))
     with torch.no_grad():
         for file, items in by_file.items():
             with open(file, "rb") as f:
-                for _, name, entry, start in sorted(items):   # file order: sequential reads
+                for _, name, entry, start in sorted(items):   # sequential reads
                     target = params[name]
-                    if name in widen:
+                    if name in widen:   # [W, 0, ..., 0]: the extra vision groups start switched off
                         target.zero_()
-                        target = target[:, :config.vision.hidden_size]
+                        target = target[:, :vision_width]
                     _read_into(f, entry, start, target, file, name)
+
+
+class CheckpointTensors(Mapping):
+    """The matched checkpoint as a lazy {model key: tensor} mapping (dtype and device applied),
+    which nf4.quantize_model consumes one layer at a time."""
+
+    def __init__(self, located, widen, config, dtype, device):
+        self.located, self.widen, self.config, self.dtype, self.device = located, widen, config, dtype, device
+
+    def __getitem__(self, name):
+        file, entry, start = self.located[name]
+        tensor = torch.empty(tuple(entry["shape"]), dtype=SAFETENSORS_DTYPES[entry["dtype"]])
+        with open(file, "rb") as f:
+            _read_into(f, entry, start, tensor, file, name)
+        if name in self.widen:
+            wide = tensor.new_zeros(tensor.shape[0], self.config.projector_in_features)
+            wide[:, :tensor.shape[1]] = tensor
+            tensor = wide
+        return tensor.to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else tensor.dtype)
+
+    def __iter__(self):
+        return iter(self.located)
+
+    def __len__(self):
+        return len(self.located)
+
+
+def load_adapter(model, adapter_dir):
+    """A peft LoRA adapter through lora.py. Adapters trained on transformers' PaliGemma name modules
+    `model.language_model.layers...`; their keys are renamed to ours (canonical_key) first."""
+    import tempfile
+
+    import lora
+    from safetensors.torch import load_file, save_file
+    adapter_dir = Path(adapter_dir)
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        return lora.load_adapter(model, str(adapter_dir))   # lora.py explains what is missing
+    prefix = "base_model.model."
+    keys = read_safetensors_header(weights_file)[0]
+    renamed = {k: prefix + canonical_key(k.removeprefix(prefix)) for k in keys}
+    if all(k == v for k, v in renamed.items()):
+        return lora.load_adapter(model, str(adapter_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "adapter_config.json").write_bytes((adapter_dir / "adapter_config.json").read_bytes())
+        tensors = load_file(str(weights_file))
+        save_file({renamed[k]: v for k, v in tensors.items()}, str(Path(tmp) / weights_file.name))
+        return lora.load_adapter(model, tmp)
 
 
 def _read_into(f, entry, data_start, target, file, name):
@@ -1106,7 +1188,8 @@ def demo(args, device):
 
 def answer(args, device):
     dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    model = PaliGemma.from_pretrained(args.model, dtype=dtypes[args.dtype], device=device)
+    model = PaliGemma.from_pretrained(args.model, dtype=dtypes[args.dtype], device=device,
+                                      load_in_4bit=args.load_in_4bit, adapter=args.adapter)
     processor = PaliGemmaProcessor.from_pretrained(args.model, model.config)
     if not args.image:
         raise ValueError("--image is required with --model")
@@ -1130,6 +1213,8 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto = the checkpoint's dtype")
+    parser.add_argument("--load-in-4bit", action="store_true", help="store the linear layers in NF4 (nf4.py)")
+    parser.add_argument("--adapter", type=str, default=None, help="a LoRA adapter folder in peft's format (lora.py)")
     parser.add_argument("--connector", type=str, default="linear", choices=["linear", "dense"],
                         help="demo only: the projector's input")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -1142,8 +1227,8 @@ def main(argv=None):
             demo(args, device)
         else:
             answer(args, device)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        parser.error(str(e))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        parser.error(str(e.args[0]) if isinstance(e, KeyError) else str(e))
 
 
 if __name__ == "__main__":

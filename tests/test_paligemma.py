@@ -15,8 +15,11 @@ from safetensors.torch import load_file, save_file
 
 import paligemma as pg
 
-# transformers' own PaliGemmaProcessor trips a numpy 2 deprecation when it builds labels
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+# transformers' own PaliGemmaProcessor trips a numpy 2 deprecation when it builds labels;
+# bitsandbytes and peft emit deprecation notices of their own
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
 
 N_IMG = 16          # (28 / 7)^2 image tokens
 IMAGE_ID = 299
@@ -330,6 +333,65 @@ def test_dense_connector_starts_equal_to_the_linear_model_and_can_learn(mqa):
     assert max_diff(out.logits, linear(ids, pixels, token_type_ids=types).logits) < 1e-6
     out.loss.backward()
     assert W.grad[:, 32:].abs().sum() > 0                   # the new columns receive gradient
+
+
+# --- 4-bit weights (nf4.py) and adapters (lora.py) --------------------------------------------
+
+@pytest.mark.slow
+def test_4bit_load_matches_transformers_bitsandbytes(mqa):
+    """load_in_4bit quantizes every linear layer as transformers + bitsandbytes do: the same packed
+    4-bit codes byte for byte, and the same double-quantized block constants except the few where
+    bitsandbytes' C kernel picks a neighbouring 8-bit code (REFERENCE_NOTES: ~0.2% of them)."""
+    import bitsandbytes.functional as bnb_f
+    from transformers import BitsAndBytesConfig
+    path, hf = mqa
+    ours = pg.PaliGemma.from_pretrained(path, load_in_4bit=True)
+    ref = type(hf).from_pretrained(path, device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32)).eval()
+    mine = {n: m for n, m in ours.named_modules() if type(m).__name__ == "LinearNF4"}
+    theirs = {pg.canonical_key(n + ".weight").removesuffix(".weight"): m
+              for n, m in ref.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert set(mine) == set(theirs) and len(mine) == 3 * 6 + 2 * 7 + 1   # SigLIP, decoder, projector
+    same_constants = total_constants = 0
+    for name, layer in mine.items():
+        other = theirs[name]
+        assert torch.equal(layer.weight.view(-1), other.weight.data.view(-1)), name
+        state = other.weight.quant_state
+        absmax = bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        same_constants += int((layer.quant_state.absmax_fp32() == absmax).sum())
+        total_constants += absmax.numel()
+    assert same_constants >= 0.99 * total_constants
+    pixels, ids, types = inputs()
+    with torch.no_grad():
+        got = ours(ids, pixels, token_type_ids=types).logits
+        want = ref(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits
+        full = hf(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits
+    assert max_diff(got, want) * 10 < max_diff(got, full)   # nearer bitsandbytes than full precision
+
+
+@pytest.mark.slow
+def test_peft_adapter_trained_on_transformers_loads(mqa, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    path, _ = mqa
+    hf = type(mqa[1]).from_pretrained(path).eval()
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)     # B = 0 would make any loader look right
+    peft_model.save_pretrained(tmp_path)
+    pixels, ids, types = inputs()
+    ours = pg.PaliGemma.from_pretrained(path, adapter=tmp_path)
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits
+        got = ours(ids, pixels, token_type_ids=types).logits
+        base = pg.PaliGemma.from_pretrained(path)(ids, pixels, token_type_ids=types).logits
+    assert max_diff(got, want) < 1e-4 and max_diff(base, want) > 1e-1
+    # QLoRA: the same adapter on an NF4 base
+    qlora = pg.PaliGemma.from_pretrained(path, adapter=tmp_path, load_in_4bit=True)
+    layer = qlora.language_model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "LoRALinear" and type(layer.base_layer).__name__ == "LinearNF4"
 
 
 # --- processor ---------------------------------------------------------------------------------
