@@ -26,7 +26,8 @@ IMAGE_ID = 299
 VOCAB = 300
 
 
-def build_hf(path, kv_heads=1, gemma2=False, seed=0, shard=None, vocab=VOCAB, image_id=IMAGE_ID, max_pos=64):
+def build_hf(path, kv_heads=1, gemma2=False, seed=0, shard=None, vocab=VOCAB, image_id=IMAGE_ID, max_pos=64,
+             vision_head=False):
     """A random transformers PaliGemma, saved to `path`; returns the model (fp32, eval)."""
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
     text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -35,7 +36,7 @@ def build_hf(path, kv_heads=1, gemma2=False, seed=0, shard=None, vocab=VOCAB, im
         text.update(model_type="gemma2", sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
     config = PaliGemmaConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=28, patch_size=7, vision_use_head=False),   # real checkpoints: no head
+                           image_size=28, patch_size=7, vision_use_head=vision_head),   # real ones: no head
         text_config=text, image_token_index=image_id, vocab_size=vocab, projection_dim=48, hidden_size=48)
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config).eval()
@@ -169,12 +170,13 @@ def test_greedy_tokens_match_transformers_on_a_padded_batch(which, request):
     ids[0, 3:3 + N_IMG] = IMAGE_ID
     ids[0, 3 + N_IMG] = 2
     ids[0, 3 + N_IMG + 1:] = torch.randint(3, IMAGE_ID, (ids.shape[1] - 4 - N_IMG,))
-    eos = 7
+    free = ours.generate(ids, pixels, mask, max_new_tokens=10, eos_token_id=[]).tokens
+    eos = int(free[0, 3])                     # row 0 stops after 4 tokens (or earlier), row 1 may go on
     ref = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
                       max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0)[:, ids.shape[1]:]
     got = ours.generate(ids, pixels, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0).tokens
     assert got.tolist() == ref.tolist()
-    assert len(set(got[1].tolist())) > 1                                    # not a trivially constant output
+    assert eos in got[0].tolist() and len(set(free[1].tolist())) > 1   # EOS exercised, output not constant
 
 
 def test_bf16_is_bit_identical_to_transformers_on_cpu(mqa):
@@ -233,6 +235,24 @@ def test_original_and_older_key_layouts_load(mqa, tmp_path):
                                                           token_type_ids=types).logits
         assert torch.equal(logits, base), name
         assert max_diff(ref, base) < 1e-4, name     # transformers reads the same file the same way
+
+
+def test_unused_siglip_head_is_tolerated_only_when_the_config_declares_it(tmp_path):
+    """A SigLIP config built from a dict defaults to vision_use_head=True, and transformers then saves
+    a pooling head that PaliGemma never runs: skip it, but only when the config says it is there."""
+    hf = build_hf(tmp_path, vision_head=True, seed=6)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert any(k.startswith("vision_tower.head.") for k in tensors)
+    pixels, ids, types = inputs()
+    with torch.no_grad():
+        got = pg.PaliGemma.from_pretrained(tmp_path)(ids, pixels, token_type_ids=types).logits
+        want = hf(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits
+    assert max_diff(got, want) < 1e-4
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["vision_config"]["vision_use_head"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(pg.CheckpointError, match=r"unexpected \(\d+\): vision_tower\.head\."):
+        pg.PaliGemma.from_pretrained(tmp_path)
 
 
 def test_save_pretrained_is_read_by_transformers(mqa, tmp_path):
