@@ -62,7 +62,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
