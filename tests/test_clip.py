@@ -124,6 +124,23 @@ def test_from_pretrained_matches_transformers_embeddings_and_logits(hf_dir):
     assert (alone - ours.encode_text(ids, mask)[1:2]).abs().max() < 1e-5
 
 
+def test_length_buckets_give_transformers_embeddings_on_a_long_padded_batch(hf_dir):
+    """40 captions of 3 to 12 tokens: encode_text runs them in 4 groups cut to their own lengths."""
+    from transformers import CLIPModel
+    ref = CLIPModel.from_pretrained(hf_dir).eval()
+    ours = clip.CLIP.from_pretrained(hf_dir)
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.randint(3, 13, (40,), generator=g)
+    ids = torch.randint(1, 97, (40, 12), generator=g)
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    ids[torch.arange(40), lengths - 1] = 98
+    ids = ids * mask                                                   # padding id 0 after the text
+    with torch.no_grad():
+        want = ref.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+        assert (ours.encode_text(ids, mask) - want).abs().max() < 1e-4
+        assert (ours.encode_text(ids, mask) - ours.encode_text(ids, mask, buckets=1)).abs().max() < 1e-5
+
+
 def test_legacy_eos_rule_and_sharded_checkpoint(tmp_path):
     """Configs with eos_token_id 2 read the highest id out (transformers' rule); shards load too."""
     from transformers import CLIPModel
