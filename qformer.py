@@ -1007,12 +1007,18 @@ def main(argv=None):
     parser.add_argument("--clip-dir", type=str, default=None,
                         help="with --train: a clip.py checkpoint (default: clip.py's, trained if absent)")
     parser.add_argument("--resume", action="store_true", help="with --train: continue from --out")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default 1: at these sizes threads mostly wait on each other)")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)     # restored below, so a caller's (a test's) setting survives
     try:
         device = pick_device(args.device)
         return run_shapes(args, device) if args.train else run_demo(args, device)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

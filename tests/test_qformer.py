@@ -325,10 +325,10 @@ def test_main_reports_user_errors_like_argparse(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_training_lowers_all_three_losses():
-    result = qformer.main(["--device", "cpu", "--steps", "200"])
+    result = qformer.main(["--device", "cpu"])
     first, last = result["first"], result["last"]
-    assert last["itc"] < 0.7 * first["itc"]
+    assert last["itc"] < 0.5 * first["itc"]
     assert last["itg"] < 0.5 * first["itg"]
     # ITM's prior alone (1 match in 3) gives 0.636; learning must go well below it
-    assert last["itm"] < 0.55 < first["itm"]
-    assert result["itm_accuracy"] > 0.6
+    assert last["itm"] < 0.5 < first["itm"]
+    assert result["itm_accuracy"] > 0.65
