@@ -23,8 +23,9 @@ three objectives that share ALL weights and differ only in the self-attention ma
     ITG  image-grounded generation queries see queries, text sees queries + earlier text
          L = -sum_t log p(w_t | queries, w_<t);  the caption starts with a [DEC] token
 
-Retrieval ranks by ITC and re-ranks the top k by ITM (score = ITM match logit + ITC similarity, as
-LAVIS's compute_sim_matrix does). For stage 2 a linear layer maps the Q outputs to a language
+Retrieval ranks by ITC and re-ranks the top k by ITM, as BLIP-2 does; the re-ranking score adds the
+two models' log-probabilities, log p_ITM(match) + s / temp (LAVIS adds the raw ITM logit and the
+raw cosine; `rerank_top_k` says why we do not). For stage 2 a linear layer maps the Q outputs to a language
 model's width (`language_projection`); vlm_train.py prepends them to the LM's input as a soft prompt.
 
 Conventions: text is right-padded, position 0 holds [CLS] (ITC, ITM) or [DEC] (ITG), and
@@ -475,8 +476,12 @@ class QFormer(nn.Module):
 
     # -- stage-1 training: the three losses on one batch of matched (image, caption) pairs --
 
-    def losses(self, image_embeds, input_ids, attention_mask, generator=None):
-        """{'itc', 'itm', 'itg'} losses of B matched pairs (BLIP-2 section 3.2)."""
+    def losses(self, image_embeds, input_ids, attention_mask, matches=None, generator=None):
+        """{'itc', 'itm', 'itg'} losses of B matched pairs (BLIP-2 section 3.2).
+
+        matches: optional (B, B) bool, True where caption j also describes image i (a synthetic data
+        set repeats descriptions); such pairs are never drawn as ITM negatives. Default: equal ids.
+        """
         c, Q, B = self.config, self.config.num_query_tokens, input_ids.shape[0]
         # ITC: one pass with the uni-modal mask gives both the query and the [CLS] features
         h = self(image_embeds, input_ids, attention_mask, mask_kind="itc")          # (B, Q+T, D)
@@ -485,11 +490,11 @@ class QFormer(nn.Module):
         similarity = itc_similarity(image_feats, text_feats)                         # (B, B)
         loss_itc = itc_loss(similarity, self.temp, c.label_smoothing)
 
-        # ITM: B matched pairs, B (image, hard caption), B (hard image, caption). Two different
-        # images can share a caption in a synthetic data set; such a pair is no negative.
-        same = (input_ids[:, None] == input_ids[None]).all(-1)                       # (B, B)
-        hard_text = sample_hard_negatives(similarity, self.temp, same, generator)    # image i -> text
-        hard_image = sample_hard_negatives(similarity.t(), self.temp, same, generator)  # text i -> image
+        # ITM: B matched pairs, B (image, hard caption), B (hard image, caption)
+        if matches is None:
+            matches = (input_ids[:, None] == input_ids[None]).all(-1)                # (B, B)
+        hard_text = sample_hard_negatives(similarity, self.temp, matches, generator)       # image i -> text
+        hard_image = sample_hard_negatives(similarity.t(), self.temp, matches.t(), generator)  # text i -> image
         images = torch.cat([image_embeds, image_embeds, image_embeds[hard_image]])   # (3B, N, D_img)
         texts = torch.cat([input_ids, input_ids[hard_text], input_ids])              # (3B, T)
         masks = torch.cat([attention_mask, attention_mask[hard_text], attention_mask])
@@ -527,30 +532,37 @@ class QFormer(nn.Module):
 # Retrieval: rank everything by ITC, re-rank each query's top k by ITM (LAVIS compute_sim_matrix)
 # ----------------------------------------------------------------------------------------------
 
-def rerank_top_k(similarity, k, match_logit, chunk=256):
-    """score_ij = ITM match logit + ITC similarity for the k best j of each row, -inf elsewhere.
+def rerank_top_k(similarity, k, match_logprob, temp, chunk=256):
+    """score_ij = log p_ITM(match | i, j) + s_ij / temp for the k best j of each row, -inf elsewhere.
 
-    similarity: (R, C) ITC scores of R queries against C candidates; match_logit(rows, cols) gives the
-    ITM class-1 logit of each (query, candidate) pair named by two (P,) index tensors.
+    similarity: (R, C) ITC cosines of R queries against C candidates; match_logprob(rows, cols) gives
+    the ITM log-probability of "match" for each (query, candidate) pair named by two (P,) tensors.
+    Both terms are log-probabilities (s / temp is ITC's logit, its log-softmax up to a per-row
+    constant), so the score multiplies the two models' beliefs. LAVIS adds the raw ITM logit and the
+    raw cosine instead; the cosine (at most 1) then hardly counts beside logits that span several
+    units. That is harmless behind BLIP-2's ITM trained for days and costly behind ours trained for
+    minutes, which still errs where ITC is right.
     """
     k = min(k, similarity.shape[1])
     top_sim, top_idx = similarity.topk(k, dim=1)                          # (R, k)
     rows = torch.arange(similarity.shape[0], device=similarity.device)[:, None].expand(-1, k).flatten()
     cols = top_idx.flatten()                                              # (R k,)
-    logits = torch.cat([match_logit(rows[s:s + chunk], cols[s:s + chunk])
-                        for s in range(0, rows.numel(), chunk)])          # (R k,)
+    logprob = torch.cat([match_logprob(rows[s:s + chunk], cols[s:s + chunk])
+                         for s in range(0, rows.numel(), chunk)])         # (R k,)
     scores = torch.full_like(similarity, float("-inf"))
-    return scores.scatter(1, top_idx, logits.view(-1, k) + top_sim)      # (R, C)
+    return scores.scatter(1, top_idx, logprob.view(-1, k) + top_sim / temp)   # (R, C)
 
 
 @torch.no_grad()
 def retrieval_scores(model, image_embeds, input_ids, attention_mask, k=8):
     """ITC similarities (I, T) and the ITM re-ranked image->text (I, T) and text->image (T, I) scores."""
     sim = model.itc_logits(image_embeds, input_ids, attention_mask)      # (I, T)
-    match = lambda i, t: model.itm_logits(image_embeds[i], input_ids[t], attention_mask[t])[:, 1]
+    temp = model.temp.item()
+    # log p(match) = log_softmax over the ITM head's two classes, class 1
+    match = lambda i, t: model.itm_logits(image_embeds[i], input_ids[t], attention_mask[t]).log_softmax(-1)[:, 1]
     return {"itc": sim,
-            "i2t": rerank_top_k(sim, k, lambda i, t: match(i, t)),
-            "t2i": rerank_top_k(sim.t(), k, lambda t, i: match(i, t))}
+            "i2t": rerank_top_k(sim, k, lambda i, t: match(i, t), temp),
+            "t2i": rerank_top_k(sim.t(), k, lambda t, i: match(i, t), temp)}
 
 
 def recall_at_k(scores, correct, ks=(1, 5, 10)):
@@ -701,8 +713,8 @@ def load_qformer(directory, lm_hidden_size=0):
 @dataclass
 class TrainConfig:
     """Stage-1 optimisation. BLIP-2 uses AdamW, weight decay 0.05, warm-up then cosine decay."""
-    steps: int = 1500
-    batch_size: int = 64
+    steps: int = 1200
+    batch_size: int = 32
     lr: float = 1e-3            # higher than BLIP-2's 1e-4: we start from random weights, not BERT
     warmup: int = 100
     weight_decay: float = 0.05
@@ -901,9 +913,11 @@ def shapes_split(clip, vit, tokenizer, split, n, seed, device):
     ids, mask = tokenizer.encode(captions)
     # two scenes with the same description (ignoring "a photo of") are equally right for either caption
     described = [clip.caption(scene) for scene in scenes]
-    same = torch.tensor([[a == b for b in described] for a in described])
+    index = {d: k for k, d in enumerate(dict.fromkeys(described))}
+    description = torch.tensor([index[d] for d in described], device=device)       # (n,)
     return {"image_embeds": frozen_image_features(vit, pixels, device), "input_ids": ids.to(device),
-            "attention_mask": mask.to(device), "correct": same.to(device), "captions": captions}
+            "attention_mask": mask.to(device), "description": description,
+            "correct": description[:, None] == description[None], "captions": captions}
 
 
 def load_frozen_clip(args, device):
@@ -958,7 +972,9 @@ def run_shapes(args, device):
         i = torch.randint(0, cfg.n_train, (cfg.batch_size,), generator=g).to(device)
         mask = train_set["attention_mask"][i]
         T = int(mask.sum(1).max())                       # drop the columns that are padding everywhere
-        return train_set["image_embeds"][i], train_set["input_ids"][i, :T], mask[:, :T]
+        description = train_set["description"][i]
+        return (train_set["image_embeds"][i], train_set["input_ids"][i, :T], mask[:, :T],
+                description[:, None] == description[None])
 
     def checkpoint(step, history):
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:

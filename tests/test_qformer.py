@@ -194,10 +194,12 @@ def test_hard_negatives_fall_back_when_every_caption_is_the_same():
 
 def test_rerank_scores_only_the_top_k_and_recall_by_hand():
     sim = torch.tensor([[0.9, 0.8, 0.1], [0.2, 0.7, 0.6]])
-    itm = torch.tensor([[0.0, 1.0, 5.0], [3.0, 0.0, 2.0]])          # ITM match logits per pair
-    scores = qformer.rerank_top_k(sim, 2, lambda r, c: itm[r, c])
+    logp = torch.tensor([[-2.0, -0.5, 0.0], [-0.1, -3.0, -0.2]])     # ITM log p(match) per pair
+    scores = qformer.rerank_top_k(sim, 2, lambda r, c: logp[r, c], temp=0.5)
     inf = float("-inf")
-    assert torch.allclose(scores, torch.tensor([[0.9, 1.8, inf], [inf, 0.7, 2.6]]))
+    # row 0: top 2 by ITC are columns 0, 1: -2 + 1.8 = -0.2, -0.5 + 1.6 = 1.1 (re-ranked: 1 beats 0)
+    # row 1: columns 1, 2: -3 + 1.4 = -1.6, -0.2 + 1.2 = 1.0; column 0 is outside the top 2
+    assert torch.allclose(scores, torch.tensor([[-0.2, 1.1, inf], [inf, -1.6, 1.0]]))
     correct = torch.tensor([[False, True, False], [True, False, False]])
     assert qformer.recall_at_k(sim, correct, (1, 2, 3)) == {1: 0.0, 2: 0.5, 3: 1.0}
     assert qformer.recall_at_k(scores, correct, (1,)) == {1: 0.5}
