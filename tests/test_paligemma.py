@@ -1,0 +1,558 @@
+"""The specification of paligemma.py, checked against transformers' PaliGemmaForConditionalGeneration.
+
+Every checkpoint here is a small random PaliGemma that transformers itself builds and saves in its
+real on-disk format (config.json + safetensors, single file or sharded), with all weights drawn at
+random (norms included) so that no layer can hide behind an identity initialisation.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import paligemma as pg
+
+# transformers' own PaliGemmaProcessor trips a numpy 2 deprecation when it builds labels;
+# bitsandbytes and peft emit deprecation notices of their own
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")]
+
+N_IMG = 16          # (28 / 7)^2 image tokens
+IMAGE_ID = 299
+VOCAB = 300
+
+
+def build_hf(path, kv_heads=1, gemma2=False, seed=0, shard=None, vocab=VOCAB, image_id=IMAGE_ID, max_pos=64,
+             vision_head=False):
+    """A random transformers PaliGemma, saved to `path`; returns the model (fp32, eval)."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+    text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=kv_heads, head_dim=16, vocab_size=vocab, max_position_embeddings=max_pos)
+    if gemma2:   # PaliGemma 2: soft-capping everywhere, and a local window shorter than the prompt
+        text.update(model_type="gemma2", sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    config = PaliGemmaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=28, patch_size=7, vision_use_head=vision_head),   # real ones: no head
+        text_config=text, image_token_index=image_id, vocab_size=vocab, projection_dim=48, hidden_size=48)
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.15)
+            if "norm" in name and name.endswith("weight"):
+                p.add_(1.0)
+    model.save_pretrained(path, **({"max_shard_size": shard} if shard else {}))
+    return model
+
+
+@pytest.fixture(scope="module")
+def mqa(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mqa")
+    return path, build_hf(path, kv_heads=1)
+
+
+@pytest.fixture(scope="module")
+def gqa_sharded(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gqa")
+    return path, build_hf(path, kv_heads=2, seed=1, shard="40KB")
+
+
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gemma2")
+    return path, build_hf(path, kv_heads=2, gemma2=True, seed=2)
+
+
+def inputs(batch=2, prompt_len=6, answer_len=4, seed=0):
+    """pixel_values, input_ids = <image> x N + <bos> + prompt + answer, token_type_ids (answer = 1)."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(batch, 3, 28, 28, generator=g) * 2 - 1
+    text = torch.randint(3, IMAGE_ID, (batch, prompt_len + answer_len), generator=g)
+    ids = torch.cat([torch.full((batch, N_IMG), IMAGE_ID), torch.full((batch, 1), 2), text], 1)
+    types = torch.zeros_like(ids)
+    types[:, ids.shape[1] - answer_len:] = 1
+    return pixels, ids, types
+
+
+def max_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+# --- hand-computed cases -----------------------------------------------------------------------
+
+def test_prefix_lm_mask_by_hand():
+    # 2 prefix tokens then 3 suffix tokens; the first column of row b is padding
+    types = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]])
+    key_ok = torch.tensor([[True] * 5, [False] + [True] * 4])
+    mask = pg.prefix_lm_mask(types.cumsum(-1), key_ok, 0)[:, 0].int()
+    expected = torch.tensor([[1, 1, 0, 0, 0],     # prefix rows see the whole prefix
+                             [1, 1, 0, 0, 0],
+                             [1, 1, 1, 0, 0],     # suffix rows are causal
+                             [1, 1, 1, 1, 0],
+                             [1, 1, 1, 1, 1]])
+    assert torch.equal(mask[0], expected)
+    padded = expected.clone()
+    padded[1:, 0] = 0                             # nobody attends to the pad ...
+    assert torch.equal(mask[1], padded)           # ... but the pad query keeps itself (no empty row)
+    # all-prefix, unpadded: nothing is masked, so the fused kernel can run without a mask
+    assert pg.prefix_lm_mask(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.bool), 0) is None
+    # a local window of 2: suffix rows drop keys 2+ back, prefix rows still see each other
+    local = pg.prefix_lm_mask(types[:1].cumsum(-1), key_ok[:1], 0, window=2, is_prefix=types[:1] == 0)[0, 0].int()
+    assert local.tolist() == [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
+
+
+def test_rms_norm_and_rope_by_hand():
+    x = torch.tensor([[3.0, 4.0]])
+    # rms = sqrt((9 + 16) / 2); weight stored as an offset: scale = 1 + w
+    out = pg.rms_norm(x, torch.tensor([0.0, 1.0]), eps=0.0)
+    rms = math.sqrt(12.5)
+    assert torch.allclose(out, torch.tensor([[3 / rms, 2 * 4 / rms]]))
+    # RoPE with d = 2 rotates (x0, x1) by angle = position
+    cos, sin = pg.rope_cos_sin(torch.tensor([[1]]), head_dim=2, theta=10000.0, dtype=torch.float32)
+    y = pg.apply_rope(torch.tensor([[[[1.0, 0.0]]]]), cos, sin)
+    assert torch.allclose(y.flatten(), torch.tensor([math.cos(1.0), math.sin(1.0)]))
+
+
+def test_top_p_matches_transformers_warper():
+    from transformers.generation.logits_process import TopPLogitsWarper
+    torch.manual_seed(0)
+    logits = torch.randn(8, 50) * 3
+    for p in (0.1, 0.5, 0.9):
+        ours = pg.top_p_filter(logits, p)
+        ref = TopPLogitsWarper(top_p=p)(None, logits.clone())
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), p
+    # hand case: probabilities 0.5, 0.3, 0.2; top_p = 0.6 keeps the two best (0.5 < 0.6 <= 0.8)
+    kept = pg.top_p_filter(torch.log(torch.tensor([[0.5, 0.3, 0.2]])), 0.6)
+    assert torch.isfinite(kept).tolist() == [[True, True, False]]
+    # top_p -> 0 leaves only the argmax, so sampling is greedy
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(pg.sample_next_token(logits, 1.0, 1e-6, g), logits.argmax(-1))
+
+
+# --- parity with transformers ------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["mqa", "gqa_sharded", "gemma2"])
+def test_prefill_logits_and_training_loss_match_transformers(which, request):
+    path, hf = request.getfixturevalue(which)
+    if which == "gqa_sharded":
+        assert (path / "model.safetensors.index.json").is_file() and len(list(path.glob("*.safetensors"))) > 1
+    ours = pg.PaliGemma.from_pretrained(path)
+    pixels, ids, types = inputs()
+    labels = pg.suffix_labels(ids, types)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels, token_type_ids=types, labels=labels)
+        out = ours(ids, pixels, token_type_ids=types, labels=labels)
+        prompt = ours(ids, pixels).logits                                  # no token types: all prefix
+        # transformers needs the zeros spelled out: without token_type_ids it masks Gemma 2's local
+        # layers (and padded rows) causally, while unpadded global layers attend both ways
+        ref_prompt = hf(input_ids=ids, pixel_values=pixels, token_type_ids=torch.zeros_like(ids)).logits
+    assert max_diff(out.logits, ref.logits) < 1e-4
+    assert max_diff(prompt, ref_prompt) < 1e-4
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5
+    # the loss really is the suffix-only next-token cross-entropy
+    n = int((labels[:, 1:] != -100).sum())
+    logp = out.logits[:, :-1].log_softmax(-1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    assert n == 2 * 4 and abs(-(logp * (labels[:, 1:] != -100)).sum().item() / n - out.loss.item()) < 1e-5
+
+
+@pytest.mark.parametrize("which", ["mqa", "gqa_sharded", "gemma2"])
+def test_greedy_tokens_match_transformers_on_a_padded_batch(which, request):
+    path, hf = request.getfixturevalue(which)
+    ours = pg.PaliGemma.from_pretrained(path)
+    pixels, ids, _ = inputs(prompt_len=8, answer_len=0, seed=3)
+    ids[0, :3] = 0                                                          # row 0 is 3 tokens shorter:
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0                                                         # left padding
+    ids[0, 3:3 + N_IMG] = IMAGE_ID
+    ids[0, 3 + N_IMG] = 2
+    ids[0, 3 + N_IMG + 1:] = torch.randint(3, IMAGE_ID, (ids.shape[1] - 4 - N_IMG,))
+    free = ours.generate(ids, pixels, mask, max_new_tokens=10, eos_token_id=[]).tokens
+    eos = int(free[0, 3])                     # row 0 stops after 4 tokens (or earlier), row 1 may go on
+    ref = hf.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, token_type_ids=torch.zeros_like(ids),
+                      max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0)[:, ids.shape[1]:]
+    got = ours.generate(ids, pixels, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0).tokens
+    assert got.tolist() == ref.tolist()
+    assert eos in got[0].tolist() and len(set(free[1].tolist())) > 1   # EOS exercised, output not constant
+
+
+def test_bf16_is_bit_identical_to_transformers_on_cpu(mqa):
+    """The merge runs in fp32 and is cast once, so image rows round back to exactly the projector's
+    output and text rows to E * bf16(sqrt(D)): bit for bit what transformers feeds its first layer."""
+    path, hf = mqa
+    ours = pg.PaliGemma.from_pretrained(path, dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16
+    hf16 = type(hf).from_pretrained(path, dtype=torch.bfloat16).eval()
+    pixels, ids, types = inputs()
+    seen = {}
+
+    def grab_input(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    hook = hf16.model.language_model.layers[0].register_forward_pre_hook(grab_input, with_kwargs=True)
+    with torch.no_grad():
+        ref = hf16(input_ids=ids, pixel_values=pixels.bfloat16(), token_type_ids=types).logits
+        x = ours.embed_inputs(ids, pixels.bfloat16())
+        got = ours(ids, pixels.bfloat16(), token_type_ids=types).logits
+        fp32 = hf(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits
+    hook.remove()
+    assert torch.equal(x, seen["x"])
+    # the layers then do the same bf16 operations in the same order (norms in fp32, cos/sin cast to
+    # bf16 before the rotation, the same CPU attention kernel), so the logits agree bit for bit too,
+    # while bf16 itself is far from the fp32 model
+    assert torch.equal(got, ref)
+    assert max_diff(ref, fp32) > 1e-2
+
+
+@pytest.mark.slow
+def test_original_and_older_key_layouts_load(mqa, tmp_path):
+    path, hf = mqa
+    tensors = load_file(str(path / "model.safetensors"))
+    layouts = {
+        # the original release (paligemma-3b-pt-224 on the hub)
+        "original": {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in tensors.items()},
+        # transformers 4.52 - 4.57 saved the wrapper's own names and an explicit lm_head
+        "4.5x": {**{k.replace("language_model.model.", "model.language_model.", 1)
+                    .replace("vision_tower.", "model.vision_tower.vision_model.", 1)
+                    .replace("multi_modal_projector.", "model.multi_modal_projector.", 1): v
+                    for k, v in tensors.items()},
+                 "lm_head.weight": tensors["language_model.model.embed_tokens.weight"].clone()},
+    }
+    pixels, ids, types = inputs()
+    with torch.no_grad():
+        base = pg.PaliGemma.from_pretrained(path)(ids, pixels, token_type_ids=types).logits
+    for name, renamed in layouts.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((path / "config.json").read_text())
+        save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        with torch.no_grad():
+            logits = pg.PaliGemma.from_pretrained(folder)(ids, pixels, token_type_ids=types).logits
+            ref = type(hf).from_pretrained(folder).eval()(input_ids=ids, pixel_values=pixels,
+                                                          token_type_ids=types).logits
+        assert torch.equal(logits, base), name
+        assert max_diff(ref, base) < 1e-4, name     # transformers reads the same file the same way
+
+
+def test_unused_siglip_head_is_tolerated_only_when_the_config_declares_it(tmp_path):
+    """A SigLIP config built from a dict defaults to vision_use_head=True, and transformers then saves
+    a pooling head that PaliGemma never runs: skip it, but only when the config says it is there."""
+    hf = build_hf(tmp_path, vision_head=True, seed=6)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert any(k.startswith("vision_tower.head.") for k in tensors)
+    pixels, ids, types = inputs()
+    with torch.no_grad():
+        got = pg.PaliGemma.from_pretrained(tmp_path)(ids, pixels, token_type_ids=types).logits
+        want = hf(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits
+    assert max_diff(got, want) < 1e-4
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["vision_config"]["vision_use_head"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(pg.CheckpointError, match=r"unexpected \(\d+\): vision_tower\.head\."):
+        pg.PaliGemma.from_pretrained(tmp_path)
+
+
+def test_save_pretrained_is_read_by_transformers(mqa, tmp_path):
+    path, hf = mqa
+    ours = pg.PaliGemma.from_pretrained(path)
+    ours.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.tmp"))
+    back = type(hf).from_pretrained(tmp_path).eval()
+    pixels, ids, types = inputs()
+    with torch.no_grad():
+        assert max_diff(back(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits,
+                        ours(ids, pixels, token_type_ids=types).logits) < 1e-4
+
+
+# --- invariants --------------------------------------------------------------------------------
+
+def test_padded_batch_equals_unpadded_rows(mqa):
+    ours = pg.PaliGemma.from_pretrained(mqa[0])
+    pixels, ids, types = inputs(batch=2, prompt_len=6, answer_len=3, seed=5)
+    short = torch.cat([ids[1, :N_IMG + 1], ids[1, N_IMG + 4:]])            # row 1 without 3 prompt tokens
+    short_types = torch.cat([types[1, :N_IMG + 1], types[1, N_IMG + 4:]])
+    batch_ids = torch.stack([ids[0], torch.cat([torch.zeros(3, dtype=torch.long), short])])
+    batch_types = torch.stack([types[0], torch.cat([torch.zeros(3, dtype=torch.long), short_types])])
+    mask = torch.ones_like(batch_ids)
+    mask[1, :3] = 0
+    labels = pg.suffix_labels(batch_ids, batch_types, mask)
+    with torch.no_grad():
+        batch = ours(batch_ids, pixels, mask, batch_types, labels=labels)
+        rows = [ours(batch_ids[:1], pixels[:1], token_type_ids=batch_types[:1], labels=labels[:1]),
+                ours(short[None], pixels[1:], token_type_ids=short_types[None], labels=labels[1:, 3:])]
+    assert max_diff(batch.logits[0], rows[0].logits[0]) < 1e-5
+    assert max_diff(batch.logits[1, 3:], rows[1].logits[0]) < 1e-5
+    # the batch loss is the token-weighted mean of the row losses
+    counts = [int((l[1:] != -100).sum()) for l in (labels[0], labels[1, 3:])]
+    weighted = sum(r.loss * c for r, c in zip(rows, counts)) / sum(counts)
+    assert abs(batch.loss.item() - weighted.item()) < 1e-5
+    # and generation: the padded row decodes exactly as the row alone
+    prompt_mask = mask[:, :-3]
+    padded = ours.generate(batch_ids[:, :-3], pixels, prompt_mask, max_new_tokens=6, eos_token_id=[]).tokens
+    alone = ours.generate(short[None, :-3], pixels[1:], max_new_tokens=6, eos_token_id=[]).tokens
+    assert padded[1].tolist() == alone[0].tolist()
+
+
+@pytest.mark.parametrize("which", ["gqa_sharded", "gemma2"])
+def test_kv_cache_equals_recomputing_the_sequence(which, request):
+    ours = pg.PaliGemma.from_pretrained(request.getfixturevalue(which)[0])
+    pixels, ids, _ = inputs(prompt_len=5, answer_len=0, seed=7)
+    g = torch.Generator().manual_seed(0)
+    out = ours.generate(ids, pixels, max_new_tokens=12, temperature=1.5, top_p=0.95, eos_token_id=[],
+                        generator=g, return_scores=True)
+    full_ids = torch.cat([ids, out.tokens], 1)
+    types = torch.cat([torch.zeros_like(ids), torch.ones_like(out.tokens)], 1)   # generated = suffix
+    with torch.no_grad():
+        full = ours(full_ids, pixels, token_type_ids=types).logits[:, ids.shape[1] - 1:-1]
+    assert full_ids.shape[1] > 8 + 16   # longer than gemma2's window: the local mask is exercised
+    assert max_diff(full, out.scores) < 1e-4
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows(mqa):
+    ours = pg.PaliGemma.from_pretrained(mqa[0])
+    pixels, ids, _ = inputs(prompt_len=4, answer_len=0, seed=9)
+    free = ours.generate(ids, pixels, max_new_tokens=8, eos_token_id=[]).tokens
+    eos = int(free[0, 2])                     # row 0's third token becomes the EOS
+    stopped = ours.generate(ids, pixels, max_new_tokens=8, eos_token_id=eos, pad_token_id=0).tokens
+    first = {b: free[b].tolist().index(eos) if eos in free[b].tolist() else None for b in range(2)}
+    for b in range(2):
+        end = first[b]
+        if end is None:
+            assert stopped[b].tolist() == free[b, :stopped.shape[1]].tolist()
+        else:
+            assert stopped[b, :end + 1].tolist() == free[b, :end + 1].tolist()
+            assert set(stopped[b, end + 1:].tolist()) <= {0}
+    if all(v is not None for v in first.values()):
+        assert stopped.shape[1] == max(first.values()) + 1   # the loop ended once every row had stopped
+
+
+def test_image_tokens_enter_at_the_projector_scale(mqa):
+    ours = pg.PaliGemma.from_pretrained(mqa[0])
+    pixels, ids, _ = inputs()
+    with torch.no_grad():
+        x = ours.embed_inputs(ids, pixels)
+        u = ours.image_features(pixels)
+    E = ours.language_model.model.embed_tokens.weight
+    assert max_diff(x[:, :N_IMG], u) < 1e-6                                  # u / sqrt(D) * sqrt(D) = u
+    assert max_diff(x[:, N_IMG:], E[ids[:, N_IMG:]] * math.sqrt(48)) < 1e-5  # text: E[id] sqrt(D)
+
+
+def test_dense_connector_starts_equal_to_the_linear_model_and_can_learn(mqa):
+    path = mqa[0]
+    linear = pg.PaliGemma.from_pretrained(path)
+    dense = pg.PaliGemma.from_pretrained(path, connector="dense", dense_groups=2)
+    W = dense.multi_modal_projector.linear.weight
+    assert W.shape == (48, 3 * 32)                          # [final ; mean(h_0, h_1) ; mean(h_2)]
+    assert torch.equal(W[:, :32], linear.multi_modal_projector.linear.weight) and not W[:, 32:].any()
+    pixels, ids, types = inputs()
+    labels = pg.suffix_labels(ids, types)
+    out = dense(ids, pixels, token_type_ids=types, labels=labels)
+    assert max_diff(out.logits, linear(ids, pixels, token_type_ids=types).logits) < 1e-6
+    out.loss.backward()
+    assert W.grad[:, 32:].abs().sum() > 0                   # the new columns receive gradient
+
+
+# --- 4-bit weights (nf4.py) and adapters (lora.py) --------------------------------------------
+
+@pytest.mark.slow
+def test_4bit_load_matches_transformers_bitsandbytes(mqa):
+    """load_in_4bit quantizes every linear layer as transformers + bitsandbytes do: the same packed
+    4-bit codes byte for byte, and the same double-quantized block constants except the few where
+    bitsandbytes' C kernel picks a neighbouring 8-bit code (REFERENCE_NOTES: ~0.2% of them)."""
+    import bitsandbytes.functional as bnb_f
+    from transformers import BitsAndBytesConfig
+    path, hf = mqa
+    ours = pg.PaliGemma.from_pretrained(path, load_in_4bit=True)
+    ref = type(hf).from_pretrained(path, device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32)).eval()
+    mine = {n: m for n, m in ours.named_modules() if type(m).__name__ == "LinearNF4"}
+    theirs = {pg.canonical_key(n + ".weight").removesuffix(".weight"): m
+              for n, m in ref.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert set(mine) == set(theirs) and len(mine) == 3 * 6 + 2 * 7 + 1   # SigLIP, decoder, projector
+    same_constants = total_constants = 0
+    for name, layer in mine.items():
+        other = theirs[name]
+        assert torch.equal(layer.weight.view(-1), other.weight.data.view(-1)), name
+        state = other.weight.quant_state
+        absmax = bnb_f.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        same_constants += int((layer.quant_state.absmax_fp32() == absmax).sum())
+        total_constants += absmax.numel()
+    assert same_constants >= 0.99 * total_constants
+    pixels, ids, types = inputs()
+    with torch.no_grad():
+        got = ours(ids, pixels, token_type_ids=types).logits
+        want = ref(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits
+        full = hf(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits
+    assert max_diff(got, want) * 10 < max_diff(got, full)   # nearer bitsandbytes than full precision
+
+
+@pytest.mark.slow
+def test_peft_adapter_trained_on_transformers_loads(mqa, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    path, _ = mqa
+    hf = type(mqa[1]).from_pretrained(path).eval()
+    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)     # B = 0 would make any loader look right
+    peft_model.save_pretrained(tmp_path)
+    pixels, ids, types = inputs()
+    ours = pg.PaliGemma.from_pretrained(path, adapter=tmp_path)
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits
+        got = ours(ids, pixels, token_type_ids=types).logits
+        base = pg.PaliGemma.from_pretrained(path)(ids, pixels, token_type_ids=types).logits
+    assert max_diff(got, want) < 1e-4 and max_diff(base, want) > 1e-1
+    # QLoRA: the same adapter on an NF4 base
+    qlora = pg.PaliGemma.from_pretrained(path, adapter=tmp_path, load_in_4bit=True)
+    layer = qlora.language_model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "LoRALinear" and type(layer.base_layer).__name__ == "LinearNF4"
+
+
+# --- processor ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory):
+    """A checkpoint folder with a tiny Gemma-style tokenizer (<image>, <locXXXX>, <segXXX> included),
+    saved by transformers' PaliGemmaProcessor next to the weights, as real checkpoints ship it."""
+    from transformers import AddedToken, GemmaTokenizer, PaliGemmaProcessor, SiglipImageProcessorPil
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    vocab.update({f"<0x{i:02X}>": 5 + i for i in range(256)})
+    for piece in list("abcdefghijklmnopqrstuvwxyz\n") + ["\u2581", "ca", "cat", "\u2581a"]:
+        vocab[piece] = len(vocab)
+    vocab["<image>"] = image_id = len(vocab)
+    extra = [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)]
+    tok = GemmaTokenizer(vocab=vocab, merges=[("c", "a"), ("ca", "t"), ("\u2581", "a")])
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]})
+    images = SiglipImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    images.image_seq_length = N_IMG
+    processor = PaliGemmaProcessor(image_processor=images, tokenizer=tok)   # adds the loc / seg tokens
+    path = tmp_path_factory.mktemp("tok")
+    processor.save_pretrained(path)
+    vocab_size = len(vocab) + len(extra)
+    build_hf(path, vocab=vocab_size, image_id=image_id, seed=4)
+    return path, processor
+
+
+def test_processor_matches_transformers(with_tokenizer):
+    path, ref_processor = with_tokenizer
+    ours = pg.PaliGemmaProcessor.from_pretrained(path)
+    rng = np.random.RandomState(0)
+    images = [Image.fromarray(rng.randint(0, 256, (40, 50, 3), dtype=np.uint8)),
+              Image.fromarray(rng.randint(0, 256, (30, 30), dtype=np.uint8))]      # grayscale -> RGB
+    prompts, suffixes = ["detect cat <loc0005>", "caption en"], ["a cat", "cat<seg007>"]
+    ref = ref_processor(images=images, text=prompts, suffix=suffixes, return_tensors="pt", padding="longest")
+    got = ours(images, prompts, suffixes)
+    for key in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+        assert got[key].tolist() == ref[key].tolist(), key
+    assert max_diff(got["pixel_values"], ref["pixel_values"]) < 1e-6
+    loc = ours.tokenizer.convert_tokens_to_ids("<loc0005>")
+    assert loc in got["input_ids"][0].tolist()                   # loc tokens are single tokens
+    ref_prompt = ref_processor(images=images, text=prompts, return_tensors="pt", padding="longest")
+    assert ours(images, prompts)["input_ids"].tolist() == ref_prompt["input_ids"].tolist()
+
+
+def test_cli_answers_like_transformers(with_tokenizer, tmp_path, capsys):
+    path, ref_processor = with_tokenizer
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.RandomState(1).randint(0, 256, (33, 45, 3), dtype=np.uint8)).save(image)
+    pg.main(["--model", str(path), "--image", str(image), "--prompt", "caption en", "--max-new-tokens", "6",
+             "--device", "cpu"])
+    printed = capsys.readouterr().out.strip()
+    from transformers import PaliGemmaForConditionalGeneration
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(path).eval()
+    batch = ref_processor(images=[Image.open(image)], text=["caption en"], return_tensors="pt")
+    ref = hf.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    assert printed == ref_processor.batch_decode(ref, skip_special_tokens=True)[0]
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def test_missing_config_weights_or_tokenizer(tmp_path, mqa):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        pg.PaliGemma.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((mqa[0] / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        pg.PaliGemma.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        pg.PaliGemmaProcessor.from_pretrained(tmp_path)
+
+
+def test_missing_and_unexpected_tensors_are_listed(tmp_path, mqa):
+    tensors = load_file(str(mqa[0] / "model.safetensors"))
+    gone = "language_model.model.layers.1.mlp.up_proj.weight"
+    del tensors[gone]
+    tensors["language_model.model.layers.1.mlp.extra.weight"] = torch.zeros(2)
+    tensors["vision_tower.post_layernorm.weight"] = torch.zeros(7)
+    (tmp_path / "config.json").write_text((mqa[0] / "config.json").read_text())
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(pg.CheckpointError) as err:
+        pg.PaliGemma.from_pretrained(tmp_path)
+    message = str(err.value)
+    assert f"missing (1): {gone}" in message
+    assert "unexpected (1): language_model.model.layers.1.mlp.extra.weight" in message
+    assert "vision_tower.post_layernorm.weight: checkpoint (7,), model (32,)" in message
+
+
+def test_bad_images_prompts_and_lengths(mqa, with_tokenizer):
+    ours = pg.PaliGemma.from_pretrained(mqa[0])
+    pixels, ids, _ = inputs()
+    with pytest.raises(ValueError, match=r"\(B, 3, 28, 28\).*got \(2, 1, 28, 28\)"):
+        ours(ids, pixels[:, :1])                                            # one channel
+    extra = ids.clone()
+    extra[:, N_IMG + 1] = IMAGE_ID                                          # 17 <image> tokens, the model makes 16
+    with pytest.raises(ValueError, match="exactly 16 <image> tokens"):
+        ours(extra, pixels)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        ours(ids)
+    long_ids = torch.cat([ids, torch.full((2, 64), 5)], 1)                  # context is 64 positions
+    with pytest.raises(ValueError, match="longer than the context of 64"):
+        ours(long_ids, pixels)
+    with pytest.raises(ValueError, match="longer than the context of 64"):
+        ours.generate(ids, pixels, max_new_tokens=60)
+    with pytest.raises(ValueError, match="token_type_ids"):
+        ours(ids, pixels, labels=ids)
+    processor = pg.PaliGemmaProcessor.from_pretrained(with_tokenizer[0])
+    with pytest.raises(ValueError, match=r"\(H, W, 3\).*\(20, 20, 4\)"):
+        processor([np.zeros((20, 20, 4), dtype=np.uint8)], ["caption en"])
+
+
+def test_cli_reports_user_errors_with_exit_status_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pg.main(["--model", str(tmp_path), "--image", "x.png"])
+    assert exit_info.value.code == 2
+    assert "paligemma.py: error: no config.json" in capsys.readouterr().err
+
+
+# --- the demo ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_demo_runs_on_the_tiny_preset(tmp_path, capsys):
+    pg.main(["--out", str(tmp_path / "tiny"), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "prefix-LM mask" in out and "(2, 16, 64)" in out
+    cache_diff = float(out.split("max |logit diff| = ")[1].split()[0])
+    reload_diff = float(out.split("max |logit diff| = ")[2].split()[0])
+    assert cache_diff < 1e-5 and reload_diff == 0.0
+    assert json.loads((tmp_path / "tiny" / "config.json").read_text())["model_type"] == "paligemma"
+
+
+@pytest.mark.cuda
+def test_bf16_on_cuda_matches_transformers(mqa):
+    path, hf = mqa
+    ours = pg.PaliGemma.from_pretrained(path, dtype=torch.bfloat16, device="cuda")
+    hf16 = type(hf).from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    pixels, ids, types = (t.cuda() for t in inputs())
+    with torch.no_grad():
+        ref = hf16(input_ids=ids, pixel_values=pixels.bfloat16(), token_type_ids=types).logits
+        got = ours(ids, pixels.bfloat16(), token_type_ids=types).logits
+        fp32 = hf.cuda()(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits
+    assert max_diff(got, ref) <= max_diff(ref, fp32)
+    g_ref = hf16.generate(input_ids=ids[:, :-4], pixel_values=pixels.bfloat16(), max_new_tokens=8, do_sample=False)
+    assert ours.generate(ids[:, :-4], pixels.bfloat16(), max_new_tokens=8).tokens.tolist() == \
+        g_ref[:, ids.shape[1] - 4:].tolist()
