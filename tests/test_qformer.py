@@ -13,6 +13,17 @@ import torch.nn.functional as F
 import qformer
 from qformer import QFormer, QFormerConfig, build_attention_mask
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # every tensor here is tiny: a second OpenMP thread only adds synchronisation, and on a busy
+    # machine its spin-waiting multiplies the run time (4000 hard-negative draws: 0.1 s vs 8 s)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------------
 # The three masks, position by position
 # ------------------------------------------------------------------------------------------------
@@ -312,6 +323,12 @@ def test_checkpoint_without_qformer_weights(tmp_path, blip2_dir):
         QFormer.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         QFormer.from_pretrained(tmp_path / "nowhere")
+    # a Blip2ForConditionalGeneration-style Q-Former: queries only, no text embeddings to load
+    config = json.loads((path / "config.json").read_text())
+    config["qformer_config"]["use_qformer_text_input"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(qformer.CheckpointError, match="no text weights"):
+        QFormer.from_pretrained(tmp_path)
 
 
 def test_main_reports_user_errors_like_argparse(tmp_path, capsys):
