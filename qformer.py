@@ -293,10 +293,10 @@ class ITGHead(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 def itc_similarity(image_feats, text_feats):
-    """s(I_i, T_j) = max_q <z_iq, t_j>, both unit length: (I, Q, E), (T, E) -> (I, T)."""
-    per_query = torch.einsum("iqe,te->iqt", image_feats, text_feats)    # (I, Q, T)
+    """s(I_i, T_j) = max_q <z_iq, t_j>, both unit length: (B_img, Q, E), (B_txt, E) -> (B_img, B_txt)."""
+    per_query = torch.einsum("iqe,te->iqt", image_feats, text_feats)    # (B_img, Q, B_txt)
     # BLIP-2 section 3.2: "select the one that has the highest similarity as the image-text similarity"
-    return per_query.max(dim=1).values                                  # (I, Q, T) -> (I, T)
+    return per_query.max(dim=1).values                                  # (B_img, Q, B_txt) -> (B_img, B_txt)
 
 
 def itc_loss(similarity, temp, label_smoothing=0.0):
@@ -442,7 +442,7 @@ class QFormer(nn.Module):
         return F.normalize(self.text_projection(h[:, 0]), dim=-1)
 
     def itc_logits(self, image_embeds, input_ids, attention_mask=None):
-        """max_q cos(z_q, t) for every image and text: (I, T). Like transformers' logits_per_image
+        """max_q cos(z_q, t) for every image and text: (B_img, B_txt). Like transformers' logits_per_image
         this is the raw cosine; the ITC loss divides by the learned temperature."""
         return itc_similarity(self.image_features(image_embeds), self.text_features(input_ids, attention_mask))
 
@@ -555,8 +555,8 @@ def rerank_top_k(similarity, k, match_logprob, temp, chunk=256):
 
 @torch.no_grad()
 def retrieval_scores(model, image_embeds, input_ids, attention_mask, k=8):
-    """ITC similarities (I, T) and the ITM re-ranked image->text (I, T) and text->image (T, I) scores."""
-    sim = model.itc_logits(image_embeds, input_ids, attention_mask)      # (I, T)
+    """ITC similarities and the ITM re-ranked image->text (B_img, B_txt) and text->image (B_txt, B_img) scores."""
+    sim = model.itc_logits(image_embeds, input_ids, attention_mask)      # (B_img, B_txt)
     temp = model.temp.item()
     # log p(match) = log_softmax over the ITM head's two classes, class 1
     match = lambda i, t: model.itm_logits(image_embeds[i], input_ids[t], attention_mask[t]).log_softmax(-1)[:, 1]
@@ -793,7 +793,7 @@ def evaluate(model, image_embeds, input_ids, attention_mask, correct, k=16, ks=(
               "rerank_t2i": recall_at_k(scores["t2i"], correct.t(), ks)}
     # ITM accuracy: every matched pair, and each image with the caption ITC ranks highest among
     # the ones that do not describe it (its hardest negative); chance is 50%.
-    hardest = scores["itc"].masked_fill(correct, float("-inf")).argmax(dim=1)        # (I,)
+    hardest = scores["itc"].masked_fill(correct, float("-inf")).argmax(dim=1)        # (B_img,)
     pos = model.itm_logits(image_embeds, input_ids, attention_mask).argmax(-1) == 1
     neg = model.itm_logits(image_embeds, input_ids[hardest], attention_mask[hardest]).argmax(-1) == 0
     result["itm_accuracy"] = torch.cat([pos, neg]).float().mean().item()
