@@ -1,0 +1,422 @@
+"""clip.py against the lecture's pseudo-code, transformers' CLIPModel, hand-made matrices and the data."""
+import json
+import math
+import multiprocessing
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import clip
+
+torch.set_num_threads(1)          # tiny tensors: threads only wait on each other
+
+
+# ---------------------------------------------------------------------------------------------
+# The losses
+# ---------------------------------------------------------------------------------------------
+
+def pseudo_code_loss(I_f, T_f, t):
+    """Radford et al. 2021, Figure 3, in numpy, line by line (t is the log temperature)."""
+    I_e = I_f / np.linalg.norm(I_f, axis=1, keepdims=True)
+    T_e = T_f / np.linalg.norm(T_f, axis=1, keepdims=True)
+    logits = I_e @ T_e.T * np.exp(t)
+    n = len(logits)
+
+    def cross_entropy(x, labels, axis):       # mean over the other axis of -log softmax at the label
+        x = np.moveaxis(x, axis, 1)
+        logp = x - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)) - x.max(1, keepdims=True)
+        return -logp[np.arange(n), labels].mean()
+
+    labels = np.arange(n)
+    return (cross_entropy(logits, labels, 1) + cross_entropy(logits, labels, 0)) / 2
+
+
+def test_clip_loss_equals_the_papers_pseudo_code_and_is_symmetric():
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 5, generator=g, dtype=torch.float64)
+    t = 2.1
+    ours = clip.clip_loss(image, text, torch.tensor(t, dtype=torch.float64).exp())
+    assert abs(ours.item() - pseudo_code_loss(image.numpy(), text.numpy(), t)) < 1e-12
+    assert abs(ours.item() - clip.clip_loss(text, image, math.exp(t)).item()) < 1e-12    # swapping the towers
+
+
+def test_clip_loss_is_log_n_for_uninformative_and_zero_for_aligned_features():
+    n = 6
+    same = torch.ones(n, 4)
+    assert abs(clip.clip_loss(same, same, 14.3).item() - math.log(n)) < 1e-6
+    aligned = torch.eye(n)                        # orthogonal unit vectors, each caption equal to its image
+    assert clip.clip_loss(aligned, aligned, 100.0).item() < 1e-30 + 6 * math.exp(-100) * 2
+
+
+def test_siglip_loss_equals_the_pairwise_sum():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    scale, bias = 10.0, -10.0
+    xn, yn = x / x.norm(dim=1, keepdim=True), y / y.norm(dim=1, keepdim=True)
+    total = 0.0
+    for i in range(5):
+        for j in range(5):
+            z = 1.0 if i == j else -1.0
+            total += -math.log(1 / (1 + math.exp(-z * (scale * float(xn[i] @ yn[j]) + bias))))
+    assert abs(clip.siglip_loss(x, y, scale, bias).item() - total / 5) < 1e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with transformers' CLIPModel on a small random checkpoint in the real format
+# ---------------------------------------------------------------------------------------------
+
+def hf_config(eos_token_id=98, **text):
+    from transformers import CLIPConfig
+    return CLIPConfig(
+        text_config={**dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=12, eos_token_id=eos_token_id,
+                            bos_token_id=97, pad_token_id=0), **text},
+        vision_config=dict(image_size=24, patch_size=8, hidden_size=48, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4),
+        projection_dim=16, logit_scale_init_value=2.3)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from transformers import CLIPModel
+    torch.manual_seed(0)
+    model = CLIPModel(hf_config()).eval()
+    with torch.no_grad():                         # random LayerNorms and biases, so none is left untested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path_factory.mktemp("hf_clip")
+    model.save_pretrained(path)
+    return path
+
+
+def padded_text():
+    """Right-padded rows of different lengths, each with its end-of-text token (98)."""
+    rows = [[97, 5, 17, 33, 98], [97, 44, 98], [97, 3, 3, 7, 12, 61, 8, 98]]
+    ids = torch.zeros(3, 8, dtype=torch.long)
+    mask = torch.zeros(3, 8, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
+def test_from_pretrained_matches_transformers_embeddings_and_logits(hf_dir):
+    from transformers import CLIPModel
+    ref = CLIPModel.from_pretrained(hf_dir).eval()
+    ours = clip.CLIP.from_pretrained(hf_dir)
+    pixels = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(2))
+    ids, mask = padded_text()
+    with torch.no_grad():
+        assert (ours.encode_image(pixels) - ref.get_image_features(pixel_values=pixels).pooler_output).abs().max() < 1e-4
+        assert (ours.encode_text(ids, mask)
+                - ref.get_text_features(input_ids=ids, attention_mask=mask).pooler_output).abs().max() < 1e-4
+        out = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        per_image, per_text = ours(pixels, ids, mask)
+    assert per_image.shape == (2, 3) and per_text.shape == (3, 2)
+    assert (per_image - out.logits_per_image).abs().max() < 1e-4
+    assert (per_text - out.logits_per_text).abs().max() < 1e-4
+    # a padded row gives what the same text gives alone, unpadded
+    alone = ours.encode_text(ids[1:2, :3], mask[1:2, :3])
+    assert (alone - ours.encode_text(ids, mask)[1:2]).abs().max() < 1e-5
+
+
+def test_length_buckets_give_transformers_embeddings_on_a_long_padded_batch(hf_dir):
+    """40 captions of 3 to 12 tokens: encode_text runs them in 4 groups cut to their own lengths."""
+    from transformers import CLIPModel
+    ref = CLIPModel.from_pretrained(hf_dir).eval()
+    ours = clip.CLIP.from_pretrained(hf_dir)
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.randint(3, 13, (40,), generator=g)
+    ids = torch.randint(1, 97, (40, 12), generator=g)
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    ids[torch.arange(40), lengths - 1] = 98
+    ids = ids * mask                                                   # padding id 0 after the text
+    with torch.no_grad():
+        want = ref.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+        assert (ours.encode_text(ids, mask) - want).abs().max() < 1e-4
+        assert (ours.encode_text(ids, mask) - ours.encode_text(ids, mask, buckets=1)).abs().max() < 1e-5
+
+
+def test_legacy_eos_rule_and_sharded_checkpoint(tmp_path):
+    """Configs with eos_token_id 2 read the highest id out (transformers' rule); shards load too."""
+    from transformers import CLIPModel
+    torch.manual_seed(1)
+    ref = CLIPModel(hf_config(eos_token_id=2)).eval()
+    ref.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = clip.CLIP.from_pretrained(tmp_path)
+    ids, mask = padded_text()                     # 98 is each row's highest id
+    with torch.no_grad():
+        assert (ours.encode_text(ids, mask)
+                - ref.get_text_features(input_ids=ids, attention_mask=mask).pooler_output).abs().max() < 1e-4
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    from transformers import CLIPModel
+    torch.manual_seed(3)
+    ours = clip.CLIP(clip.CLIPConfig.tiny()).eval()
+    ours.save_pretrained(tmp_path)
+    ref = CLIPModel.from_pretrained(tmp_path).eval()
+    tok = clip.ShapesTokenizer(ours.cfg.context_length)
+    ids, mask = tok.encode(["a red circle", "a photo of a large blue square above a small red circle"])
+    pixels = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        a, _ = ours(pixels, ids, mask)
+        b = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image
+    assert (a - b).abs().max() < 1e-4
+    again = clip.CLIP.load(tmp_path)
+    assert all(torch.equal(x, y) for x, y in zip(again.state_dict().values(), ours.state_dict().values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Zero-shot and retrieval on hand-made numbers
+# ---------------------------------------------------------------------------------------------
+
+class Stub(nn.Module):
+    """A 'CLIP' whose image embedding is the pixel vector and whose text embedding is a lookup."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.logit_scale = nn.Parameter(torch.tensor(0.0))
+
+    def encode_image(self, pixels):
+        return pixels
+
+    def encode_text(self, ids, mask):
+        return self.table[ids[:, 0]]
+
+
+def test_zero_shot_with_a_prompt_ensemble_by_hand():
+    # prompt "x {label}" -> row 2k, "y {label}" -> row 2k+1 of the table
+    table = torch.tensor([[1.0, 0.2], [1.0, -0.2], [0.0, 1.0], [0.4, 1.0]])
+    labels = ["cat", "dog"]
+    index = {"x cat": 0, "y cat": 1, "x dog": 2, "y dog": 3}
+
+    def tokenize(texts):
+        return torch.tensor([[index[t]] for t in texts]), torch.ones(len(texts), 1, dtype=torch.long)
+
+    classifier = clip.text_classifier(Stub(table), tokenize, labels, templates=("x {}", "y {}"))
+    cat = F.normalize(F.normalize(table[0], dim=0) + F.normalize(table[1], dim=0), dim=0)
+    assert torch.allclose(classifier[0], cat, atol=1e-6)                 # (1, 0) direction
+    images = torch.tensor([[2.0, 0.1], [0.1, 3.0], [1.0, 0.9]])
+    # cos to cat = x / |v|; cos to dog ~ (0.2 x + y) / |v| / 1.02: the third image is slightly nearer dog
+    assert clip.zero_shot(Stub(table), images, classifier).tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="at least one label"):
+        clip.text_classifier(Stub(table), tokenize, [])
+
+
+def test_recall_at_k_and_median_rank_by_hand():
+    sim = torch.tensor([[0.9, 0.1, 0.3],      # image 0: its text ranks 1st
+                        [0.8, 0.2, 0.5],      # image 1: its text (0.2) ranks 3rd
+                        [0.1, 0.0, 0.4]])     # image 2: 1st
+    r = clip.recall_at_k(sim, ks=(1, 2))
+    assert r["i2t R@1"] == pytest.approx(200 / 3) and r["i2t R@2"] == pytest.approx(200 / 3)
+    assert r["i2t median rank"] == 1
+    # columns: text 0 -> image 0 (0.9) first; text 1 -> image 1 (0.2) first; text 2 -> image 2 (0.4) behind 0.5
+    assert r["t2i R@1"] == pytest.approx(200 / 3) and r["t2i R@2"] == pytest.approx(100.0)
+    # two right texts for image 1: the best right one counts
+    correct = torch.eye(3, dtype=torch.bool)
+    correct[1, 2] = True
+    assert clip.recall_at_k(sim, correct, ks=(1,))["i2t R@1"] == pytest.approx(200 / 3)
+    assert clip.recall_at_k(sim, correct, ks=(2,))["i2t R@2"] == pytest.approx(100.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shapes data set
+# ---------------------------------------------------------------------------------------------
+
+def test_shapes_are_deterministic_and_seeds_matter():
+    a, b = clip.ShapesDataset(20, seed=5), clip.ShapesDataset(20, seed=5)
+    for i in (0, 7, 19):
+        assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] and a[i][2] == b[i][2]
+    c = clip.ShapesDataset(20, seed=6)
+    assert any(a[i][1] != c[i][1] for i in range(20))
+
+
+def parse(caption):
+    """(colour, kind) pairs named by a full caption, in order."""
+    words = clip.ShapesTokenizer.words(caption)
+    return [(words[i - 1], w) for i, w in enumerate(words) if w in clip.SHAPES]
+
+
+def test_captions_match_their_scenes_and_the_pixels():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = clip.random_scene(rng)
+        text = clip.caption(scene, "a photo of ")
+        assert parse(text) == [(s.colour, s.kind) for s in scene.shapes]
+        assert all(s.size in text for s in scene.shapes)
+        if len(scene.shapes) == 2:
+            assert clip.relation(*scene.shapes) in text
+    # a one-shape scene's pixels carry its colour: inside the shape (edges are blended) it is the fill
+    scene = clip.Scene((clip.Shape("square", "blue", "large", 0.5, 0.5),))
+    img = np.asarray(clip.render(scene, 48)).reshape(-1, 3)
+    inside = img[(np.abs(img.astype(int) - clip.BACKGROUND).sum(1) > 60)]
+    assert tuple(np.median(inside, axis=0)) == clip.COLOURS["blue"]
+    assert 0.06 < len(inside) / len(img) < 0.1     # a large square covers (0.30 * 0.85)^2 = 0.065, plus blended edges
+    # relation words follow the positions
+    left = clip.Shape("circle", "red", "small", 0.15, 0.5)
+    right = clip.Shape("square", "blue", "small", 0.85, 0.5)
+    assert clip.caption(clip.Scene((left, right))) == "a small red circle to the left of a small blue square"
+
+
+def test_held_out_pairs_never_appear_in_training_scenes():
+    train = clip.ShapesDataset(400, "train", hard_negatives=True)
+    held = clip.ShapesDataset(100, "heldout")
+    assert not any((s.colour, s.kind) in clip.HELDOUT for i in range(400) for s in train.scene(i)[0].shapes)
+    assert all(any((s.colour, s.kind) in clip.HELDOUT for s in held.scene(i)[0].shapes) for i in range(100))
+    single = clip.ShapesDataset(50, "heldout", max_shapes=1)      # what the zero-shot evaluation uses
+    assert all((single.scene(i)[0].shapes[0].colour, single.scene(i)[0].shapes[0].kind) in clip.HELDOUT for i in range(50))
+    # every held-out colour and kind is seen in training with other partners
+    seen = {(s.colour, s.kind) for i in range(400) for s in train.scene(i)[0].shapes}
+    assert {c for c, _ in clip.HELDOUT} <= {c for c, _ in seen} and {k for _, k in clip.HELDOUT} <= {k for _, k in seen}
+
+
+def test_questions_are_answered_by_the_scene():
+    a = clip.Shape("circle", "red", "large", 0.2, 0.2)
+    b = clip.Shape("square", "green", "small", 0.8, 0.2)
+    qa = dict(clip.questions(clip.Scene((a, b))))
+    assert qa["how many shapes are there?"] == "two"
+    assert qa["what colour is the circle?"] == "red" and qa["what shape is the green object?"] == "square"
+    assert qa["where is the red circle relative to the green square?"] == "left"
+    assert qa["is there a red circle?"] == "yes"
+
+
+def test_tokenizer_round_trip_and_too_long_text():
+    tok = clip.ShapesTokenizer(context_length=8)
+    ids, mask = tok.encode(["a red circle"])
+    assert tok.decode(ids[0]) == "a red circle" and mask.sum() == 5
+    assert ids[0, 4] == tok.eos_token_id == tok.vocab_size - 1
+    with pytest.raises(ValueError, match="context length 8"):
+        tok.encode(["a large red circle to the left of a small blue square"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: the loss falls; two processes equal one with the global batch
+# ---------------------------------------------------------------------------------------------
+
+def test_short_training_lowers_the_loss(tmp_path):
+    cfg = clip.TrainConfig.tiny(steps=40)
+    model, losses = clip.train(cfg, clip.CLIPConfig.tiny(), tmp_path, progress=False)
+    assert losses[-1][1] < losses[0][1] - 0.2
+    # resume continues where it stopped: 40 more steps from the saved state
+    more, losses2 = clip.train(clip.TrainConfig.tiny(steps=50), clip.CLIPConfig.tiny(), tmp_path, resume=True,
+                               progress=False)
+    assert losses2[:len(losses)] == losses and losses2[-1][0] == 50
+
+
+def train_fixed(rank, world, steps=3):
+    cfg = clip.TrainConfig.tiny(steps=steps, batch_size=8, n_train=32, log_every=1, save_every=1000)
+    model, losses = clip.train(cfg, clip.CLIPConfig.tiny(), f"/tmp/clip_ddp_unused_{rank}_{world}", progress=False)
+    return {k: v.clone() for k, v in model.state_dict().items()}, losses
+
+
+def ddp_worker(rank, world, tmp):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    state, losses = train_fixed(rank, world)
+    torch.save({"state": state, "losses": losses}, f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=ddp_worker, args=(rank, 2, str(tmp_path))) for rank in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    single, single_losses = train_fixed(0, 1)
+    for rank in range(2):
+        ddp = torch.load(tmp_path / f"rank{rank}.pt")
+        assert [l for _, l in ddp["losses"]] == pytest.approx([l for _, l in single_losses], abs=1e-5)
+        for name, value in single.items():
+            assert torch.allclose(ddp["state"][name], value, atol=1e-5), (rank, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and the command line
+# ---------------------------------------------------------------------------------------------
+
+def test_wrong_images_and_text_are_refused_clearly():
+    model = clip.CLIP(clip.CLIPConfig.tiny())
+    with pytest.raises(ValueError, match=r"shape \(B, 3, 16, 16\).*got \(2, 3, 20, 20\)"):
+        model.encode_image(torch.randn(2, 3, 20, 20))
+    with pytest.raises(ValueError, match=r"got \(2, 1, 16, 16\)"):
+        model.encode_image(torch.randn(2, 1, 16, 16))
+    too_long = torch.full((1, model.cfg.context_length + 1), 3)
+    with pytest.raises(ValueError, match="longer than the context length"):
+        model.encode_text(too_long)
+    no_eos = torch.tensor([[clip.ShapesTokenizer.sot_token_id, 5, 6]])
+    with pytest.raises(ValueError, match="no end-of-text token"):
+        model.encode_text(no_eos)
+
+
+def test_folders_that_are_not_clip_checkpoints(tmp_path, hf_dir):
+    with pytest.raises(clip.CheckpointError, match="not a folder"):
+        clip.CLIP.from_pretrained(tmp_path / "nope")
+    with pytest.raises(clip.CheckpointError, match="no config.json"):
+        clip.CLIP.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(clip.CheckpointError, match="not a CLIPModel"):
+        clip.CLIP.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((hf_dir / "config.json").read_text())
+    with pytest.raises(clip.CheckpointError, match="no model.safetensors"):
+        clip.CLIP.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(clip.CheckpointError, match="not a readable safetensors"):
+        clip.CLIP.from_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors.pop("visual_projection.weight")
+    tensors["extra.weight"] = torch.zeros(1)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(clip.CheckpointError, match=r"missing \['visual_projection.weight'\], unexpected \['extra.weight'\]"):
+        clip.CLIP.from_pretrained(tmp_path)
+
+
+def write_char_tokenizer(folder):
+    """A CLIP BPE tokenizer with no merges (one token per character), built offline."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return len(vocab)
+
+
+def test_command_line_zero_shot_on_an_image_file(tmp_path, capsys):
+    from PIL import Image
+    from transformers import CLIPModel
+    torch.manual_seed(0)
+    n = write_char_tokenizer(tmp_path)
+    CLIPModel(hf_config(eos_token_id=n - 1, vocab_size=n, max_position_embeddings=40)).save_pretrained(tmp_path)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "x.png")
+    clip.main(["--model", str(tmp_path), "--image", str(tmp_path / "x.png"), "--labels", "cat,dog,car", "--device", "cpu"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sorted(line.split()[-1] for line in lines) == ["car", "cat", "dog"]
+    assert sum(float(line.split()[0].rstrip("%")) for line in lines) == pytest.approx(100, abs=0.05)
+    for argv, message in ((["--labels", ","], "at least one label"), (["--labels", "a"], None)):
+        args = ["--model", str(tmp_path), "--image", str(tmp_path / "x.png"), *argv]
+        if message:
+            with pytest.raises(SystemExit) as e:
+                clip.main(args)
+            assert e.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "vocab.json").unlink()
+    with pytest.raises(SystemExit):
+        clip.main(["--model", str(tmp_path), "--image", str(tmp_path / "x.png"), "--labels", "a,b"])
+    assert "no tokenizer files" in capsys.readouterr().err
+
+
+def test_demo_runs(capsys):
+    clip.main(["--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "uninformative features (all equal)  2.079" in out and "tiny CLIP" in out
