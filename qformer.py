@@ -678,7 +678,9 @@ def load_qformer(directory, lm_hidden_size=0):
 
     From transformers we take query_tokens, embeddings, qformer, vision_projection, text_projection
     and itm_head (the vision tower stays behind); `temp`, the ITG head and a language_projection of
-    width lm_hidden_size are new and keep their initial values.
+    width lm_hidden_size are new and keep their initial values. Where the config sets
+    image_token_index, transformers' processor puts Q placeholder tokens in front of the caption and
+    the model strips them again; our methods take the caption alone.
     """
     directory = Path(directory)
     if not (directory / "config.json").exists():
