@@ -1,0 +1,353 @@
+"""Specification of qformer.py: the BLIP-2 Q-Former, its three masks, losses and checkpoints.
+
+Oracles: hand-drawn masks and hand-computed losses; transformers' Blip2ForImageTextRetrieval on a
+small random checkpoint saved in its real on-disk format; invariants (what a token may not see cannot
+change it; a joint ITC pass equals the two uni-modal passes; a negative is never the positive).
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qformer
+from qformer import QFormer, QFormerConfig, build_attention_mask
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # every tensor here is tiny: a second OpenMP thread only adds synchronisation, and on a busy
+    # machine its spin-waiting multiplies the run time (4000 hard-negative draws: 0.1 s vs 8 s)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# The three masks, position by position
+# ------------------------------------------------------------------------------------------------
+
+# Q = 2 queries, T = 3 text tokens, the last one padding (columns: q1 q2 t1 t2 t3-pad)
+HAND_DRAWN = {
+    "itc": [[1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 1, 1, 0],
+            [0, 0, 1, 1, 0],
+            [0, 0, 1, 1, 0]],
+    "itm": [[1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 0]],
+    "itg": [[1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 0]],
+}
+
+
+@pytest.mark.parametrize("kind", ["itc", "itm", "itg"])
+def test_mask_matches_the_drawing(kind):
+    mask = build_attention_mask(kind, 2, torch.tensor([[1, 1, 0]]))
+    assert mask.dtype == torch.bool and mask.shape == (1, 5, 5)
+    assert mask[0].int().tolist() == HAND_DRAWN[kind]
+
+
+def visible(kind, i, j, Q, real):
+    """The paper's rule for one (row i, column j), written independently of build_attention_mask."""
+    if j >= Q and not real[j - Q]:
+        return False                          # padding is seen by nobody
+    i_query, j_query = i < Q, j < Q
+    if kind == "itm":
+        return True                           # bidirectional
+    if kind == "itc":
+        return i_query == j_query             # uni-modal: each modality sees only itself
+    if i_query:
+        return j_query                        # ITG: queries see queries, never the text
+    return j_query or j <= i                  # ITG: text sees all queries and text up to itself
+
+
+@pytest.mark.parametrize("kind", ["itc", "itm", "itg"])
+def test_mask_every_position_follows_the_rule(kind):
+    Q = 3
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    mask = build_attention_mask(kind, Q, text_mask)
+    for b, real in enumerate(text_mask.tolist()):
+        for i in range(Q + 5):
+            for j in range(Q + 5):
+                assert bool(mask[b, i, j]) == visible(kind, i, j, Q, real), (kind, b, i, j)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return QFormer(QFormerConfig.tiny(**overrides)).eval()
+
+
+def tiny_inputs(config, B=3, T=6, N=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(B, N, config.encoder_hidden_size, generator=g)
+    ids = torch.randint(4, config.vocab_size, (B, T), generator=g)
+    ids[:, 0] = config.cls_token_id
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 4:] = 0
+    ids[mask == 0] = config.pad_token_id
+    return image, ids, mask
+
+
+@torch.no_grad()
+def test_masks_decide_what_changes_what():
+    """Change the last real word of caption 0: under ITC and ITG the queries cannot notice; under
+    ITM they do. Under ITG, earlier text cannot notice either; change the image and the ITC text
+    cannot notice, the ITG text can (through the queries)."""
+    model = tiny_model()
+    image, ids, mask = tiny_inputs(model.config)
+    Q, t = model.config.num_query_tokens, 4
+    other = ids.clone()
+    other[0, t] = 4 if ids[0, t] != 4 else 5
+    image2 = image + torch.randn_like(image)
+    run = lambda kind, im=image, x=ids: model(im, x, mask, mask_kind=kind)
+    for kind in ("itc", "itg"):
+        assert torch.equal(run(kind)[:, :Q], run(kind, x=other)[:, :Q]), kind
+    assert not torch.allclose(run("itm")[0, :Q], run("itm", x=other)[0, :Q])
+    assert torch.allclose(run("itg")[:, Q:Q + t], run("itg", x=other)[:, Q:Q + t], atol=1e-6)
+    assert not torch.allclose(run("itg")[0, Q + t], run("itg", x=other)[0, Q + t])
+    assert torch.allclose(run("itc")[:, Q:], run("itc", im=image2)[:, Q:], atol=1e-6)
+    assert not torch.allclose(run("itg")[:, Q:], run("itg", im=image2)[:, Q:])
+
+
+@torch.no_grad()
+def test_joint_itc_pass_equals_the_two_unimodal_passes():
+    model = tiny_model()
+    image, ids, mask = tiny_inputs(model.config)
+    Q = model.config.num_query_tokens
+    joint = model(image, ids, mask, mask_kind="itc")
+    assert torch.allclose(joint[:, :Q], model(image), atol=1e-5)
+    assert torch.allclose(joint[:, Q:][mask.bool()], model(input_ids=ids, attention_mask=mask)[mask.bool()], atol=1e-5)
+
+
+def test_cross_attention_every_freq_layers_and_separate_ffns():
+    model = QFormer(QFormerConfig.tiny(num_hidden_layers=5, cross_attention_freq=2))
+    has_cross = [layer.crossattention is not None for layer in model.qformer.encoder.layer]
+    assert has_cross == [True, False, True, False, True]
+    layer = model.qformer.encoder.layer[0]
+    assert layer.intermediate.dense.weight is not layer.intermediate_query.dense.weight
+    assert layer.crossattention.attention.key.in_features == model.config.encoder_hidden_size
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses and hard negatives, hand-computed
+# ------------------------------------------------------------------------------------------------
+
+def test_itc_similarity_is_the_max_over_queries():
+    image_feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],      # image 0: two queries
+                                [[0.6, 0.8], [0.8, -0.6]]])     # image 1
+    text_feats = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    # image 0: text 0 -> max(1, 0) = 1; text 1 -> max(0, -1) = 0
+    # image 1: text 0 -> max(0.6, 0.8) = 0.8; text 1 -> max(-0.8, 0.6) = 0.6
+    expected = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+    assert torch.allclose(qformer.itc_similarity(image_feats, text_feats), expected)
+
+
+def test_itc_loss_by_hand():
+    sim, temp = torch.tensor([[0.5, 0.1], [0.2, 0.3]]), 0.5
+    # rows: -log softmax([1.0, 0.2])[0], -log softmax([0.4, 0.6])[1]; columns: [1.0, 0.4], [0.2, 0.6]
+    lse = lambda a, b: torch.logsumexp(torch.tensor([a, b]), 0)
+    rows = ((lse(1.0, 0.2) - 1.0) + (lse(0.4, 0.6) - 0.6)) / 2
+    cols = ((lse(1.0, 0.4) - 1.0) + (lse(0.2, 0.6) - 0.6)) / 2
+    assert torch.allclose(qformer.itc_loss(sim, temp), (rows + cols) / 2)
+
+
+def test_itg_loss_predicts_the_next_token_and_skips_padding():
+    V = 5
+    logits = torch.randn(2, 4, V)
+    ids = torch.tensor([[3, 1, 2, 4], [3, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    logp = logits.log_softmax(-1)
+    # targets: row 0 predicts 1, 2, 4 at positions 0, 1, 2; row 1 predicts only 2 at position 0
+    expected = -(logp[0, 0, 1] + logp[0, 1, 2] + logp[0, 2, 4] + logp[1, 0, 2]) / 4
+    assert torch.allclose(qformer.itg_loss(logits, ids, mask), expected)
+
+
+def test_hard_negatives_never_pick_the_positive():
+    B = 6
+    sim = torch.eye(B) * 10 + 0.01 * torch.randn(B, B)     # the positive is by far the most similar
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        assert not (qformer.sample_hard_negatives(sim, 0.07, generator=g) == torch.arange(B)).any()
+    forbidden = torch.zeros(B, B, dtype=torch.bool)
+    forbidden[0, 1] = forbidden[1, 0] = True                 # 0 and 1 share a caption
+    for _ in range(200):
+        pick = qformer.sample_hard_negatives(sim, 0.07, forbidden, generator=g)
+        assert not (pick == torch.arange(B)).any() and pick[0] != 1 and pick[1] != 0
+
+
+def test_hard_negatives_follow_the_softmax_of_similarity():
+    sim = torch.tensor([[0.9, 0.5, 0.3, 0.1]] * 4)
+    temp, draws = 0.2, 4000
+    g = torch.Generator().manual_seed(0)
+    picks = torch.stack([qformer.sample_hard_negatives(sim, temp, generator=g) for _ in range(draws)])  # (draws, 4)
+    for row in range(4):
+        others = [j for j in range(4) if j != row]
+        p = torch.softmax(sim[row, others] / temp, 0)            # the positive (column row) is left out
+        freq = torch.bincount(picks[:, row], minlength=4).float() / draws
+        assert freq[row] == 0
+        assert torch.all((freq[others] - p).abs() < 5 * (p * (1 - p) / draws).sqrt())   # 5 binomial sigmas
+
+
+def test_hard_negatives_fall_back_when_every_caption_is_the_same():
+    pick = qformer.sample_hard_negatives(torch.zeros(3, 3), 0.07, torch.ones(3, 3, dtype=torch.bool))
+    assert not (pick == torch.arange(3)).any()
+    with pytest.raises(ValueError, match="at least 2"):
+        qformer.sample_hard_negatives(torch.zeros(1, 1), 0.07)
+
+
+def test_rerank_scores_only_the_top_k_and_recall_by_hand():
+    sim = torch.tensor([[0.9, 0.8, 0.1], [0.2, 0.7, 0.6]])
+    logp = torch.tensor([[-2.0, -0.5, 0.0], [-0.1, -3.0, -0.2]])     # ITM log p(match) per pair
+    scores = qformer.rerank_top_k(sim, 2, lambda r, c: logp[r, c], temp=0.5)
+    inf = float("-inf")
+    # row 0: top 2 by ITC are columns 0, 1: -2 + 1.8 = -0.2, -0.5 + 1.6 = 1.1 (re-ranked: 1 beats 0)
+    # row 1: columns 1, 2: -3 + 1.4 = -1.6, -0.2 + 1.2 = 1.0; column 0 is outside the top 2
+    assert torch.allclose(scores, torch.tensor([[-0.2, 1.1, inf], [inf, -1.6, 1.0]]))
+    correct = torch.tensor([[False, True, False], [True, False, False]])
+    assert qformer.recall_at_k(sim, correct, (1, 2, 3)) == {1: 0.0, 2: 0.5, 3: 1.0}
+    assert qformer.recall_at_k(scores, correct, (1,)) == {1: 0.5}
+
+
+# ------------------------------------------------------------------------------------------------
+# Parity with transformers' Blip2ForImageTextRetrieval
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def blip2_dir(tmp_path_factory):
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+    torch.manual_seed(0)
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=4),
+        qformer_config=dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=80,
+                            vocab_size=60, max_position_embeddings=12, use_qformer_text_input=True),
+        num_query_tokens=5, image_text_hidden_size=24)
+    model = Blip2ForImageTextRetrieval(config).eval()
+    with torch.no_grad():   # transformers starts queries at 0 and LayerNorms at identity: shake everything
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("blip2")
+    model.save_pretrained(path)
+    return path, model
+
+
+@torch.no_grad()
+def test_parity_with_transformers_itc_and_itm_on_padded_text(blip2_dir):
+    path, reference = blip2_dir
+    ours = QFormer.from_pretrained(path).eval()
+    g = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(4, 3, 16, 16, generator=g)
+    ids = torch.randint(3, 60, (4, 9), generator=g)
+    ids[:, 0] = 1
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[1, 5:], mask[2, 3:] = 0, 0
+    ids[mask == 0] = 0
+    # both start from the same image features: the reference model's own vision tower
+    image_embeds = reference.vision_model(pixel_values=pixel_values).last_hidden_state
+    ref_itc = reference(pixel_values=pixel_values, input_ids=ids, attention_mask=mask).logits_per_image
+    ref_itm = reference(pixel_values=pixel_values, input_ids=ids, attention_mask=mask,
+                        use_image_text_matching_head=True).logits_per_image
+    itc, itm = ours.itc_logits(image_embeds, ids, mask), ours.itm_logits(image_embeds, ids, mask)
+    assert itc.shape == (4, 4) and itm.shape == (4, 2)
+    assert (itc - ref_itc).abs().max() < 1e-4
+    assert (itm - ref_itm).abs().max() < 1e-4
+    # a different number of images and texts: (n_images, n_texts)
+    assert torch.allclose(ours.itc_logits(image_embeds[:2], ids, mask), ref_itc[:2], atol=1e-4)
+
+
+def test_from_pretrained_keeps_what_transformers_lacks_fresh(blip2_dir):
+    path, reference = blip2_dir
+    ours = QFormer.from_pretrained(path, lm_hidden_size=20)
+    assert torch.equal(ours.query_tokens, reference.query_tokens)
+    assert ours.config.encoder_hidden_size == 32 and ours.config.embed_dim == 24
+    assert ours.language_model_inputs(torch.randn(2, 17, 32)).shape == (2, 5, 20)
+
+
+def test_own_checkpoint_round_trip(tmp_path):
+    model = tiny_model(lm_hidden_size=7)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qformer"
+    loaded = QFormer.from_pretrained(tmp_path).eval()
+    image, ids, mask = tiny_inputs(model.config)
+    with torch.no_grad():
+        assert torch.equal(loaded.itm_logits(image, ids, mask), model.itm_logits(image, ids, mask))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input gets a clear error
+# ------------------------------------------------------------------------------------------------
+
+def test_image_features_of_the_wrong_width():
+    model = tiny_model()
+    _, ids, mask = tiny_inputs(model.config)
+    with pytest.raises(ValueError, match=r"\(B, N, 24\).*got \(3, 5, 30\)"):
+        model.itm_logits(torch.randn(3, 5, 30), ids, mask)
+
+
+def test_text_longer_than_the_position_table():
+    model = tiny_model()
+    image, _, _ = tiny_inputs(model.config)
+    with pytest.raises(ValueError, match="17 tokens.*max_position_embeddings=16"):
+        model.itc_logits(image, torch.ones(3, 17, dtype=torch.long), None)
+
+
+def test_left_padding_and_mismatched_batches_are_refused():
+    model = tiny_model()
+    image, ids, mask = tiny_inputs(model.config)
+    with pytest.raises(ValueError, match="right-padded"):
+        model.itm_logits(image, ids, mask.flip(1))
+    with pytest.raises(ValueError, match="3 images but 2 texts"):
+        model.itm_logits(image, ids[:2], mask[:2])
+
+
+def test_checkpoint_without_qformer_weights(tmp_path, blip2_dir):
+    from safetensors.torch import load_file, save_file
+    path, _ = blip2_dir
+    tensors = load_file(str(path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    save_file({k: v for k, v in tensors.items() if k.startswith("vision_model.")}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(qformer.CheckpointError, match="holds no Q-Former weights"):
+        QFormer.from_pretrained(tmp_path)
+    # one layer short: the missing tensors are named
+    save_file({k: v for k, v in tensors.items() if ".layer.2." not in k}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(qformer.CheckpointError, match=r"missing: qformer\.encoder\.layer\.2\."):
+        QFormer.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        QFormer.from_pretrained(tmp_path / "nowhere")
+    # a Blip2ForConditionalGeneration-style Q-Former: queries only, no text embeddings to load
+    config = json.loads((path / "config.json").read_text())
+    config["qformer_config"]["use_qformer_text_input"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(qformer.CheckpointError, match="no text weights"):
+        QFormer.from_pretrained(tmp_path)
+
+
+def test_main_reports_user_errors_like_argparse(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        qformer.main(["--train", "--clip-dir", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert "qformer.py: error:" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Training lowers all three losses (the default demo: tiny Q-Former, toy frozen features)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_demo_training_lowers_all_three_losses():
+    result = qformer.main(["--device", "cpu"])
+    first, last = result["first"], result["last"]
+    assert last["itc"] < 0.5 * first["itc"]
+    assert last["itg"] < 0.5 * first["itg"]
+    # ITM's prior alone (1 match in 3) gives 0.636; learning must go well below it
+    assert last["itm"] < 0.5 < first["itm"]
+    assert result["itm_accuracy"] > 0.65
