@@ -17,3 +17,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one torch thread: its tensors are tiny, a second OpenMP thread only adds
+    synchronisation, and on a busy machine its spin-waiting multiplies the run time. Use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import clip
 
-torch.set_num_threads(1)          # tiny tensors: threads only wait on each other
+# tiny tensors: one torch thread (tests/conftest.py says why)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,14 +16,8 @@ import nf4
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # every tensor here is tiny: a second OpenMP thread only adds synchronisation, and on a busy
-    # machine its spin-waiting multiplies the run time
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: one torch thread (tests/conftest.py says why)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -14,14 +14,8 @@ import qformer
 from qformer import QFormer, QFormerConfig, build_attention_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # every tensor here is tiny: a second OpenMP thread only adds synchronisation, and on a busy
-    # machine its spin-waiting multiplies the run time (4000 hard-negative draws: 0.1 s vs 8 s)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: one torch thread (tests/conftest.py says why) (4000 hard-negative draws: 0.1 s vs 8 s)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------
