@@ -43,7 +43,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -420,6 +420,25 @@ class CLIP(nn.Module):
         # transformers applies exp(t) as loaded, so checkpoints give the same logits in both.
         logits_per_image = self.logit_scale.exp() * image @ text.t()     # (B_img, B_txt)
         return logits_per_image, logits_per_image.t()
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """Load a transformers CLIPModel checkpoint folder (or one `save_pretrained` wrote), strictly."""
+        config, tensors = read_checkpoint(folder)
+        model = cls(config_from_hf(config))
+        load_strict(model, tensors, folder)
+        return model.eval()
+
+    load = from_pretrained                       # our own checkpoints use the same format
+
+    def save_pretrained(self, folder):
+        """config.json + model.safetensors in transformers' layout (CLIPModel.from_pretrained reads them)."""
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config_to_hf(self.cfg), indent=2)))
 
     @torch.no_grad()
     def clamp_logit_scale_(self):
@@ -830,29 +849,6 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def _from_pretrained(cls, folder):
-    """Load a transformers CLIPModel checkpoint folder (or one that `save_pretrained` wrote), strictly."""
-    config, tensors = read_checkpoint(folder)
-    model = cls(config_from_hf(config))
-    load_strict(model, tensors, folder)
-    return model.eval()
-
-
-def _save_pretrained(self, folder):
-    """config.json + model.safetensors in transformers' layout (CLIPModel.from_pretrained reads them)."""
-    from safetensors.torch import save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-    atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config_to_hf(self.cfg), indent=2)))
-
-
-CLIP.from_pretrained = classmethod(_from_pretrained)
-CLIP.load = CLIP.from_pretrained            # our own checkpoints use the same format
-CLIP.save_pretrained = _save_pretrained
-
-
 # ----------------------------------------------------------------------------------------------
 # Using a trained CLIP: zero-shot classification and retrieval
 # ----------------------------------------------------------------------------------------------
@@ -1150,11 +1146,11 @@ def similarity_grid(model: CLIP, path, n=6, seed=3, cell=64):
         img.paste(render(scene, cell - 4), (2, label_h + i * cell + 2))
         for j in range(n):
             v = sim[i, j].item()
-            shade_ = int(255 * (1 - (v - lo) / max(hi - lo, 1e-6)))       # darker = more similar
+            grey = int(255 * (1 - (v - lo) / max(hi - lo, 1e-6)))         # darker = more similar
             x, y = left + j * cell, label_h + i * cell
-            colour = (shade_, shade_, 255) if i == j else (shade_, shade_, shade_)
+            colour = (grey, grey, 255) if i == j else (grey, grey, grey)
             draw.rectangle([x + 1, y + 1, x + cell - 2, y + cell - 2], fill=colour)
-            draw.text((x + 14, y + cell // 2 - 6), f"{v:.2f}", fill=(255, 255, 255) if shade_ < 128 else (0, 0, 0), font=font)
+            draw.text((x + 14, y + cell // 2 - 6), f"{v:.2f}", fill=(255, 255, 255) if grey < 128 else (0, 0, 0), font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return sim

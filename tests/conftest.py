@@ -28,3 +28,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_gloo_workers(target, world, tmp, timeout=120):
+    """Start `world` spawned processes running target(rank, world, tmp) (each joins a gloo group
+    through a file in tmp, as torchrun's ranks would); returns their exit codes."""
+    import multiprocessing
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=target, args=(rank, world, str(tmp))) for rank in range(world)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=timeout)
+    return [w.exitcode for w in workers]

@@ -1,7 +1,6 @@
 """clip.py against the lecture's pseudo-code, transformers' CLIPModel, hand-made matrices and the data."""
 import json
 import math
-import multiprocessing
 import random
 
 import numpy as np
@@ -11,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip
+from conftest import run_gloo_workers
 
 # tiny tensors: one torch thread (tests/conftest.py says why)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -328,13 +328,7 @@ def ddp_worker(rank, world, tmp):
 
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path):
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=ddp_worker, args=(rank, 2, str(tmp_path))) for rank in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=120)
-    assert [w.exitcode for w in workers] == [0, 0]
+    assert run_gloo_workers(ddp_worker, 2, tmp_path) == [0, 0]
     single, single_losses = train_fixed(0, 1)
     for rank in range(2):
         ddp = torch.load(tmp_path / f"rank{rank}.pt")

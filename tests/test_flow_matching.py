@@ -6,13 +6,13 @@ brute force over all permutations, and exactly solvable ODEs.
 import itertools
 import json
 import math
-import multiprocessing
 import os
 
 import pytest
 import torch
 
 import flow_matching as fm
+from conftest import run_gloo_workers
 
 
 def points(n, seed=0):
@@ -324,13 +324,7 @@ def ddp_worker(rank, world, tmp):
 
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path):
-    context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=ddp_worker, args=(rank, 2, str(tmp_path))) for rank in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=120)
-    assert [w.exitcode for w in workers] == [0, 0]
+    assert run_gloo_workers(ddp_worker, 2, tmp_path) == [0, 0]
     single, single_pairs = train_on_fixed_batches(0, 1)
     for rank in range(2):
         ddp = torch.load(tmp_path / f"rank{rank}.pt")
