@@ -16,7 +16,9 @@ from torch import nn
 
 import lora
 import nf4
-from test_nf4 import one_thread  # noqa: E402,F401  (tiny tensors: run this module single-threaded)
+
+# tiny tensors: one torch thread (tests/conftest.py says why)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(seed=0, hidden=64):
