@@ -27,7 +27,11 @@ shape", 6 labels), and jointly ("a photo of a red circle", 24 labels). Colour co
 the kind of a held-out pair comes out near 0%, below chance, because the word "circle" was only ever
 paired with non-red images and so points away from red. This is the attribute-binding failure that
 Yuksekgonul et al. (2023, "When and why vision-language models behave like bags-of-words") measure in
-real CLIPs; the small model trained here in two CPU minutes does not overcome it (README, Results).
+real CLIPs; the small model trained here in two CPU minutes does not overcome it. Much of the failure
+is in the pixels: a red circle's edge exists only in the red channel, so the ViT learns kind detectors
+per colour. `--rim` draws every shape with a thin white outline, an edge alike in every colour: the
+joint prompt on held-out pairs goes from 37% to 73% in the same two minutes, and three times longer
+reaches 89% kind and colour, 96% joint (README, Results).
 
 Conventions: module names equal the keys of transformers' `CLIPModel`, so `CLIP.from_pretrained`
 loads a checkpoint folder strictly; images are (B, C, S, S) normalised with CLIP's mean and std;
@@ -470,6 +474,12 @@ SIZES = {"small": 0.20, "large": 0.30}          # diameter as a fraction of the 
 SHADE = 30                                        # each RGB channel of a shape varies by up to this
 GRID = 3                                          # shapes sit in distinct cells of a 3 x 3 grid
 BACKGROUND = (40, 40, 40)
+# `rim=True` (`--train --rim`) draws every shape with a white outline half a pixel wide. Without it a
+# shape's edge exists only in the channels of its colour (a red circle is a disc in the R channel
+# alone), so the ViT learns kind detectors per colour and a red circle, never seen, matches no kind.
+# The rim looks the same in every colour, like the luminance edges that carry shape across object
+# colours in photographs; README, "Training on shapes", measures what it changes.
+RIM, RIM_WIDTH = (255, 255, 255), 0.5
 # Colour-shape pairs that never occur in training scenes: each held-out colour and each held-out shape
 # is seen in training with other partners, so recognising them tests compositional generalisation.
 HELDOUT = frozenset({("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "diamond")})
@@ -590,23 +600,25 @@ def caption(scene: Scene, prefix="", detail="full"):
     return prefix + body
 
 
-def render(scene: Scene, image_size=48, supersample=4):
-    """Draw the scene with pillow; drawn `supersample` times larger, then downsized for smooth edges."""
+def render(scene: Scene, image_size=48, supersample=4, rim=False):
+    """Draw the scene with pillow; drawn `supersample` times larger, then downsized for smooth edges.
+    rim=True outlines every shape in white (RIM), inside its edge."""
     side = image_size * supersample
     img = Image.new("RGB", (side, side), BACKGROUND)
     draw = ImageDraw.Draw(img)
+    edge = dict(outline=RIM, width=max(1, round(RIM_WIDTH * supersample))) if rim else {}
     for s in scene.shapes:
         cx, cy, r = s.x * side, s.y * side, SIZES[s.size] * side / 2
         fill = s.rgb or COLOURS[s.colour]
         if s.kind == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, **edge)
         elif s.kind == "square":
             h = r * 0.85   # a slightly smaller square has about a circle's area
-            draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+            draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill, **edge)
         elif s.kind == "triangle":
-            draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+            draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill, **edge)
         else:  # diamond
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill, **edge)
     return img.resize((image_size, image_size), Image.BOX)
 
 
@@ -652,13 +664,13 @@ class ShapesDataset(torch.utils.data.Dataset):
     Item i depends only on (seed, split, i), so any item can be regenerated in any order and on any
     rank. The caption's opening ("a photo of ", ...) and whether it names sizes also vary with i.
     With hard_negatives=True, item 2k+1 is `perturb` of item 2k (keep such pairs in one batch).
-    Batch with `collate`.
+    rim=True draws white outlines (see `render`). Batch with `collate`.
     """
 
-    def __init__(self, size, split="train", seed=0, image_size=48, max_shapes=4, hard_negatives=False):
+    def __init__(self, size, split="train", seed=0, image_size=48, max_shapes=4, hard_negatives=False, rim=False):
         random_scene(random.Random(0), split)       # validates split
         self.size, self.split, self.seed = size, split, seed
-        self.image_size, self.max_shapes, self.hard_negatives = image_size, max_shapes, hard_negatives
+        self.image_size, self.max_shapes, self.hard_negatives, self.rim = image_size, max_shapes, hard_negatives, rim
 
     def __len__(self):
         return self.size
@@ -677,7 +689,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= i < self.size:
             raise IndexError(f"index {i} out of range for a data set of {self.size}")
         scene, text = self.scene(i)
-        pixels = to_pixel_values([render(scene, self.image_size)])[0]   # (C, S, S)
+        pixels = to_pixel_values([render(scene, self.image_size, rim=self.rim)])[0]   # (C, S, S)
         return pixels, text, scene
 
 
@@ -926,6 +938,7 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.1
     n_train: int = 10000           # scenes rendered once, then drawn in hard-negative pairs
+    rim: bool = False              # draw white outlines (`render`), in training and evaluation
     n_eval: int = 500
     seed: int = 0
     log_every: int = 50
@@ -989,10 +1002,10 @@ def sync_gradients(model):
             dist.all_reduce(p.grad)
 
 
-def render_split(split, n, seed, image_size, hard_negatives=False, max_shapes=4, detail=None):
+def render_split(split, n, seed, image_size, hard_negatives=False, max_shapes=4, detail=None, rim=False):
     """Render n scenes once: (pixels (n, C, S, S), captions, scenes). detail="full" re-captions every
     scene naming all its attributes (evaluation); None keeps the data set's varied captions."""
-    data = ShapesDataset(n, split, seed, image_size, max_shapes, hard_negatives)
+    data = ShapesDataset(n, split, seed, image_size, max_shapes, hard_negatives, rim)
     pixels, captions, scenes = collate([data[i] for i in range(n)])
     if detail is not None:
         captions = [caption(s, "", detail) for s in scenes]
@@ -1022,9 +1035,9 @@ def batch_indices(cfg: TrainConfig, step):
     return (pairs[:, None] * 2 + torch.arange(2)).flatten()             # (B,)
 
 
-def save_trainer(out, model, optimizer, step, losses):
+def save_trainer(out, model, optimizer, step, losses, rim=False):
     model.save_pretrained(out)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "losses": losses}
+    state = {"step": step, "optimizer": optimizer.state_dict(), "losses": losses, "rim": rim}
     atomic_write(Path(out) / "trainer.pt", lambda p: torch.save(state, p))
 
 
@@ -1047,10 +1060,14 @@ def train(cfg: TrainConfig, model_cfg: CLIPConfig, out, device="cpu", resume=Fal
             raise FileNotFoundError(f"--resume: no {out / 'trainer.pt'} to continue from")
         load_strict(model, read_checkpoint(out)[1], out)
         state = torch.load(out / "trainer.pt", weights_only=False)
+        if state.get("rim", False) != cfg.rim:
+            raise ValueError(f"--resume: {out} was trained {'with' if state.get('rim') else 'without'} --rim; "
+                             f"resume it the same way")
         optimizer.load_state_dict(state["optimizer"])
         start, losses = state["step"], state["losses"]
     tokenizer = ShapesTokenizer(model_cfg.context_length)
-    pixels, captions, _ = render_split("train", cfg.n_train, cfg.seed, model_cfg.image_size, hard_negatives=True)
+    pixels, captions, _ = render_split("train", cfg.n_train, cfg.seed, model_cfg.image_size, hard_negatives=True,
+                                       rim=cfg.rim)
     ids, mask = tokenizer.encode(captions)
     b = cfg.batch_size // world
     bar = tqdm(range(start, cfg.steps), disable=not progress or rank != 0, desc="CLIP on shapes", dynamic_ncols=True)
@@ -1067,7 +1084,7 @@ def train(cfg: TrainConfig, model_cfg: CLIPConfig, out, device="cpu", resume=Fal
             running = []
             bar.set_postfix(loss=f"{losses[-1][1]:.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_trainer(out, model, optimizer, step + 1, losses)
+            save_trainer(out, model, optimizer, step + 1, losses, cfg.rim)
     return model.eval(), losses
 
 
@@ -1076,9 +1093,9 @@ def train(cfg: TrainConfig, model_cfg: CLIPConfig, out, device="cpu", resume=Fal
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model: CLIP, n=500, seed=1, device="cpu"):
+def evaluate(model: CLIP, n=500, seed=1, device="cpu", rim=False):
     """Zero-shot accuracies (%) on single-shape scenes of held-out and of seen colour-shape pairs, and
-    retrieval recall on unseen multi-shape scenes with full captions."""
+    retrieval recall on unseen multi-shape scenes with full captions. rim: drawn as in training."""
     tok = ShapesTokenizer(model.cfg.context_length)
     S = model.cfg.image_size
     kinds = text_classifier(model, tok, SHAPES)
@@ -1087,7 +1104,7 @@ def evaluate(model: CLIP, n=500, seed=1, device="cpu"):
     joint = text_classifier(model, tok, [f"{c} {k}" for c, k in pairs])
     results = {}
     for split in ("heldout", "test"):
-        pixels, _, scenes = render_split(split, n, seed, S, max_shapes=1)
+        pixels, _, scenes = render_split(split, n, seed, S, max_shapes=1, rim=rim)
         truth_k = torch.tensor([SHAPES.index(s.shapes[0].kind) for s in scenes])
         truth_c = torch.tensor([list(COLOURS).index(s.shapes[0].colour) for s in scenes])
         pk, pc = zero_shot(model, pixels, kinds), zero_shot(model, pixels, colours)
@@ -1097,7 +1114,7 @@ def evaluate(model: CLIP, n=500, seed=1, device="cpu"):
                           "colour": 100 * (pc == truth_c).float().mean().item(),
                           "kind and colour": 100 * ((pk == truth_k) & (pc == truth_c)).float().mean().item(),
                           "joint prompt": 100 * (pj == truth_j).float().mean().item()}
-    pixels, captions, scenes = render_split("test", n, seed, S, detail="full")
+    pixels, captions, scenes = render_split("test", n, seed, S, detail="full", rim=rim)
     ids, mask = tok.encode(captions)
     image = F.normalize(model.encode_image(pixels.to(device)), dim=-1)
     text = F.normalize(model.encode_text(ids.to(device), mask.to(device)), dim=-1)
@@ -1122,10 +1139,10 @@ def retrieval_table(r):
 
 
 @torch.no_grad()
-def similarity_grid(model: CLIP, path, n=6, seed=3, cell=64):
+def similarity_grid(model: CLIP, path, n=6, seed=3, cell=64, rim=False):
     """PNG: n unseen scenes (rows) against their n captions (columns), cosine similarity in each cell."""
     from PIL import ImageFont
-    pixels, captions, scenes = render_split("test", n, seed, model.cfg.image_size, max_shapes=2, detail="full")
+    pixels, captions, scenes = render_split("test", n, seed, model.cfg.image_size, max_shapes=2, detail="full", rim=rim)
     tok = ShapesTokenizer(model.cfg.context_length)
     ids, mask = tok.encode(captions)
     dev = model.logit_scale.device
@@ -1144,7 +1161,7 @@ def similarity_grid(model: CLIP, path, n=6, seed=3, cell=64):
         ImageDraw.Draw(label).multiline_text((2, 2), "\n".join(x.strip() for x in lines), fill=(0, 0, 0), font=font)
         img.paste(label.rotate(90, expand=True), (left + j * cell, 2))
     for i, scene in enumerate(scenes):
-        img.paste(render(scene, cell - 4), (2, label_h + i * cell + 2))
+        img.paste(render(scene, cell - 4, rim=rim), (2, label_h + i * cell + 2))
         for j in range(n):
             v = sim[i, j].item()
             grey = int(255 * (1 - (v - lo) / max(hi - lo, 1e-6)))         # darker = more similar
@@ -1267,7 +1284,7 @@ def run_demo(device):
 
 def run_train(args, device):
     rank, world = dist_info()
-    cfg = TrainConfig(seed=args.seed, **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+    cfg = TrainConfig(seed=args.seed, rim=args.rim, **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                                              ("lr", args.lr)) if v is not None})
     t0 = time.time()
     model, losses = train(cfg, CLIPConfig(), args.out, device, resume=args.resume)
@@ -1276,7 +1293,7 @@ def run_train(args, device):
     minutes = (time.time() - t0) / 60
     print(f"\ntrained {cfg.steps} steps of batch {cfg.batch_size} on {world} process(es) in {minutes:.1f} min; "
           f"loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}, exp(t) = {model.logit_scale.exp().item():.1f}")
-    results = evaluate(model, device=device)
+    results = evaluate(model, device=device, rim=cfg.rim)
     print(f"\n## zero-shot on {TrainConfig.n_eval} single-shape scenes per row (prompt ensemble of {len(TEMPLATES)} templates)\n")
     print(zero_shot_table(results))
     acc = results["heldout"]["kind and colour"]
@@ -1284,7 +1301,7 @@ def run_train(args, device):
           f"(goal >= 90%: {'met' if acc >= 90 else 'NOT met'})")
     print(f"\n## retrieval, {TrainConfig.n_eval} unseen scenes with full captions (chance R@1 ~ 0.2%)\n")
     print(retrieval_table(results["retrieval"]))
-    similarity_grid(model, args.figure)
+    similarity_grid(model, args.figure, rim=cfg.rim)
     print(f"\ncheckpoint: {args.out}/ (CLIP.from_pretrained, or transformers' CLIPModel); picture: {args.figure}")
     return results
 
@@ -1297,6 +1314,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 1000)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default 128)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
+    parser.add_argument("--rim", action="store_true", help="with --train: draw every shape with a thin white "
+                        "outline, an edge that looks the same in every colour (README: what it changes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--figure", type=str, default="assets/clip_similarity.png", help="similarity-grid PNG")
     parser.add_argument("--model", type=str, default=None, help="a CLIPModel checkpoint folder (zero-shot on --image)")

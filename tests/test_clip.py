@@ -266,6 +266,27 @@ def test_captions_match_their_scenes_and_the_pixels():
     assert clip.caption(clip.Scene((left, right))) == "a small red circle to the left of a small blue square"
 
 
+def test_rim_puts_a_red_circles_edge_into_every_channel():
+    # drawn plain, a pure red circle is invisible in the green channel (red and background both have G = 40)
+    scene = clip.Scene((clip.Shape("circle", "red", "large", 0.5, 0.5),))
+    plain = np.asarray(clip.render(scene, 48)).astype(int)
+    rimmed = np.asarray(clip.render(scene, 48, rim=True)).astype(int)
+    assert (plain[..., 1] == clip.BACKGROUND[1]).all()
+    # with the rim, the green channel holds a ring: raised pixels around the edge, the centre and the
+    # background untouched, and the fill still red where the rim is not
+    ring = rimmed[..., 1] > clip.BACKGROUND[1] + 20
+    ys, xs = np.nonzero(ring)
+    radius = np.hypot(ys + 0.5 - 24, xs + 0.5 - 24)
+    assert len(ys) > 30 and (np.abs(radius - 0.30 * 48 / 2) < 1.5).all()
+    assert tuple(rimmed[24, 24]) == clip.COLOURS["red"] and tuple(rimmed[0, 0]) == clip.BACKGROUND
+    changed = (plain != rimmed).any(-1)
+    assert (changed == ring).mean() > 0.99        # what the rim changes is the ring
+    # the data set and the training config pass the rim through to every rendered image
+    a = clip.ShapesDataset(4, rim=True)[0][0]
+    b = clip.to_pixel_values([clip.render(clip.ShapesDataset(4).scene(0)[0], 48, rim=True)])[0]
+    assert torch.equal(a, b) and not torch.equal(a, clip.ShapesDataset(4)[0][0])
+
+
 def test_held_out_pairs_never_appear_in_training_scenes():
     train = clip.ShapesDataset(400, "train", hard_negatives=True)
     held = clip.ShapesDataset(100, "heldout")
@@ -307,6 +328,10 @@ def test_short_training_lowers_the_loss_below_chance_and_resumes(tmp_path):
     model, losses = clip.train(cfg, clip.CLIPConfig.tiny(), tmp_path, progress=False)
     # log B is what features that carry no information score; the tiny model must get well below it
     assert losses[-1][1] < math.log(cfg.batch_size) - 0.4 < losses[0][1]
+    # a run is resumed on the images it was trained on: with or without rims, as it started
+    with pytest.raises(ValueError, match="without --rim"):
+        clip.train(clip.TrainConfig.tiny(steps=160, rim=True), clip.CLIPConfig.tiny(), tmp_path, resume=True,
+                   progress=False)
     # --resume continues where it stopped: 10 more steps from the saved state, the log kept
     more, losses2 = clip.train(clip.TrainConfig.tiny(steps=160), clip.CLIPConfig.tiny(), tmp_path, resume=True,
                                progress=False)
