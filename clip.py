@@ -1284,8 +1284,8 @@ def run_demo(device):
 
 def run_train(args, device):
     rank, world = dist_info()
-    cfg = TrainConfig(seed=args.seed, rim=args.rim, **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
-                                                             ("lr", args.lr)) if v is not None})
+    given = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
+    cfg = TrainConfig(seed=args.seed, rim=args.rim, **given)
     t0 = time.time()
     model, losses = train(cfg, CLIPConfig(), args.out, device, resume=args.resume)
     if rank != 0:

@@ -281,7 +281,7 @@ def test_rim_puts_a_red_circles_edge_into_every_channel():
     assert tuple(rimmed[24, 24]) == clip.COLOURS["red"] and tuple(rimmed[0, 0]) == clip.BACKGROUND
     changed = (plain != rimmed).any(-1)
     assert (changed == ring).mean() > 0.99        # what the rim changes is the ring
-    # the data set and the training config pass the rim through to every rendered image
+    # the data set passes the rim on to every image it renders
     a = clip.ShapesDataset(4, rim=True)[0][0]
     b = clip.to_pixel_values([clip.render(clip.ShapesDataset(4).scene(0)[0], 48, rim=True)])[0]
     assert torch.equal(a, b) and not torch.equal(a, clip.ShapesDataset(4)[0][0])
