@@ -173,16 +173,14 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(again.state_dict().values(), ours.state_dict().values()))
 
 
-
 def test_initialisation_has_transformers_clip_scales():
     # CLIPModel(config) draws its weights with CLIPPreTrainedModel._init_weights; ours must draw every
     # tensor from the same distribution: compare the standard deviation (and mean) tensor by tensor
     import transformers
-    from transformers import CLIPModel
     cfg = clip.CLIPConfig(vision_width=96, vision_mlp=192, vision_layers=3, text_width=64, text_mlp=128,
                           text_layers=2, embed_dim=48)
     torch.manual_seed(0)
-    ref = CLIPModel(transformers.CLIPConfig(**clip.config_to_hf(cfg))).state_dict()   # initializer_factor 1
+    ref = transformers.CLIPModel(transformers.CLIPConfig(**clip.config_to_hf(cfg))).state_dict()   # initializer_factor 1
     ours = clip.CLIP(cfg).state_dict()
     assert set(ours) == set(ref) - {k for k in ref if k.endswith("position_ids")}
     checked = 0
@@ -204,6 +202,7 @@ def test_initialisation_has_transformers_clip_scales():
     assert small.vision_model.encoder.layers[0].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.1)
     with pytest.raises(ValueError, match="'clip' or 'gpt2'"):
         clip.init_weights(small, "xavier")
+
 
 # ---------------------------------------------------------------------------------------------
 # Zero-shot and retrieval on hand-made numbers
@@ -395,7 +394,7 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path):
         for name, value in single.items():
             # q.(k + b) = q.k + q.b adds the same number to every key of a query's row, and softmax ignores
             # it: the key bias has zero gradient, and what it holds is rounding noise that Adam scales up
-            # to steps of about lr. It never changes an output, so it is left out of the comparison.
+            # to steps of up to lr. It never changes an output, so it is left out of the comparison.
             if not name.endswith("k_proj.bias"):
                 assert torch.allclose(ddp["state"][name], value, atol=1e-5), (rank, name)
 
