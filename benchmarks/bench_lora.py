@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lora  # noqa: E402
 import nf4  # noqa: E402
 from bench_nf4 import race  # noqa: E402  (interleaved medians, shared by both benchmarks)
+import bnb_generic_cpu  # noqa: E402  (tests/, put on the path by bench_nf4)
 
 SPEED_MODEL = dict(vocab_size=8000, hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8, num_kv_heads=8)
 
@@ -57,9 +58,6 @@ def build_pairs(tmp: str, r: int):
                                     bnb_4bit_compute_dtype=torch.float32)
     hf4 = LlamaForCausalLM.from_pretrained(os.path.join(tmp, "fp32"), quantization_config=bnb_config, device_map="cpu")
     hf4.save_pretrained(os.path.join(tmp, "hf4"))
-    for module in hf4.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False                 # the generic fp32 path on any CPU
     theirs_q = peft.PeftModel.from_pretrained(hf4, os.path.join(tmp, "adapter"), is_trainable=True)
     # our NF4 base reads transformers' 4-bit checkpoint, so both hold the very same 4-bit weights
     ours_q = nf4.quantize_model(LlamaForCausalLM.from_pretrained(os.path.join(tmp, "fp32")))
@@ -99,6 +97,7 @@ def main(argv=None):
     parser.add_argument("--skip-memory", action="store_true", help="only the speed table")
     parser.add_argument("--skip-speed", action="store_true", help="only the memory table")
     args = parser.parse_args(argv)
+    bnb_generic_cpu.use_generic_cpu_path()      # bitsandbytes' generic CPU path on every CPU, as in the tests
     results = {}
     if not args.skip_speed:
         results["speed"] = speed_table(args.repeats, args.batch, args.seq_len, args.r)

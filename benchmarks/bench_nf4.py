@@ -1,5 +1,7 @@
 """NF4 quantize + dequantize with double quantization: nf4.py vs bitsandbytes on CPU, one process.
 
+bitsandbytes runs its generic CPU path (tests/bnb_generic_cpu.py says why), as in the tests.
+
 Times both on the same (4096, 4096) fp32 matrix of N(0, 0.02^2) weights (warm-up, then the median
 of interleaved repeats, wall and CPU time), then measures how close each one's double-quantized
 absmax constants are to the true ones and how well each reconstructs the weights.
@@ -16,7 +18,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import nf4  # noqa: E402
+import bnb_generic_cpu  # noqa: E402  (bitsandbytes' generic CPU path on every CPU, as the tests use)
 
 
 def race(candidates: dict, repeats: int) -> dict:
@@ -99,6 +103,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    # bitsandbytes' C dequantization kernel is wrong on some shapes on AVX-512-BF16 CPUs: compare with
+    # (and time) its generic path everywhere, so that the figures mean the same on every machine
+    bnb_generic_cpu.use_generic_cpu_path()
     torch.manual_seed(args.seed)
     w = torch.randn(args.size, args.size) * 0.02
     return timing_table(w, args.repeats), closeness_table(w)

@@ -1,4 +1,5 @@
-"""Shared pytest set-up: no model hub, and `cuda` tests skip themselves on machines without a GPU."""
+"""Shared pytest set-up: no model hub, `cuda` tests skip themselves on machines without a GPU, and
+bitsandbytes computes 4-bit dequantization by its generic CPU path on every CPU (bnb_generic_cpu.py)."""
 import os
 
 # There is no model hub on the machines we test on; every checkpoint is built and saved by the test.
@@ -8,6 +9,36 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    # Every comparison with bitsandbytes uses its generic CPU arithmetic: its AVX-512 kernel is wrong
+    # on some shapes (tests/bnb_generic_cpu.py says where and why). Done before any test builds a model.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # torch.jit notices from bitsandbytes' imports
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return
+        import bnb_generic_cpu
+        bnb_generic_cpu.use_generic_cpu_path()
+
+
+def pytest_report_header(config):
+    """What the suite ran on, so that a red run on someone's machine says so in its first lines."""
+    import bnb_generic_cpu
+    versions = [f"torch {torch.__version__}"]
+    for name in ("transformers", "bitsandbytes", "peft"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            versions.append(f"{name} (not installed)")
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in bnb_generic_cpu.cpu_flags().items())
+    saw = bnb_generic_cpu._state["bitsandbytes_saw_avx512bf16"]
+    path = "not patched" if saw is None else f"generic CPU path (bitsandbytes detected avx512bf16: {saw})"
+    return [", ".join(versions), f"CPU flags: {flags}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
+            f"bitsandbytes 4-bit dequantization: {path}"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -310,9 +310,6 @@ def test_qlora_adapter_runs_in_peft_on_a_transformers_4bit_model(tmp_path):
                                     bnb_4bit_compute_dtype=torch.float32)
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=bnb_config, device_map="cpu")
     hf.save_pretrained(tmp_path / "hf4")
-    for module in hf.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False            # bitsandbytes' generic fp32 path
     # our QLoRA model on the very same 4-bit weights, with a trained-looking adapter
     ours = nf4.quantize_model(tiny_llama(seed=3))
     ours.load_state_dict(load_file(str(tmp_path / "hf4" / "model.safetensors")))
