@@ -7,7 +7,9 @@ A (r, in), B (out, r), r << min(in, out):
     h = W x + (alpha / r) * B A dropout(x)
 
 A starts Kaiming-uniform and B at zero, so at step 0 the model is exactly the pretrained one and
-only B A moves. The trainable parameters drop from out * in to r * (in + out) per layer, and with
+only B A moves. Why not both at zero: dL/dB = s (dL/dh) (A x)^T and dL/dA = s B^T (dL/dh) x^T, so
+with A = B = 0 neither gets a gradient and training never starts; with A random, B gets a gradient
+at step 0, and A starts moving once B is non-zero. The trainable parameters drop from out * in to r * (in + out) per layer, and with
 them the gradients and the optimizer state (AdamW keeps two numbers per trainable parameter).
 alpha / r keeps the update's size stable when r changes (section 4.1, "we scale dW x by alpha/r").
 
@@ -27,8 +29,12 @@ Memory, per parameter, training with AdamW in fp32 (the table of `--memory` meas
     LoRA:              4 (frozen weight)  + 16 per adapter parameter (a few % of the model)
     QLoRA:             4.127 / 8 = 0.52 (NF4 weight) + 16 per adapter parameter
 
-so the frozen base is what remains, and NF4 shrinks it 8x. Activations (which grow with batch and
-sequence length) are about the same for all three: neither method shrinks them.
+so the frozen base is what remains. NF4 stores a linear layer's weight in 4.127 bits instead of 32,
+7.75x smaller, but embeddings and lm_head stay in full precision (as bitsandbytes keeps them), so
+the whole model shrinks less: `--memory` measures 522 -> 240 MiB of weights (2.2x) on its
+134M-parameter model, where the 32,000-word embedding and lm_head are 188 of those 240 MiB.
+Activations (which grow with batch and sequence length) are about the same for all three: neither
+method shrinks them.
 
 Merging: after training, W <- W + s B A gives a plain layer with no inference cost (section 4.1).
 On an NF4 base the merged weight has to be re-quantized, which rounds part of B A away;
@@ -112,10 +118,19 @@ class DemoConfig:
 def check_hparams(r, alpha, dropout) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
-    if not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def lora_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+    """h = W x + b + s B (A x): the LoRA formula as written (Hu et al. 2021, eq. 3, with s = alpha / r).
+
+    LoRALinear.forward computes exactly this, in place to save memory (a test checks they agree)."""
+    # B (A x) as two thin matmuls, never forming B A: (B, T, in) -> (B, T, r) -> (B, T, out)
+    return F.linear(x, W, b) + scaling * F.linear(F.linear(x, A), B)
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
@@ -168,9 +183,10 @@ class LoRALinear(nn.Module):
         # B A x as two thin matmuls, never forming B A: (B, T, in) -> (B, T, r) -> (B, T, out)
         lora = F.linear(F.linear(x_in, self.lora_A), self.lora_B)
         if not self.use_dora:
-            # h = W x + b + s B A x: the same operations as peft, so outputs agree bit for bit, done
-            # in place on tensors autograd does not keep (a linear layer's backward needs only its
-            # input and weight), which saves two (B, T, out) temporaries per layer
+            # h = W x + b + s B A x, i.e. lora_linear() above: the same operations as peft, so outputs
+            # agree bit for bit. Fast path: done in place on tensors autograd does not keep (a linear
+            # layer's backward needs only its input and weight), which saves two (B, T, out)
+            # temporaries per layer
             return result.add_(lora.mul_(self.scaling).to(result.dtype))
         return self.dora_forward(x_in, result, lora)
 
@@ -236,6 +252,21 @@ def linear_layers(model: nn.Module) -> list[str]:
     return names
 
 
+def check_target_modules(target_modules) -> None:
+    """A list of name suffixes, a regex string or "all-linear" (peft's three forms), else a clear error."""
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression ({err}); "
+                             "give a list of layer-name suffixes, a regex or 'all-linear'") from None
+        return
+    if not isinstance(target_modules, (list, tuple, set)) or not target_modules or \
+            not all(isinstance(t, str) and t for t in target_modules):
+        raise ValueError(f"target_modules must be a non-empty list of layer-name suffixes (e.g. ['q_proj', "
+                         f"'v_proj']), a regex string or 'all-linear'; got {target_modules!r}")
+
+
 def matches(name: str, target_modules) -> bool:
     """peft's rule: a string is a regex matched against the full name; a list matches by suffix."""
     if isinstance(target_modules, str):
@@ -253,6 +284,7 @@ def apply_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout: 
     module names, or "all-linear" (every linear layer except lm_head), as in peft.
     """
     check_hparams(r, alpha, dropout)
+    check_target_modules(target_modules)
     candidates = linear_layers(model)
     targets = [n for n in candidates if matches(n, target_modules)]
     if not targets:
@@ -332,8 +364,6 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
         layer.unmerge()
     return model
 
-
-unmerge = unmerge_lora
 
 
 def rms(t: torch.Tensor) -> float:

@@ -61,7 +61,6 @@ interpolation for other resolutions, SigLIP's unused attention-pooling head, tra
 import argparse
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -72,7 +71,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from clip import ACTIVATIONS, Encoder
+from clip import ACTIVATIONS, Encoder, atomic_write
 
 
 # ----------------------------------------------------------------------------------------------
@@ -827,15 +826,9 @@ class PaliGemma(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         config = {**self.config.to_hf_dict(), "dtype": str(self.dtype).removeprefix("torch.")}
-        _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-
-
-def _atomic_write(target, write):
-    tmp = target.with_name(target.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, target)
+        atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -856,7 +849,13 @@ def read_config(path):
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {path}: expected a PaliGemma checkpoint folder "
                                 f"(config.json + model.safetensors or a sharded index)")
-    return PaliGemmaConfig.from_hf_dict(json.loads(config_file.read_text()))
+    try:
+        return PaliGemmaConfig.from_hf_dict(json.loads(config_file.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_file} is not valid UTF-8 JSON ({err}); expected a transformers "
+                              f"PaliGemma config.json") from None
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{config_file} is not a PaliGemma config: {type(err).__name__}: {err}") from None
 
 
 def read_safetensors_header(file):
@@ -865,7 +864,12 @@ def read_safetensors_header(file):
         n = int.from_bytes(f.read(8), "little")
         if not 0 < n < 100_000_000:
             raise ValueError(f"{file} is not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{file} is not a safetensors file: its header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} is not a safetensors file: its header is not a JSON object")
     header.pop("__metadata__", None)
     return header, 8 + n
 
@@ -875,7 +879,11 @@ def checkpoint_tensors(path):
     path = Path(path)
     index, single = path / "model.safetensors.index.json", path / "model.safetensors"
     if index.is_file():
-        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shard_names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' "
+                                  f"of tensor -> shard file): {type(err).__name__}: {err}") from None
     elif single.is_file():
         shard_names = [single.name]
     else:
@@ -918,6 +926,11 @@ def _ignored(name, config):
             or name.endswith(".position_ids") or name.endswith("rotary_emb.inv_freq"))      # old saved buffers
 
 
+def model_folder(files) -> str:
+    """The folder (or folders) a checkpoint's tensors come from, for error messages."""
+    return ", ".join(sorted({str(Path(file).parent) for file, _, _ in files.values()}))
+
+
 def match_checkpoint(model, files):
     """Pair the checkpoint's tensors (any key layout) with the model's, strictly.
 
@@ -947,7 +960,8 @@ def match_checkpoint(model, files):
         problems = [f"missing ({len(missing)}): {', '.join(missing)}" if missing else "",
                     f"unexpected ({len(unexpected)}): {', '.join(unexpected)}" if unexpected else "",
                     f"wrong shape: {'; '.join(wrong_shape)}" if wrong_shape else ""]
-        raise CheckpointError("checkpoint does not match the model: " + " | ".join(p for p in problems if p))
+        raise CheckpointError(f"checkpoint {model_folder(files)} does not match the model: "
+                              + " | ".join(p for p in problems if p))
     return located, widen
 
 
@@ -1118,8 +1132,17 @@ class PaliGemmaProcessor:
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def pick_device(name):
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+def pick_device(name: str) -> torch.device:
+    """--device: "auto" is CUDA when torch sees a GPU, else the CPU; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device expects auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name} was asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def draw_mask(mask, labels):

@@ -51,6 +51,17 @@ def randomize_adapters(model, seed=1):
 # The layer
 # ---------------------------------------------------------------------------------------------
 
+def test_fast_in_place_forward_equals_the_written_formula():
+    """LoRALinear's in-place forward is a speed-up of lora_linear(), not a different computation."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(12, 7), r=3, alpha=6)
+    with torch.no_grad():
+        layer.lora_B.normal_()                                       # B = 0 would hide the adapter term
+    x = torch.randn(2, 5, 12)
+    want = lora.lora_linear(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A, layer.lora_B, 2.0)
+    assert torch.equal(layer(x), want)
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_layer_computes_the_lora_formula_and_its_gradients(quantized):
     torch.manual_seed(0)
@@ -216,6 +227,12 @@ def test_bad_input_gives_clear_errors(tmp_path):
         lora.apply_lora(tiny_llama(), ["query"], r=2, alpha=2)
     with pytest.raises(TypeError, match="wraps nn.Linear or nf4.LinearNF4"):
         lora.LoRALinear(nn.Conv1d(2, 2, 1), r=1, alpha=1)
+    for alpha in (float("nan"), float("inf"), -1.0, 0, True):   # nan / inf would make every output non-finite
+        with pytest.raises(ValueError, match="alpha must be a positive finite number"):
+            lora.LoRALinear(nn.Linear(4, 4), r=2, alpha=alpha)
+    for targets in (None, [], [""], "q_proj(", ["q_proj", 3]):
+        with pytest.raises(ValueError, match="target_modules"):
+            lora.apply_lora(tiny_llama(), targets, r=2, alpha=2)
     # an adapter whose shapes do not fit the model
     small = lora.apply_lora(tiny_llama(hidden=32), ["q_proj"], r=2, alpha=2)
     lora.save_adapter(small, str(tmp_path / "small"))

@@ -483,6 +483,34 @@ def test_missing_config_weights_or_tokenizer(tmp_path, mqa):
         pg.PaliGemmaProcessor.from_pretrained(tmp_path)
 
 
+def test_corrupt_config_and_weight_files_are_named_in_the_error(tmp_path, mqa):
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{not utf-8")
+    with pytest.raises(pg.CheckpointError, match=r"config.json is not valid UTF-8 JSON"):
+        pg.PaliGemma.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"text_config": 3}')
+    with pytest.raises(pg.CheckpointError, match=r"config.json is not a PaliGemma config"):
+        pg.PaliGemma.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text((mqa[0] / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes((8).to_bytes(8, "little") + b"{garbage")
+    with pytest.raises(pg.CheckpointError, match=r"model.safetensors is not a safetensors file: its header is not JSON"):
+        pg.PaliGemma.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(pg.CheckpointError, match=r"index.json is not a safetensors index"):
+        pg.PaliGemma.from_pretrained(tmp_path)
+
+
+def test_device_names_are_checked():
+    assert pg.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="expects auto, cpu, cuda or cuda:N; got 'gpu'"):
+        pg.pick_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees 0 CUDA GPU"):
+            pg.pick_device("cuda")
+    with pytest.raises(ValueError, match="cuda:99 was asked for"):
+        pg.pick_device("cuda:99")
+
+
 def test_missing_and_unexpected_tensors_are_listed(tmp_path, mqa):
     tensors = load_file(str(mqa[0] / "model.safetensors"))
     gone = "language_model.model.layers.1.mlp.up_proj.weight"
@@ -494,6 +522,7 @@ def test_missing_and_unexpected_tensors_are_listed(tmp_path, mqa):
     with pytest.raises(pg.CheckpointError) as err:
         pg.PaliGemma.from_pretrained(tmp_path)
     message = str(err.value)
+    assert f"checkpoint {tmp_path} does not match" in message                # the folder, then the tensors
     assert f"missing (1): {gone}" in message
     assert "unexpected (1): language_model.model.layers.1.mlp.extra.weight" in message
     assert "vision_tower.post_layernorm.weight: checkpoint (7,), model (32,)" in message
