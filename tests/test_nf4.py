@@ -5,6 +5,7 @@ transformers' 4-bit checkpoints (load there, load here, same logits). Hand-compu
 the packing and the rounding; invariants cover the rest.
 """
 import json
+import math
 
 import pytest
 import torch
@@ -386,9 +387,12 @@ def test_main_tiny_demo_prints_the_tables(capsys):
     out = capsys.readouterr().out
     assert out.count("| yes |") == 16 and "4.1270 bits" in out
     rmse = {k.split(",")[0]: v["rmse"] for k, v in results.items()}
-    assert rmse["NF4"] < rmse["FP4 (e2m1)"] and rmse["NF4"] < rmse["int4 absmax"] and rmse["int8 absmax"] < rmse["NF4"]
+    int4_15, int4_16 = "int4 absmax (15 levels)", "int4 symmetric (16 levels)"
+    assert rmse["NF4"] < rmse["FP4 (e2m1)"] and rmse["NF4"] < rmse[int4_15] and rmse["int8 absmax"] < rmse["NF4"]
+    assert rmse["NF4"] < rmse[int4_16] < rmse[int4_15]        # the 16th level helps int4, not enough
     entropy = {k.split(",")[0]: v["entropy"] for k, v in results.items()}
-    assert entropy["int4 absmax"] < entropy["NF4"] <= 4 and entropy["FP4 (e2m1)"] < entropy["NF4"]
+    assert entropy[int4_15] < entropy["NF4"] <= 4 and entropy["FP4 (e2m1)"] < entropy["NF4"]
+    assert entropy[int4_15] <= math.log2(15) + 1e-9            # 15 levels can carry log2(15) bits at most
 
 
 def test_main_reports_user_errors(capsys):
