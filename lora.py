@@ -23,7 +23,8 @@ Variants:
 - QLoRA (Dettmers et al. 2023): the frozen W is stored in 4-bit NF4 (`nf4.LinearNF4`) and
   dequantized on the fly; the adapters stay in full precision and get all the gradients.
 
-Memory, per parameter, training with AdamW in fp32 (the table of `--memory` measures it):
+Memory, per parameter, training with AdamW in fp32 (`training_state_bytes` counts it;
+`python benchmarks/bench_lora.py --skip-speed` measures it on a 134M-parameter model):
 
     full fine-tuning:  4 (weight) + 4 (gradient) + 8 (AdamW's two moments)   = 16 bytes
     LoRA:              4 (frozen weight)  + 16 per adapter parameter (a few % of the model)
@@ -31,7 +32,7 @@ Memory, per parameter, training with AdamW in fp32 (the table of `--memory` meas
 
 so the frozen base is what remains. NF4 stores a linear layer's weight in 4.127 bits instead of 32,
 7.75x smaller, but embeddings and lm_head stay in full precision (as bitsandbytes keeps them), so
-the whole model shrinks less: `--memory` measures 522 -> 240 MiB of weights (2.2x) on its
+the whole model shrinks less: the benchmark measures 522 -> 240 MiB of weights (2.2x) on its
 134M-parameter model, where the 32,000-word embedding and lm_head are 188 of those 240 MiB.
 Activations (which grow with batch and sequence length) are about the same for all three: neither
 method shrinks them.
@@ -47,8 +48,8 @@ trained here load in peft and the other way round, with identical outputs.
 Left out: LoRA for embeddings and convolutions, several adapters per layer, per-layer ranks
 (peft's rank_pattern), LoRA biases.
 
-Run `python lora.py` for a small LoRA / QLoRA training run, `python lora.py --memory` for the
-memory of full fine-tuning vs LoRA vs QLoRA on a 134M-parameter Llama-style model.
+Run `python lora.py` for a small LoRA / QLoRA training run; the memory of full fine-tuning vs LoRA
+vs QLoRA on a 134M-parameter Llama-style model is `python benchmarks/bench_lora.py --skip-speed`.
 """
 from __future__ import annotations
 
@@ -58,7 +59,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -365,10 +365,60 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-
 def rms(t: torch.Tensor) -> float:
     return t.detach().float().pow(2).mean().sqrt().item()
 
+
+# ----------------------------------------------------------------------------------------------
+# Training adapters, and the memory training keeps
+# ----------------------------------------------------------------------------------------------
+
+def progressions(batch: int, seq_len: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Token sequences a, a + d, a + 2d, ... (mod vocab) with d in {1, 2, 3}: (B, T) int64."""
+    start = torch.randint(0, vocab, (batch, 1), generator=generator)
+    step = torch.randint(1, 4, (batch, 1), generator=generator)
+    return (start + step * torch.arange(seq_len)) % vocab         # (B, T)
+
+
+def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=tokens, labels=tokens).loss
+
+
+def train_adapters(model, cfg: DemoConfig, device, desc: str) -> tuple[float, float]:
+    """AdamW on the trainable (LoRA) parameters; returns (loss at step 0, mean loss of the last 10)."""
+    from tqdm import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for _ in tqdm(range(cfg.steps), desc=desc, leave=False):
+        tokens = progressions(cfg.batch_size, cfg.seq_len, cfg.vocab_size, g).to(device)
+        loss = lm_loss(model, tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses[0], sum(losses[-10:]) / len(losses[-10:])
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def training_state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of weights (params + 4-bit buffers), gradients and optimizer state."""
+    packed = [m for m in model.modules() if isinstance(m, nf4.LinearNF4)]
+    weights = tensor_bytes(model.parameters()) + sum(m.weight.nbytes + m.quant_state.nbytes() for m in packed)
+    grads = tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    optim = tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    return {"weights": weights, "grads": grads, "optimizer": optim}
+
+
+# ==============================================================================================
+# Plumbing: adapters on disk in peft's format, the demo, measuring memory, the CLI.
+# A reader learning LoRA can stop here.
+# ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
 # Adapters on disk, in peft's format
@@ -493,35 +543,6 @@ def llama_config(vocab_size, hidden_size, intermediate_size, num_layers, num_hea
                        tie_word_embeddings=False)
 
 
-def progressions(batch: int, seq_len: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """Token sequences a, a + d, a + 2d, ... (mod vocab) with d in {1, 2, 3}: (B, T) int64."""
-    start = torch.randint(0, vocab, (batch, 1), generator=generator)
-    step = torch.randint(1, 4, (batch, 1), generator=generator)
-    return (start + step * torch.arange(seq_len)) % vocab         # (B, T)
-
-
-def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=tokens, labels=tokens).loss
-
-
-def train_adapters(model, cfg: DemoConfig, device, desc: str) -> tuple[float, float]:
-    """AdamW on the trainable (LoRA) parameters; returns (loss at step 0, mean loss of the last 10)."""
-    from tqdm import tqdm
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    losses = []
-    for _ in tqdm(range(cfg.steps), desc=desc, leave=False):
-        tokens = progressions(cfg.batch_size, cfg.seq_len, cfg.vocab_size, g).to(device)
-        loss = lm_loss(model, tokens)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses[0], sum(losses[-10:]) / len(losses[-10:])
-
-
 def build_base(cfg: DemoConfig, device):
     from transformers import LlamaForCausalLM
 
@@ -582,28 +603,8 @@ def print_demo(results: dict, out_dir: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Memory: one training step of full fine-tuning vs LoRA vs QLoRA, each in a fresh child process
+# Measuring memory (used by benchmarks/bench_lora.py and vlm_train.py)
 # ----------------------------------------------------------------------------------------------
-
-# A Llama-style model of GPT-2-small width: 12 layers x 768, 32k vocabulary, 134M parameters.
-MEMORY_MODEL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
-                    num_heads=12, num_kv_heads=12)
-MEMORY_MODEL_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-                         num_heads=4, num_kv_heads=2)
-MEMORY_METHODS = ("full", "lora", "qlora")
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def training_state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of weights (params + 4-bit buffers), gradients and optimizer state."""
-    packed = [m for m in model.modules() if isinstance(m, nf4.LinearNF4)]
-    weights = tensor_bytes(model.parameters()) + sum(m.weight.nbytes + m.quant_state.nbytes() for m in packed)
-    grads = tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
-    optim = tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-    return {"weights": weights, "grads": grads, "optimizer": optim}
 
 
 def peak_rss_bytes() -> int:
@@ -631,110 +632,19 @@ def return_freed_memory_to_the_os() -> None:
         pass
 
 
-def memory_child(method: str, model_kwargs: dict, checkpoint: str, device: str, seq_len: int, r: int) -> dict:
-    """One training step of `method` in this (fresh) process; returns its byte counts and peak."""
-    from transformers import LlamaForCausalLM
-
-    return_freed_memory_to_the_os()
-    device = torch.device(device)
-    baseline = peak_rss_bytes()                                      # python + torch + transformers
-    with nf4.init_empty_weights():                                   # parameters on 'meta': no memory
-        model = LlamaForCausalLM(llama_config(**model_kwargs))
-    weights = nf4.SafetensorsWeights(checkpoint)
-    if method == "qlora":
-        nf4.quantize_model(model, weights=weights)                   # each layer read, then quantized
-    else:
-        nf4.load_weights(model, weights)
-    model.to(device)
-    if method == "full":
-        model.requires_grad_(True)
-    else:
-        apply_lora(model, "all-linear", r, 2 * r)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tokens = torch.randint(0, model_kwargs["vocab_size"], (1, seq_len), generator=torch.Generator().manual_seed(0))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    lm_loss(model, tokens.to(device)).backward()
-    opt.step()
-    out = training_state_bytes(model, opt)
-    out.update(method=method, trainable=count_parameters(model)[0], total=count_parameters(model)[1],
-               peak=peak_rss_bytes(), baseline=baseline)
-    if device.type == "cuda":
-        out.update(peak=torch.cuda.max_memory_allocated(), baseline=0)
-    return out
-
-
-def make_checkpoint(model_kwargs: dict, path: str, seed: int = 0) -> None:
-    """A random fp32 checkpoint of the model (freed again before the children start)."""
-    from safetensors.torch import save_file
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(**model_kwargs))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata={"format": "pt"})
-
-
-def memory_table(model_kwargs: dict = MEMORY_MODEL, device: str = "cpu", seq_len: int = 256, r: int = 16) -> list[dict]:
-    """Measure one training step per method, each in a fresh process, and print the table.
-
-    The processes fork from a server that has imported torch and transformers once (forkserver),
-    so each child starts small and fast; its peak RSS minus its RSS at start is what the method
-    itself needed.
-    """
-    import multiprocessing as mp
-
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload(["lora", "transformers.models.llama.modeling_llama"])
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = os.path.join(tmp, "model.safetensors")
-        make_checkpoint(model_kwargs, ckpt)
-        for name in MEMORY_METHODS:
-            with ctx.Pool(1) as pool:                                 # a new process per method
-                rows.append(pool.apply(memory_child, (name, model_kwargs, ckpt, device, seq_len, r)))
-    print_memory_table(rows, device)
-    return rows
-
-
-def print_memory_table(rows: list[dict], device: str) -> None:
-    """Markdown table of the byte counts and peaks, with ratios to full fine-tuning."""
-    mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
-    state = {row["method"]: row["weights"] + row["grads"] + row["optimizer"] for row in rows}
-    above = {row["method"]: row["peak"] - row["baseline"] for row in rows}
-    peak = "peak CUDA allocated" if device.startswith("cuda") else "peak RSS"
-    print(f"| method | trainable / all params | weights MiB | grads MiB | AdamW state MiB | training state MiB | "
-          f"vs full | {peak} MiB | peak - start MiB | vs full |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        m = row["method"]
-        print(f"| {m} | {row['trainable']:,} / {row['total']:,} | {mib(row['weights'])} | {mib(row['grads'])} | "
-              f"{mib(row['optimizer'])} | {mib(state[m])} | {state[m] / state['full']:.3f} | {mib(row['peak'])} | "
-              f"{mib(above[m])} | {above[m] / above['full']:.3f} |")
-    other = ", ".join(f"{m} {mib(above[m] - state[m])}" for m in state)
-    print(f"\nstart: the child's {peak} after importing torch and transformers ({mib(rows[0]['baseline'])} MiB). "
-          f"peak - start - training state = activations and temporaries (MiB): {other}.")
-
-
 # ----------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="LoRA / QLoRA: train adapters, merge them, measure memory.")
+    parser = argparse.ArgumentParser(description="LoRA / QLoRA: train adapters, merge them, reload them.")
     parser.add_argument("--device", type=str, default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--tiny", action="store_true", help="the small preset the tests use (seconds)")
-    parser.add_argument("--memory", action="store_true", help="memory of full FT vs LoRA vs QLoRA, one step each")
     parser.add_argument("--steps", type=int, default=None, help="training steps of the demo")
     parser.add_argument("--r", type=int, default=None, help="LoRA rank")
-    parser.add_argument("--seq-len", type=int, default=256, help="--memory: tokens in the training batch")
     parser.add_argument("--out", type=str, default=os.path.join("runs", "lora"), help="where adapters are saved")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
         device = nf4.resolve_device(args.device)
-        if args.memory:
-            kwargs = MEMORY_MODEL_TINY if args.tiny else MEMORY_MODEL
-            return memory_table(kwargs, str(device), args.seq_len if not args.tiny else 16, args.r or 16)
         cfg = DemoConfig.tiny() if args.tiny else DemoConfig()
         overrides = {k: v for k, v in dict(steps=args.steps, r=args.r).items() if v is not None}
         cfg = DemoConfig(**{**asdict(cfg), **overrides, "seed": args.seed})

@@ -191,22 +191,30 @@ def blockwise_absmax(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, tor
     return absmax, scaled
 
 
-def round_to_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+def nearest_level(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level of a sorted code for x in [-1, 1], as uint8 (ties: lower level).
 
     The decision boundaries are the midpoints m_j between neighbouring levels, and the index is
-    the number of midpoints below x: q = #{j : m_j < x}. `torch.bucketize(x, m)` computes exactly
-    that by binary search (it is the oracle in the tests), but it costs most of the quantization
-    time. A lookup table does it in two reads: cut [-1, 1] into 4096 bins with a monotone
+    the number of midpoints below x:  q = #{j : m_j < x}. This is the rule as written;
+    round_to_code below computes the same indices faster (a test compares them)."""
+    midpoints = (code[:-1] + code[1:]) / 2                          # (levels - 1,)
+    # torch.bucketize(x, m) = #{j : m_j < x} by binary search (right=False: a tie goes below)
+    return torch.bucketize(x, midpoints, out_int32=True).to(torch.uint8)
+
+
+def round_to_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """nearest_level(x, code), computed by a lookup table: for speed only, same indices.
+
+    bucketize's binary search costs most of the quantization time. A lookup table does it in two
+    reads: cut [-1, 1] into 4096 bins with a monotone
     g(x) = trunc(2048 x + 2048); every midpoint in a lower bin than x is below x, every midpoint
     in a higher bin is above it, and at most one midpoint shares x's bin, which one comparison
     settles. Multiplying by 2048 is exact, so x and the midpoints fall in their bins consistently.
-    A code with levels closer than a bin (the 8-bit dynamic map) falls back to bucketize.
+    A code with levels closer than a bin (the 8-bit dynamic map) falls back to nearest_level.
     """
     tables = rounding_tables(tuple(code.tolist()), str(x.device))
     if tables is None:
-        midpoints = (code[:-1] + code[1:]) / 2
-        return torch.bucketize(x, midpoints, out_int32=True).to(torch.uint8)
+        return nearest_level(x, code)
     below, threshold = tables
     b = grid_bin(x)                                                 # (n,)
     # q = #{midpoints in lower bins} + [x > the midpoint in its own bin]
@@ -566,6 +574,53 @@ def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, dou
     return model
 
 
+# ----------------------------------------------------------------------------------------------
+# Comparing 4-bit codes: the same blockwise absmax with any code, and how evenly it uses its levels
+# ----------------------------------------------------------------------------------------------
+
+def fake_quantize(w: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize-dequantize with any sorted code in [-1, 1] and blockwise absmax: (w_hat fp32, q)."""
+    absmax, scaled = blockwise_absmax(w, blocksize)
+    q = round_to_code(scaled, code.to(w.device))                   # (n,) level indices
+    values = code.to(w.device)[q.long()]
+    return scale_blocks(values, absmax, blocksize).view(w.shape), q
+
+
+def code_entropy(q: torch.Tensor, levels: int) -> float:
+    """H = -sum_j p_j log2 p_j of how often each level is used; log2(levels) if all equally."""
+    p = torch.bincount(q.long(), minlength=levels).float() / q.numel()
+    p = p[p > 0]
+    return -(p * p.log2()).sum().item()
+
+
+def format_errors(w: torch.Tensor, blocksize: int = 64) -> list[tuple[str, float, torch.Tensor, float | None]]:
+    """(name, bits per weight, reconstruction, entropy of the 4-bit codes) for each format."""
+    int8 = torch.arange(-127, 128, dtype=torch.float32) / 127      # absmax int8: 255 linear levels
+    # absmax int4 as usually written: 15 evenly spaced levels k/7, k = -7..7, with an exact 0 (the
+    # 16th code is unused, so it holds log2(15) = 3.91 bits at most)
+    int4 = torch.arange(-7, 8, dtype=torch.float32) / 7
+    # all 16 codes, evenly spaced and symmetric: (2k + 1)/15, k = -8..7, i.e. +-1/15 ... +-1, no 0
+    int4_16 = (2 * torch.arange(-8, 8, dtype=torch.float32) + 1) / 15
+    const = 32 / blocksize                                          # one fp32 absmax per block
+    rows = [("fp16", 16.0, w.half().float(), None),
+            (f"int8 absmax, block {blocksize}", 8 + const, fake_quantize(w, int8, blocksize)[0], None)]
+    for name, code in ((f"int4 absmax (15 levels), block {blocksize}", int4),
+                       (f"int4 symmetric (16 levels), block {blocksize}", int4_16),
+                       (f"FP4 (e2m1), block {blocksize}", fp4_code())):
+        approx, q = fake_quantize(w, code, blocksize)
+        rows.append((name, 4 + const, approx, code_entropy(q, len(code))))
+    entropy = code_entropy(fake_quantize(w, NF4_CODE, blocksize)[1], 16)
+    for name, double in ((f"NF4, block {blocksize}", False), ("NF4 + double quant", True)):
+        packed, state = quantize_nf4(w, blocksize, double_quant=double)
+        rows.append((name, bits_per_parameter(packed, state), dequantize_nf4(packed, state, torch.float32), entropy))
+    return rows
+
+
+# ==============================================================================================
+# Plumbing: loading weights layer by layer, transformers' file format, the demo's CLI.
+# A reader learning NF4 can stop here.
+# ==============================================================================================
+
 def take(weights: Mapping, key: str, used: set) -> torch.Tensor:
     if key not in weights:
         raise KeyError(f"the weights have no tensor '{key}' for the model")
@@ -747,44 +802,6 @@ def atomic_write(path: str, content) -> None:
 # ----------------------------------------------------------------------------------------------
 # The demo: the code table, bits per parameter, and the error of each format on the same weights
 # ----------------------------------------------------------------------------------------------
-
-def fake_quantize(w: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize-dequantize with any sorted code in [-1, 1] and blockwise absmax: (w_hat fp32, q)."""
-    absmax, scaled = blockwise_absmax(w, blocksize)
-    q = round_to_code(scaled, code.to(w.device))                   # (n,) level indices
-    values = code.to(w.device)[q.long()]
-    return scale_blocks(values, absmax, blocksize).view(w.shape), q
-
-
-def code_entropy(q: torch.Tensor, levels: int) -> float:
-    """H = -sum_j p_j log2 p_j of how often each level is used; log2(levels) if all equally."""
-    p = torch.bincount(q.long(), minlength=levels).float() / q.numel()
-    p = p[p > 0]
-    return -(p * p.log2()).sum().item()
-
-
-def format_errors(w: torch.Tensor, blocksize: int = 64) -> list[tuple[str, float, torch.Tensor, float | None]]:
-    """(name, bits per weight, reconstruction, entropy of the 4-bit codes) for each format."""
-    int8 = torch.arange(-127, 128, dtype=torch.float32) / 127      # absmax int8: 255 linear levels
-    # absmax int4 as usually written: 15 evenly spaced levels k/7, k = -7..7, with an exact 0 (the
-    # 16th code is unused, so it holds log2(15) = 3.91 bits at most)
-    int4 = torch.arange(-7, 8, dtype=torch.float32) / 7
-    # all 16 codes, evenly spaced and symmetric: (2k + 1)/15, k = -8..7, i.e. +-1/15 ... +-1, no 0
-    int4_16 = (2 * torch.arange(-8, 8, dtype=torch.float32) + 1) / 15
-    const = 32 / blocksize                                          # one fp32 absmax per block
-    rows = [("fp16", 16.0, w.half().float(), None),
-            (f"int8 absmax, block {blocksize}", 8 + const, fake_quantize(w, int8, blocksize)[0], None)]
-    for name, code in ((f"int4 absmax (15 levels), block {blocksize}", int4),
-                       (f"int4 symmetric (16 levels), block {blocksize}", int4_16),
-                       (f"FP4 (e2m1), block {blocksize}", fp4_code())):
-        approx, q = fake_quantize(w, code, blocksize)
-        rows.append((name, 4 + const, approx, code_entropy(q, len(code))))
-    entropy = code_entropy(fake_quantize(w, NF4_CODE, blocksize)[1], 16)
-    for name, double in ((f"NF4, block {blocksize}", False), ("NF4 + double quant", True)):
-        packed, state = quantize_nf4(w, blocksize, double_quant=double)
-        rows.append((name, bits_per_parameter(packed, state), dequantize_nf4(packed, state, torch.float32), entropy))
-    return rows
-
 
 def print_code_table() -> None:
     ours = nf4_code()

@@ -197,50 +197,6 @@ class PaliGemmaConfig:
         return out
 
 
-# transformers builds a sub-config given as a dict from the sub-model class's own defaults
-# (configuration_utils.SubConfigSpec.create_subconfig), and only an absent one from PaliGemma's
-# defaults. The tables below are those defaults (SiglipVisionConfig, GemmaConfig, Gemma2Config,
-# and PaliGemmaConfig.sub_configs_defaults in transformers 5.23).
-_SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                        num_channels=3, image_size=224, patch_size=16, layer_norm_eps=1e-6,
-                        hidden_act="gelu_pytorch_tanh", vision_use_head=True)
-_PALIGEMMA_VISION = dict(_SIGLIP_DEFAULTS, hidden_size=1152, intermediate_size=4096, num_hidden_layers=27,
-                         num_attention_heads=16, patch_size=14, vision_use_head=False)
-_GEMMA_DEFAULTS = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=16, head_dim=256)
-_GEMMA2_DEFAULTS = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-                        sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
-_PALIGEMMA_TEXT = dict(_GEMMA_DEFAULTS, hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
-                       num_attention_heads=8, num_key_value_heads=1, vocab_size=257152)
-
-
-def _vision_from_hf(d):
-    merged = {**(_SIGLIP_DEFAULTS if d is not None else _PALIGEMMA_VISION), **(d or {})}
-    return VisionConfig(**{k: merged[k] for k in VisionConfig.__dataclass_fields__})
-
-
-def _text_from_hf(d):
-    d = dict(d or {})
-    model_type = d.get("model_type", "gemma")
-    merged = {**(_GEMMA2_DEFAULTS if model_type == "gemma2" else _GEMMA_DEFAULTS if d else _PALIGEMMA_TEXT), **d}
-    merged["model_type"] = model_type
-    merged["hidden_act"] = merged.get("hidden_activation") or merged.get("hidden_act") or "gelu_pytorch_tanh"
-    if merged["hidden_act"] == "gelu":   # GemmaConfig: legacy configs say "gelu" but mean the tanh form
-        merged["hidden_act"] = "gelu_pytorch_tanh"
-    merged["rope_theta"] = (merged.get("rope_parameters") or {}).get("rope_theta", merged.get("rope_theta", 10000.0))
-    if model_type == "gemma2" and merged.get("layer_types") is None:
-        # Gemma 2 alternates local and global layers, starting with a local one (Gemma2Config)
-        merged["layer_types"] = ["sliding_attention" if (i + 1) % 2 else "full_attention"
-                                 for i in range(merged["num_hidden_layers"])]
-    # PaliGemmaConfig.__post_init__: unset means bidirectional (prefix-LM) for PaliGemma 1 and 2
-    if merged.get("use_bidirectional_attention") is None:
-        merged["use_bidirectional_attention"] = True
-    if merged.get("head_dim") is None:
-        merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
-    return TextConfig(**{k: merged[k] for k in TextConfig.__dataclass_fields__ if k in merged})
-
-
 # ----------------------------------------------------------------------------------------------
 # Core math: small pure functions
 # ----------------------------------------------------------------------------------------------
@@ -829,6 +785,59 @@ class PaliGemma(nn.Module):
         atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         config = {**self.config.to_hf_dict(), "dtype": str(self.dtype).removeprefix("torch.")}
         atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+
+
+# ==============================================================================================
+# Plumbing: config.json and its defaults, reading safetensors checkpoints, the processor, the CLI.
+# A reader learning PaliGemma can stop here; PaliGemma.from_pretrained above is the entry point.
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# config.json: the defaults transformers fills in for absent keys
+# ----------------------------------------------------------------------------------------------
+
+# transformers builds a sub-config given as a dict from the sub-model class's own defaults
+# (configuration_utils.SubConfigSpec.create_subconfig), and only an absent one from PaliGemma's
+# defaults. The tables below are those defaults (SiglipVisionConfig, GemmaConfig, Gemma2Config,
+# and PaliGemmaConfig.sub_configs_defaults in transformers 5.23).
+_SIGLIP_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        num_channels=3, image_size=224, patch_size=16, layer_norm_eps=1e-6,
+                        hidden_act="gelu_pytorch_tanh", vision_use_head=True)
+_PALIGEMMA_VISION = dict(_SIGLIP_DEFAULTS, hidden_size=1152, intermediate_size=4096, num_hidden_layers=27,
+                         num_attention_heads=16, patch_size=14, vision_use_head=False)
+_GEMMA_DEFAULTS = dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=16, head_dim=256)
+_GEMMA2_DEFAULTS = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                        sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+_PALIGEMMA_TEXT = dict(_GEMMA_DEFAULTS, hidden_size=2048, num_hidden_layers=18, intermediate_size=16384,
+                       num_attention_heads=8, num_key_value_heads=1, vocab_size=257152)
+
+
+def _vision_from_hf(d):
+    merged = {**(_SIGLIP_DEFAULTS if d is not None else _PALIGEMMA_VISION), **(d or {})}
+    return VisionConfig(**{k: merged[k] for k in VisionConfig.__dataclass_fields__})
+
+
+def _text_from_hf(d):
+    d = dict(d or {})
+    model_type = d.get("model_type", "gemma")
+    merged = {**(_GEMMA2_DEFAULTS if model_type == "gemma2" else _GEMMA_DEFAULTS if d else _PALIGEMMA_TEXT), **d}
+    merged["model_type"] = model_type
+    merged["hidden_act"] = merged.get("hidden_activation") or merged.get("hidden_act") or "gelu_pytorch_tanh"
+    if merged["hidden_act"] == "gelu":   # GemmaConfig: legacy configs say "gelu" but mean the tanh form
+        merged["hidden_act"] = "gelu_pytorch_tanh"
+    merged["rope_theta"] = (merged.get("rope_parameters") or {}).get("rope_theta", merged.get("rope_theta", 10000.0))
+    if model_type == "gemma2" and merged.get("layer_types") is None:
+        # Gemma 2 alternates local and global layers, starting with a local one (Gemma2Config)
+        merged["layer_types"] = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                 for i in range(merged["num_hidden_layers"])]
+    # PaliGemmaConfig.__post_init__: unset means bidirectional (prefix-LM) for PaliGemma 1 and 2
+    if merged.get("use_bidirectional_attention") is None:
+        merged["use_bidirectional_attention"] = True
+    if merged.get("head_dim") is None:
+        merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
+    return TextConfig(**{k: merged[k] for k in TextConfig.__dataclass_fields__ if k in merged})
 
 
 # ----------------------------------------------------------------------------------------------

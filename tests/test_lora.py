@@ -351,8 +351,13 @@ def test_main_tiny_training_demo(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_main_tiny_memory_table(capsys):
-    rows = {row["method"]: row for row in lora.main(["--memory", "--tiny", "--device", "cpu"])}
+def test_tiny_memory_table_of_the_benchmark(capsys):
+    """benchmarks/bench_lora.py's memory table (full vs LoRA vs QLoRA, one step each in a fresh process)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_lora
+    rows = {row["method"]: row for row in bench_lora.main(["--skip-speed", "--tiny", "--r", "16"])["memory"]}
     assert set(rows) == {"full", "lora", "qlora"}
     assert rows["lora"]["trainable"] == rows["qlora"]["trainable"] < rows["full"]["trainable"]
     # AdamW keeps two fp32 moments per trainable parameter, the gradient one

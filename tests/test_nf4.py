@@ -69,13 +69,14 @@ def test_dynamic_map_matches_bitsandbytes():
     assert code.shape == (256,) and torch.all(code[1:] >= code[:-1]) and code.max() == 1.0 and (code == 0).any()
 
 
-def test_round_to_code_equals_bucketize_at_the_edges():
+def test_fast_round_to_code_equals_the_nearest_level_rule_at_the_edges():
     torch.manual_seed(0)
     for code in (nf4.nf4_code(), nf4.fp4_code(), nf4.dynamic_map()):
         mid = (code[:-1] + code[1:]) / 2
         x = torch.cat([torch.rand(20000) * 2 - 1, mid, mid.nextafter(torch.tensor(2.0)),
                        mid.nextafter(torch.tensor(-2.0)), torch.tensor([-1.0, 1.0, 0.0, -0.0])])
         expected = torch.bucketize(x, mid).to(torch.uint8)    # ties (x on a midpoint) go to the lower level
+        assert torch.equal(nf4.nearest_level(x, code), expected)
         assert torch.equal(nf4.round_to_code(x, code), expected)
 
 
