@@ -194,6 +194,70 @@ def test_tie_break_decides_rougeLsum_hand_example():
     assert ours.recall == theirs.recall == 1 / 2 and ours.precision == theirs.precision == 1 / 3
 
 
+def test_lcs_path_on_the_full_table_is_rouge_scores_walk():
+    rng = random.Random(3)
+    for _ in range(200):
+        a, b = random_sequences(rng, "abc", 30)
+        assert rouge.lcs_path(rouge.lcs_table(a, b), a, b) == rouge_scorer.lcs_ind(a, b) == rouge.lcs_indices(a, b)
+
+
+def test_memory_saving_paths_give_rouge_scores_numbers(monkeypatch):
+    # Tiny strips, groups and row budget push short texts through every path that long texts take:
+    # carries between strips (rougeL), checkpointed rows, several groups of predicted sentences
+    # and sentences longer than a group (rougeLsum).
+    monkeypatch.setattr(rouge, "STRIP_BITS", 7)
+    monkeypatch.setattr(rouge, "GROUP_BITS", 12)
+    monkeypatch.setattr(rouge, "ROW_BUDGET_BITS", 1)
+    rng = random.Random(4)
+    for alphabet in ("ab", "abcdef"):
+        for _ in range(150):
+            a, b = random_sequences(rng, alphabet, 60)
+            assert rouge.lcs_length(a, b) == rouge_scorer._lcs_table(a, b)[-1][-1]
+            assert rouge.lcs_indices(a, b) == rouge_scorer.lcs_ind(a, b)
+            sentences = [random_sequences(rng, alphabet, 20)[0] for _ in range(rng.randint(0, 6))]
+            expected = rouge_scorer._find_union([rouge_scorer.lcs_ind(a, s) for s in sentences])
+            assert rouge.union_lcs(a, rouge.side_by_side(sentences)) == expected
+    types = ["rougeL", "rougeLsum"]
+    ours, theirs = rouge.RougeScorer(types, use_stemmer=True), rouge_scorer.RougeScorer(types, use_stemmer=True)
+    for target, prediction in generated_pairs(seed=5, n=80):
+        assert_same_scores(ours.score(target, prediction), theirs.score(target, prediction), types)
+
+
+def test_checkpointed_rows_equal_all_rows():
+    rng = random.Random(6)
+    a, b = random_sequences(rng, "abcd", 200)
+    masks, full = rouge.match_masks(b), (1 << len(b)) - 1
+    rows, saved = rouge.lcs_rows(a, masks, full), rouge.CheckpointedRows(a, masks, full)
+    assert [saved[i] for i in reversed(range(len(a) + 1))] == rows[::-1]
+    assert len(saved.checkpoints) <= len(a) ** 0.5 + 2 and len(saved.cache) <= 2
+
+
+def traced_peak(function, *args):
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        function(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_grows_linearly_not_with_the_table(monkeypatch):
+    """All bit rows of two n-word texts take n^2 / 8 bytes (rouge-score's table: n^2 cells). rougeL
+    keeps one row and one strip's masks: tripling n at most triples its peak and stays far below
+    the rows. rougeLsum on the same texts as single sentences, with the row budget lowered so that
+    its checkpoints are used, stays well under the rows too."""
+    rng = random.Random(7)
+    vocabulary = [f"w{i}" for i in range(3000)]
+    text = lambda n: [rng.choice(vocabulary) for _ in range(n)]             # noqa: E731
+    small, large = (text(8_000), text(8_000)), (text(24_000), text(24_000))
+    small_peak, large_peak = traced_peak(rouge.lcs_length, *small), traced_peak(rouge.lcs_length, *large)
+    assert large_peak < 3.5 * small_peak and large_peak < 24_000 ** 2 / 8 / 5, (small_peak, large_peak)
+    monkeypatch.setattr(rouge, "ROW_BUDGET_BITS", 1 << 20)
+    lsum_peak = traced_peak(rouge.summary_level_lcs, [small[0]], [small[1]])
+    assert lsum_peak < 8_000 ** 2 / 8 / 2, lsum_peak
+
+
 # ------------------------------------------------------------------------------------------------
 # Hand-checked ROUGE-N and ROUGE-L
 # ------------------------------------------------------------------------------------------------
