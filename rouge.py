@@ -19,9 +19,17 @@ the reference's content a system recovered. Today papers report the F-measure.
 What this file reproduces, to 1e-9 on any text (tests/test_rouge.py checks it against the library):
 - rouge-score 0.1.2: `RougeScorer(rouge_types, use_stemmer, split_summaries, tokenizer)` with
   `.score` / `.score_multi`, `Score`, `BootstrapAggregator`, its tokenizer (lower-case, anything
-  outside [a-z0-9] becomes a space) and nltk 3.10's Porter stemmer, rewritten here by hand.
+  outside [a-z0-9] becomes a space) and nltk 3.10's Porter stemmer, rewritten here by hand; its
+  `Tokenizer` base class for custom tokenizers; its io module's `compute_scores_and_write_to_csv`
+  and its command line (`python rouge.py --target_filepattern ... --prediction_filepattern ...
+  --output_filename ...`), byte for byte the same CSV. rouge-score's own test files pass on this
+  file through a module that only renames (tests/test_rouge.py runs them).
 - ROUGE-1.5.5.pl, Lin's Perl toolkit, for rougeW, rougeS and rougeSU (which rouge-score lacks),
   quirks included; each quirk is named at the line that reproduces it.
+
+Memory grows linearly with text length: rougeL keeps one row of the LCS table, rougeLsum the rows
+of one reference sentence against a bounded group of predicted sentences (rouge-score keeps the
+whole table, (|a|+1)(|b|+1) cells, beyond reach at 1e5 words).
 
 Conventions: the target (reference) comes first, the prediction second, as in rouge-score. Texts are
 plain str; "\n" separates sentences for rougeLsum and rougeW. Scores are fractions in [0, 1].
@@ -32,6 +40,7 @@ sentence splitter, which needs downloaded data: a documented rule-based splitter
 """
 import abc
 import argparse
+import array
 import collections
 import glob
 import json
@@ -466,9 +475,10 @@ def score_ngrams(target_counts, prediction_counts):
 #     L[i][j] = L[i-1][j-1] + 1                 if a[i-1] == b[j-1]
 #             = max(L[i-1][j], L[i][j-1])       otherwise
 # rouge-score does exactly that in Python, O(|a| |b|) steps, and spends most of its time there. It
-# also keeps the whole table: (|a|+1)(|b|+1) Python ints, 1.4 GB for two 1e5-word texts. Below,
-# rougeL keeps one row (it needs only the length) and rougeLsum keeps rows only for one reference
-# sentence against a bounded group of predicted sentences, so memory grows linearly with the text.
+# also keeps the whole table, (|a|+1)(|b|+1) cells: 1e10 for two 1e5-word texts, and still 1.2 GiB
+# as the bit rows below. So rougeL keeps one row (it needs only the length) and rougeLsum keeps
+# rows only for one reference sentence against a bounded group of predicted sentences: memory
+# grows linearly with the text.
 
 def lcs_table(a, b):
     """The full LCS dynamic-programming table (for teaching, the demo and the tests)."""
@@ -569,7 +579,7 @@ def lcs_length(a, b):
 
 # rougeLsum needs the rows themselves (the backtracking below reads them), |a| + 1 of them. When
 # they would exceed ROW_BUDGET_BITS (a reference sentence of thousands of words against as many
-# predicted words), keep only every k-th row, k = ceil(sqrt(|a|)), and recompute a block of k rows
+# predicted words), keep only every k-th row, k ~ sqrt(|a|), and recompute a block of k rows
 # from its checkpoint when the backtracking walk reaches it: about 2 sqrt(|a|) rows instead of
 # |a| + 1, for one more forward pass. The walk only moves up, so two cached blocks are enough.
 ROW_BUDGET_BITS = 1 << 28                       # 32 MiB of rows
@@ -598,6 +608,50 @@ class CheckpointedRows:
             self.cache[k] = lcs_rows(self.a[start: start + self.block], self.masks, self.full,
                                      self.checkpoints[k])
         return self.cache[k][offset]
+
+
+# A sentence longer than a strip (a text without line breaks, scored by rougeLsum) needs whole
+# rows, since the walk reads prefixes of them, but not all its masks at once: PositionMasks keeps
+# each word's positions (4 bytes each) and builds M[x] when a row asks for x, caching masks up to
+# MASK_CACHE_BITS. Building one costs |b| / 8 bytes of work, less than the row update it serves.
+MASK_CACHE_BITS = 1 << 29                       # 64 MiB
+
+
+class PositionMasks:
+    """M[x] of a long sequence b, built on demand from the positions of x: O(|b|) memory instead
+    of |b| bits per distinct word. Reads like the dict of match_masks (get, [])."""
+
+    def __init__(self, b):
+        self.positions = {}
+        for j, token in enumerate(b):
+            if token not in self.positions:
+                self.positions[token] = array.array("I")
+            self.positions[token].append(j)
+        self.n_bytes = (len(b) + 7) // 8
+        self.cache, self.cached_bits = {}, 0
+
+    def get(self, token, default=0):
+        mask = self.cache.get(token)
+        if mask is None:
+            if token not in self.positions:
+                return default
+            bits = bytearray(self.n_bytes)
+            for j in self.positions[token]:
+                bits[j >> 3] |= 1 << (j & 7)
+            mask = int.from_bytes(bits, "little")          # bit j of byte j // 8 = position j
+            if self.cached_bits + 8 * self.n_bytes > MASK_CACHE_BITS:
+                self.cache, self.cached_bits = {}, 0        # full: start over (frequent words return)
+            self.cache[token] = mask
+            self.cached_bits += 8 * self.n_bytes
+        return mask
+
+    def __getitem__(self, token):
+        return self.get(token)
+
+
+def masks_of(b):
+    """match_masks(b) for a sequence up to a strip long, PositionMasks(b) beyond."""
+    return match_masks(b) if len(b) <= STRIP_BITS else PositionMasks(b)
 
 
 def bit_rows(a, masks, full):
@@ -642,7 +696,7 @@ def lcs_indices(a, b):
     """
     if not a or not b:
         return []
-    masks = match_masks(b)
+    masks = masks_of(b)
     return backtrack(a, b, bit_rows(a, masks, (1 << len(b)) - 1), masks)
 
 
@@ -651,7 +705,7 @@ def lcs_indices(a, b):
 # would bring back the |b|-bit masks, so sentences are packed into groups of at most GROUP_BITS
 # positions: rows and masks then cost O(|reference sentence| x GROUP_BITS) bits per group, and the
 # groups' masks together grow linearly with the prediction. A single sentence longer than a group
-# gets a group of its own (its masks are then |sentence| bits per distinct word).
+# gets a group of its own, with PositionMasks beyond STRIP_BITS words.
 GROUP_BITS = 1 << 11
 
 
@@ -669,6 +723,9 @@ def side_by_side(sentences, group_bits=None):
         if spans and offset + len(s) > group_bits:
             groups.append((masks, spans, full))
             masks, spans, full, offset = {}, [], 0, 0
+        if len(s) > STRIP_BITS:                 # a long sentence: alone, masks built on demand
+            groups.append((PositionMasks(s), [(0, s)], (1 << len(s)) - 1))
+            continue
         match_masks(s, offset, masks)
         spans.append((offset, s))
         full |= ((1 << len(s)) - 1) << offset

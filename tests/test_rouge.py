@@ -203,9 +203,11 @@ def test_lcs_path_on_the_full_table_is_rouge_scores_walk():
 
 def test_memory_saving_paths_give_rouge_scores_numbers(monkeypatch):
     # Tiny strips, groups and row budget push short texts through every path that long texts take:
-    # carries between strips (rougeL), checkpointed rows, several groups of predicted sentences
-    # and sentences longer than a group (rougeLsum).
+    # carries between strips (rougeL), checkpointed rows, several groups of predicted sentences,
+    # sentences longer than a group, and longer than a strip, whose masks are built on demand from
+    # a cache too small to keep them (rougeLsum).
     monkeypatch.setattr(rouge, "STRIP_BITS", 7)
+    monkeypatch.setattr(rouge, "MASK_CACHE_BITS", 64)
     monkeypatch.setattr(rouge, "GROUP_BITS", 12)
     monkeypatch.setattr(rouge, "ROW_BUDGET_BITS", 1)
     rng = random.Random(4)
@@ -248,14 +250,14 @@ def test_memory_grows_linearly_not_with_the_table(monkeypatch):
     the rows. rougeLsum on the same texts as single sentences, with the row budget lowered so that
     its checkpoints are used, stays well under the rows too."""
     rng = random.Random(7)
-    vocabulary = [f"w{i}" for i in range(3000)]
+    vocabulary = [f"w{i}" for i in range(1000)]
     text = lambda n: [rng.choice(vocabulary) for _ in range(n)]             # noqa: E731
-    small, large = (text(8_000), text(8_000)), (text(24_000), text(24_000))
+    small, large = (text(6_000), text(6_000)), (text(18_000), text(18_000))
     small_peak, large_peak = traced_peak(rouge.lcs_length, *small), traced_peak(rouge.lcs_length, *large)
-    assert large_peak < 3.5 * small_peak and large_peak < 24_000 ** 2 / 8 / 5, (small_peak, large_peak)
+    assert large_peak < 3.5 * small_peak and large_peak < 18_000 ** 2 / 8 / 5, (small_peak, large_peak)
     monkeypatch.setattr(rouge, "ROW_BUDGET_BITS", 1 << 20)
     lsum_peak = traced_peak(rouge.summary_level_lcs, [small[0]], [small[1]])
-    assert lsum_peak < 8_000 ** 2 / 8 / 2, lsum_peak
+    assert lsum_peak < 6_000 ** 2 / 8 / 2, lsum_peak
 
 
 # ------------------------------------------------------------------------------------------------
