@@ -29,7 +29,8 @@ What this file reproduces, to 1e-9 on any text (tests/test_rouge.py checks it ag
 
 Memory grows linearly with text length: rougeL keeps one row of the LCS table, rougeLsum the rows
 of one reference sentence against a bounded group of predicted sentences (rouge-score keeps the
-whole table, (|a|+1)(|b|+1) cells, beyond reach at 1e5 words).
+whole table, (|a|+1)(|b|+1) cells, beyond reach at 1e5 words). The exception is rougeLsum on one
+huge sentence (a long text without line breaks): about 2 sqrt(n) checkpoint rows of n bits.
 
 Conventions: the target (reference) comes first, the prediction second, as in rouge-score. Texts are
 plain str; "\n" separates sentences for rougeLsum and rougeW. Scores are fractions in [0, 1].
