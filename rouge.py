@@ -30,7 +30,7 @@ What this file reproduces, to 1e-9 on any text (tests/test_rouge.py checks it ag
 Memory grows linearly with text length: rougeL keeps one row of the LCS table, rougeLsum the rows
 of one reference sentence against a bounded group of predicted sentences (rouge-score keeps the
 whole table, (|a|+1)(|b|+1) cells, beyond reach at 1e5 words). The exception is rougeLsum on one
-huge sentence (a long text without line breaks): about 2 sqrt(n) checkpoint rows of n bits.
+huge sentence (a long text without line breaks): about 3 sqrt(n) rows of n bits (checkpoints).
 
 Conventions: the target (reference) comes first, the prediction second, as in rouge-score. Texts are
 plain str; "\n" separates sentences for rougeLsum and rougeW. Scores are fractions in [0, 1].
@@ -581,8 +581,9 @@ def lcs_length(a, b):
 # rougeLsum needs the rows themselves (the backtracking below reads them), |a| + 1 of them. When
 # they would exceed ROW_BUDGET_BITS (a reference sentence of thousands of words against as many
 # predicted words), keep only every k-th row, k ~ sqrt(|a|), and recompute a block of k rows
-# from its checkpoint when the backtracking walk reaches it: about 2 sqrt(|a|) rows instead of
-# |a| + 1, for one more forward pass. The walk only moves up, so two cached blocks are enough.
+# from its checkpoint when the backtracking walk reaches it: about 3 sqrt(|a|) rows instead of
+# |a| + 1 (the checkpoints, plus the two blocks the walk is in: it only moves up), for one
+# more forward pass.
 ROW_BUDGET_BITS = 1 << 28                       # 32 MiB of rows
 
 
