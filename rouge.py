@@ -19,9 +19,18 @@ the reference's content a system recovered. Today papers report the F-measure.
 What this file reproduces, to 1e-9 on any text (tests/test_rouge.py checks it against the library):
 - rouge-score 0.1.2: `RougeScorer(rouge_types, use_stemmer, split_summaries, tokenizer)` with
   `.score` / `.score_multi`, `Score`, `BootstrapAggregator`, its tokenizer (lower-case, anything
-  outside [a-z0-9] becomes a space) and nltk 3.10's Porter stemmer, rewritten here by hand.
+  outside [a-z0-9] becomes a space) and nltk 3.10's Porter stemmer, rewritten here by hand; its
+  `Tokenizer` base class for custom tokenizers; its io module's `compute_scores_and_write_to_csv`
+  and its command line (`python rouge.py --target_filepattern ... --prediction_filepattern ...
+  --output_filename ...`), byte for byte the same CSV. rouge-score's own test files pass on this
+  file through a module that only renames (tests/test_rouge.py runs them).
 - ROUGE-1.5.5.pl, Lin's Perl toolkit, for rougeW, rougeS and rougeSU (which rouge-score lacks),
   quirks included; each quirk is named at the line that reproduces it.
+
+Memory grows linearly with text length: rougeL keeps one row of the LCS table, rougeLsum the rows
+of one reference sentence against a bounded group of predicted sentences (rouge-score keeps the
+whole table, (|a|+1)(|b|+1) cells, beyond reach at 1e5 words). The exception is rougeLsum on one
+huge sentence (a long text without line breaks): about 3 sqrt(n) rows of n bits (checkpoints).
 
 Conventions: the target (reference) comes first, the prediction second, as in rouge-score. Texts are
 plain str; "\n" separates sentences for rougeLsum and rougeW. Scores are fractions in [0, 1].
@@ -30,9 +39,13 @@ Left out: ROUGE-1.5.5's stopword removal, length cut-offs, its WordNet exception
 over references (we take the best reference, as rouge-score does); rouge-score's nltk punkt
 sentence splitter, which needs downloaded data: a documented rule-based splitter stands in.
 """
+import abc
 import argparse
+import array
 import collections
+import glob
 import json
+import logging
 import os
 import re
 import sys
@@ -305,7 +318,17 @@ def tokenize(text, stemmer=None):
     return [stemmer.stem(w) if len(w) > 3 else w for w in words]
 
 
-class DefaultTokenizer:
+class Tokenizer(abc.ABC):
+    """Base class of tokenizers (rouge-score's tokenizers.Tokenizer): a custom tokenizer subclasses
+    it and overrides tokenize(text) -> list of str. RougeScorer accepts any object with a
+    tokenize method; subclassing states the contract and fails early if tokenize is missing."""
+
+    @abc.abstractmethod
+    def tokenize(self, text):
+        raise NotImplementedError("Tokenizer must override tokenize() method")
+
+
+class DefaultTokenizer(Tokenizer):
     """rouge-score's DefaultTokenizer, with one dict from word to token so a repeated word costs a
     single lookup. A Porter stem of a word of more than 3 letters is never empty, so rouge-score's
     final "drop empty tokens" filter never fires and is left out."""
@@ -344,7 +367,7 @@ NO_SPACE_SCRIPTS = re.compile(
     "\uf900-\ufaff\U00020000-\U0002ffff]")
 
 
-class UnicodeTokenizer:
+class UnicodeTokenizer(Tokenizer):
     """Opt-in tokenizer that keeps every script: NFKC-normalise, case-fold, keep runs of letters,
     marks and digits (Unicode categories L, M, N), one token per character in scripts without
     spaces. English ASCII words are Porter-stemmed as by the default tokenizer.
@@ -452,7 +475,11 @@ def score_ngrams(target_counts, prediction_counts):
 # Textbook dynamic programming fills a (|a|+1) x (|b|+1) table:
 #     L[i][j] = L[i-1][j-1] + 1                 if a[i-1] == b[j-1]
 #             = max(L[i-1][j], L[i][j-1])       otherwise
-# rouge-score does exactly that in Python, O(|a| |b|) steps, and spends most of its time there.
+# rouge-score does exactly that in Python, O(|a| |b|) steps, and spends most of its time there. It
+# also keeps the whole table, (|a|+1)(|b|+1) cells: 1e10 for two 1e5-word texts, and still 1.2 GiB
+# as the bit rows below. So rougeL keeps one row (it needs only the length) and rougeLsum keeps
+# rows only for one reference sentence against a bounded group of predicted sentences: memory
+# grows linearly with the text.
 
 def lcs_table(a, b):
     """The full LCS dynamic-programming table (for teaching, the demo and the tests)."""
@@ -464,6 +491,21 @@ def lcs_table(a, b):
             else:
                 table[i][j] = max(table[i - 1][j], table[i][j - 1])
     return table
+
+
+def lcs_path(table, a, b):
+    """Positions in a of the LCS read out of a full table by rouge-score's walk (_backtrack_norec):
+    from (|a|, |b|), diagonal on a match, else left when L[i][j-1] > L[i-1][j], else up."""
+    i, j, path = len(a), len(b), []
+    while i > 0 and j > 0:
+        if a[i - 1] == b[j - 1]:
+            path.append(i - 1)
+            i, j = i - 1, j - 1
+        elif table[i][j - 1] > table[i - 1][j]:
+            j -= 1
+        else:
+            i -= 1
+    return path[::-1]
 
 
 # The faster way (Allison & Dix 1986; Hyyro 2004, "bit-parallel LCS"): along a row i the values
@@ -486,9 +528,10 @@ def match_masks(b, offset=0, masks=None):
     return masks
 
 
-def lcs_rows(a, masks, full):
-    """The bit rows V_0 .. V_|a| of the LCS table of a against the positions set in full."""
-    v = full
+def lcs_rows(a, masks, full, v=None):
+    """The bit rows V_0 .. V_|a| of the LCS table of a against the positions set in full
+    (V_0 = v, all flat by default)."""
+    v = full if v is None else v
     rows = [v]
     for token in a:
         u = v & masks.get(token, 0)
@@ -498,12 +541,126 @@ def lcs_rows(a, masks, full):
     return rows
 
 
+# Memory. Every mask M[x] is as long as b, so |b| bits per distinct word: 1e6 words of text with
+# 20,000 distinct words would need 2.5 GB of masks alone. lcs_length therefore cuts b into strips of
+# STRIP_BITS columns and runs the recurrence one strip at a time, top to bottom; the only thing a
+# strip passes to the next is the carry out of its top bit in each row i, the carry that V + U
+# would have pushed across the border. Per row and strip, with c_i the carry in:
+#     s = V + U + c_i,   c_{i+1 for the next strip} = s >> width,   V' = (s | (V - U)) & full
+# (V - U never borrows, so only + crosses strips). Memory: |a| carry bytes + one strip's masks.
+STRIP_BITS = 1 << 14
+
+
 def lcs_length(a, b):
-    """|LCS(a, b)|, bit-parallel (equal to lcs_table(a, b)[-1][-1])."""
+    """|LCS(a, b)|, bit-parallel, keeping one row: O(|a| + |b|) memory (equal to
+    lcs_table(a, b)[-1][-1], which would need (|a|+1)(|b|+1) cells)."""
     if not a or not b:
         return 0
-    v = lcs_rows(a, match_masks(b), (1 << len(b)) - 1)[-1]
-    return len(b) - v.bit_count()
+    if len(b) <= STRIP_BITS:                    # one strip, no carries: the plain recurrence
+        masks, full = match_masks(b), (1 << len(b)) - 1
+        v = full
+        for token in a:
+            u = v & masks.get(token, 0)
+            v = ((v + u) | (v - u)) & full      # V' = (V + U) | (V - U)
+        return len(b) - v.bit_count()
+    carries, length = bytes(len(a)), 0          # no carry enters the lowest strip
+    for start in range(0, len(b), STRIP_BITS):
+        strip = b[start: start + STRIP_BITS]
+        width, masks = len(strip), None         # drop the last strip's masks before building these
+        masks, full = match_masks(strip), (1 << width) - 1
+        v, carries_out = full, bytearray(len(a))
+        for i, token in enumerate(a):
+            u = v & masks.get(token, 0)
+            s = v + u + carries[i]              # V + U with the carry from the strip below
+            carries_out[i] = s >> width
+            v = (s | (v - u)) & full
+        carries, length = carries_out, length + width - v.bit_count()   # L = sum of strip steps
+    return length
+
+
+# rougeLsum needs the rows themselves (the backtracking below reads them), |a| + 1 of them. When
+# they would exceed ROW_BUDGET_BITS (a reference sentence of thousands of words against as many
+# predicted words), keep only every k-th row, k ~ sqrt(|a|), and recompute a block of k rows
+# from its checkpoint when the backtracking walk reaches it: about 3 sqrt(|a|) rows instead of
+# |a| + 1 (the checkpoints, plus the two blocks the walk is in: it only moves up), for one
+# more forward pass.
+ROW_BUDGET_BITS = 1 << 28                       # 32 MiB of rows
+
+
+class CheckpointedRows:
+    """rows[i] = V_i of lcs_rows(a, masks, full), with O(sqrt(|a|)) rows in memory."""
+
+    def __init__(self, a, masks, full, block=None):
+        self.a, self.masks, self.full = a, masks, full
+        self.block = block or max(1, int(len(a) ** 0.5) + 1)
+        self.checkpoints, v = [full], full      # checkpoints[k] = V_{k * block}
+        for i, token in enumerate(a, 1):
+            u = v & masks.get(token, 0)
+            v = ((v + u) | (v - u)) & full
+            if i % self.block == 0:
+                self.checkpoints.append(v)
+        self.cache = {}
+
+    def __getitem__(self, i):
+        k, offset = divmod(i, self.block)
+        if k not in self.cache:
+            for old in [old for old in self.cache if old > k + 1]:
+                del self.cache[old]             # the walk never goes back down
+            start = k * self.block
+            self.cache[k] = lcs_rows(self.a[start: start + self.block], self.masks, self.full,
+                                     self.checkpoints[k])
+        return self.cache[k][offset]
+
+
+# A sentence longer than a strip (a text without line breaks, scored by rougeLsum) needs whole
+# rows, since the walk reads prefixes of them, but not all its masks at once: PositionMasks keeps
+# each word's positions (4 bytes each) and builds M[x] when a row asks for x, caching masks up to
+# MASK_CACHE_BITS. Building one costs |b| / 8 bytes of work, less than the row update it serves.
+MASK_CACHE_BITS = 1 << 29                       # 64 MiB
+
+
+class PositionMasks:
+    """M[x] of a long sequence b, built on demand from the positions of x: O(|b|) memory instead
+    of |b| bits per distinct word. Reads like the dict of match_masks (get, [])."""
+
+    def __init__(self, b):
+        self.positions = {}
+        for j, token in enumerate(b):
+            if token not in self.positions:
+                self.positions[token] = array.array("I")
+            self.positions[token].append(j)
+        self.n_bytes = (len(b) + 7) // 8
+        self.cache, self.cached_bits = {}, 0
+
+    def get(self, token, default=0):
+        mask = self.cache.get(token)
+        if mask is None:
+            if token not in self.positions:
+                return default
+            bits = bytearray(self.n_bytes)
+            for j in self.positions[token]:
+                bits[j >> 3] |= 1 << (j & 7)
+            mask = int.from_bytes(bits, "little")          # bit j of byte j // 8 = position j
+            if self.cached_bits + 8 * self.n_bytes > MASK_CACHE_BITS:
+                self.cache, self.cached_bits = {}, 0        # full: start over (frequent words return)
+            self.cache[token] = mask
+            self.cached_bits += 8 * self.n_bytes
+        return mask
+
+    def __getitem__(self, token):
+        return self.get(token)
+
+
+def masks_of(b):
+    """match_masks(b) for a sequence up to a strip long, PositionMasks(b) beyond."""
+    return match_masks(b) if len(b) <= STRIP_BITS else PositionMasks(b)
+
+
+def bit_rows(a, masks, full):
+    """All rows when they fit ROW_BUDGET_BITS, otherwise CheckpointedRows (same values)."""
+    if (len(a) + 1) * full.bit_length() > ROW_BUDGET_BITS:
+        return CheckpointedRows(a, masks, full)
+    return lcs_rows(a, masks, full)
 
 
 def backtrack(a, b, rows, masks, offset=0):
@@ -541,36 +698,65 @@ def lcs_indices(a, b):
     """
     if not a or not b:
         return []
-    masks = match_masks(b)
-    return backtrack(a, b, lcs_rows(a, masks, (1 << len(b)) - 1), masks)
+    masks = masks_of(b)
+    return backtrack(a, b, bit_rows(a, masks, (1 << len(b)) - 1), masks)
 
 
-def side_by_side(sentences):
-    """Lay sentences side by side in one bit vector, each followed by a guard bit that stays 0:
-    a carry leaving one sentence stops at its guard and is masked away, exactly as "& full" drops
-    it for a lone sentence. One bit-parallel pass then gives the LCS rows against all of them.
-    Returns (masks, [(offset, sentence)], full)."""
-    masks, spans, full, offset = {}, [], 0, 0
+# The predicted sentences are laid side by side in one bit vector (below), so one pass over a
+# reference sentence gives its rows against all of them. One vector for a whole long prediction
+# would bring back the |b|-bit masks, so sentences are packed into groups of at most GROUP_BITS
+# positions: rows and masks then cost O(|reference sentence| x GROUP_BITS) bits per group, and the
+# groups' masks together grow linearly with the prediction. A single sentence longer than a group
+# gets a group of its own, with PositionMasks beyond STRIP_BITS words.
+GROUP_BITS = 1 << 11
+
+
+def side_by_side(sentences, group_bits=None):
+    """Lay sentences side by side in bit vectors of at most group_bits positions, each sentence
+    followed by a guard bit that stays 0: a carry leaving one sentence stops at its guard and is
+    masked away, exactly as "& full" drops it for a lone sentence. One bit-parallel pass per
+    group then gives the LCS rows against all of its sentences.
+    Returns a list of groups (masks, [(offset, sentence)], full)."""
+    group_bits = GROUP_BITS if group_bits is None else group_bits
+    groups, masks, spans, full, offset = [], {}, [], 0, 0
     for s in sentences:
-        if s:
-            match_masks(s, offset, masks)
-            spans.append((offset, s))
-            full |= ((1 << len(s)) - 1) << offset
-            offset += len(s) + 1
-    return masks, spans, full
+        if not s:
+            continue
+        if spans and offset + len(s) > group_bits:
+            groups.append((masks, spans, full))
+            masks, spans, full, offset = {}, [], 0, 0
+        if len(s) > STRIP_BITS:                 # a long sentence: alone, masks built on demand
+            groups.append((PositionMasks(s), [(0, s)], (1 << len(s)) - 1))
+            continue
+        match_masks(s, offset, masks)
+        spans.append((offset, s))
+        full |= ((1 << len(s)) - 1) << offset
+        offset += len(s) + 1
+    if spans:
+        groups.append((masks, spans, full))
+    return groups
 
 
 def union_lcs(a, layout):
     """Sorted positions in a covered by its LCS with any of the sentences laid out by
     side_by_side (the union LCS of Lin 2004, section 3.2)."""
-    masks, spans, full = layout
-    if not a or not spans:
-        return []
-    rows = lcs_rows(a, masks, full)
     union = set()
-    for offset, s in spans:
-        union.update(backtrack(a, s, rows, masks, offset))
+    if a:
+        for masks, spans, full in layout:
+            rows = bit_rows(a, masks, full)
+            for offset, s in spans:
+                union.update(backtrack(a, s, rows, masks, offset))
     return sorted(union)
+
+
+def find_union(position_lists):
+    """Sorted union of lists of positions (rouge-score's _find_union)."""
+    return sorted(set().union(*position_lists))
+
+
+def union_lcs_words(a, sentences):
+    """The words of a on its union LCS with the sentences, in order (rouge-score's _union_lcs)."""
+    return [a[i] for i in union_lcs(a, side_by_side(sentences))]
 
 
 def score_lcs(target_tokens, prediction_tokens):
@@ -894,7 +1080,7 @@ class BootstrapAggregator:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Command line: score files, or walk through a worked example
+# Plumbing: files in and out (ours, and rouge-score's io with its CSV), the command line, the demo
 # ---------------------------------------------------------------------------------------------------
 def read_examples(path):
     """One example per line; a literal backslash-n inside a line is a sentence break."""
@@ -959,12 +1145,99 @@ def write_json(path, config, per_example, intervals):
                       for name, agg in intervals.items()},
         "per_example": [{name: s._asdict() for name, s in scores.items()} for scores in per_example],
     }
+    atomic_write_text(path, json.dumps(payload, indent=1))
+
+
+def atomic_write_text(path, text):
+    """Write text to path through a temp file in the same folder and a rename, so a crash never
+    leaves a half-written file under the final name."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# rouge-score's io module and command line (rouge_score/io.py, rouge_score/rouge.py), same names,
+# arguments and CSV bytes: a file pattern each for targets and predictions, files paired in sorted
+# order, records split by a delimiter ("\n": one example per line), and either the bootstrap
+# low / mid / high of every type or one row of scores per example.
+def glob_files(pattern, what):
+    """Sorted files matching a glob pattern; none is an error that names the pattern."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ValueError(f"no {what} files match {pattern!r}: expected at least one")
+    return files
+
+
+def read_records(path, delimiter="\n"):
+    """The records of a file split by delimiter. As in rouge-score, a final delimiter ends the last
+    record; without one the last record still counts, with a warning."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = f.read().split(delimiter)
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"cannot read records from {path}: no such file") from None
+    if records[-1]:
+        logging.warning("%s: expected the delimiter %r at the end of the file", path, delimiter)
+    else:
+        records.pop()
+    return records
+
+
+def compute_scores_and_write_to_csv(target_filepattern, prediction_filepattern, output_filename,
+                                    scorer, aggregator, delimiter="\n"):
+    """rouge-score's io.compute_scores_and_write_to_csv: score every record of the target files
+    against the same record of the prediction files, then write the aggregator's low / mid / high
+    as CSV, or with aggregator=None one CSV row of P, R, F per example."""
+    targets = glob_files(target_filepattern, "target")
+    predictions = glob_files(prediction_filepattern, "prediction")
+    if len(targets) != len(predictions):
+        raise ValueError(f"{len(targets)} target files match {target_filepattern!r} but "
+                         f"{len(predictions)} prediction files match {prediction_filepattern!r}; "
+                         f"they are paired in sorted order, so the counts must be equal")
+    scores = []
+    for target_file, prediction_file in zip(targets, predictions):
+        target_records = read_records(target_file, delimiter)
+        prediction_records = read_records(prediction_file, delimiter)
+        if len(target_records) != len(prediction_records):
+            raise ValueError(f"record counts differ: {target_file} has {len(target_records)} but "
+                             f"{prediction_file} has {len(prediction_records)} (delimiter {delimiter!r})")
+        scores += [scorer.score(t, p) for t, p in zip(target_records, prediction_records)]
+    if not scores:
+        raise ValueError(f"no records in {', '.join(targets)}: nothing to score")
+    if aggregator is None:
+        atomic_write_text(output_filename, scores_csv(scores))
+        return scores                           # rouge-score returns None; the scores are handy
+    for score in scores:
+        aggregator.add_scores(score)
+    aggregates = aggregator.aggregate()
+    atomic_write_text(output_filename, aggregates_csv(aggregates))
+    return aggregates
+
+
+def aggregates_csv(aggregates):
+    """rouge-score's aggregate CSV: "score_type,low,mid,high", then <type>-R, -P, -F rows."""
+    lines = ["score_type,low,mid,high"]
+    for name, agg in sorted(aggregates.items()):
+        for letter, field in (("R", "recall"), ("P", "precision"), ("F", "fmeasure")):
+            low, mid, high = (getattr(part, field) for part in agg)
+            lines.append("%s-%s,%f,%f,%f" % (name, letter, low, mid, high))
+    return "\n".join(lines) + "\n"
+
+
+def scores_csv(scores):
+    """rouge-score's per-example CSV: "id,<type>-P,<type>-R,<type>-F,..." and one row per example."""
+    names = sorted(scores[0])
+    lines = ["id" + "".join(",{t}-P,{t}-R,{t}-F".format(t=name) for name in names)]
+    for i, score in enumerate(scores):
+        lines.append("%d" % i + "".join(",%f,%f,%f" % tuple(score[name]) for name in names))
+    return "\n".join(lines) + "\n"
 
 
 def _fraction(hits, total):
@@ -1048,19 +1321,43 @@ def demo():
           f"ROUGE-1.5.5:\n  9 units each, 'killed' and 'the' shared: R = {su.recall:.4f} = 2/9")
 
 
+def absl_bool(text):
+    """A value of an absl boolean flag, as in --use_stemmer=false."""
+    value = text.lower()
+    if value in ("true", "t", "1", "yes"):
+        return True
+    if value in ("false", "f", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_switch(parser, flag, help, aliases=(), default=False):
+    """A switch spelled the absl way, so rouge-score's command lines run unchanged: --flag,
+    --flag=true|false and --noflag (a store_true could not take rouge-score's --aggregate=false)."""
+    name = flag.lstrip("-")
+    parser.add_argument(flag, *aliases, dest=name, nargs="?", const=True, default=default,
+                        type=absl_bool, metavar="true|false", help=help)
+    parser.add_argument("--no" + name, dest=name, action="store_false", help=argparse.SUPPRESS)
+
+
+FILE_PATTERN_FLAGS = ("target_filepattern", "prediction_filepattern", "output_filename")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="rouge.py",
         description="ROUGE scores of predictions against references (rouge-score compatible). "
-                    "Without --references/--predictions: a worked example, step by step.")
+                    "Files come either as --references/--predictions (a table, optional JSON) or as "
+                    "rouge-score's --target_filepattern/--prediction_filepattern/--output_filename "
+                    "(its CSV). Without files: a worked example, step by step.")
     parser.add_argument("--references", type=str, nargs="+", metavar="FILE",
                         help="reference file(s), one example per line; several files = several references "
                              "per example (best F counts); a literal \\n in a line is a sentence break")
     parser.add_argument("--predictions", type=str, metavar="FILE", help="predictions, one per line")
     parser.add_argument("--types", type=str, nargs="+", default=list(DEFAULT_TYPES), help=TYPE_HELP)
-    parser.add_argument("--stem", action="store_true", help="Porter-stem words of more than 3 letters")
-    parser.add_argument("--split-summaries", action="store_true",
-                        help="split sentences with the rule-based splitter instead of on newlines")
+    add_switch(parser, "--use_stemmer", "Porter-stem words of more than 3 letters", aliases=("--stem",))
+    add_switch(parser, "--split_summaries", "rougeLsum: split sentences with the rule-based splitter "
+               "instead of on newlines", aliases=("--split-summaries",))
     parser.add_argument("--unicode", action="store_true",
                         help="Unicode-aware tokenizer (keeps non-ASCII words; not rouge-score's numbers)")
     parser.add_argument("--samples", type=int, default=RougeConfig.n_samples, help="bootstrap resamples")
@@ -1068,22 +1365,64 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=RougeConfig.seed, help="bootstrap seed")
     parser.add_argument("--json", type=str, metavar="OUT", help="also write scores to this JSON file")
     parser.add_argument("--tiny", action="store_true", help="RougeConfig.tiny(): 100 resamples (tests)")
+    rs = parser.add_argument_group("rouge-score's command line (python -m rouge_score.rouge)")
+    rs.add_argument("--target_filepattern", type=str, help="glob of files of target records")
+    rs.add_argument("--prediction_filepattern", type=str,
+                    help="glob of files of prediction records, paired with the targets in sorted order")
+    rs.add_argument("--output_filename", type=str, help="CSV to write")
+    rs.add_argument("--delimiter", type=str, default="\n", help="record delimiter in the files")
+    rs.add_argument("--rouge_types", type=str, default="rouge1,rouge2,rougeL",
+                    help="comma-separated types (rouge-score's default: rouge1,rouge2,rougeL)")
+    add_switch(rs, "--aggregate", "write bootstrap low/mid/high (default) rather than one row per "
+               "example", default=True)
     return parser
+
+
+def config_from_args(args, rouge_types):
+    make = RougeConfig.tiny if args.tiny else RougeConfig
+    overrides = {} if args.tiny else {"n_samples": args.samples}
+    return make(rouge_types=tuple(rouge_types), use_stemmer=args.use_stemmer, unicode=args.unicode,
+                split_summaries=args.split_summaries, confidence_interval=args.confidence,
+                seed=args.seed, **overrides)
+
+
+def main_file_patterns(parser, args):
+    """rouge-score's command line: score the files matching the patterns, write its CSV."""
+    missing = [f"--{name}" for name in FILE_PATTERN_FLAGS if getattr(args, name) is None]
+    if missing:
+        parser.error("--target_filepattern, --prediction_filepattern and --output_filename go "
+                     f"together; missing {', '.join(missing)}")
+    if args.references is not None or args.predictions is not None:
+        parser.error("give files either as --references/--predictions or as --target_filepattern/"
+                     "--prediction_filepattern, not both")
+    config = config_from_args(args, [t for t in args.rouge_types.split(",") if t])
+    try:
+        tokenizer = UnicodeTokenizer(config.use_stemmer) if config.unicode else None
+        scorer = RougeScorer(config.rouge_types, config.use_stemmer, config.split_summaries, tokenizer)
+        aggregator = (BootstrapAggregator(config.confidence_interval, config.n_samples, config.seed)
+                      if args.aggregate else None)
+        result = compute_scores_and_write_to_csv(args.target_filepattern, args.prediction_filepattern,
+                                                 args.output_filename, scorer, aggregator, args.delimiter)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))
+    if aggregator is not None:
+        print(format_table(result, len(aggregator._scores[config.rouge_types[0]]),
+                           config.confidence_interval) + "\n")
+    print(f"wrote {args.output_filename}")
+    return result
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if any(getattr(args, name) is not None for name in FILE_PATTERN_FLAGS):
+        return main_file_patterns(parser, args)
     if args.references is None and args.predictions is None:
         demo()
         return None
     if args.references is None or args.predictions is None:
         parser.error("--references and --predictions go together")
-    make = RougeConfig.tiny if args.tiny else RougeConfig
-    overrides = {} if args.tiny else {"n_samples": args.samples}
-    config = make(rouge_types=tuple(args.types), use_stemmer=args.stem, unicode=args.unicode,
-                  split_summaries=args.split_summaries, confidence_interval=args.confidence,
-                  seed=args.seed, **overrides)
+    config = config_from_args(args, args.types)
     try:
         references, predictions = read_corpus(args.references, args.predictions)
         per_example, intervals = evaluate(references, predictions, config)

@@ -11,8 +11,18 @@ the words of that run, as it would on a new corpus. The scores of the two librar
 to 1e-9 (asserted); the table reports the median of --repeats runs.
 
     python benchmarks/bench_rouge.py            # 2,000 pairs, 3 repeats
+    python benchmarks/bench_rouge.py --memory   # peak memory of rougeL / rougeLsum on long texts
+
+--memory scores one long reference against one long prediction (an edited copy) of 1e4, 1e5 and
+1e6 words, each case in a fresh process, and reports the process's peak resident memory
+(ru_maxrss) and its growth over the memory the texts and tokens already take. The last column is
+what the previous rouge.py kept for the same pair: all |a| + 1 bit rows of |b| bits (rouge-score's
+own table of (|a|+1)(|b|+1) Python ints is 64 times larger still).
 """
 import argparse
+import json
+import resource
+import subprocess
 import os
 import random
 import re
@@ -86,12 +96,79 @@ def run(make_scorer, pairs):
     return time.perf_counter() - start, scores
 
 
+# --memory cases: rouge type and words per line ("\n" every 25 words: sentences; 0: one line,
+# so rougeLsum's single reference sentence is the whole text, its worst case)
+MEMORY_CASES = {"rougeL": ("rougeL", 25), "rougeLsum": ("rougeLsum", 25),
+                "rougeLsum-one-line": ("rougeLsum", 0)}
+
+
+def long_text_pair(n_words, words_per_line, seed=0):
+    """A reference of n_words corpus words (frequency-weighted draws) and an edited copy of it."""
+    rng = random.Random(seed)
+    vocabulary = [w for s in corpus_sentences() for w in s.split()]
+    words = [rng.choice(vocabulary) for _ in range(n_words)]
+    reference = " ".join(words)
+    prediction = edit_sentence(rng, vocabulary, reference)
+    if words_per_line:
+        def lines(text):
+            w = text.split()
+            return "\n".join(" ".join(w[i: i + words_per_line]) for i in range(0, len(w), words_per_line))
+        reference, prediction = lines(reference), lines(prediction)
+    return reference, prediction
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # Linux: KiB
+
+
+def memory_case(case, n_words):
+    """Run in a fresh process: score one pair, report peak RSS before and after scoring."""
+    rouge_type, words_per_line = MEMORY_CASES[case]
+    reference, prediction = long_text_pair(n_words, words_per_line)
+    scorer = rouge.RougeScorer([rouge_type])
+    scorer._prepare(reference), scorer._prepare(prediction)          # tokens exist before we measure
+    before = peak_rss_mib()
+    start = time.perf_counter()
+    score = scorer.score(reference, prediction)[rouge_type]
+    seconds = time.perf_counter() - start
+    tokens = (len(rouge.tokenize(reference)), len(rouge.tokenize(prediction)))
+    print(json.dumps({"case": case, "words": n_words, "tokens": tokens, "seconds": seconds,
+                      "rss_before_mib": before, "peak_rss_mib": peak_rss_mib(), "f": score.fmeasure}))
+
+
+def run_memory(cases, sizes):
+    print("| case | words | reference x prediction tokens | time (s) | peak RSS (MiB) | growth while "
+          "scoring (MiB) | all bit rows (GiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for case in cases:
+        for n in sizes:
+            out = subprocess.run([sys.executable, __file__, "--memory-case", case, "--words", str(n)],
+                                 capture_output=True, text=True, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            m, k = r["tokens"]
+            table_gib = (m + 1) * k / 8 / 2**30              # |a| + 1 rows of |b| bits
+            print(f"| {case} | {n:,} | {m:,} x {k:,} | {r['seconds']:.1f} | {r['peak_rss_mib']:.0f} | "
+                  f"{r['peak_rss_mib'] - r['rss_before_mib']:.0f} | {table_gib:,.1f} |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory", action="store_true",
+                        help="peak memory of rougeL / rougeLsum on long texts instead of speed")
+    parser.add_argument("--cases", type=str, nargs="+", default=list(MEMORY_CASES),
+                        choices=list(MEMORY_CASES), help="--memory: which cases")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
+                        help="--memory: text lengths in words")
+    parser.add_argument("--memory-case", type=str, choices=list(MEMORY_CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--words", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_case:
+        return memory_case(args.memory_case, args.words)
+    if args.memory:
+        return run_memory(args.cases, args.sizes)
     from rouge_score import rouge_scorer
 
     pairs = make_pairs(args.pairs, args.seed)
