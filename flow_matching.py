@@ -37,22 +37,25 @@ field known to carry p_0 to p_1; only sampling solves the ODE.  The derivation, 
    two Euler steps land on p_1.  As the batch grows, minibatch OT approaches the OT map (Pooladian et al.
    2023) and the flow the displacement interpolation of Benamou-Brenier.
 7. Diffusion as the contrast.  A VP diffusion (Song et al. 2021) noises data by an SDE with schedule
-   beta(s); its conditional marginals form the Gaussian path mu_t = alpha_{1-t} x1, sigma_t^2 =
+   beta(s); its conditional marginals are the Gaussian path mu_t = alpha_{1-t} x1, sigma_t^2 =
    1 - alpha_{1-t}^2, alpha_s = exp(-int_0^s beta / 2), in our time (t = 1 is data).  A diffusion model
-   learns the score grad log p_t (or the noise eps); for a Gaussian path the two targets convert into
-   each other, u_t(x | z) = mu_t' - sigma_t' sigma_t grad_x log p_t(x | z), so the real difference is the
-   path.  alpha moves exponentially in an integrated schedule: x_t barely moves for most of t and then
-   rushes to the data near t = 1, so even one pair's trajectory bends in time and Euler steps of equal
-   size miss badly; FM's straight paths move at constant speed.  `--compare-diffusion` trains the same
-   network on the vp, fm and otcfm paths and measures W2 at 1, 2, 4 and 8 Euler steps (README table).
+   learns the score grad log p_t (or the noise eps) and samples by the reverse SDE or its probability-
+   flow ODE; for a Gaussian path the two targets convert into each other, u_t(x | z) = mu_t' -
+   sigma_t' sigma_t grad_x log p_t(x | z), so the real difference is the path.  Each VP pair travels an
+   arc (alpha^2 + sigma^2 = 1, not a line) at a varying speed (alpha_{1-t} is 0.28 at t = 0.5 and 0.81
+   at t = 0.8), which Euler steps of equal size cut short.  FM's OT path moves each pair along a line
+   at constant speed, but with independent pairs the marginal paths still bend (step 6), and on 2-D
+   data that is the larger effect: `--compare-diffusion` (the README's table) finds FM's OT path no
+   better than the VP path at 1 to 8 Euler steps, and OT-CFM, whose marginal paths are straight as
+   well, within 1.5x of the noise floor from a single step.
 
 Exact OT on a minibatch.  With B source and B target points of equal weight the optimal plan is a
 permutation (Birkhoff), so it is a linear assignment, solved exactly by scipy (Crouse 2016) and warm-
 started with Sinkhorn potentials (Cuturi 2013), which changes the speed, not the answer.
 
 Conventions: t = 0 is the source (noise), t = 1 the target (data), as in Lipman et al. and torchcfm.
-Points are (B, 2) tensors.  The loss averages the squared error over the B points and their 2
-coordinates (torchcfm's and Lipman's mean), so it is half the mean of |.|^2.  Left out: likelihoods
+Points are (B, 2) tensors.  The loss is F.mse_loss, the mean over the B points and their 2
+coordinates (as torchcfm's examples compute it): half of L_CFM's mean of |.|^2.  Left out: likelihoods
 (the instantaneous change of variables), SB-CFM's learned score term, image U-Nets and guidance.
 Try `python flow_matching.py` (a seeded demo in seconds), `--train`, `--compare`, `--compare-diffusion`.
 """
@@ -74,6 +77,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 METHODS = ("fm", "icfm", "otcfm", "sbcfm", "vp")
 OT_SOLVERS = ("exact", "sinkhorn")
@@ -130,8 +134,8 @@ class FlowConfig:
 # t is (B,), points are (B, 2).
 # ----------------------------------------------------------------------------------------------------
 
-def icfm_path(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma: float = 0.0,
-              noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def icfm_path(x0: Tensor, x1: Tensor, t: Tensor, sigma: float = 0.0,
+              noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """I-CFM's path (Tong et al. 2023, eq. 14-15): a straight segment, widened by a constant sigma."""
     tb = t[:, None]                                                              # (B,) -> (B, 1)
     # mu_t = t x1 + (1 - t) x0,  x_t = mu_t + sigma eps
@@ -142,8 +146,8 @@ def icfm_path(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma: float 
     return xt, x1 - x0
 
 
-def fm_path(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
-            sigma_min: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def fm_path(x0: Tensor, x1: Tensor, t: Tensor,
+            sigma_min: float = 0.0) -> tuple[Tensor, Tensor]:
     """Lipman's OT path (Lipman et al. 2023, eq. 20-21); x0 ~ N(0, I) plays the role of eps."""
     tb = t[:, None]                                                              # (B,) -> (B, 1)
     # mu_t = t x1,  sigma_t = 1 - (1 - sigma_min) t,  x_t = mu_t + sigma_t x0
@@ -152,8 +156,8 @@ def fm_path(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
     return xt, x1 - (1 - sigma_min) * x0
 
 
-def sb_path(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma: float,
-            noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sb_path(x0: Tensor, x1: Tensor, t: Tensor, sigma: float,
+            noise: Tensor) -> tuple[Tensor, Tensor]:
     """SB-CFM's path (Tong et al. 2023, sec. 3): a Brownian bridge of diffusion sigma from x0 to x1."""
     tb = t[:, None]                                                              # (B,) -> (B, 1)
     # mu_t = t x1 + (1 - t) x0,  sigma_t = sigma sqrt(t (1 - t)),  x_t = mu_t + sigma_t eps
@@ -169,14 +173,14 @@ def sb_path(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma: float,
 VP_BETA_MIN, VP_BETA_MAX = 0.1, 20.0
 
 
-def vp_alpha(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vp_alpha(s: Tensor) -> tuple[Tensor, Tensor]:
     """alpha_s = exp(-T(s) / 2), T(s) = int_0^s beta = beta_min s + (beta_max - beta_min) s^2 / 2, and d alpha / ds."""
     T = VP_BETA_MIN * s + (VP_BETA_MAX - VP_BETA_MIN) * s * s / 2
     alpha = torch.exp(-T / 2)
     return alpha, -(VP_BETA_MIN + (VP_BETA_MAX - VP_BETA_MIN) * s) / 2 * alpha
 
 
-def vp_path(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vp_path(x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """VP diffusion as an FM path (Lipman et al. 2023, sec. 4.1, eq. 18-19); x0 ~ N(0, I) is eps.
 
     mu_t = alpha_{1-t} x1, sigma_t = sqrt(1 - alpha_{1-t}^2): at t = 0, alpha_1 = 0.0066, so x_t is
@@ -197,12 +201,12 @@ def vp_path(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> tuple[torch.
 # Couplings q(x0, x1) on a minibatch: exact optimal transport (a permutation) or entropic OT (Sinkhorn)
 # ----------------------------------------------------------------------------------------------------
 
-def squared_distances(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+def squared_distances(x0: Tensor, x1: Tensor) -> Tensor:
     """C_ij = |x0_i - x1_j|^2, (B, 2), (B, 2) -> (B, B)."""
     return torch.cdist(x0, x1).square()
 
 
-def exact_ot_permutation(x0: torch.Tensor, x1: torch.Tensor, warm_start: bool = True) -> torch.Tensor:
+def exact_ot_permutation(x0: Tensor, x1: Tensor, warm_start: bool = True) -> Tensor:
     """cols with x0[i] <-> x1[cols[i]] minimising sum_i |x0_i - x1_cols[i]|^2, exactly.
 
     For equal-size uniform batches the OT plan pi = argmin sum_ij pi_ij C_ij is a permutation matrix / B
@@ -223,7 +227,7 @@ def exact_ot_permutation(x0: torch.Tensor, x1: torch.Tensor, warm_start: bool = 
     return torch.as_tensor(cols, device=x0.device)
 
 
-def sinkhorn_potential(C: torch.Tensor, eps_schedule: list[float], iters: int) -> torch.Tensor:
+def sinkhorn_potential(C: Tensor, eps_schedule: list[float], iters: int) -> Tensor:
     """Column potential v (B,) of entropic OT between uniform marginals, by stabilised Sinkhorn.
 
     With g = v, the entropic plan is pi_ij = a_i exp((v_j - C_ij) / eps).  Each stage builds that kernel
@@ -247,7 +251,7 @@ def sinkhorn_potential(C: torch.Tensor, eps_schedule: list[float], iters: int) -
     return v
 
 
-def entropic_plan(x0: torch.Tensor, x1: torch.Tensor, eps: float, iters: int = 20) -> torch.Tensor:
+def entropic_plan(x0: Tensor, x1: Tensor, eps: float, iters: int = 20) -> Tensor:
     """pi (B, B) = argmin sum_ij pi_ij C_ij - eps H(pi) with uniform marginals 1/B, in torch (CPU or GPU).
 
     pi_ij = exp((f_i + g_j - C_ij) / eps); for fixed g = v, f makes each row sum to 1/B, so a row of pi
@@ -259,7 +263,7 @@ def entropic_plan(x0: torch.Tensor, x1: torch.Tensor, eps: float, iters: int = 2
     return torch.softmax((v - C) / eps, dim=1) / len(C)                            # (B, B)
 
 
-def draw_from_plan(plan: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw_from_plan(plan: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """cols[i] ~ pi(i, .) / pi(i, :).sum(): each x0 keeps its place and draws a partner.
 
     torchcfm instead draws B (i, j) pairs from the whole plan with replacement, so its x0 repeat too; the
@@ -270,8 +274,8 @@ def draw_from_plan(plan: torch.Tensor, generator: torch.Generator | None = None)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(plan.device)
 
 
-def sinkhorn_pairing(x0: torch.Tensor, x1: torch.Tensor, reg: float = 0.01,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def sinkhorn_pairing(x0: Tensor, x1: Tensor, reg: float = 0.01,
+                     generator: torch.Generator | None = None) -> Tensor:
     """Pairs drawn from the entropic plan with eps = reg * mean C_ij (a scale-free blur for otcfm)."""
     eps = reg * max(squared_distances(x0.float(), x1.float()).mean().item(), 1e-12)
     return draw_from_plan(entropic_plan(x0, x1, eps), generator).to(x0.device)
@@ -291,17 +295,18 @@ class ConditionalFlowMatcher:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
         self.sigma = float(sigma)
 
-    def couple(self, x0, x1, generator=None):
+    def couple(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """The coupling q(x0, x1): independent, so the batch stays as drawn."""
         return x0, x1
 
-    def path(self, x0, x1, t, noise=None, generator=None):
+    def path(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """x_t ~ p_t(. | x0, x1) and u_t(x_t | x0, x1); noise eps is drawn when not given."""
         if self.sigma > 0 and noise is None:
             noise = torch.randn(x0.shape, generator=generator).to(x0)
         return icfm_path(x0, x1, t, self.sigma, noise)
 
-    def sample_location_and_conditional_flow(self, x0: torch.Tensor, x1: torch.Tensor, t=None,
+    def sample_location_and_conditional_flow(self, x0: Tensor, x1: Tensor, t=None,
                                              generator: torch.Generator | None = None):
         """Couple the batch, draw t ~ U[0, 1] (unless given), return (t, x_t, u_t): (B,), (B, 2), (B, 2)."""
         check_pairable(x0, x1)
@@ -322,7 +327,8 @@ class TargetFlowMatcher(ConditionalFlowMatcher):
             raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min}")
         self.sigma_min = float(sigma_min)
 
-    def path(self, x0, x1, t, noise=None, generator=None):
+    def path(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         return fm_path(x0, x1, t, self.sigma_min)
 
 
@@ -335,7 +341,7 @@ class OTConditionalFlowMatcher(ConditionalFlowMatcher):
         check_choice("ot", ot, OT_SOLVERS)
         self.ot, self.ot_reg = ot, ot_reg
 
-    def couple(self, x0, x1, generator=None):
+    def couple(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         if self.ot == "exact":
             return x0, x1[exact_ot_permutation(x0, x1)]
         return x0, x1[sinkhorn_pairing(x0, x1, self.ot_reg, generator)]
@@ -356,10 +362,11 @@ class SchrodingerBridgeFlowMatcher(ConditionalFlowMatcher):
             raise ValueError(f"sbcfm needs sigma > 0 (its entropic eps is 2 sigma^2), got {sigma}")
         super().__init__(sigma)
 
-    def couple(self, x0, x1, generator=None):
+    def couple(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         return x0, x1[draw_from_plan(entropic_plan(x0, x1, 2 * self.sigma ** 2), generator).to(x0.device)]
 
-    def path(self, x0, x1, t, noise=None, generator=None):
+    def path(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         noise = torch.randn(x0.shape, generator=generator).to(x0) if noise is None else noise
         return sb_path(x0, x1, t, self.sigma, noise)
 
@@ -371,7 +378,8 @@ class VPDiffusionMatcher(TargetFlowMatcher):
     def __init__(self):
         super().__init__(0.0)
 
-    def path(self, x0, x1, t, noise=None, generator=None):
+    def path(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         return vp_path(x0, x1, t)
 
 
@@ -438,7 +446,7 @@ DATASETS = {"gaussian": _gaussian, "8gaussians": _eight_gaussians, "moons": _moo
             "checkerboard": _checkerboard, "spirals": _spirals}
 
 
-def sample_2d(name: str, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def sample_2d(name: str, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
     """n points of the named 2-D distribution, (n, 2) float32; seeded when a generator is given."""
     check_choice("dataset", name, DATASETS)
     if not isinstance(n, int) or n <= 0:
@@ -477,7 +485,7 @@ class VelocityField(nn.Module):
             layers += [nn.Linear(d_in, d_out), nn.SiLU()]
         self.net = nn.Sequential(*layers, nn.Linear(width, 2))
 
-    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))   # () or (B,) -> (B,)
         angles = t[:, None] * self.frequencies                                       # (B, time_features)
         features = torch.cat([x, angles.sin(), angles.cos()], 1)                     # (B, 2 + 2 time_features)
@@ -494,8 +502,8 @@ def build_model(cfg: FlowConfig) -> VelocityField:
 # ----------------------------------------------------------------------------------------------------
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, matcher: ConditionalFlowMatcher,
-               x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, lr: float,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               x0: Tensor, x1: Tensor, t: Tensor, lr: float,
+               generator: torch.Generator | None = None) -> Tensor:
     """One step on already coupled pairs; returns the loss, mean over points and coordinates of
     (v_theta(t, x_t) - u_t(x_t | x0, x1))^2, which is L_CFM / 2 for 2-D points."""
     for group in optimizer.param_groups:
@@ -516,7 +524,7 @@ def lr_at(step: int, cfg: FlowConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model, cfg):
+def make_optimizer(model: nn.Module, cfg: FlowConfig) -> torch.optim.Optimizer:
     """AdamW; its fused kernel (one op for all parameters, CPU or GPU) where this torch has one."""
     try:
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -528,8 +536,15 @@ def make_optimizer(model, cfg):
 # Sampling: integrate dx/dt = v_theta(t, x) from t = 0 to 1 with torchdiffeq, counting network calls
 # ----------------------------------------------------------------------------------------------------
 
-def integrate(model: nn.Module, x0: torch.Tensor, method: str = "dopri5", steps: int | None = None,
-              times=None, atol: float = 1e-5, rtol: float = 1e-5) -> tuple[torch.Tensor, int]:
+# Why straight paths need few steps.  Euler replaces the trajectory over a step of size h by its
+# tangent: x(t + h) = x(t) + h v(t, x(t)) + h^2/2 x''(t) + O(h^3), so its error per step is set by the
+# trajectory's acceleration x'' = dv/dt + (grad_x v) v.  A straight path at constant speed has x'' = 0
+# and ONE step is exact; a bent path (independent pairs) or one whose speed varies in time (the VP path,
+# which moves little until t near 1 and then fast) needs h small where x'' is large.  Adaptive solvers
+# (dopri5) find those places themselves and pay for them in network calls (NFE).
+
+def integrate(model: nn.Module, x0: Tensor, method: str = "dopri5", steps: int | None = None,
+              times=None, atol: float = 1e-5, rtol: float = 1e-5) -> tuple[Tensor, int]:
     """Solve the flow ODE from x0; returns (x at each of `times`, (T, B, 2); NFE).
 
     dopri5 is adaptive (atol / rtol; steps must be None); euler, midpoint and rk4 take `steps` equal
@@ -561,7 +576,7 @@ def integrate(model: nn.Module, x0: torch.Tensor, method: str = "dopri5", steps:
     return xs, nfe
 
 
-def sample(model: nn.Module, x0: torch.Tensor, method: str = "dopri5", steps: int | None = None) -> torch.Tensor:
+def sample(model: nn.Module, x0: Tensor, method: str = "dopri5", steps: int | None = None) -> Tensor:
     """The flow's end points x(1), (B, 2), for source points x0."""
     return integrate(model, x0, method, steps)[0][-1]
 
@@ -570,7 +585,11 @@ def sample(model: nn.Module, x0: torch.Tensor, method: str = "dopri5", steps: in
 # Measuring a flow: exact W2 to the target, next to the noise floor W2(target sample, another one)
 # ----------------------------------------------------------------------------------------------------
 
-def wasserstein2(a: torch.Tensor, b: torch.Tensor) -> float:
+# W2(p, q)^2 = min over couplings of E|x - y|^2: the same OT problem as the pairing, here as a yardstick.
+# Between two finite samples it is the exact assignment cost, and it does not vanish even for two
+# samples of one distribution; that value, the noise floor, is what a perfect model scores.
+
+def wasserstein2(a: Tensor, b: Tensor) -> float:
     """Exact 2-Wasserstein distance between two equal-size samples: sqrt(min_s mean_i |a_i - b_s(i)|^2)."""
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     cols = exact_ot_permutation(a, b)
@@ -581,7 +600,8 @@ SOLVER_GRID = (("dopri5", None), ("euler", 1), ("euler", 2), ("euler", 10))
 EULER_GRID = (("euler", 1), ("euler", 2), ("euler", 4), ("euler", 8), ("dopri5", None))
 
 
-def evaluate(model: nn.Module, cfg: FlowConfig, device="cpu", solvers=SOLVER_GRID, seed: int = 12345) -> dict:
+def evaluate(model: nn.Module, cfg: FlowConfig, device: str = "cpu", solvers: tuple = SOLVER_GRID,
+             seed: int = 12345) -> dict:
     """W2 between flow samples and a target sample, per solver, averaged over cfg.eval_repeats draws.
 
     The noise floor is W2 between two independent target samples of the same size: a perfect model
@@ -604,13 +624,13 @@ def evaluate(model: nn.Module, cfg: FlowConfig, device="cpu", solvers=SOLVER_GRI
                      for m, s in solvers]}
 
 
-def solver_label(row):
+def solver_label(row: dict) -> str:
     if row["solver"] == "dopri5":
         return "dopri5 (atol = rtol = 1e-5)"
     return f"{row['solver']}, {row['steps']} step{'s' * (row['steps'] > 1)}"
 
 
-def results_table(results):
+def results_table(results: dict) -> str:
     """Markdown table: one column group per trained method (results: {name: evaluate(...)})."""
     names = list(results)
     head = "| solver | " + " | ".join(f"{n} NFE | {n} W2 | {n} W2 / floor" for n in names) + " |"
@@ -626,7 +646,7 @@ def results_table(results):
     return "\n".join(lines)
 
 
-def quality_line(result, goal=1.5):
+def quality_line(result: dict, goal: float = 1.5) -> str:
     """Our bar for a good run: 2 Euler steps within 1.5x of the noise floor."""
     row = next(r for r in result["rows"] if r["solver"] == "euler" and r["steps"] == 2)
     verdict = "met" if row["ratio"] <= goal else "NOT met"
@@ -634,10 +654,12 @@ def quality_line(result, goal=1.5):
     return f"quality goal, W2 with 2 Euler steps <= {goal}x noise floor: {row['ratio']:.2f}x, {verdict}{rough}"
 
 
-def cmd_compare_diffusion(args, device, out_dir):
+def cmd_compare_diffusion(args: argparse.Namespace, device: str, out_dir: Path) -> None:
     """The same network and recipe on three paths from N(0, I): VP diffusion, Lipman's OT path, OT-CFM.
-    W2 at 1, 2, 4, 8 Euler steps (and dopri5) shows what straight paths buy."""
+    W2 at 1, 2, 4, 8 Euler steps (and dopri5) shows what straight paths buy; 2000 steps unless --steps."""
     cfg, results, t0 = replace(config_from_args(args), source="gaussian"), {}, time.perf_counter()
+    if args.steps is None and not args.tiny:
+        cfg = replace(cfg, steps=2000)              # three trainings in a few minutes on a 2-core CPU
     for method, label in (("vp", "VP path"), ("fm", "FM OT path"), ("otcfm", "OT-CFM")):
         run_cfg = replace(cfg, method=method)
         model, _ = train(run_cfg, out_dir / method, device)
@@ -653,38 +675,32 @@ def cmd_compare_diffusion(args, device, out_dir):
 # Plumbing: validation, threads and DDP, the training loop, checkpoints, CLI, pictures.  A reader may stop here.
 # ====================================================================================================
 
-def check_choice(what, value, choices):
+def check_choice(what: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}; expected one of: {', '.join(choices)}")
 
 
 def check_config(cfg: FlowConfig) -> None:
     """FlowConfig's validation: every error names the field and the value."""
-    check_choice("method", cfg.method, METHODS)
-    check_choice("ot", cfg.ot, OT_SOLVERS)
-    check_choice("source", cfg.source, DATASETS)
-    check_choice("target", cfg.target, DATASETS)
+    for what, choices in (("method", METHODS), ("ot", OT_SOLVERS), ("source", DATASETS), ("target", DATASETS)):
+        check_choice(what, getattr(cfg, what), choices)
     if cfg.method in NOISE_SOURCE and cfg.source != "gaussian":
         raise ValueError(f"method {cfg.method} uses x0 ~ N(0, I) as its noise, so the source must be 'gaussian'; "
                          f"got source {cfg.source!r} (icfm, otcfm and sbcfm accept any source)")
     if cfg.method == "sbcfm" and not cfg.sigma > 0:
         raise ValueError(f"method sbcfm needs sigma > 0 (its entropic eps is 2 sigma^2), got sigma={cfg.sigma}")
-    for name in ("width", "depth", "time_features", "steps", "batch_size", "log_every", "ckpt_every",
-                 "eval_n", "eval_repeats", "seed", "warmup", "prefetch"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (name not in ("seed", "warmup", "prefetch")):
-            raise ValueError(f"{name} must be a {'positive' if name not in ('seed', 'warmup', 'prefetch') else 'non-negative'} "
-                             f"integer, got {value!r}")
-    for name in ("sigma", "sigma_min", "ot_reg", "lr", "weight_decay"):
-        value = getattr(cfg, name)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if cfg.lr == 0 or cfg.ot_reg == 0 or cfg.sigma_min >= 1:
-        raise ValueError(f"need lr > 0, ot_reg > 0, sigma_min < 1; got lr={cfg.lr}, ot_reg={cfg.ot_reg}, "
-                         f"sigma_min={cfg.sigma_min}")
+    for f in fields(cfg):
+        value, lowest = getattr(cfg, f.name), 0 if f.name in ("seed", "warmup", "prefetch", "sigma", "weight_decay",
+                                                               "sigma_min") else 1e-300
+        if f.type in (int, "int") and (type(value) is not int or value < lowest):
+            raise ValueError(f"{f.name} must be a {'positive' if lowest else 'non-negative'} integer, got {value!r}")
+        if f.type in (float, "float") and (type(value) not in (int, float) or not lowest <= value < math.inf):
+            raise ValueError(f"{f.name} must be a finite number {'> 0' if lowest else '>= 0'}, got {value!r}")
+    if cfg.sigma_min >= 1:
+        raise ValueError(f"sigma_min must be < 1, got {cfg.sigma_min}")
 
 
-def check_pairable(x0, x1):
+def check_pairable(x0: Tensor, x1: Tensor) -> None:
     if x0.dim() != 2 or x0.shape != x1.shape or len(x0) == 0:
         raise ValueError(f"expected two non-empty (B, d) point sets of the same shape, got {tuple(x0.shape)} "
                          f"and {tuple(x1.shape)}")
@@ -692,14 +708,14 @@ def check_pairable(x0, x1):
 
 # ---------------------------------------------------------------- batches: threads and torchrun (DDP)
 
-def dist_info():
+def dist_info() -> tuple[int, int]:
     """(rank, world size); (0, 1) without torch.distributed."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def gather_global(x):
+def gather_global(x: Tensor) -> Tensor:
     """Concatenate every rank's (b, 2) shard in rank order: (b, 2) -> (world * b, 2)."""
     rank, world = dist_info()
     if world == 1:
@@ -709,7 +725,8 @@ def gather_global(x):
     return torch.cat(parts)
 
 
-def couple_global(matcher, x0g, x1g, b, generator=None):
+def couple_global(matcher: ConditionalFlowMatcher, x0g: Tensor, x1g: Tensor, b: int,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Pair the gathered global batch (B, 2) with one plan and keep this rank's (b, 2) slice.
 
     Every rank solves the same problem on the same gathered points, so all agree without talking, and
@@ -720,7 +737,7 @@ def couple_global(matcher, x0g, x1g, b, generator=None):
     return x0g[rank * b:(rank + 1) * b], x1g[rank * b:(rank + 1) * b]
 
 
-def draw_batch(cfg, step, device):
+def draw_batch(cfg: FlowConfig, step: int, device: str) -> tuple:
     """This rank's shard of step `step`: source and target points, times t; gathered for the coupling."""
     rank, world = dist_info()
     b = cfg.batch_size // world
@@ -732,13 +749,13 @@ def draw_batch(cfg, step, device):
     return gather_global(x0), gather_global(x1), t, g, step_generator(cfg.seed, step, 0)
 
 
-def pair_batch(matcher, drawn):
+def pair_batch(matcher: ConditionalFlowMatcher, drawn: tuple) -> tuple:
     """Solve the coupling of a drawn batch; runs on a worker thread.  Returns (x0, x1, t, generator)."""
     x0g, x1g, t, g, shared = drawn
     return (*couple_global(matcher, x0g, x1g, len(t), shared), t, g)
 
 
-def paired_batches(cfg, matcher, device, start, stop):
+def paired_batches(cfg: FlowConfig, matcher: ConditionalFlowMatcher, device: str, start: int, stop: int):
     """Yield (x0, x1, t, generator) for steps start .. stop - 1, prepared cfg.prefetch steps ahead.
 
     The coupling depends only on the data, never on theta, so it is data preparation: the OT of batch
@@ -765,7 +782,7 @@ def paired_batches(cfg, matcher, device, start, stop):
             yield pending.popleft().result()
 
 
-def mean_over_ranks(x):
+def mean_over_ranks(x: Tensor) -> float:
     _, world = dist_info()
     if world > 1:
         dist.all_reduce(x)
@@ -775,7 +792,7 @@ def mean_over_ranks(x):
 
 # ---------------------------------------------------------------- the training loop
 
-def train(cfg: FlowConfig, out_dir, device="cpu", resume: bool = False, stop_at: int | None = None,
+def train(cfg: FlowConfig, out_dir: str | Path, device: str = "cpu", resume: bool = False, stop_at: int | None = None,
           progress: bool = True):
     """Train (or resume) a flow; checkpoints go to out_dir.  Returns the model (unwrapped) and loss log.
 
@@ -856,7 +873,7 @@ def _written(path):
         FILE_WRITTEN(Path(path))
 
 
-def write_json(path, obj):
+def write_json(path: str | Path, obj) -> None:
     """Write JSON through a temporary name and os.replace: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -866,7 +883,8 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir, model, optimizer, cfg, step, losses):
+def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: FlowConfig,
+                    step: int, losses: list) -> None:
     """Rank 0 writes out/step-{step}/ and then points out/latest at it."""
     from safetensors.torch import save_file
     if dist_info()[0] != 0:
@@ -903,7 +921,7 @@ def save_checkpoint(out_dir, model, optimizer, cfg, step, losses):
     clean_run_dir(out_dir)
 
 
-def latest_name(out_dir):
+def latest_name(out_dir: str | Path) -> str | None:
     """The folder name `latest` points at, or None; a corrupt pointer is an error naming it."""
     pointer = Path(out_dir) / LATEST
     if not pointer.exists():
@@ -915,7 +933,7 @@ def latest_name(out_dir):
     return name
 
 
-def latest_checkpoint(out_dir) -> Path:
+def latest_checkpoint(out_dir: str | Path) -> Path:
     """The newest complete checkpoint folder of a run directory (out/step-K/)."""
     name = latest_name(out_dir)
     if name is None:
@@ -924,7 +942,7 @@ def latest_checkpoint(out_dir) -> Path:
     return Path(out_dir) / name
 
 
-def clean_run_dir(out_dir):
+def clean_run_dir(out_dir: str | Path) -> None:
     """Remove what a crashed save leaves: step folders other than the latest, and temporary files."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -937,7 +955,7 @@ def clean_run_dir(out_dir):
             path.unlink()
 
 
-def read_json(path):
+def read_json(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file {path}")
@@ -947,7 +965,7 @@ def read_json(path):
         raise CheckpointError(f"corrupt checkpoint file {path}: not valid UTF-8 JSON ({e})") from None
 
 
-def read_tensors(path, device="cpu"):
+def read_tensors(path: str | Path, device: str = "cpu") -> tuple[dict, dict]:
     """(tensors, metadata) of a safetensors file, every tensor checked to be finite."""
     from safetensors import safe_open
     path = Path(path)
@@ -965,7 +983,7 @@ def read_tensors(path, device="cpu"):
     return tensors, metadata
 
 
-def check_keys(path, found, expected):
+def check_keys(path: str | Path, found: dict, expected: dict) -> None:
     """Strict loading: every expected tensor present with its shape, nothing else."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -975,7 +993,7 @@ def check_keys(path, found, expected):
                               f"wrong shape {wrong}")
 
 
-def load_config(folder):
+def load_config(folder: str | Path) -> tuple[FlowConfig, int]:
     """The FlowConfig and step recorded in a checkpoint folder's config.json."""
     path = Path(folder) / "config.json"
     meta = read_json(path)
@@ -990,15 +1008,10 @@ def load_config(folder):
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def checkpoint_folder(path):
-    """A run directory (follow `latest`) or a step folder itself."""
-    path = Path(path)
-    return path if (path / "config.json").is_file() and not (path / LATEST).exists() else latest_checkpoint(path)
-
-
-def load_model(path, device="cpu") -> VelocityField:
+def load_model(path: str | Path, device: str = "cpu") -> VelocityField:
     """The trained VelocityField of a run directory or checkpoint folder, in eval mode; config in .config."""
-    folder = checkpoint_folder(path)
+    path = Path(path)                               # a run directory (follow `latest`) or a step folder
+    folder = path if (path / "config.json").is_file() and not (path / LATEST).exists() else latest_checkpoint(path)
     cfg, _ = load_config(folder)
     model = VelocityField(cfg.width, cfg.depth, cfg.time_features).to(device)
     weights, _ = read_tensors(folder / "model.safetensors", device)
@@ -1012,12 +1025,14 @@ def load_model(path, device="cpu") -> VelocityField:
 RESUME_MAY_CHANGE = ("steps", "prefetch", "ckpt_every", "eval_n", "eval_repeats")
 
 
-def resume_checkpoint(out_dir, model, optimizer, cfg, device):
+def resume_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: FlowConfig,
+                      device: str) -> tuple[int, list]:
     """Clean a crash's leftovers, then restore weights and AdamW moments from `latest`: (step, loss log).
 
     With no complete checkpoint yet, training starts at step 0 (a crash before the first save).
     """
-    clean_run_dir(out_dir)
+    if dist_info()[0] == 0:
+        clean_run_dir(out_dir)                      # rank 0 alone; the others read only what `latest` names
     if latest_name(out_dir) is None:
         print(f"no complete checkpoint in {out_dir}; starting at step 0", file=sys.stderr)
         return 0, []
@@ -1066,7 +1081,7 @@ def pick_device(name: str) -> str:
     return name
 
 
-def setup_distributed(device):
+def setup_distributed(device: str) -> tuple[str, bool]:
     """Join the torchrun process group when launched by torchrun; returns (device, created_here)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device, False
@@ -1078,7 +1093,7 @@ def setup_distributed(device):
     return device, True
 
 
-def config_from_args(args):
+def config_from_args(args: argparse.Namespace) -> FlowConfig:
     """--tiny / --homework preset, then the flags given."""
     preset = FlowConfig.tiny if args.tiny else FlowConfig.homework if args.homework else FlowConfig
     overrides = {k: getattr(args, k) for k in ("method", "steps", "seed") if getattr(args, k) is not None}
@@ -1087,7 +1102,7 @@ def config_from_args(args):
     return preset(**overrides)
 
 
-def run_and_report(cfg, out_dir, device, resume=False, figure=None):
+def run_and_report(cfg: FlowConfig, out_dir: Path, device: str, resume: bool = False, figure: str | None = None):
     """Train one flow, evaluate it, print the table, draw out/samples.png (and `figure` if given)."""
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     model, losses = train(cfg, out_dir, device, resume=resume)
@@ -1106,7 +1121,7 @@ def run_and_report(cfg, out_dir, device, resume=False, figure=None):
     return model, result
 
 
-def cmd_train(args, device, out_dir):
+def cmd_train(args: argparse.Namespace, device: str, out_dir: Path) -> None:
     cfg = config_from_args(args)
     if args.resume and latest_name(out_dir) is not None:
         # the saved settings stand; --steps (a longer schedule) may change, other differences are refused
@@ -1119,7 +1134,7 @@ def cmd_train(args, device, out_dir):
               f"latest, metrics.json, samples.png" + (f"; and {args.figure}" if args.figure else ""))
 
 
-def cmd_compare(args, device, out_dir):
+def cmd_compare(args: argparse.Namespace, device: str, out_dir: Path) -> None:
     """Train I-CFM and OT-CFM with the same settings and seed; one table and one picture for both."""
     cfg = config_from_args(args)
     models, results = {}, {}
@@ -1135,7 +1150,7 @@ def cmd_compare(args, device, out_dir):
         print(f"picture: {draw_figure(columns, path)}")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flow_matching.py",
         description="Conditional and optimal-transport flow matching on 2-D data.  Without a mode flag: a "
@@ -1148,22 +1163,22 @@ def build_parser():
     mode.add_argument("--compare", action="store_true", help="train I-CFM and OT-CFM alike; table and picture")
     mode.add_argument("--compare-diffusion", dest="compare_diffusion", action="store_true",
                       help="train the VP diffusion path, FM's OT path and OT-CFM alike; W2 at 1/2/4/8 Euler steps")
-    p.add_argument("--method", choices=METHODS, default=None, help="--train: fm | icfm | otcfm | sbcfm | vp "
-                                                                   "(default otcfm)")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps (default 5000; --tiny 300)")
+    p.add_argument("--method", choices=METHODS, default=None, help="the matcher --train uses (default otcfm)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="optimizer steps (default 5000; --tiny 300; --compare-diffusion 2000)")
     p.add_argument("--tiny", action="store_true", help="the tiny preset: a few seconds on a CPU")
     p.add_argument("--homework", action="store_true", help="the course's preset: lr 2e-4, batch 64, 100,000 steps")
-    p.add_argument("--out", type=str, default=None, metavar="DIR", help="DIR where the run writes (default runs/flow_matching/"
-                                                         "<demo|method|compare|diffusion>)")
+    p.add_argument("--out", type=str, default=None, metavar="DIR",
+                   help="where the run writes (default runs/flow_matching/<demo|method|compare|diffusion>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--seed", type=int, default=None, metavar="N", help="the random seed (default 0)")
-    p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when available)")
+    p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when there)")
     p.add_argument("--figure", type=str, default=None,
                    help="also draw the picture to this path (how the README's assets are made)")
     return p
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     created = False
@@ -1201,7 +1216,7 @@ def main(argv=None):
 
 # ---------------------------------------------------------------- pictures (pillow)
 
-def draw_figure(columns, path, size=340):
+def draw_figure(columns: list, path: str | Path, size: int = 340) -> Path:
     """columns: list of (title, panels); each panel (caption, target (n, 2) or None, points (n, 2), paths
     (T, m, 2) or None).  One column per method, one row per panel, saved as a PNG at `path`."""
     from PIL import Image, ImageDraw
@@ -1250,7 +1265,7 @@ def draw_figure(columns, path, size=340):
     return path
 
 
-def centred_text(draw, xy, text, size):
+def centred_text(draw, xy: tuple, text: str, size: int) -> None:
     """Text centred on xy; pillow's scalable default font when FreeType is there, its bitmap font if not."""
     from PIL import ImageFont
     try:
@@ -1261,7 +1276,8 @@ def centred_text(draw, xy, text, size):
     draw.text((xy[0] - (right - left) / 2, xy[1] - (bottom - top) / 2 - top), text, fill="black", font=font)
 
 
-def method_panels(model, cfg, result, device="cpu", n=1500, n_paths=300, seed=777):
+def method_panels(model: nn.Module, cfg: FlowConfig, result: dict, device: str = "cpu", n: int = 1500,
+                  n_paths: int = 300, seed: int = 777) -> list:
     """Three panels for one model: dopri5 samples, 2 Euler steps samples (both over the target in grey),
     and dopri5 trajectories from source (black) to end (blue)."""
     g = step_generator(seed, 0, 0)
