@@ -1099,6 +1099,8 @@ def config_from_args(args: argparse.Namespace) -> FlowConfig:
     overrides = {k: getattr(args, k) for k in ("method", "steps", "seed") if getattr(args, k) is not None}
     if overrides.get("method") in NOISE_SOURCE:
         overrides["source"] = "gaussian"            # their source is N(0, I) by definition
+    if overrides.get("method") == "sbcfm":
+        overrides["sigma"] = 1.0                    # torchcfm's default; SB-CFM needs a width > 0
     return preset(**overrides)
 
 
@@ -1163,7 +1165,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--compare", action="store_true", help="train I-CFM and OT-CFM alike; table and picture")
     mode.add_argument("--compare-diffusion", dest="compare_diffusion", action="store_true",
                       help="train the VP diffusion path, FM's OT path and OT-CFM alike; W2 at 1/2/4/8 Euler steps")
-    p.add_argument("--method", choices=METHODS, default=None, help="the matcher --train uses (default otcfm)")
+    p.add_argument("--method", choices=METHODS, default=None, help="the matcher --train uses (default otcfm; "
+                   "fm and vp start from N(0, I); sbcfm uses sigma 1, torchcfm's default)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="optimizer steps (default 5000; --tiny 300; --compare-diffusion 2000)")
     p.add_argument("--tiny", action="store_true", help="the tiny preset: a few seconds on a CPU")

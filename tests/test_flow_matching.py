@@ -381,6 +381,14 @@ def test_compare_diffusion_prints_the_euler_table(tmp_path, capsys):
     assert "VP path W2" in out and "FM OT path W2" in out and "OT-CFM W2" in out
 
 
+def test_the_command_line_builds_a_valid_config_for_every_method():
+    for method in fm.METHODS:
+        cfg = fm.config_from_args(fm.build_parser().parse_args(["--train", "--tiny", "--method", method]))
+        assert cfg.method == method and cfg.steps == fm.FlowConfig.tiny().steps
+    assert fm.config_from_args(fm.build_parser().parse_args(["--method", "sbcfm"])).sigma == 1.0
+    assert fm.config_from_args(fm.build_parser().parse_args(["--method", "vp"])).source == "gaussian"
+
+
 # ---------------------------------------------------------------- bad input
 
 def expect_cli_error(capsys, argv, *fragments):
