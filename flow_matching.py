@@ -1,71 +1,72 @@
 """Flow matching: train a continuous normalizing flow by regression, then sample it with an ODE solver.
 
-A flow carries points from a source p_0 (noise, or any 2-D distribution here) to a target p_1 (the data)
-by integrating a velocity field,  dx/dt = v_theta(t, x),  x(0) ~ p_0,  x(1) ~ p_1.  A probability path
-p_t joins the two, and a field u_t generates it when the continuity equation holds,
-d p_t / dt + div(p_t u_t) = 0.  Flow matching (FM) regresses the network on that field:
+A flow carries points from a source p_0 (noise, or any 2-D distribution here) to the data p_1 by
+integrating a velocity field, dx/dt = v_theta(t, x), x(0) ~ p_0.  Flow matching regresses v_theta on a
+field known to carry p_0 to p_1; only sampling solves the ODE.  The derivation, step by step
+(Lipman et al. 2023, sec. 2-4; Tong et al. 2023, sec. 3):
 
-    L_FM(theta)  = E_{t ~ U[0,1], x ~ p_t} |v_theta(t, x) - u_t(x)|^2             (Lipman et al. 2023, eq. 5)
-
-u_t is unknown, but it is an average of simple conditional fields.  Draw a pair z = (x0, x1) from a
-coupling q whose marginals are p_0 and p_1, put a Gaussian conditional path p_t(x | z) = N(mu_t(z),
-sigma_t^2 I) between them, and let u_t(x | z) be the field that moves along it.  Then
-p_t(x) = E_z p_t(x | z) and u_t(x) = E[u_t(x | z) | x_t = x], and the conditional loss
-
-    L_CFM(theta) = E_{t, z ~ q, x ~ p_t(. | z)} |v_theta(t, x) - u_t(x | z)|^2       (Lipman et al. 2023, eq. 9)
-
-has the same gradient as L_FM (Lipman et al. 2023, Thm 2): the two differ by a constant, because the
-best squared-error prediction of u_t(x | z) given x is its conditional mean, u_t(x).  Training is
-therefore simulation-free: draw z, t and x_t in closed form, call the network once, regress; no ODE is
-solved.  The ODE appears only at sampling time, x(1) = x(0) + int_0^1 v_theta(t, x(t)) dt, solved with
-Euler steps or adaptive Runge-Kutta (dopri5); its cost is the number of network calls (NFE).
-
-The three matchers differ only in the coupling q and the path (mu_t, sigma_t):
-
-    fm     Lipman's FM:  x0 ~ N(0, I) is the noise, q = p_0 x p_1 (independent),       (Lipman et al. 2023,
-           mu_t = t x1,  sigma_t = 1 - (1 - sigma_min) t,                                sec. 4.1, eq. 20-21)
-           x_t = t x1 + (1 - (1 - sigma_min) t) x0,   u_t = x1 - (1 - sigma_min) x0
-    icfm   independent CFM (I-CFM): any source, q = p_0 x p_1,                         (Tong et al. 2023,
-           x_t = t x1 + (1 - t) x0 + sigma eps,   u_t = x1 - x0                          eq. 14-15)
-    otcfm  minibatch OT-CFM: as I-CFM, but each minibatch is paired by the exact
-           2-Wasserstein plan,  pi = argmin_pi sum_ij pi_ij |x0_i - x1_j|^2             (Tong et al. 2023, eq. 17;
-                                                                                        Pooladian et al. 2023)
-
-Why OT straightens paths.  With independent pairs the straight conditional paths cross: a point x_t
-lies on segments heading many ways, so the marginal field E[x1 - x0 | x_t = x] averages directions and
-bends, and an ODE solver needs many steps.  The segments of an optimal plan for the squared distance do
-not cross at equal times (cyclical monotonicity), so near every x_t runs essentially one segment, the
-learned paths are nearly straight, and one or two Euler steps already land on p_1 (see the README's
-table).  As the batch grows, minibatch OT approaches the true OT map and the flow the Benamou-Brenier
-geodesic.  Entropic OT (Sinkhorn, `--ot sinkhorn`) gives a blurred plan; with reg = 2 sigma^2 it is the
-coupling of Tong et al.'s Schrodinger-bridge variant (SB-CFM), whose score term we leave out.
-
-Compared with diffusion.  A diffusion model learns the score of a noising SDE and samples with many
-small steps along curved (variance-preserving) paths.  FM keeps Gaussian conditional paths but makes
-mean and width move linearly in t (Lipman's "OT path"), trains a plain regression on a velocity, and
-samples with a deterministic ODE; I-CFM and OT-CFM also drop the need for a Gaussian source.
+1. Continuity equation.  A field u_t moves a density p_t exactly when  d p_t / dt + div(p_t u_t) = 0
+   (mass is conserved: what a region loses flows out through its boundary).  Then integrating
+   dx/dt = u_t(x) from x(0) ~ p_0 gives x(t) ~ p_t for every t, and x(1) ~ p_1.
+2. The marginal loss  L_FM = E_{t ~ U[0,1], x ~ p_t} |v_theta(t, x) - u_t(x)|^2  (Lipman eq. 5) would
+   teach that field, but for a path p_t between p_0 and the data neither p_t nor u_t is known.
+3. Conditional paths.  Draw a pair z = (x0, x1) from a coupling q whose marginals are p_0 and p_1 and
+   join its two ends by a Gaussian path p_t(x | z) = N(mu_t(z), sigma_t(z)^2 I).  The field that moves
+   it is u_t(x | z) = sigma_t'/sigma_t (x - mu_t) + mu_t'  (Lipman Thm 3): at x_t = mu_t + sigma_t eps
+   it is simply d x_t / dt.  Averaged over z, p_t(x) = E_z p_t(x | z) and
+   u_t(x) = E[u_t(x_t | z) | x_t = x]  solve the continuity equation together, because it is linear in
+   (p, p u) (Lipman Thm 1).  This marginal pair is the path the flow learns.
+4. Same gradient (Lipman Thm 2).  L_CFM = E_{t, z ~ q, x_t ~ p_t(. | z)} |v_theta(t, x_t) - u_t(x_t | z)|^2.
+   Expand both squares.  The |v_theta|^2 terms agree (x_t has the marginal law p_t in both); the cross
+   terms agree by the tower rule, E <v_theta, u_t(x_t | z)> = E <v_theta, E[u_t(x_t | z) | x_t]>
+   = E <v_theta, u_t(x_t)>; the rest does not depend on theta.  So grad L_CFM = grad L_FM: regressing on
+   conditional targets learns their conditional mean, the marginal field.  Training is simulation-free:
+   draw z, t and x_t in closed form, call the network once, no ODE.
+5. The matchers below differ only in q and the path (x0 ~ p_0, x1 ~ p_1, eps ~ N(0, I)):
+     fm     Lipman's "OT path": x0 is the noise N(0, I), q independent,        (Lipman eq. 20-21)
+            mu_t = t x1, sigma_t = 1 - (1 - sigma_min) t
+     icfm   any source, q independent, mu_t = t x1 + (1 - t) x0, sigma_t = sigma    (Tong eq. 14-15)
+     otcfm  as icfm, but q = the minibatch 2-Wasserstein plan                      (Tong eq. 17)
+     sbcfm  q = the entropic OT plan with eps = 2 sigma^2,                         (Tong SB-CFM)       
+            sigma_t = sigma sqrt(t (1 - t)): a Brownian bridge between the pair
+     vp     diffusion's variance-preserving path written as an FM path            (Lipman sec. 4.1, eq. 19)
+6. Why OT straightens paths.  Independent pairs give segments x0 -> x1 that cross: many directions pass
+   through one x_t, their average u_t(x) bends, the ODE's trajectories curve, and a solver needs many
+   steps.  The segments of an optimal plan for the squared distance do not cross at equal times (cyclical
+   monotonicity), so near each x_t runs essentially one segment: nearly straight trajectories, and one or
+   two Euler steps land on p_1.  As the batch grows, minibatch OT approaches the OT map (Pooladian et al.
+   2023) and the flow the displacement interpolation of Benamou-Brenier.
+7. Diffusion as the contrast.  A VP diffusion (Song et al. 2021) noises data by an SDE with schedule
+   beta(s); its conditional marginals are the Gaussian path mu_t = alpha_{1-t} x1, sigma_t^2 =
+   1 - alpha_{1-t}^2, alpha_s = exp(-int_0^s beta / 2), in our time (t = 1 is data).  A diffusion model
+   learns the score grad log p_t (or the noise eps) and samples by the reverse SDE or its probability-
+   flow ODE; for a Gaussian path the two targets convert into each other, u_t(x | z) = mu_t' -
+   sigma_t' sigma_t grad_x log p_t(x | z), so the real difference is the path.  Each VP pair travels an
+   arc (alpha^2 + sigma^2 = 1, not a line) at a varying speed (alpha_{1-t} is 0.28 at t = 0.5 and 0.81
+   at t = 0.8), which Euler steps of equal size cut short.  FM's OT path moves each pair along a line
+   at constant speed, but with independent pairs the marginal paths still bend (step 6), and on 2-D
+   data that is the larger effect: `--compare-diffusion` (the README's table) finds FM's OT path no
+   better than the VP path at 1 to 8 Euler steps, and OT-CFM, whose marginal paths are straight as
+   well, within 1.5x of the noise floor from a single step.
 
 Exact OT on a minibatch.  With B source and B target points of equal weight the optimal plan is a
-permutation (Birkhoff), so the plan is a linear assignment problem, solved exactly by scipy's
-`linear_sum_assignment` (Crouse 2016).  We warm-start it: subtracting any column potential v_j from
-the cost changes every permutation's cost by the same sum_j v_j, so the optimum is unchanged, but the
-solver's augmenting paths become short when v is close to the optimal dual, and a few Sinkhorn
-iterations (Cuturi 2013) get v close.  The result is the exact plan, in a fraction of the time.
+permutation (Birkhoff), so it is a linear assignment, solved exactly by scipy (Crouse 2016) and warm-
+started with Sinkhorn potentials (Cuturi 2013), which changes the speed, not the answer.
 
 Conventions: t = 0 is the source (noise), t = 1 the target (data), as in Lipman et al. and torchcfm.
-Points are (B, 2) tensors.  The loss is the mean squared error over points and coordinates.  Under
-torchrun the coupling is solved over the global batch gathered from all ranks, not per rank.
-
-Left out: the Schrodinger-bridge score term, likelihoods (instantaneous change of variables), image
-U-Nets and guidance.  Try `python flow_matching.py` (a seeded demo in seconds), `--train`, `--compare`.
+Points are (B, 2) tensors.  The loss is F.mse_loss, the mean over the B points and their 2
+coordinates (as torchcfm's examples compute it): half of L_CFM's mean of |.|^2.  Left out: likelihoods
+(the instantaneous change of variables), SB-CFM's learned score term, image U-Nets and guidance.
+Try `python flow_matching.py` (a seeded demo in seconds), `--train`, `--compare`, `--compare-diffusion`.
 """
 import argparse
 import collections
 import json
 import math
 import os
+import re
+import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
@@ -76,28 +77,27 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
-METHODS = ("fm", "icfm", "otcfm")
+METHODS = ("fm", "icfm", "otcfm", "sbcfm", "vp")
 OT_SOLVERS = ("exact", "sinkhorn")
 ODE_SOLVERS = ("dopri5", "euler", "midpoint", "rk4")
-NAMES = {"fm": "FM", "icfm": "I-CFM", "otcfm": "OT-CFM"}
-DEFAULT_OUT = Path("runs") / "flow_matching"
+NAMES = {"fm": "FM", "icfm": "I-CFM", "otcfm": "OT-CFM", "sbcfm": "SB-CFM", "vp": "VP diffusion path"}
+NOISE_SOURCE = ("fm", "vp")         # methods whose x0 is the noise N(0, I) by definition
 
-
-# ----------------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------------
 
 @dataclass
 class FlowConfig:
-    """Everything a run needs; saved beside the weights as config.json."""
-    method: str = "otcfm"          # fm | icfm | otcfm
-    source: str = "8gaussians"     # p_0; fm requires "gaussian" (its x0 is the noise)
+    """Everything a run needs; saved in each checkpoint as config.json."""
+    method: str = "otcfm"          # fm | icfm | otcfm | sbcfm | vp
+    source: str = "8gaussians"     # p_0; fm and vp require "gaussian" (their x0 is the noise)
     target: str = "moons"          # p_1
-    sigma: float = 0.0             # path width (icfm/otcfm) or sigma_min (fm); 0 gives straight paths
+    sigma: float = 0.0             # path width of icfm / otcfm, sigma of sbcfm (must be > 0 there)
+    sigma_min: float = 0.0         # fm only: the width left at t = 1 (Lipman's sigma_min)
     ot: str = "exact"              # otcfm coupling: exact assignment, or entropic (Sinkhorn) on torch
-    ot_reg: float = 0.01           # Sinkhorn's epsilon as a fraction of the batch's mean squared distance
-    width: int = 128               # hidden width of the velocity MLP
+    ot_reg: float = 0.01           # otcfm with ot=sinkhorn: eps as a fraction of the batch's mean squared
+                                   # distance (sbcfm does not use it: its eps is 2 sigma^2, absolute)
+    width: int = 128               # D, hidden width of the velocity MLP
     depth: int = 3                 # hidden layers
     time_features: int = 8         # sin/cos pairs of the time embedding
     steps: int = 5000              # optimizer steps
@@ -114,44 +114,289 @@ class FlowConfig:
     eval_repeats: int = 4          # independent draws averaged, because W2 of a finite sample is noisy
 
     def __post_init__(self):
-        check_choice("method", self.method, METHODS)
-        check_choice("ot", self.ot, OT_SOLVERS)
-        check_choice("source", self.source, DATASETS)
-        check_choice("target", self.target, DATASETS)
-        if self.method == "fm" and self.source != "gaussian":
-            raise ValueError(f"method fm (Lipman et al.) uses x0 ~ N(0, I) as its noise, so the source must be "
-                             f"'gaussian'; got source {self.source!r} (icfm and otcfm accept any source)")
-        for name in ("width", "depth", "time_features", "steps", "batch_size", "log_every", "ckpt_every",
-                     "eval_n", "eval_repeats"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.lr <= 0 or self.sigma < 0 or self.ot_reg <= 0 or self.warmup < 0 or self.prefetch < 0:
-            raise ValueError(f"need lr > 0, sigma >= 0, ot_reg > 0, warmup >= 0, prefetch >= 0; got lr={self.lr}, "
-                             f"sigma={self.sigma}, ot_reg={self.ot_reg}, warmup={self.warmup}, "
-                             f"prefetch={self.prefetch}")
+        check_config(self)          # in the plumbing at the end of the file
 
     @classmethod
-    def tiny(cls, **overrides):
+    def tiny(cls, **overrides) -> "FlowConfig":
         """Seconds on a CPU: what the demo and the tests run."""
         return cls(**{**dict(width=64, steps=300, batch_size=128, lr=3e-3, warmup=20, log_every=25,
                              ckpt_every=150, eval_n=256, eval_repeats=1), **overrides})
 
     @classmethod
-    def homework(cls, **overrides):
+    def homework(cls, **overrides) -> "FlowConfig":
         """The course homework's settings: learning rate 2e-4, batch 64, 100,000 steps."""
         return cls(**{**dict(lr=2e-4, batch_size=64, steps=100_000, warmup=1000, ckpt_every=5000), **overrides})
 
 
-PRESETS = {"tiny": FlowConfig.tiny, "default": FlowConfig, "homework": FlowConfig.homework}
+# ----------------------------------------------------------------------------------------------------
+# Conditional probability paths: x_t ~ p_t(. | x0, x1) and the field u_t(x_t | x0, x1) that moves it.
+# Each is a Gaussian path x_t = mu_t + sigma_t eps, and u_t = d x_t / dt along it (step 3 above).
+# t is (B,), points are (B, 2).
+# ----------------------------------------------------------------------------------------------------
+
+def icfm_path(x0: Tensor, x1: Tensor, t: Tensor, sigma: float = 0.0,
+              noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """I-CFM's path (Tong et al. 2023, eq. 14-15): a straight segment, widened by a constant sigma."""
+    tb = t[:, None]                                                              # (B,) -> (B, 1)
+    # mu_t = t x1 + (1 - t) x0,  x_t = mu_t + sigma eps
+    xt = tb * x1 + (1 - tb) * x0
+    if sigma > 0:
+        xt = xt + sigma * noise
+    # u_t = mu_t' = x1 - x0  (sigma_t is constant, so the noise does not move)
+    return xt, x1 - x0
 
 
-def check_choice(what, value, choices):
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; expected one of: {', '.join(choices)}")
+def fm_path(x0: Tensor, x1: Tensor, t: Tensor,
+            sigma_min: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Lipman's OT path (Lipman et al. 2023, eq. 20-21); x0 ~ N(0, I) plays the role of eps."""
+    tb = t[:, None]                                                              # (B,) -> (B, 1)
+    # mu_t = t x1,  sigma_t = 1 - (1 - sigma_min) t,  x_t = mu_t + sigma_t x0
+    xt = tb * x1 + (1 - (1 - sigma_min) * tb) * x0
+    # u_t(x | x1) = (x1 - (1 - sigma_min) x) / (1 - (1 - sigma_min) t), which at x = x_t is:
+    return xt, x1 - (1 - sigma_min) * x0
+
+
+def sb_path(x0: Tensor, x1: Tensor, t: Tensor, sigma: float,
+            noise: Tensor) -> tuple[Tensor, Tensor]:
+    """SB-CFM's path (Tong et al. 2023, sec. 3): a Brownian bridge of diffusion sigma from x0 to x1."""
+    tb = t[:, None]                                                              # (B,) -> (B, 1)
+    # mu_t = t x1 + (1 - t) x0,  sigma_t = sigma sqrt(t (1 - t)),  x_t = mu_t + sigma_t eps
+    mu = tb * x1 + (1 - tb) * x0
+    xt = mu + sigma * (tb * (1 - tb)).sqrt() * noise
+    # u_t = sigma_t'/sigma_t (x_t - mu_t) + mu_t' = (1 - 2t) / (2 t (1 - t)) (x_t - mu_t) + x1 - x0.
+    # At t = 0 or 1 the ratio is 0/0; written out it is sigma (1 - 2t) / (2 sqrt(t (1 - t))) eps, which
+    # still blows up there, so like torchcfm we add 1e-8 to the denominator.
+    return xt, (1 - 2 * tb) / (2 * tb * (1 - tb) + 1e-8) * (xt - mu) + x1 - x0
+
+
+# VP schedule of Song et al. 2021 (and Lipman et al.'s diffusion example): beta(s) = 0.1 + (20 - 0.1) s
+VP_BETA_MIN, VP_BETA_MAX = 0.1, 20.0
+
+
+def vp_alpha(s: Tensor) -> tuple[Tensor, Tensor]:
+    """alpha_s = exp(-T(s) / 2), T(s) = int_0^s beta = beta_min s + (beta_max - beta_min) s^2 / 2, and d alpha / ds."""
+    T = VP_BETA_MIN * s + (VP_BETA_MAX - VP_BETA_MIN) * s * s / 2
+    alpha = torch.exp(-T / 2)
+    return alpha, -(VP_BETA_MIN + (VP_BETA_MAX - VP_BETA_MIN) * s) / 2 * alpha
+
+
+def vp_path(x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """VP diffusion as an FM path (Lipman et al. 2023, sec. 4.1, eq. 18-19); x0 ~ N(0, I) is eps.
+
+    mu_t = alpha_{1-t} x1, sigma_t = sqrt(1 - alpha_{1-t}^2): at t = 0, alpha_1 = 0.0066, so x_t is
+    (almost) pure noise; at t = 1 it is the data point.  Diffusion reaches noise only as s -> infinity,
+    so this path starts a hair off N(0, I); Lipman et al. accept the same.
+    """
+    # the field grows like 1/sigma_t as t -> 1 (sigma_t -> 0); keep s = 1 - t >= 1e-3 (sigma_t >= 0.01),
+    # as diffusion codes stop at a small time instead of 0
+    s = (1 - t).clamp_min(1e-3)[:, None]                                         # (B,) -> (B, 1)
+    alpha, dalpha = vp_alpha(s)
+    sigma_t = (1 - alpha * alpha).sqrt()
+    xt = alpha * x1 + sigma_t * x0
+    # eq. 19: u_t(x | x1) = alpha'_{1-t} / (1 - alpha_{1-t}^2) (alpha_{1-t} x - x1), evaluated at x = x_t
+    return xt, dalpha / (1 - alpha * alpha) * (alpha * xt - x1)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2-D data: each sampler maps (n, generator) to an (n, 2) tensor; any of them can be source or target
+# Couplings q(x0, x1) on a minibatch: exact optimal transport (a permutation) or entropic OT (Sinkhorn)
+# ----------------------------------------------------------------------------------------------------
+
+def squared_distances(x0: Tensor, x1: Tensor) -> Tensor:
+    """C_ij = |x0_i - x1_j|^2, (B, 2), (B, 2) -> (B, B)."""
+    return torch.cdist(x0, x1).square()
+
+
+def exact_ot_permutation(x0: Tensor, x1: Tensor, warm_start: bool = True) -> Tensor:
+    """cols with x0[i] <-> x1[cols[i]] minimising sum_i |x0_i - x1_cols[i]|^2, exactly.
+
+    For equal-size uniform batches the OT plan pi = argmin sum_ij pi_ij C_ij is a permutation matrix / B
+    (Birkhoff), found by linear assignment.  warm_start changes the speed only, never the optimum.
+    """
+    from scipy.optimize import linear_sum_assignment
+    check_pairable(x0, x1)
+    C = squared_distances(x0.double(), x1.double())                                 # (B, B)
+    if warm_start and len(C) > 1:
+        # sum_i (C_i,s(i) - v_s(i)) = cost(s) - sum_j v_j for every permutation s: the same argmin, and
+        # short augmenting paths once v is near the optimal dual.  float32 is plenty for a first guess;
+        # the schedules were tuned on a 2-core CPU (training batches of 256, W2 samples of 1000).
+        scale = max(C.mean().item(), 1e-12)
+        stages, iters = ((10, 40), 5) if len(C) <= 512 else ((10, 40, 160, 640), 20)
+        v = sinkhorn_potential(C.float(), [scale / s for s in stages], iters).double()
+        C = C - v if torch.isfinite(v).all() else C      # a failed warm start would only cost time
+    _, cols = linear_sum_assignment(C.cpu().numpy())
+    return torch.as_tensor(cols, device=x0.device)
+
+
+def sinkhorn_potential(C: Tensor, eps_schedule: list[float], iters: int) -> Tensor:
+    """Column potential v (B,) of entropic OT between uniform marginals, by stabilised Sinkhorn.
+
+    With g = v, the entropic plan is pi_ij = a_i exp((v_j - C_ij) / eps).  Each stage builds that kernel
+    with every row divided by its largest entry, so nothing overflows and every row keeps a 1 (Peyre &
+    Cuturi 2019, sec. 4.4), runs `iters` Sinkhorn iterations and folds the column scaling into v.
+    Decreasing eps across stages (eps-scaling) settles the coarse shape of v first, then the detail.
+    """
+    v = torch.zeros(C.shape[1], dtype=C.dtype, device=C.device)
+    for eps in eps_schedule:
+        K = torch.sub(v, C).div_(eps)                                                # (B, B)
+        K = K.sub_(K.amax(1, keepdim=True)).exp_()                                   # entries in [0, 1]
+        b = torch.ones_like(v)
+        for _ in range(iters):
+            # a = 1 / (K b), b = 1 / (K^T a): match the row sums, then the column sums (Cuturi 2013, Alg. 1);
+            # the uniform marginal 1/B only shifts potentials by a constant, so it is left out.  A column
+            # that underflowed to all zeros gets a large finite b instead of 1/0.
+            a = K.mv(b).reciprocal_()
+            b = K.t().mv(a).clamp_min_(1e-30).reciprocal_()
+        # the stage's column potential eps log b joins v
+        v = v + eps * b.log()
+    return v
+
+
+def entropic_plan(x0: Tensor, x1: Tensor, eps: float, iters: int = 20) -> Tensor:
+    """pi (B, B) = argmin sum_ij pi_ij C_ij - eps H(pi) with uniform marginals 1/B, in torch (CPU or GPU).
+
+    pi_ij = exp((f_i + g_j - C_ij) / eps); for fixed g = v, f makes each row sum to 1/B, so a row of pi
+    is softmax_j((v_j - C_ij) / eps) / B.  eps-scaling from 64 eps down to eps.
+    """
+    check_pairable(x0, x1)
+    C = squared_distances(x0.float(), x1.float())                                   # (B, B)
+    v = sinkhorn_potential(C, [eps * 4.0 ** k for k in range(3, -1, -1)], iters)
+    return torch.softmax((v - C) / eps, dim=1) / len(C)                            # (B, B)
+
+
+def draw_from_plan(plan: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """cols[i] ~ pi(i, .) / pi(i, :).sum(): each x0 keeps its place and draws a partner.
+
+    torchcfm instead draws B (i, j) pairs from the whole plan with replacement, so its x0 repeat too; the
+    pairs follow the same plan either way, and keeping every x0 keeps the batch's source sample intact.
+    An x1 may be drawn by several x0, unlike with the exact permutation.
+    """
+    probs = plan if generator is None else plan.to(generator.device)   # draw where the generator lives
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(plan.device)
+
+
+def sinkhorn_pairing(x0: Tensor, x1: Tensor, reg: float = 0.01,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """Pairs drawn from the entropic plan with eps = reg * mean C_ij (a scale-free blur for otcfm)."""
+    eps = reg * max(squared_distances(x0.float(), x1.float()).mean().item(), 1e-12)
+    return draw_from_plan(entropic_plan(x0, x1, eps), generator).to(x0.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Matchers: sample_location_and_conditional_flow(x0, x1, t=None) -> (t, x_t, u_t), torchcfm's interface.
+# Each is a coupling (couple) and a path (path); the subclasses override only what differs.
+# ----------------------------------------------------------------------------------------------------
+
+class ConditionalFlowMatcher:
+    """I-CFM: independent pairs and icfm_path (Tong et al. 2023, eq. 14-15)."""
+    method = "icfm"
+
+    def __init__(self, sigma: float = 0.0):
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def couple(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """The coupling q(x0, x1): independent, so the batch stays as drawn."""
+        return x0, x1
+
+    def path(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """x_t ~ p_t(. | x0, x1) and u_t(x_t | x0, x1); noise eps is drawn when not given."""
+        if self.sigma > 0 and noise is None:
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+        return icfm_path(x0, x1, t, self.sigma, noise)
+
+    def sample_location_and_conditional_flow(self, x0: Tensor, x1: Tensor, t=None,
+                                             generator: torch.Generator | None = None):
+        """Couple the batch, draw t ~ U[0, 1] (unless given), return (t, x_t, u_t): (B,), (B, 2), (B, 2)."""
+        check_pairable(x0, x1)
+        if t is None:
+            t = torch.rand(len(x0), generator=generator).to(x0)
+        t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device).expand(len(x0))
+        x0, x1 = self.couple(x0, x1, generator)
+        return (t, *self.path(x0, x1, t, generator=generator))
+
+
+class TargetFlowMatcher(ConditionalFlowMatcher):
+    """Lipman's FM: x0 ~ N(0, I) is the noise and fm_path; `sigma_min` is the width left at t = 1."""
+    method = "fm"
+
+    def __init__(self, sigma_min: float = 0.0):
+        super().__init__(0.0)
+        if not 0 <= sigma_min < 1:
+            raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min}")
+        self.sigma_min = float(sigma_min)
+
+    def path(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return fm_path(x0, x1, t, self.sigma_min)
+
+
+class OTConditionalFlowMatcher(ConditionalFlowMatcher):
+    """OT-CFM: I-CFM on pairs re-drawn from the minibatch OT plan (Tong et al. 2023, eq. 17)."""
+    method = "otcfm"
+
+    def __init__(self, sigma: float = 0.0, ot: str = "exact", ot_reg: float = 0.01):
+        super().__init__(sigma)
+        check_choice("ot", ot, OT_SOLVERS)
+        self.ot, self.ot_reg = ot, ot_reg
+
+    def couple(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        if self.ot == "exact":
+            return x0, x1[exact_ot_permutation(x0, x1)]
+        return x0, x1[sinkhorn_pairing(x0, x1, self.ot_reg, generator)]
+
+
+class SchrodingerBridgeFlowMatcher(ConditionalFlowMatcher):
+    """SB-CFM: pairs from the entropic plan with eps = 2 sigma^2, then the Brownian-bridge sb_path.
+
+    With that eps the entropic plan is the static Schrodinger bridge between the two batches for a
+    Brownian motion of diffusion sigma, and sb_path is that motion pinned at both ends (Tong et al. 2023,
+    sec. 3; torchcfm's SchrodingerBridgeConditionalFlowMatcher with ot_method="sinkhorn").  We learn
+    the bridge's probability-flow field only, not its score, so sampling stays an ODE.
+    """
+    method = "sbcfm"
+
+    def __init__(self, sigma: float = 1.0):
+        if sigma <= 0:
+            raise ValueError(f"sbcfm needs sigma > 0 (its entropic eps is 2 sigma^2), got {sigma}")
+        super().__init__(sigma)
+
+    def couple(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return x0, x1[draw_from_plan(entropic_plan(x0, x1, 2 * self.sigma ** 2), generator).to(x0.device)]
+
+    def path(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        noise = torch.randn(x0.shape, generator=generator).to(x0) if noise is None else noise
+        return sb_path(x0, x1, t, self.sigma, noise)
+
+
+class VPDiffusionMatcher(TargetFlowMatcher):
+    """Diffusion's VP path trained as flow matching: x0 ~ N(0, I) is the noise and vp_path."""
+    method = "vp"
+
+    def __init__(self):
+        super().__init__(0.0)
+
+    def path(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return vp_path(x0, x1, t)
+
+
+def make_matcher(method: str, sigma: float = 0.0, ot: str = "exact", ot_reg: float = 0.01,
+                 sigma_min: float = 0.0) -> ConditionalFlowMatcher:
+    check_choice("method", method, METHODS)
+    return {"fm": lambda: TargetFlowMatcher(sigma_min), "icfm": lambda: ConditionalFlowMatcher(sigma),
+            "otcfm": lambda: OTConditionalFlowMatcher(sigma, ot, ot_reg),
+            "sbcfm": lambda: SchrodingerBridgeFlowMatcher(sigma), "vp": VPDiffusionMatcher}[method]()
+
+
+def matcher_for(cfg: FlowConfig) -> ConditionalFlowMatcher:
+    return make_matcher(cfg.method, cfg.sigma, cfg.ot, cfg.ot_reg, cfg.sigma_min)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The 2-D distributions: each sampler maps (n, generator) to (n, 2) points; any can be p_0 or p_1
 # ----------------------------------------------------------------------------------------------------
 
 def _gaussian(n, g):
@@ -201,7 +446,7 @@ DATASETS = {"gaussian": _gaussian, "8gaussians": _eight_gaussians, "moons": _moo
             "checkerboard": _checkerboard, "spirals": _spirals}
 
 
-def sample_2d(name, n, generator=None, device=None):
+def sample_2d(name: str, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
     """n points of the named 2-D distribution, (n, 2) float32; seeded when a generator is given."""
     check_choice("dataset", name, DATASETS)
     if not isinstance(n, int) or n <= 0:
@@ -213,160 +458,11 @@ sample_source = sample_2d   # p_0 and p_1 come from the same menu; the two names
 sample_target = sample_2d
 
 
-# ----------------------------------------------------------------------------------------------------
-# Optimal transport between two equal-size point clouds
-# ----------------------------------------------------------------------------------------------------
-
-def squared_distances(x0, x1):
-    """C_ij = |x0_i - x1_j|^2, (B, 2), (B, 2) -> (B, B)."""
-    return torch.cdist(x0, x1).square()
-
-
-def sinkhorn_potential(C, eps_schedule, iters):
-    """Column potential v (B,) of entropic OT between uniform marginals, by stabilised Sinkhorn.
-
-    With g = v, the entropic plan is pi_ij = a_i exp((v_j - C_ij) / eps).  Each stage builds that kernel
-    with every row divided by its largest entry, so nothing overflows and every row keeps a 1 (Peyre &
-    Cuturi 2019, sec. 4.4), runs `iters` Sinkhorn iterations and folds the column scaling into v.
-    Decreasing eps across stages (eps-scaling) settles the coarse shape of v first, then the detail.
-    """
-    v = torch.zeros(C.shape[1], dtype=C.dtype, device=C.device)
-    for eps in eps_schedule:
-        K = torch.sub(v, C).div_(eps)                                                # (B, B)
-        K = K.sub_(K.amax(1, keepdim=True)).exp_()                                   # entries in [0, 1]
-        b = torch.ones_like(v)
-        for _ in range(iters):
-            # a = 1 / (K b), b = 1 / (K^T a): match the row sums, then the column sums (Cuturi 2013, Alg. 1);
-            # the uniform marginal 1/B only shifts potentials by a constant, so it is left out.  A column
-            # that underflowed to all zeros gets a large finite b instead of 1/0.
-            a = K.mv(b).reciprocal_()
-            b = K.t().mv(a).clamp_min_(1e-30).reciprocal_()
-        # the stage's column potential eps log b joins v
-        v = v + eps * b.log()
-    return v
-
-
-def exact_ot_permutation(x0, x1, warm_start=True):
-    """cols with x0[i] <-> x1[cols[i]] minimising sum_i |x0_i - x1_cols[i]|^2, exactly.
-
-    For equal-size uniform batches the OT plan is a permutation matrix / B (Birkhoff), found by
-    linear assignment.  warm_start only changes the speed: the optimum is the same with or without.
-    """
-    from scipy.optimize import linear_sum_assignment
-    check_pairable(x0, x1)
-    C = squared_distances(x0.double(), x1.double())                                 # (B, B)
-    if warm_start and len(C) > 1:
-        # sum_i (C_i,s(i) - v_s(i)) = cost(s) - sum_j v_j for every permutation s: same argmin, and
-        # short augmenting paths once v is near the optimal dual.  float32 is plenty for a first guess;
-        # the schedules were tuned on a 2-core CPU (training batches of 256, W2 samples of 1000).
-        scale = max(C.mean().item(), 1e-12)
-        stages, iters = ((10, 40), 5) if len(C) <= 512 else ((10, 40, 160, 640), 20)
-        v = sinkhorn_potential(C.float(), [scale / s for s in stages], iters).double()
-        C = C - v if torch.isfinite(v).all() else C      # a failed warm start would only cost time
-    _, cols = linear_sum_assignment(C.cpu().numpy())
-    return torch.as_tensor(cols, device=x0.device)
-
-
-def sinkhorn_pairing(x0, x1, reg=0.01, generator=None):
-    """cols drawn from the entropic plan: cols[i] ~ pi(i, .) / pi(i, :).sum(), all in torch (CPU or GPU).
-
-    pi_ij = exp((f_i + g_j - C_ij) / eps), so the row-conditional is softmax_j((g_j - C_ij) / eps).
-    Unlike the exact plan this can pair one x1 with several x0 (torchcfm draws pairs the same way).
-    """
-    check_pairable(x0, x1)
-    C = squared_distances(x0.float(), x1.float())                                   # (B, B)
-    eps = reg * max(C.mean().item(), 1e-12)
-    schedule = [eps * 4.0 ** k for k in range(3, -1, -1)]                            # 64 eps, ..., eps
-    v = sinkhorn_potential(C, schedule, 20)
-    probs = torch.softmax((v - C) / eps, dim=1)                                      # (B, B), rows sum to 1
-    if generator is not None:
-        probs = probs.to(generator.device)            # draw where the seeded generator lives
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(x0.device)
-
-
-def wasserstein2(a, b):
-    """Exact 2-Wasserstein distance between two equal-size samples: sqrt(min_s mean_i |a_i - b_s(i)|^2)."""
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    cols = exact_ot_permutation(a, b)
-    return (a - b[cols]).square().sum(1).mean().sqrt().item()
-
-
-def check_pairable(x0, x1):
-    if x0.dim() != 2 or x0.shape != x1.shape or len(x0) == 0:
-        raise ValueError(f"expected two non-empty (B, d) point sets of the same shape, got {tuple(x0.shape)} "
-                         f"and {tuple(x1.shape)}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Probability paths and matchers: sample_location_and_conditional_flow(x0, x1) -> (t, xt, ut)
-# ----------------------------------------------------------------------------------------------------
-
-class ConditionalFlowMatcher:
-    """I-CFM: independent pairs, x_t = t x1 + (1 - t) x0 + sigma eps, u_t = x1 - x0 (Tong et al. 2023, eq. 14-15)."""
-    method = "icfm"
-
-    def __init__(self, sigma=0.0):
-        if sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {sigma}")
-        self.sigma = float(sigma)
-
-    def couple(self, x0, x1, generator=None):
-        """The coupling q(x0, x1): independent, so the batch stays as drawn."""
-        return x0, x1
-
-    def path(self, x0, x1, t, noise=None, generator=None):
-        """A point x_t ~ p_t(. | x0, x1) and the conditional field u_t(x_t | x0, x1); t is (B,)."""
-        tb = t[:, None]                                                              # (B,) -> (B, 1)
-        # mu_t = t x1 + (1 - t) x0
-        xt = tb * x1 + (1 - tb) * x0
-        if self.sigma > 0:
-            noise = torch.randn(x0.shape, generator=generator).to(x0) if noise is None else noise
-            xt = xt + self.sigma * noise
-        # u_t = d mu_t / dt = x1 - x0 (sigma_t is constant, so the noise does not move)
-        return xt, x1 - x0
-
-    def sample_location_and_conditional_flow(self, x0, x1, t=None, generator=None):
-        """Couple the batch, draw t ~ U[0, 1] (unless given), return (t, x_t, u_t), each (B,) or (B, 2)."""
-        check_pairable(x0, x1)
-        if t is None:
-            t = torch.rand(len(x0), generator=generator).to(x0)
-        t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device).expand(len(x0))
-        x0, x1 = self.couple(x0, x1, generator)
-        return (t, *self.path(x0, x1, t, generator=generator))
-
-
-class TargetFlowMatcher(ConditionalFlowMatcher):
-    """Lipman's FM with the OT Gaussian path; x0 ~ N(0, I) is the noise (Lipman et al. 2023, eq. 20-21)."""
-    method = "fm"
-
-    def path(self, x0, x1, t, noise=None, generator=None):
-        tb = t[:, None]                                                              # (B,) -> (B, 1)
-        # x_t = mu_t + sigma_t x0,  mu_t = t x1,  sigma_t = 1 - (1 - sigma_min) t
-        xt = tb * x1 + (1 - (1 - self.sigma) * tb) * x0
-        # u_t(x | x1) = (x1 - (1 - sigma_min) x) / (1 - (1 - sigma_min) t), which at x = x_t is:
-        return xt, x1 - (1 - self.sigma) * x0
-
-
-class OTConditionalFlowMatcher(ConditionalFlowMatcher):
-    """OT-CFM: I-CFM on pairs re-drawn from the minibatch OT plan (Tong et al. 2023, eq. 17)."""
-    method = "otcfm"
-
-    def __init__(self, sigma=0.0, ot="exact", ot_reg=0.01):
-        super().__init__(sigma)
-        check_choice("ot", ot, OT_SOLVERS)
-        self.ot, self.ot_reg = ot, ot_reg
-
-    def couple(self, x0, x1, generator=None):
-        if self.ot == "exact":
-            return x0, x1[exact_ot_permutation(x0, x1)]
-        return x0, x1[sinkhorn_pairing(x0, x1, self.ot_reg, generator)]
-
-
-def make_matcher(method, sigma=0.0, ot="exact", ot_reg=0.01):
-    check_choice("method", method, METHODS)
-    if method == "otcfm":
-        return OTConditionalFlowMatcher(sigma, ot, ot_reg)
-    return {"fm": TargetFlowMatcher, "icfm": ConditionalFlowMatcher}[method](sigma)
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A generator seeded by (seed, step, stream): every batch is a pure function of its step number,
+    so a resumed run, or one with batches prepared ahead on threads, draws the very same data."""
+    state = np.random.SeedSequence([seed, step, stream]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,7 +475,7 @@ class VelocityField(nn.Module):
     Called as model(t, x), the signature torchdiffeq's odeint expects.
     """
 
-    def __init__(self, width=128, depth=3, time_features=8):
+    def __init__(self, width: int = 128, depth: int = 3, time_features: int = 8):
         super().__init__()
         # frequencies pi k: t in [0, 1] then spans k half-periods, so the net sees both slow and fast changes
         self.register_buffer("frequencies", math.pi * torch.arange(1, time_features + 1).float(), persistent=False)
@@ -389,23 +485,66 @@ class VelocityField(nn.Module):
             layers += [nn.Linear(d_in, d_out), nn.SiLU()]
         self.net = nn.Sequential(*layers, nn.Linear(width, 2))
 
-    def forward(self, t, x):
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))   # () or (B,) -> (B,)
         angles = t[:, None] * self.frequencies                                       # (B, time_features)
         features = torch.cat([x, angles.sin(), angles.cos()], 1)                     # (B, 2 + 2 time_features)
         return self.net(features)                                                    # -> (B, D) ... -> (B, 2)
 
 
-def build_model(cfg):
+def build_model(cfg: FlowConfig) -> VelocityField:
     torch.manual_seed(cfg.seed)
     return VelocityField(cfg.width, cfg.depth, cfg.time_features)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sampling: integrate dx/dt = v(t, x) from t = 0 to 1 with torchdiffeq, counting network calls
+# Training step: the regression of L_CFM (step 4 of the docstring)
 # ----------------------------------------------------------------------------------------------------
 
-def integrate(model, x0, method="dopri5", steps=None, times=None, atol=1e-5, rtol=1e-5):
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, matcher: ConditionalFlowMatcher,
+               x0: Tensor, x1: Tensor, t: Tensor, lr: float,
+               generator: torch.Generator | None = None) -> Tensor:
+    """One step on already coupled pairs; returns the loss, mean over points and coordinates of
+    (v_theta(t, x_t) - u_t(x_t | x0, x1))^2, which is L_CFM / 2 for 2-D points."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    xt, ut = matcher.path(x0, x1, t, generator=generator)                        # (B, 2), (B, 2)
+    loss = F.mse_loss(model(t, xt), ut)                                          # mean over B and the 2 coords
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()                                   # DDP averages the gradients over ranks here
+    optimizer.step()
+    return loss.detach()
+
+
+def lr_at(step: int, cfg: FlowConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to 0 at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: FlowConfig) -> torch.optim.Optimizer:
+    """AdamW; its fused kernel (one op for all parameters, CPU or GPU) where this torch has one."""
+    try:
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling: integrate dx/dt = v_theta(t, x) from t = 0 to 1 with torchdiffeq, counting network calls
+# ----------------------------------------------------------------------------------------------------
+
+# Why straight paths need few steps.  Euler replaces the trajectory over a step of size h by its
+# tangent: x(t + h) = x(t) + h v(t, x(t)) + h^2/2 x''(t) + O(h^3), so its error per step is set by the
+# trajectory's acceleration x'' = dv/dt + (grad_x v) v.  A straight path at constant speed has x'' = 0
+# and ONE step is exact; a bent path (independent pairs) or one whose speed varies in time (the VP path,
+# which moves little until t near 1 and then fast) needs h small where x'' is large.  Adaptive solvers
+# (dopri5) find those places themselves and pay for them in network calls (NFE).
+
+def integrate(model: nn.Module, x0: Tensor, method: str = "dopri5", steps: int | None = None,
+              times=None, atol: float = 1e-5, rtol: float = 1e-5) -> tuple[Tensor, int]:
     """Solve the flow ODE from x0; returns (x at each of `times`, (T, B, 2); NFE).
 
     dopri5 is adaptive (atol / rtol; steps must be None); euler, midpoint and rk4 take `steps` equal
@@ -428,7 +567,8 @@ def integrate(model, x0, method="dopri5", steps=None, times=None, atol=1e-5, rto
     times = times.to(x0)
     options = {}
     if method != "dopri5":
-        # a grid of steps + 1 points (plus the requested times) makes exactly `steps` solver steps
+        # a grid of steps + 1 points (plus the requested times) makes exactly `steps` solver steps;
+        # Euler: x_{k+1} = x_k + h v_theta(t_k, x_k), h = 1 / steps
         grid = torch.linspace(0, 1, steps + 1, dtype=x0.dtype, device=x0.device)
         options = {"grid_constructor": lambda *_: grid}
     with torch.no_grad():
@@ -436,38 +576,146 @@ def integrate(model, x0, method="dopri5", steps=None, times=None, atol=1e-5, rto
     return xs, nfe
 
 
-def sample(model, x0, method="dopri5", steps=None):
+def sample(model: nn.Module, x0: Tensor, method: str = "dopri5", steps: int | None = None) -> Tensor:
     """The flow's end points x(1), (B, 2), for source points x0."""
     return integrate(model, x0, method, steps)[0][-1]
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training
+# Measuring a flow: exact W2 to the target, next to the noise floor W2(target sample, another one)
 # ----------------------------------------------------------------------------------------------------
 
-def step_generator(seed, step, stream):
-    """A generator seeded by (seed, step, stream): every batch is a pure function of its step number,
-    so a resumed run, or one with batches prepared ahead on threads, draws the very same data."""
-    state = np.random.SeedSequence([seed, step, stream]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+# W2(p, q)^2 = min over couplings of E|x - y|^2: the same OT problem as the pairing, here as a yardstick.
+# Between two finite samples it is the exact assignment cost, and it does not vanish even for two
+# samples of one distribution; that value, the noise floor, is what a perfect model scores.
+
+def wasserstein2(a: Tensor, b: Tensor) -> float:
+    """Exact 2-Wasserstein distance between two equal-size samples: sqrt(min_s mean_i |a_i - b_s(i)|^2)."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    cols = exact_ot_permutation(a, b)
+    return (a - b[cols]).square().sum(1).mean().sqrt().item()
 
 
-def lr_at(step, cfg):
-    """Linear warm-up to cfg.lr, then cosine decay to 0 at cfg.steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+SOLVER_GRID = (("dopri5", None), ("euler", 1), ("euler", 2), ("euler", 10))
+EULER_GRID = (("euler", 1), ("euler", 2), ("euler", 4), ("euler", 8), ("dopri5", None))
 
 
-def dist_info():
+def evaluate(model: nn.Module, cfg: FlowConfig, device: str = "cpu", solvers: tuple = SOLVER_GRID,
+             seed: int = 12345) -> dict:
+    """W2 between flow samples and a target sample, per solver, averaged over cfg.eval_repeats draws.
+
+    The noise floor is W2 between two independent target samples of the same size: a perfect model
+    scores about that, not 0, because a finite sample is never its distribution.
+    """
+    model.eval()
+    floor, scores, nfes = [], collections.defaultdict(list), collections.defaultdict(list)
+    for r in range(cfg.eval_repeats):
+        g = step_generator(seed, r, 0)
+        x0 = sample_2d(cfg.source, cfg.eval_n, g, device)
+        reference = sample_2d(cfg.target, cfg.eval_n, g, device)
+        floor.append(wasserstein2(sample_2d(cfg.target, cfg.eval_n, g, device), reference))
+        for method, steps in solvers:
+            xs, nfe = integrate(model, x0, method, steps)
+            scores[(method, steps)].append(wasserstein2(xs[-1], reference))
+            nfes[(method, steps)].append(nfe)
+    return {"floor": (float(np.mean(floor)), float(np.std(floor))), "n": cfg.eval_n, "repeats": cfg.eval_repeats,
+            "rows": [{"solver": m, "steps": s, "nfe": round(float(np.mean(nfes[(m, s)]))),
+                      "w2": float(np.mean(scores[(m, s)])), "ratio": float(np.mean(scores[(m, s)]) / np.mean(floor))}
+                     for m, s in solvers]}
+
+
+def solver_label(row: dict) -> str:
+    if row["solver"] == "dopri5":
+        return "dopri5 (atol = rtol = 1e-5)"
+    return f"{row['solver']}, {row['steps']} step{'s' * (row['steps'] > 1)}"
+
+
+def results_table(results: dict) -> str:
+    """Markdown table: one column group per trained method (results: {name: evaluate(...)})."""
+    names = list(results)
+    head = "| solver | " + " | ".join(f"{n} NFE | {n} W2 | {n} W2 / floor" for n in names) + " |"
+    lines = [head, "|---|" + "---:|---:|---:|" * len(names)]
+    for i, row in enumerate(results[names[0]]["rows"]):
+        cells = [f"{r['rows'][i]['nfe']} | {r['rows'][i]['w2']:.3f} | {r['rows'][i]['ratio']:.2f}x"
+                 for r in results.values()]
+        lines.append(f"| {solver_label(row)} | " + " | ".join(cells) + " |")
+    first = results[names[0]]
+    mean, std = first["floor"]
+    lines.append(f"\nnoise floor W2(target, another target sample) = {mean:.3f} +- {std:.3f} "
+                 f"(n = {first['n']} points, mean of {first['repeats']} draw{'s' * (first['repeats'] > 1)})")
+    return "\n".join(lines)
+
+
+def quality_line(result: dict, goal: float = 1.5) -> str:
+    """Our bar for a good run: 2 Euler steps within 1.5x of the noise floor."""
+    row = next(r for r in result["rows"] if r["solver"] == "euler" and r["steps"] == 2)
+    verdict = "met" if row["ratio"] <= goal else "NOT met"
+    rough = " (a rough check: few points, one draw)" if result["n"] < 1000 or result["repeats"] < 2 else ""
+    return f"quality goal, W2 with 2 Euler steps <= {goal}x noise floor: {row['ratio']:.2f}x, {verdict}{rough}"
+
+
+def cmd_compare_diffusion(args: argparse.Namespace, device: str, out_dir: Path) -> None:
+    """The same network and recipe on three paths from N(0, I): VP diffusion, Lipman's OT path, OT-CFM.
+    W2 at 1, 2, 4, 8 Euler steps (and dopri5) shows what straight paths buy; 2000 steps unless --steps."""
+    cfg, results, t0 = replace(config_from_args(args), source="gaussian"), {}, time.perf_counter()
+    if args.steps is None and not args.tiny:
+        cfg = replace(cfg, steps=2000)              # three trainings in a few minutes on a 2-core CPU
+    for method, label in (("vp", "VP path"), ("fm", "FM OT path"), ("otcfm", "OT-CFM")):
+        run_cfg = replace(cfg, method=method)
+        model, _ = train(run_cfg, out_dir / method, device)
+        if dist_info()[0] == 0:
+            results[label] = evaluate(model, run_cfg, device, EULER_GRID)
+    if dist_info()[0] == 0:
+        print(f"\nN(0, I) -> {cfg.target}, same network, {cfg.steps} steps, batch {cfg.batch_size}, seed {cfg.seed} "
+              f"({time.perf_counter() - t0:.0f} s):\n\n{results_table(results)}")
+        write_json(out_dir / "metrics.json", results)
+
+
+# ====================================================================================================
+# Plumbing: validation, threads and DDP, the training loop, checkpoints, CLI, pictures.  A reader may stop here.
+# ====================================================================================================
+
+def check_choice(what: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; expected one of: {', '.join(choices)}")
+
+
+def check_config(cfg: FlowConfig) -> None:
+    """FlowConfig's validation: every error names the field and the value."""
+    for what, choices in (("method", METHODS), ("ot", OT_SOLVERS), ("source", DATASETS), ("target", DATASETS)):
+        check_choice(what, getattr(cfg, what), choices)
+    if cfg.method in NOISE_SOURCE and cfg.source != "gaussian":
+        raise ValueError(f"method {cfg.method} uses x0 ~ N(0, I) as its noise, so the source must be 'gaussian'; "
+                         f"got source {cfg.source!r} (icfm, otcfm and sbcfm accept any source)")
+    if cfg.method == "sbcfm" and not cfg.sigma > 0:
+        raise ValueError(f"method sbcfm needs sigma > 0 (its entropic eps is 2 sigma^2), got sigma={cfg.sigma}")
+    for f in fields(cfg):
+        value, lowest = getattr(cfg, f.name), 0 if f.name in ("seed", "warmup", "prefetch", "sigma", "weight_decay",
+                                                               "sigma_min") else 1e-300
+        if f.type in (int, "int") and (type(value) is not int or value < lowest):
+            raise ValueError(f"{f.name} must be a {'positive' if lowest else 'non-negative'} integer, got {value!r}")
+        if f.type in (float, "float") and (type(value) not in (int, float) or not lowest <= value < math.inf):
+            raise ValueError(f"{f.name} must be a finite number {'> 0' if lowest else '>= 0'}, got {value!r}")
+    if cfg.sigma_min >= 1:
+        raise ValueError(f"sigma_min must be < 1, got {cfg.sigma_min}")
+
+
+def check_pairable(x0: Tensor, x1: Tensor) -> None:
+    if x0.dim() != 2 or x0.shape != x1.shape or len(x0) == 0:
+        raise ValueError(f"expected two non-empty (B, d) point sets of the same shape, got {tuple(x0.shape)} "
+                         f"and {tuple(x1.shape)}")
+
+
+# ---------------------------------------------------------------- batches: threads and torchrun (DDP)
+
+def dist_info() -> tuple[int, int]:
     """(rank, world size); (0, 1) without torch.distributed."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def gather_global(x):
+def gather_global(x: Tensor) -> Tensor:
     """Concatenate every rank's (b, 2) shard in rank order: (b, 2) -> (world * b, 2)."""
     rank, world = dist_info()
     if world == 1:
@@ -477,7 +725,8 @@ def gather_global(x):
     return torch.cat(parts)
 
 
-def couple_global(matcher, x0g, x1g, b, generator=None):
+def couple_global(matcher: ConditionalFlowMatcher, x0g: Tensor, x1g: Tensor, b: int,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Pair the gathered global batch (B, 2) with one plan and keep this rank's (b, 2) slice.
 
     Every rank solves the same problem on the same gathered points, so all agree without talking, and
@@ -488,7 +737,7 @@ def couple_global(matcher, x0g, x1g, b, generator=None):
     return x0g[rank * b:(rank + 1) * b], x1g[rank * b:(rank + 1) * b]
 
 
-def draw_batch(cfg, step, device):
+def draw_batch(cfg: FlowConfig, step: int, device: str) -> tuple:
     """This rank's shard of step `step`: source and target points, times t; gathered for the coupling."""
     rank, world = dist_info()
     b = cfg.batch_size // world
@@ -500,13 +749,13 @@ def draw_batch(cfg, step, device):
     return gather_global(x0), gather_global(x1), t, g, step_generator(cfg.seed, step, 0)
 
 
-def pair_batch(matcher, drawn):
+def pair_batch(matcher: ConditionalFlowMatcher, drawn: tuple) -> tuple:
     """Solve the coupling of a drawn batch; runs on a worker thread.  Returns (x0, x1, t, generator)."""
     x0g, x1g, t, g, shared = drawn
     return (*couple_global(matcher, x0g, x1g, len(t), shared), t, g)
 
 
-def paired_batches(cfg, matcher, device, start, stop):
+def paired_batches(cfg: FlowConfig, matcher: ConditionalFlowMatcher, device: str, start: int, stop: int):
     """Yield (x0, x1, t, generator) for steps start .. stop - 1, prepared cfg.prefetch steps ahead.
 
     The coupling depends only on the data, never on theta, so it is data preparation: the OT of batch
@@ -533,31 +782,23 @@ def paired_batches(cfg, matcher, device, start, stop):
             yield pending.popleft().result()
 
 
-def train_step(model, optimizer, matcher, x0, x1, t, lr, generator=None):
-    """One regression step on coupled pairs: L = mean |v_theta(t, x_t) - u_t(x_t | x0, x1)|^2."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    xt, ut = matcher.path(x0, x1, t, generator=generator)
-    loss = F.mse_loss(model(t, xt), ut)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()                                   # DDP averages the gradients over ranks here
-    optimizer.step()
-    return loss.detach()
+def mean_over_ranks(x: Tensor) -> float:
+    _, world = dist_info()
+    if world > 1:
+        dist.all_reduce(x)
+        x = x / world
+    return x.item()
 
 
-def make_optimizer(model, cfg):
-    """AdamW; its fused kernel (one op for all parameters, CPU or GPU) where this torch has one."""
-    try:
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+# ---------------------------------------------------------------- the training loop
 
-
-def train(cfg, out_dir, device="cpu", resume=False, stop_at=None, progress=True):
+def train(cfg: FlowConfig, out_dir: str | Path, device: str = "cpu", resume: bool = False, stop_at: int | None = None,
+          progress: bool = True):
     """Train (or resume) a flow; checkpoints go to out_dir.  Returns the model (unwrapped) and loss log.
 
     Under torchrun each rank trains a DDP replica on its shard; rank 0 writes the checkpoints.
-    stop_at ends this call early (a checkpoint is written), as an interruption would.
+    stop_at ends this call early (a checkpoint is written), as an interruption would.  A non-finite loss
+    stops training with FloatingPointError before anything more is saved.
     """
     from tqdm import tqdm
     rank, world = dist_info()
@@ -568,17 +809,22 @@ def train(cfg, out_dir, device="cpu", resume=False, stop_at=None, progress=True)
     optimizer = make_optimizer(model, cfg)
     start, losses = 0, []
     if resume:
-        start, losses = load_checkpoint(out_dir, model, optimizer, cfg, device)
+        start, losses = resume_checkpoint(out_dir, model, optimizer, cfg, device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    matcher = make_matcher(cfg.method, cfg.sigma, cfg.ot, cfg.ot_reg)
+    matcher = matcher_for(cfg)
     stop = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
-    bar = tqdm(total=stop, initial=start, disable=not progress or rank != 0, dynamic_ncols=True,
+    # disable=None: a bar only on a terminal; logs and CI get one line per checkpoint instead
+    bar = tqdm(total=stop, initial=start, disable=None if progress and rank == 0 else True, dynamic_ncols=True,
                desc=f"{NAMES[cfg.method]} {cfg.source} -> {cfg.target}")
     running, done = [], start
     batches = paired_batches(cfg, matcher, device, start, stop)
     try:
         for step, (x0, x1, t, g) in zip(range(start, stop), batches):
-            running.append(train_step(net, optimizer, matcher, x0, x1, t, lr_at(step, cfg), g))
+            loss = train_step(net, optimizer, matcher, x0, x1, t, lr_at(step, cfg), g)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}; stopped without "
+                                         f"saving, the last good checkpoint in {out_dir} is untouched")
+            running.append(loss)
             done = step + 1
             if len(running) == cfg.log_every or done == stop:
                 losses.append([done, mean_over_ranks(torch.stack(running).mean())])
@@ -587,6 +833,8 @@ def train(cfg, out_dir, device="cpu", resume=False, stop_at=None, progress=True)
             bar.update(1)
             if done % cfg.ckpt_every == 0 and done < stop:
                 save_checkpoint(out_dir, model, optimizer, cfg, done, losses)
+                if progress and bar.disable and rank == 0:
+                    print(f"step {done}/{stop}: loss {losses[-1][1]:.4f}, checkpoint saved", flush=True)
     except KeyboardInterrupt:
         save_checkpoint(out_dir, model, optimizer, cfg, done, losses)
         raise
@@ -597,80 +845,145 @@ def train(cfg, out_dir, device="cpu", resume=False, stop_at=None, progress=True)
     return model, losses
 
 
-def mean_over_ranks(x):
-    _, world = dist_info()
-    if world > 1:
-        dist.all_reduce(x)
-        x = x / world
-    return x.item()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: model.safetensors + train_state.safetensors (AdamW moments) + json, written atomically
-# ----------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- checkpoints
+# One checkpoint is one unit: out/step-K/ holds model.safetensors, train_state.safetensors (AdamW
+# moments), train_state.json (step, loss log) and config.json, each stamped with K.  They are written
+# into a fresh folder and fsynced; only then does out/latest switch to it (os.replace is atomic), and
+# older step folders go.  A crash at any point leaves `latest` naming a complete checkpoint.
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing pieces, corrupt, or from another configuration."""
+    """A checkpoint that is missing pieces, corrupt, non-finite, or from another configuration."""
 
 
-def atomic_write(path, write):
-    """Write through a temporary file in the same directory, then rename: readers never see half a file."""
+LATEST = "latest"
+STEP_DIR = re.compile(r"step-(\d{8})")
+FILE_WRITTEN = None     # tests set a function here, called with each path a checkpoint save has written
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _written(path):
+    if FILE_WRITTEN is not None:
+        FILE_WRITTEN(Path(path))
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON through a temporary name and os.replace: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)                          # mkstemp makes 0600; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    _fsync(tmp)
+    os.replace(tmp, path)
 
 
-def write_json(path, obj):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def save_checkpoint(out_dir, model, optimizer, cfg, step, losses):
-    """Rank 0 writes train state, then weights, then config.json, which names the step: the commit record."""
+def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: FlowConfig,
+                    step: int, losses: list) -> None:
+    """Rank 0 writes out/step-{step}/ and then points out/latest at it."""
     from safetensors.torch import save_file
     if dist_info()[0] != 0:
         return
     out_dir = Path(out_dir)
+    name = f"step-{step:08d}"
+    if latest_name(out_dir) == name:
+        return                                      # this very step is already saved (a resume that stops at once)
     names = {p: n for n, p in model.named_parameters()}
     moments = {f"{names[p]}.{k}": v.detach().cpu().reshape(-1) if k == "step" else v.detach().cpu()
                for p, state in optimizer.state.items() for k, v in state.items()}
-    atomic_write(out_dir / "train_state.safetensors", lambda tmp: save_file(moments, tmp))
-    write_json(out_dir / "train_state.json", {"step": step, "losses": losses})
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out_dir / "model.safetensors", lambda tmp: save_file(weights, tmp))
-    write_json(out_dir / "config.json", {"format": "flow_matching", "step": step, "config": asdict(cfg)})
+    bad = [k for k, v in {**weights, **moments}.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"step {step}: non-finite values in {bad}; not saved, {out_dir} keeps its last "
+                                 f"good checkpoint")
+    folder = out_dir / name
+    if folder.exists():
+        shutil.rmtree(folder)                       # left by a save that crashed before `latest` moved
+    folder.mkdir(parents=True)
+    meta = {"format": "flow_matching", "step": str(step)}
+    for file, tensors in (("model.safetensors", weights), ("train_state.safetensors", moments)):
+        save_file(tensors, folder / file, metadata=meta)
+        _fsync(folder / file)
+        _written(folder / file)
+    write_json(folder / "train_state.json", {"step": step, "losses": losses})
+    _written(folder / "train_state.json")
+    write_json(folder / "config.json", {"format": "flow_matching", "step": step, "config": asdict(cfg)})
+    _written(folder / "config.json")
+    _fsync(folder)
+    write_json(out_dir / LATEST, {"checkpoint": name, "step": step})   # the commit
+    _fsync(out_dir)
+    _written(out_dir / LATEST)
+    clean_run_dir(out_dir)
 
 
-def read_json(path):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file {path} (train one with `python flow_matching.py --train "
-                                f"--out {path.parent}`)")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint file {path}: {e}") from None
+def latest_name(out_dir: str | Path) -> str | None:
+    """The folder name `latest` points at, or None; a corrupt pointer is an error naming it."""
+    pointer = Path(out_dir) / LATEST
+    if not pointer.exists():
+        return None
+    record = read_json(pointer)
+    name = record.get("checkpoint") if isinstance(record, dict) else None
+    if not isinstance(name, str) or not STEP_DIR.fullmatch(name) or not (Path(out_dir) / name).is_dir():
+        raise CheckpointError(f"{pointer} does not name a checkpoint folder in {out_dir}: {record!r}")
+    return name
 
 
-def read_tensors(path, device="cpu"):
-    from safetensors.torch import load_file
+def latest_checkpoint(out_dir: str | Path) -> Path:
+    """The newest complete checkpoint folder of a run directory (out/step-K/)."""
+    name = latest_name(out_dir)
+    if name is None:
+        raise FileNotFoundError(f"no checkpoint in {out_dir} (no file {Path(out_dir) / LATEST}); train one with "
+                                f"`python flow_matching.py --train --out {out_dir}`")
+    return Path(out_dir) / name
+
+
+def clean_run_dir(out_dir: str | Path) -> None:
+    """Remove what a crashed save leaves: step folders other than the latest, and temporary files."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    keep = latest_name(out_dir)
+    for path in out_dir.iterdir():
+        if path.is_dir() and STEP_DIR.fullmatch(path.name) and path.name != keep:
+            shutil.rmtree(path)
+        elif path.is_file() and path.name.startswith(f".{LATEST}.tmp"):
+            path.unlink()
+
+
+def read_json(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file {path}")
     try:
-        return load_file(path, device=str(device))
-    except Exception as e:                            # safetensors raises its own error type for bad headers
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt checkpoint file {path}: not valid UTF-8 JSON ({e})") from None
+
+
+def read_tensors(path: str | Path, device: str = "cpu") -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file, every tensor checked to be finite."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as e:                            # safetensors raises its own error types for bad files
         raise CheckpointError(f"corrupt checkpoint file {path}: {e}") from None
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise CheckpointError(f"corrupt checkpoint file {path}: non-finite values in {bad}")
+    return tensors, metadata
 
 
-def check_keys(path, found, expected):
+def check_keys(path: str | Path, found: dict, expected: dict) -> None:
     """Strict loading: every expected tensor present with its shape, nothing else."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -680,53 +993,69 @@ def check_keys(path, found, expected):
                               f"wrong shape {wrong}")
 
 
-def load_config(out_dir):
-    """The FlowConfig and step recorded in out_dir/config.json."""
-    meta = read_json(Path(out_dir) / "config.json")
-    if meta.get("format") != "flow_matching" or not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{Path(out_dir) / 'config.json'} is not a flow_matching checkpoint config")
-    known = {f.name for f in fields(FlowConfig)}
-    unknown = sorted(set(meta["config"]) - known)
+def load_config(folder: str | Path) -> tuple[FlowConfig, int]:
+    """The FlowConfig and step recorded in a checkpoint folder's config.json."""
+    path = Path(folder) / "config.json"
+    meta = read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != "flow_matching" or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path} is not a flow_matching checkpoint config (needs format and config)")
+    unknown = sorted(set(meta["config"]) - {f.name for f in fields(FlowConfig)})
     if unknown:
-        raise CheckpointError(f"{Path(out_dir) / 'config.json'} has unknown settings {unknown}")
-    return FlowConfig(**meta["config"]), meta.get("step", 0)
+        raise CheckpointError(f"{path} has unknown settings {unknown}")
+    try:
+        return FlowConfig(**meta["config"]), meta.get("step")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_model(out_dir, device="cpu"):
-    """The trained VelocityField in out_dir, in eval mode; its FlowConfig is model.config."""
-    cfg, _ = load_config(out_dir)
+def load_model(path: str | Path, device: str = "cpu") -> VelocityField:
+    """The trained VelocityField of a run directory or checkpoint folder, in eval mode; config in .config."""
+    path = Path(path)                               # a run directory (follow `latest`) or a step folder
+    folder = path if (path / "config.json").is_file() and not (path / LATEST).exists() else latest_checkpoint(path)
+    cfg, _ = load_config(folder)
     model = VelocityField(cfg.width, cfg.depth, cfg.time_features).to(device)
-    path = Path(out_dir) / "model.safetensors"
-    tensors = read_tensors(path, device)
-    check_keys(path, tensors, model.state_dict())
-    model.load_state_dict(tensors)
+    weights, _ = read_tensors(folder / "model.safetensors", device)
+    check_keys(folder / "model.safetensors", weights, model.state_dict())
+    model.load_state_dict(weights)
     model.config = cfg
     return model.eval()
 
 
-def load_checkpoint(out_dir, model, optimizer, cfg, device):
-    """Restore weights and AdamW moments for --resume; returns (step, loss log)."""
-    saved, step = load_config(out_dir)
-    differ = {k: (getattr(saved, k), getattr(cfg, k)) for k in ("method", "source", "target", "sigma", "ot",
-                                                                 "width", "depth", "time_features", "seed",
-                                                                 "batch_size")
-              if getattr(saved, k) != getattr(cfg, k)}
+# Settings a resume may change: they touch neither the weights nor the data of a step
+RESUME_MAY_CHANGE = ("steps", "prefetch", "ckpt_every", "eval_n", "eval_repeats")
+
+
+def resume_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: FlowConfig,
+                      device: str) -> tuple[int, list]:
+    """Clean a crash's leftovers, then restore weights and AdamW moments from `latest`: (step, loss log).
+
+    With no complete checkpoint yet, training starts at step 0 (a crash before the first save).
+    """
+    if dist_info()[0] == 0:
+        clean_run_dir(out_dir)                      # rank 0 alone; the others read only what `latest` names
+    if latest_name(out_dir) is None:
+        print(f"no complete checkpoint in {out_dir}; starting at step 0", file=sys.stderr)
+        return 0, []
+    folder = latest_checkpoint(out_dir)
+    saved, step = load_config(folder)
+    differ = [f"{f.name}: saved {getattr(saved, f.name)!r}, requested {getattr(cfg, f.name)!r}"
+              for f in fields(FlowConfig) if f.name not in RESUME_MAY_CHANGE
+              and getattr(saved, f.name) != getattr(cfg, f.name)]
     if differ:
-        raise CheckpointError(f"cannot resume {out_dir} with different settings (saved, requested): {differ}")
-    state = read_json(Path(out_dir) / "train_state.json")
-    if state.get("step") != step:
-        raise CheckpointError(f"{out_dir}: train_state.json is at step {state.get('step')} but config.json at "
-                              f"step {step}; the checkpoint was interrupted while being written")
-    weights_path = Path(out_dir) / "model.safetensors"
-    weights = read_tensors(weights_path, device)
-    check_keys(weights_path, weights, model.state_dict())
+        raise CheckpointError(f"cannot resume {folder} with different settings: {'; '.join(differ)}")
+    state = read_json(folder / "train_state.json")
+    weights, weights_meta = read_tensors(folder / "model.safetensors", device)
+    moments, moments_meta = read_tensors(folder / "train_state.safetensors", device)
+    steps = {"config.json": step, "train_state.json": state.get("step"), "folder name": int(folder.name[5:]),
+             "model.safetensors": weights_meta.get("step"), "train_state.safetensors": moments_meta.get("step")}
+    if len({str(s) for s in steps.values()}) != 1:
+        raise CheckpointError(f"{folder}: its parts are from different steps: {steps}")
+    check_keys(folder / "model.safetensors", weights, model.state_dict())
     model.load_state_dict(weights)
-    moments_path = Path(out_dir) / "train_state.safetensors"
-    moments = read_tensors(moments_path, device)
     names = dict(model.named_parameters())
     expected = {f"{n}.{k}": t for n, p in names.items() for k, t in
                 (("step", torch.zeros(1)), ("exp_avg", p), ("exp_avg_sq", p))} if moments else {}
-    check_keys(moments_path, moments, expected)
+    check_keys(folder / "train_state.safetensors", moments, expected)
     by_index = {i: {k: (moments[f"{n}.{k}"].reshape(()).cpu() if k == "step" else moments[f"{n}.{k}"])
                     for k in ("step", "exp_avg", "exp_avg_sq")}
                 for i, n in enumerate(names) if moments}
@@ -734,71 +1063,163 @@ def load_checkpoint(out_dir, model, optimizer, cfg, device):
     return step, state.get("losses", [])
 
 
-# ----------------------------------------------------------------------------------------------------
-# Evaluation: exact W2 to the target, next to the noise floor W2(target sample, another target sample)
-# ----------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- command line
 
-SOLVER_GRID = (("dopri5", None), ("euler", 1), ("euler", 2), ("euler", 10))
-
-
-def evaluate(model, cfg, device="cpu", solvers=SOLVER_GRID, seed=12345):
-    """W2 between flow samples and a target sample, per solver, averaged over cfg.eval_repeats draws.
-
-    The noise floor is W2 between two independent target samples of the same size: a perfect model
-    scores about that, not 0, because a finite sample is never its distribution.
-    """
-    model.eval()
-    floor, scores, nfes = [], collections.defaultdict(list), collections.defaultdict(list)
-    for r in range(cfg.eval_repeats):
-        g = step_generator(seed, r, 0)
-        x0 = sample_2d(cfg.source, cfg.eval_n, g, device)
-        reference = sample_2d(cfg.target, cfg.eval_n, g, device)
-        floor.append(wasserstein2(sample_2d(cfg.target, cfg.eval_n, g, device), reference))
-        for method, steps in solvers:
-            xs, nfe = integrate(model, x0, method, steps)
-            scores[(method, steps)].append(wasserstein2(xs[-1], reference))
-            nfes[(method, steps)].append(nfe)
-    return {"floor": (float(np.mean(floor)), float(np.std(floor))), "n": cfg.eval_n, "repeats": cfg.eval_repeats,
-            "rows": [{"solver": m, "steps": s, "nfe": round(float(np.mean(nfes[(m, s)]))), "w2": float(np.mean(scores[(m, s)])),
-                      "ratio": float(np.mean(scores[(m, s)]) / np.mean(floor))} for m, s in solvers]}
+def pick_device(name: str) -> str:
+    """auto | cpu | cuda | cuda:N; auto is CUDA when torch sees a GPU.  A missing CUDA device is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not match:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name} requested but torch sees no CUDA GPU")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
+    return name
 
 
-def solver_label(row):
-    if row["solver"] == "dopri5":
-        return "dopri5 (atol = rtol = 1e-5)"
-    return f"{row['solver']}, {row['steps']} step{'s' * (row['steps'] > 1)}"
+def setup_distributed(device: str) -> tuple[str, bool]:
+    """Join the torchrun process group when launched by torchrun; returns (device, created_here)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device, False
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return device, True
 
 
-def results_table(results):
-    """Markdown table: one column group per trained method."""
-    names = list(results)
-    head = "| solver | " + " | ".join(f"{NAMES[m]} NFE | {NAMES[m]} W2 | {NAMES[m]} W2 / floor" for m in names) + " |"
-    rule = "|---|" + "---:|---:|---:|" * len(names)
-    lines = [head, rule]
-    for i, row in enumerate(results[names[0]]["rows"]):
-        cells = [f"{r['rows'][i]['nfe']} | {r['rows'][i]['w2']:.3f} | {r['rows'][i]['ratio']:.2f}x"
-                 for r in results.values()]
-        lines.append(f"| {solver_label(row)} | " + " | ".join(cells) + " |")
-    any_result = results[names[0]]
-    mean, std = any_result["floor"]
-    lines.append(f"\nnoise floor W2(target, another target sample) = {mean:.3f} +- {std:.3f} "
-                 f"(n = {any_result['n']} points, mean of {any_result['repeats']} draw{'s' * (any_result['repeats'] > 1)})")
-    return "\n".join(lines)
+def config_from_args(args: argparse.Namespace) -> FlowConfig:
+    """--tiny / --homework preset, then the flags given."""
+    preset = FlowConfig.tiny if args.tiny else FlowConfig.homework if args.homework else FlowConfig
+    overrides = {k: getattr(args, k) for k in ("method", "steps", "seed") if getattr(args, k) is not None}
+    if overrides.get("method") in NOISE_SOURCE:
+        overrides["source"] = "gaussian"            # their source is N(0, I) by definition
+    if overrides.get("method") == "sbcfm":
+        overrides["sigma"] = 1.0                    # torchcfm's default; SB-CFM needs a width > 0
+    return preset(**overrides)
 
 
-def quality_line(result, goal=1.5):
-    """Our bar for a good run: 2 Euler steps within 1.5x of the noise floor."""
-    row = next(r for r in result["rows"] if r["solver"] == "euler" and r["steps"] == 2)
-    verdict = "met" if row["ratio"] <= goal else "NOT met"
-    rough = " (a rough check: few points, one draw)" if result["n"] < 1000 or result["repeats"] < 2 else ""
-    return f"quality goal, W2 with 2 Euler steps <= {goal}x noise floor: {row['ratio']:.2f}x, {verdict}{rough}"
+def run_and_report(cfg: FlowConfig, out_dir: Path, device: str, resume: bool = False, figure: str | None = None):
+    """Train one flow, evaluate it, print the table, draw out/samples.png (and `figure` if given)."""
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    model, losses = train(cfg, out_dir, device, resume=resume)
+    if dist_info()[0] != 0:
+        return model, None
+    print(f"\n{NAMES[cfg.method]} {cfg.source} -> {cfg.target}: {cfg.steps} steps, batch {cfg.batch_size}, "
+          f"width {cfg.width}, lr {cfg.lr:g}; loss {losses[0][1]:.4f} (step {losses[0][0]}) -> "
+          f"{losses[-1][1]:.4f} (step {losses[-1][0]}); training took {time.perf_counter() - t_wall:.1f} s")
+    result = evaluate(model, cfg, device)
+    write_json(Path(out_dir) / "metrics.json", result)
+    columns = [(f"{NAMES[cfg.method]}: {cfg.source} -> {cfg.target}", method_panels(model, cfg, result, device))]
+    for path in [Path(out_dir) / "samples.png"] + ([figure] if figure else []):
+        draw_figure(columns, path)
+    print(f"\n{results_table({NAMES[cfg.method]: result})}\n{quality_line(result)}")
+    print(f"total {time.perf_counter() - t_wall:.1f} s wall, {time.process_time() - t_cpu:.1f} s CPU (this process)")
+    return model, result
 
 
-# ----------------------------------------------------------------------------------------------------
-# Pictures (pillow): target vs generated points, and trajectories, one column per method
-# ----------------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace, device: str, out_dir: Path) -> None:
+    cfg = config_from_args(args)
+    if args.resume and latest_name(out_dir) is not None:
+        # the saved settings stand; --steps (a longer schedule) may change, other differences are refused
+        saved, _ = load_config(latest_checkpoint(out_dir))
+        given = {k: getattr(cfg, k) for k in ("method", "seed") if getattr(args, k) is not None}
+        cfg = replace(saved, **given, **({"steps": args.steps} if args.steps else {}))
+    run_and_report(cfg, out_dir, device, resume=args.resume, figure=args.figure)
+    if dist_info()[0] == 0:
+        print(f"\nwritten under {out_dir}/: {latest_name(out_dir)}/ (model.safetensors, config.json, train state), "
+              f"latest, metrics.json, samples.png" + (f"; and {args.figure}" if args.figure else ""))
 
-def draw_figure(columns, path, size=340):
+
+def cmd_compare(args: argparse.Namespace, device: str, out_dir: Path) -> None:
+    """Train I-CFM and OT-CFM with the same settings and seed; one table and one picture for both."""
+    cfg = config_from_args(args)
+    models, results = {}, {}
+    for method in ("icfm", "otcfm"):
+        models[method], results[method] = run_and_report(replace(cfg, method=method), out_dir / method, device)
+    if dist_info()[0] != 0:
+        return
+    print(f"\nI-CFM vs OT-CFM, same data, seed and steps:\n\n"
+          f"{results_table({NAMES[m]: r for m, r in results.items()})}")
+    columns = [(f"{NAMES[m]}: {cfg.source} -> {cfg.target}",
+                method_panels(models[m], replace(cfg, method=m), results[m], device)) for m in models]
+    for path in [out_dir / "icfm_vs_otcfm.png"] + ([args.figure] if args.figure else []):
+        print(f"picture: {draw_figure(columns, path)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flow_matching.py",
+        description="Conditional and optimal-transport flow matching on 2-D data.  Without a mode flag: a "
+                    "seeded demo of a few seconds.",
+        epilog="examples:  python flow_matching.py --train | --train --resume | --compare --figure "
+               "assets/flow_matching_icfm_vs_otcfm.png | --compare-diffusion | "
+               "torchrun --nproc_per_node 2 flow_matching.py --train")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--train", action="store_true", help="train one flow, evaluate it, draw it")
+    mode.add_argument("--compare", action="store_true", help="train I-CFM and OT-CFM alike; table and picture")
+    mode.add_argument("--compare-diffusion", dest="compare_diffusion", action="store_true",
+                      help="train the VP diffusion path, FM's OT path and OT-CFM alike; W2 at 1/2/4/8 Euler steps")
+    p.add_argument("--method", choices=METHODS, default=None, help="the matcher --train uses (default otcfm; "
+                   "fm and vp start from N(0, I); sbcfm uses sigma 1, torchcfm's default)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="optimizer steps (default 5000; --tiny 300; --compare-diffusion 2000)")
+    p.add_argument("--tiny", action="store_true", help="the tiny preset: a few seconds on a CPU")
+    p.add_argument("--homework", action="store_true", help="the course's preset: lr 2e-4, batch 64, 100,000 steps")
+    p.add_argument("--out", type=str, default=None, metavar="DIR",
+                   help="where the run writes (default runs/flow_matching/<demo|method|compare|diffusion>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--seed", type=int, default=None, metavar="N", help="the random seed (default 0)")
+    p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when there)")
+    p.add_argument("--figure", type=str, default=None,
+                   help="also draw the picture to this path (how the README's assets are made)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    created = False
+    try:
+        if args.tiny and args.homework:
+            raise ValueError("--tiny and --homework are two presets; choose one")
+        if args.resume and not args.train:
+            raise ValueError("--resume continues a --train run")
+        device, created = setup_distributed(pick_device(args.device))
+        if device == "cpu":
+            # one intra-op thread per Python thread: the network's matrices are small, and the second
+            # core is better spent on the OT pairing of the next batches (cfg.prefetch worker threads)
+            torch.set_num_threads(1)
+        root = Path("runs") / "flow_matching"
+        if args.train:
+            cmd_train(args, device, Path(args.out or root / (args.method or "otcfm")))
+        elif args.compare:
+            cmd_compare(args, device, Path(args.out or root / "compare"))
+        elif args.compare_diffusion:
+            cmd_compare_diffusion(args, device, Path(args.out or root / "diffusion"))
+        else:
+            out_dir = Path(args.out or root / "demo")
+            print("flow_matching.py demo: OT-CFM, 8 Gaussians -> two moons, tiny network, 300 steps "
+                  "(the full run is `python flow_matching.py --train`)")
+            run_and_report(FlowConfig.tiny(seed=args.seed or 0), out_dir, device, figure=args.figure)
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
+        parser.error(str(e))
+    except KeyboardInterrupt:
+        print("\ninterrupted: a checkpoint was saved; continue with --resume", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- pictures (pillow)
+
+def draw_figure(columns: list, path: str | Path, size: int = 340) -> Path:
     """columns: list of (title, panels); each panel (caption, target (n, 2) or None, points (n, 2), paths
     (T, m, 2) or None).  One column per method, one row per panel, saved as a PNG at `path`."""
     from PIL import Image, ImageDraw
@@ -839,12 +1260,15 @@ def draw_figure(columns, path, size=340):
             oy = head + r * (size + caption_h)
             image.paste(panel, (ox, oy))
             centred_text(page, (ox + size / 2, oy + size + caption_h / 2), caption, 12)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
     return path
 
 
-def centred_text(draw, xy, text, size):
+def centred_text(draw, xy: tuple, text: str, size: int) -> None:
     """Text centred on xy; pillow's scalable default font when FreeType is there, its bitmap font if not."""
     from PIL import ImageFont
     try:
@@ -855,7 +1279,8 @@ def centred_text(draw, xy, text, size):
     draw.text((xy[0] - (right - left) / 2, xy[1] - (bottom - top) / 2 - top), text, fill="black", font=font)
 
 
-def method_panels(model, cfg, result, device="cpu", n=1500, n_paths=300, seed=777):
+def method_panels(model: nn.Module, cfg: FlowConfig, result: dict, device: str = "cpu", n: int = 1500,
+                  n_paths: int = 300, seed: int = 777) -> list:
     """Three panels for one model: dopri5 samples, 2 Euler steps samples (both over the target in grey),
     and dopri5 trajectories from source (black) to end (blue)."""
     g = step_generator(seed, 0, 0)
@@ -869,195 +1294,6 @@ def method_panels(model, cfg, result, device="cpu", n=1500, n_paths=300, seed=77
     return [(f"dopri5, NFE {nfe}   {w2(('dopri5', None))}", target, ode[-1].cpu(), None),
             (f"2 Euler steps   {w2(('euler', 2))}", target, euler.cpu(), None),
             ("trajectories (dopri5): source -> end", None, paths[-1].cpu(), paths.cpu())]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
-
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but torch sees no CUDA GPU")
-    return name
-
-
-def setup_distributed(device):
-    """Join the torchrun process group when launched by torchrun; returns (device, created_here)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return device, False
-    backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(backend)
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return device, True
-
-
-def config_from_args(args):
-    """Preset, then every flag the user actually gave."""
-    overrides = {f.name: getattr(args, f.name) for f in fields(FlowConfig)
-                 if getattr(args, f.name, None) is not None}
-    if args.method == "fm" and args.source is None:
-        overrides["source"] = "gaussian"             # FM's source is N(0, I) by definition
-    return PRESETS[args.preset](**overrides)
-
-
-def run_and_report(cfg, out_dir, device, resume=False, figure=None):
-    """Train one method, evaluate, print the table, draw the picture; returns (model, result)."""
-    t_wall, t_cpu = time.perf_counter(), time.process_time()
-    model, losses = train(cfg, out_dir, device, resume=resume)
-    rank, _ = dist_info()
-    if rank != 0:
-        return model, None
-    train_wall = time.perf_counter() - t_wall
-    first, last = losses[0][1], losses[-1][1]
-    print(f"\n{NAMES[cfg.method]} {cfg.source} -> {cfg.target}: {cfg.steps} steps, batch {cfg.batch_size}, "
-          f"width {cfg.width}, lr {cfg.lr:g}; loss {first:.4f} (step {losses[0][0]}) -> {last:.4f} "
-          f"(step {losses[-1][0]}); training took {train_wall:.1f} s")
-    result = evaluate(model, cfg, device)
-    write_json(Path(out_dir) / "metrics.json", result)
-    if figure is not False:
-        draw_figure([(f"{NAMES[cfg.method]}: {cfg.source} -> {cfg.target}", method_panels(model, cfg, result, device))],
-                    figure or Path(out_dir) / "samples.png")
-    print(f"\n{results_table({cfg.method: result})}\n{quality_line(result)}")
-    print(f"total {time.perf_counter() - t_wall:.1f} s wall, {time.process_time() - t_cpu:.1f} s CPU (this process)")
-    return model, result
-
-
-def cmd_train(args, device):
-    cfg = config_from_args(args)
-    out_dir = Path(args.out or DEFAULT_OUT / cfg.method)
-    if args.resume:
-        # --resume keeps the saved settings; only --steps (a longer schedule) may change
-        cfg = replace(load_config(out_dir)[0], **({"steps": args.steps} if args.steps else {}))
-    run_and_report(cfg, out_dir, device, resume=args.resume)
-    if dist_info()[0] == 0:
-        print_files(out_dir, ["model.safetensors", "config.json", "train_state.safetensors", "train_state.json",
-                              "metrics.json", "samples.png"])
-
-
-def cmd_compare(args, device):
-    """Train I-CFM and OT-CFM with the same settings and seed; one table and one picture for both."""
-    cfg = config_from_args(args)
-    out_root = Path(args.out or DEFAULT_OUT / "compare")
-    models, results = {}, {}
-    for method in ("icfm", "otcfm"):
-        run_cfg = replace(cfg, method=method)
-        models[method], results[method] = run_and_report(run_cfg, out_root / method, device, figure=False)
-    if dist_info()[0] != 0:
-        return
-    print(f"\nI-CFM vs OT-CFM, same data, seed and steps:\n\n{results_table(results)}")
-    figure = Path(args.figure or out_root / "icfm_vs_otcfm.png")
-    columns = [(f"{NAMES[m]}: {cfg.source} -> {cfg.target}", method_panels(models[m], replace(cfg, method=m),
-                                                                          results[m], device)) for m in models]
-    print(f"\npicture: {draw_figure(columns, figure)}")
-
-
-def cmd_sample(args, device):
-    """Draw from a trained model: points, NFE, W2 against a fresh target sample, picture."""
-    from safetensors.torch import save_file
-    out_dir = Path(args.out or DEFAULT_OUT / "otcfm")
-    model = load_model(out_dir, device)
-    cfg = model.config
-    method = args.solver or "dopri5"
-    steps = 2 if method != "dopri5" and args.solver_steps is None else args.solver_steps
-    n = args.n or cfg.eval_n
-    g = torch.Generator().manual_seed(args.seed if args.seed is not None else 0)
-    x0 = sample_2d(cfg.source, n, g, device)
-    xs, nfe = integrate(model, x0, method, steps)
-    w2 = wasserstein2(xs[-1], sample_2d(cfg.target, n, g, device))
-    floor = wasserstein2(sample_2d(cfg.target, n, g, device), sample_2d(cfg.target, n, g, device))
-    name = f"samples_{method}{'' if steps is None else steps}"
-    atomic_write(out_dir / f"{name}.safetensors",
-                 lambda tmp: save_file({"x0": x0.cpu().contiguous(), "x1": xs[-1].cpu().contiguous()}, tmp))
-    draw_figure([(f"{NAMES[cfg.method]}: {method}{'' if steps is None else f', {steps} steps'}",
-                  [(f"NFE {nfe}, W2 {w2:.3f} (floor {floor:.3f})", sample_2d(cfg.target, n, g), xs[-1].cpu(), None)])],
-                out_dir / f"{name}.png")
-    print(f"{n} points from {out_dir} with {method}"
-          f"{'' if steps is None else f' ({steps} steps)'}: NFE {nfe}, W2 to a fresh target sample {w2:.3f}, "
-          f"noise floor {floor:.3f} ({w2 / floor:.2f}x)")
-    print_files(out_dir, [f"{name}.safetensors", f"{name}.png"])
-
-
-def cmd_demo(args, device):
-    """The no-flag demo: tiny OT-CFM in seconds, seeded, numbers to check."""
-    cfg = FlowConfig.tiny(seed=args.seed or 0)
-    out_dir = Path(args.out or DEFAULT_OUT / "demo")
-    print("flow_matching.py demo: OT-CFM, 8 Gaussians -> two moons, tiny network, 300 steps "
-          "(the full run is `python flow_matching.py --train`)")
-    run_and_report(cfg, out_dir, device)
-    print_files(out_dir, ["model.safetensors", "config.json", "samples.png"])
-
-
-def print_files(out_dir, names):
-    print(f"\nfiles in {out_dir}/: " + ", ".join(n for n in names if (Path(out_dir) / n).exists()))
-
-
-def build_parser():
-    p = argparse.ArgumentParser(
-        prog="flow_matching.py",
-        description="Conditional and optimal-transport flow matching on 2-D data. Without a mode flag: "
-                    "a seeded demo of a few seconds.",
-        epilog="examples:  python flow_matching.py --train | --train --method icfm | --compare --figure "
-               "assets/flow_matching_icfm_vs_otcfm.png | --sample --out runs/flow_matching/otcfm --solver euler "
-               "--solver-steps 2 | torchrun --nproc_per_node 2 flow_matching.py --train")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--train", action="store_true", help="train one flow, evaluate it, draw it")
-    mode.add_argument("--compare", action="store_true", help="train I-CFM and OT-CFM alike; table + side-by-side PNG")
-    mode.add_argument("--sample", action="store_true", help="draw from the model in --out")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="starting settings: tiny (seconds), default (about a minute on CPU), homework "
-                        "(lr 2e-4, batch 64, 100,000 steps); flags below override them")
-    p.add_argument("--method", choices=METHODS, default=None, help="fm | icfm | otcfm (default otcfm)")
-    p.add_argument("--source", choices=sorted(DATASETS), default=None, help="p_0 (default 8gaussians; fm: gaussian)")
-    p.add_argument("--target", choices=sorted(DATASETS), default=None, help="p_1 (default moons)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 5000)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="global batch (default 256)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
-    p.add_argument("--sigma", type=float, default=None, help="path width / sigma_min (default 0)")
-    p.add_argument("--width", type=int, default=None, help="hidden width of the MLP (default 128)")
-    p.add_argument("--ot", choices=OT_SOLVERS, default=None, help="OT-CFM coupling (default exact)")
-    p.add_argument("--prefetch", type=int, default=None, help="batches OT-paired ahead on threads (default 2)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
-    p.add_argument("--out", type=str, default=None, help="run directory (default runs/flow_matching/<method>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    p.add_argument("--figure", type=str, default=None, help="--compare: where to write the side-by-side PNG")
-    p.add_argument("--solver", choices=ODE_SOLVERS, default=None, help="--sample: ODE solver (default dopri5)")
-    p.add_argument("--solver-steps", dest="solver_steps", type=int, default=None,
-                   help="--sample: steps of euler / midpoint / rk4 (default 2)")
-    p.add_argument("--n", type=int, default=None, help="--sample: number of points (default the run's eval_n)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
-    return p
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    created = False
-    try:
-        device, created = setup_distributed(pick_device(args.device))
-        if device == "cpu":
-            # one intra-op thread per Python thread: the network's matrices are small, and the second
-            # core is better spent on the OT pairing of the next batches (cfg.prefetch worker threads)
-            torch.set_num_threads(1)
-        if args.train:
-            cmd_train(args, device)
-        elif args.compare:
-            cmd_compare(args, device)
-        elif args.sample:
-            cmd_sample(args, device)
-        else:
-            cmd_demo(args, device)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        parser.error(str(e))
-    except KeyboardInterrupt:
-        print("\ninterrupted: a checkpoint was saved; continue with --resume", file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        if created:
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

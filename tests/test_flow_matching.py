@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from dataclasses import replace
 
 import flow_matching as fm
 from conftest import run_gloo_workers
@@ -73,6 +74,61 @@ def test_otcfm_path_is_icfm_on_the_optimal_pairs():
     assert torch.allclose(pairs_x1, x1[match], atol=1e-5)
     assert (pairs_x1 - x0).square().sum().item() == pytest.approx(brute_force_cost(x0, x1), rel=1e-5)
     assert torch.allclose(xt, 0.3 * pairs_x1 + 0.7 * x0, atol=1e-6)
+
+
+def test_sbcfm_path_matches_torchcfm():
+    from torchcfm.conditional_flow_matching import SchrodingerBridgeConditionalFlowMatcher
+    x0, x1 = points(8, seed=8)
+    t = torch.linspace(0.05, 0.95, 8)
+    ref = SchrodingerBridgeConditionalFlowMatcher(sigma=0.7, ot_method="sinkhorn")
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+    mu = t[:, None] * x1 + (1 - t[:, None]) * x0
+    xt_ref = ref.sample_xt(x0, x1, t, noise)
+    ut_ref = ref.compute_conditional_flow(x0, x1, t, xt_ref)
+    xt, ut = fm.SchrodingerBridgeFlowMatcher(0.7).path(x0, x1, t, noise=noise)
+    assert torch.allclose(xt, mu + 0.7 * (t * (1 - t)).sqrt()[:, None] * noise, atol=1e-6)   # Brownian bridge
+    assert torch.allclose(xt, xt_ref, atol=1e-6) and torch.allclose(ut, ut_ref, atol=1e-5)
+    assert ref.ot_sampler.ot_fn.keywords["reg"] == 2 * 0.7 ** 2                            # torchcfm's eps
+
+
+def test_sbcfm_plan_is_pots_entropic_plan_with_eps_two_sigma_squared():
+    import ot
+    g = torch.Generator().manual_seed(9)
+    x0, x1 = fm.sample_2d("8gaussians", 64, g), fm.sample_2d("moons", 64, g)
+    sigma = 1.0
+    plan = fm.entropic_plan(x0, x1, 2 * sigma ** 2, iters=200)
+    M = fm.squared_distances(x0.double(), x1.double()).numpy()
+    reference = torch.as_tensor(ot.sinkhorn(ot.unif(64), ot.unif(64), M, reg=2 * sigma ** 2, numItermax=10_000,
+                                            stopThr=1e-12))
+    assert torch.allclose(plan.double().sum(1), torch.full((64,), 1 / 64, dtype=torch.double), atol=1e-7)
+    assert torch.allclose(plan.double(), reference, atol=1e-4 / 64)
+    _, xt, ut = fm.SchrodingerBridgeFlowMatcher(sigma).sample_location_and_conditional_flow(
+        x0, x1, generator=torch.Generator().manual_seed(0))
+    assert xt.shape == ut.shape == (64, 2) and torch.isfinite(ut).all()
+
+
+def test_vp_path_is_lipmans_diffusion_path():
+    x0, x1 = points(6, seed=10)
+    t = torch.tensor([0.0, 0.2, 0.5, 0.8, 0.95, 0.999])
+    xt, ut = fm.vp_path(x0, x1, t)
+    s = 1 - t
+    alpha = torch.exp(-0.5 * (0.1 * s + 19.9 * s ** 2 / 2))[:, None]                # alpha_{1-t}, beta 0.1 .. 20
+    assert torch.allclose(xt, alpha * x1 + (1 - alpha ** 2).sqrt() * x0, atol=1e-6)   # Lipman eq. 18
+    dalpha = -0.5 * (0.1 + 19.9 * s)[:, None] * alpha
+    assert torch.allclose(ut, dalpha / (1 - alpha ** 2) * (alpha * xt - x1), atol=1e-4)   # eq. 19
+    assert alpha[0].item() == pytest.approx(math.exp(-5.025), rel=1e-5)              # t = 0: 0.0066 x1 + 0.99998 x0
+
+
+@pytest.mark.parametrize("method", ["fm", "icfm", "sbcfm", "vp"])
+def test_every_conditional_field_is_the_time_derivative_of_its_path(method):
+    """u_t(x_t | z) = d x_t / dt for fixed (x0, x1, eps): the field moves the point along its path."""
+    x0, x1 = points(5, seed=11)
+    noise = torch.randn(5, 2, generator=torch.Generator().manual_seed(2))
+    matcher = fm.make_matcher(method, sigma=0.5, sigma_min=0.1)
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9], dtype=torch.double)
+    xt_of = lambda t: matcher.path(x0.double(), x1.double(), t, noise=noise.double())[0]
+    _, dxdt = torch.func.jvp(xt_of, (t,), (torch.ones_like(t),))
+    assert torch.allclose(matcher.path(x0.double(), x1.double(), t, noise=noise.double())[1], dxdt, atol=1e-6)
 
 
 # ---------------------------------------------------------------- optimal transport
@@ -169,12 +225,16 @@ def test_velocity_field_takes_scalar_or_batched_time():
 
 # ---------------------------------------------------------------- training, checkpoints, CLI
 
+def latest(run_dir, name):
+    return fm.latest_checkpoint(run_dir) / name
+
+
 @pytest.mark.slow
 def test_demo_training_lowers_loss_and_beats_an_untrained_model(tmp_path, capsys):
     fm.main(["--out", str(tmp_path), "--device", "cpu"])                 # the no-flag demo: the tiny preset
     out = capsys.readouterr().out
     assert "| euler, 2 steps |" in out and "noise floor" in out
-    losses = json.loads((tmp_path / "train_state.json").read_text())["losses"]
+    losses = json.loads(latest(tmp_path, "train_state.json").read_text())["losses"]
     assert losses[-1][1] < 0.5 * losses[0][1]
     cfg = fm.FlowConfig.tiny()
     trained = json.loads((tmp_path / "metrics.json").read_text())
@@ -184,48 +244,149 @@ def test_demo_training_lowers_loss_and_beats_an_untrained_model(tmp_path, capsys
     assert (tmp_path / "samples.png").stat().st_size > 10_000
 
 
-def test_sample_command_draws_from_a_saved_model(tmp_path, capsys):
+def test_a_saved_model_loads_and_samples(tmp_path):
     cfg = fm.FlowConfig.tiny(steps=20)
-    fm.train(cfg, tmp_path, progress=False)
-    fm.main(["--sample", "--out", str(tmp_path), "--solver", "euler", "--solver-steps", "2", "--n", "100"])
-    assert "NFE 2" in capsys.readouterr().out
-    from safetensors.torch import load_file
-    drawn = load_file(tmp_path / "samples_euler2.safetensors")
-    model = fm.load_model(tmp_path)
-    assert torch.allclose(drawn["x1"], fm.sample(model, drawn["x0"], "euler", 2), atol=1e-6)
+    trained, _ = fm.train(cfg, tmp_path, progress=False)
+    model = fm.load_model(tmp_path)                                      # the run folder follows `latest`
+    assert model.config == cfg and not model.training
+    x0 = fm.sample_source(cfg.source, 100)
+    assert torch.equal(fm.sample(model, x0, "euler", 2), fm.sample(trained.eval(), x0, "euler", 2))
+    assert fm.load_model(fm.latest_checkpoint(tmp_path)).config == cfg   # and so does the step folder
 
 
 def test_save_load_and_resume_round_trip(tmp_path):
     cfg = fm.FlowConfig.tiny(steps=40, ckpt_every=20, log_every=10)
     straight, _ = fm.train(cfg, tmp_path / "straight", progress=False)
     fm.train(cfg, tmp_path / "resumed", stop_at=20, progress=False)          # as if interrupted at step 20
-    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["step"] == 20
+    assert json.loads(latest(tmp_path / "resumed", "config.json").read_text())["step"] == 20
     resumed, _ = fm.train(cfg, tmp_path / "resumed", resume=True, progress=False)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name                                   # bit for bit: data, AdamW moments, step
-    logs = [json.loads((tmp_path / d / "train_state.json").read_text())["losses"] for d in ("straight", "resumed")]
+    logs = [json.loads(latest(tmp_path / d, "train_state.json").read_text())["losses"] for d in ("straight", "resumed")]
     assert logs[0] == logs[1]
     loaded = fm.load_model(tmp_path / "resumed")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), resumed.state_dict().values()))
     assert loaded.config == cfg
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["latest", "step-00000040"]
+
+
+def test_a_crash_after_any_file_of_a_save_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Kill the run after the i-th file a checkpoint save writes, for every i; resuming then ends
+    exactly where an uninterrupted run ends (the `latest` pointer names only complete checkpoints)."""
+    cfg = fm.FlowConfig.tiny(steps=6, ckpt_every=2, log_every=1, batch_size=32, width=16, prefetch=0)
+    straight, _ = fm.train(cfg, tmp_path / "straight", progress=False)
+    files = []
+    monkeypatch.setattr(fm, "FILE_WRITTEN", files.append)
+    fm.train(cfg, tmp_path / "count", progress=False)
+    per_save = len(files) // 3                                          # saves at steps 2, 4 and 6
+    assert per_save == 5 and files[per_save - 1].name == "latest"      # 4 files, then the pointer
+
+    class Crash(Exception):
+        pass
+
+    for i in range(1, 2 * per_save + 1):                                # every boundary of the first two saves
+        run = tmp_path / f"crash{i}"
+        written = []
+
+        def crash_after_ith(path):
+            written.append(path)
+            if len(written) == i:
+                raise Crash(path)
+
+        monkeypatch.setattr(fm, "FILE_WRITTEN", crash_after_ith)
+        with pytest.raises(Crash):
+            fm.train(cfg, run, progress=False)
+        monkeypatch.setattr(fm, "FILE_WRITTEN", None)
+        resumed, _ = fm.train(cfg, run, resume=True, progress=False)
+        for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), (i, name)
+        assert sorted(p.name for p in run.iterdir()) == ["latest", "step-00000006"], i   # leftovers cleaned
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = fm.FlowConfig.tiny(steps=10, ckpt_every=5, batch_size=32, width=16)
+    fm.train(cfg, tmp_path, stop_at=5, progress=False)
+    good = fm.latest_checkpoint(tmp_path)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    monkeypatch.setattr(fm.ConditionalFlowMatcher, "path",
+                        lambda self, x0, x1, t, noise=None, generator=None: (x0, torch.full_like(x0, math.nan)))
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at step 6"):
+        fm.train(cfg, tmp_path, resume=True, progress=False)
+    assert fm.latest_checkpoint(tmp_path) == good
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+
+
+def test_a_weight_file_of_random_bytes_under_a_valid_header_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    fm.train(fm.FlowConfig.tiny(steps=2, width=16), tmp_path, progress=False)
+    weights = latest(tmp_path, "model.safetensors")
+    tensors = load_file(weights)
+    g = torch.Generator().manual_seed(0)
+    noise = {k: torch.randint(0, 256, (v.numel() * 4,), dtype=torch.uint8, generator=g).view(torch.float32).reshape(v.shape)
+             for k, v in tensors.items()}
+    assert not all(torch.isfinite(v).all() for v in noise.values())    # random bits include NaN / inf patterns
+    save_file(noise, weights)
+    with pytest.raises(fm.CheckpointError, match=r"model.safetensors: non-finite values in \["):
+        fm.load_model(tmp_path)
+    with pytest.raises(fm.CheckpointError, match="model.safetensors"):
+        fm.train(fm.FlowConfig.tiny(steps=4, width=16), tmp_path, resume=True, progress=False)
 
 
 def test_resume_from_the_command_line(tmp_path, capsys):
-    args = ["--train", "--preset", "tiny", "--steps", "30", "--out", str(tmp_path)]
-    fm.main(args)
-    fm.main(["--train", "--resume", "--steps", "40", "--out", str(tmp_path)])
-    assert json.loads((tmp_path / "config.json").read_text())["step"] == 40
+    fm.main(["--train", "--tiny", "--steps", "30", "--out", str(tmp_path), "--device", "cpu"])
+    fm.main(["--train", "--tiny", "--resume", "--steps", "40", "--out", str(tmp_path)])
+    assert json.loads(latest(tmp_path, "config.json").read_text())["step"] == 40
     assert "40 steps" in capsys.readouterr().out
+
+
+def test_a_run_writes_only_under_out(tmp_path, monkeypatch):
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = ["git", "-C", root, "status", "--porcelain", "--untracked-files=all"]
+    before = subprocess.run(git, capture_output=True, text=True).stdout
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    fm.main(["--train", "--tiny", "--steps", "10", "--out", str(tmp_path / "out")])
+    assert subprocess.run(git, capture_output=True, text=True).stdout == before
+    assert list(work.iterdir()) == []
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"latest", "step-00000010", "metrics.json", "samples.png"}
+
+
+def test_no_pickle_in_the_flow_matching_files():
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in (os.path.join(here, "..", "flow_matching.py"), __file__,
+                 os.path.join(here, "..", "benchmarks", "bench_flow_matching.py")):
+        text = open(path).read()
+        for word in ("torch" + ".load(", "import " + "pickle", "allow_" + "pickle=True", "torch" + ".save("):
+            assert word not in text, (path, word)
 
 
 @pytest.mark.slow
 def test_compare_writes_both_methods_side_by_side(tmp_path, capsys):
     figure = tmp_path / "cmp.png"
-    fm.main(["--compare", "--preset", "tiny", "--steps", "30", "--out", str(tmp_path), "--figure", str(figure)])
+    fm.main(["--compare", "--tiny", "--steps", "30", "--out", str(tmp_path), "--figure", str(figure)])
     out = capsys.readouterr().out
     assert "I-CFM W2" in out and "OT-CFM W2" in out
     from PIL import Image
     assert Image.open(figure).size[0] == 2 * 340 + 6                      # two columns
+
+
+@pytest.mark.slow
+def test_compare_diffusion_prints_the_euler_table(tmp_path, capsys):
+    fm.main(["--compare-diffusion", "--tiny", "--steps", "20", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    for row in ("euler, 1 step |", "euler, 2 steps |", "euler, 4 steps |", "euler, 8 steps |"):
+        assert row in out
+    assert "VP path W2" in out and "FM OT path W2" in out and "OT-CFM W2" in out
+
+
+def test_the_command_line_builds_a_valid_config_for_every_method():
+    for method in fm.METHODS:
+        cfg = fm.config_from_args(fm.build_parser().parse_args(["--train", "--tiny", "--method", method]))
+        assert cfg.method == method and cfg.steps == fm.FlowConfig.tiny().steps
+    assert fm.config_from_args(fm.build_parser().parse_args(["--method", "sbcfm"])).sigma == 1.0
+    assert fm.config_from_args(fm.build_parser().parse_args(["--method", "vp"])).source == "gaussian"
 
 
 # ---------------------------------------------------------------- bad input
@@ -242,10 +403,15 @@ def expect_cli_error(capsys, argv, *fragments):
 
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
     expect_cli_error(capsys, ["--train", "--method", "ddpm"], "invalid choice: 'ddpm'")
-    expect_cli_error(capsys, ["--train", "--target", "mnist"], "invalid choice: 'mnist'")
     expect_cli_error(capsys, ["--train", "--steps", "0", "--out", str(tmp_path)], "steps must be a positive integer")
-    expect_cli_error(capsys, ["--train", "--method", "fm", "--source", "moons"], "source must be 'gaussian'")
-    expect_cli_error(capsys, ["--sample", "--out", str(tmp_path / "nothing")], "no checkpoint file")
+    expect_cli_error(capsys, ["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        expect_cli_error(capsys, ["--device", "cuda:1"], "--device cuda:1 requested but torch sees no CUDA GPU")
+    expect_cli_error(capsys, ["--resume"], "--resume continues a --train run")
+    with pytest.raises(ValueError, match="source must be 'gaussian'"):
+        fm.FlowConfig(method="fm", source="moons")
+    with pytest.raises(ValueError, match="sbcfm needs sigma > 0"):
+        fm.FlowConfig(method="sbcfm")
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         fm.sample_2d("mnist", 10)
     with pytest.raises(ValueError, match="unknown method"):
@@ -261,24 +427,40 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
 
 def test_corrupt_or_incomplete_checkpoints_are_refused(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
-    cfg = fm.FlowConfig.tiny(steps=5)
+    cfg = fm.FlowConfig.tiny(steps=5, width=16)
     fm.train(cfg, tmp_path, progress=False)
-    weights = tmp_path / "model.safetensors"
+    folder = fm.latest_checkpoint(tmp_path)
+    weights, config = folder / "model.safetensors", folder / "config.json"
     tensors = load_file(weights)
-    missing = "net.0.weight"
-    save_file({k: v for k, v in tensors.items() if k != missing}, weights)
+    save_file({k: v for k, v in tensors.items() if k != "net.0.weight"}, weights)
     with pytest.raises(fm.CheckpointError, match=r"missing \['net.0.weight'\]"):
         fm.load_model(tmp_path)
     weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
-    with pytest.raises(fm.CheckpointError, match="corrupt checkpoint file"):
+    with pytest.raises(fm.CheckpointError, match="corrupt checkpoint file .*model.safetensors"):
         fm.load_model(tmp_path)
-    expect_cli_error(capsys, ["--sample", "--out", str(tmp_path)], "corrupt checkpoint file", "model.safetensors")
-    (tmp_path / "config.json").write_text("{ truncated")
-    with pytest.raises(fm.CheckpointError, match="config.json"):
+    expect_cli_error(capsys, ["--train", "--tiny", "--steps", "5", "--resume", "--out", str(tmp_path)],
+                     "corrupt checkpoint file", "model.safetensors")
+    good = config.read_bytes()
+    for bad, what in ((b"{ truncated", "not valid UTF-8 JSON"), (b"\xff\xfe{}", "not valid UTF-8 JSON"),
+                      (b"[]", "not a flow_matching checkpoint config"),
+                      (good.replace(b'"width": 16', b'"width": "wide"'), "width must be a positive integer"),
+                      (good.replace(b'"width": 16', b'"wdth": 16'), "unknown settings")):
+        config.write_bytes(bad)
+        with pytest.raises(fm.CheckpointError, match=f"config.json.*{what}|{what}") as info:
+            fm.load_model(tmp_path)
+        assert str(config) in str(info.value)
+    (tmp_path / "latest").write_text("{")
+    with pytest.raises(fm.CheckpointError, match="latest"):
         fm.load_model(tmp_path)
     fm.train(cfg, tmp_path / "ok", progress=False)
-    with pytest.raises(fm.CheckpointError, match="width"):
-        fm.train(fm.FlowConfig.tiny(steps=10, width=32), tmp_path / "ok", resume=True, progress=False)
+    with pytest.raises(fm.CheckpointError, match="width: saved 16, requested 32; lr: saved 0.003, requested 0.01"):
+        fm.train(replace(cfg, width=32, lr=1e-2), tmp_path / "ok", resume=True, progress=False)
+    # the parts of one checkpoint must carry one step
+    folder = fm.latest_checkpoint(tmp_path / "ok")
+    state = json.loads((folder / "train_state.json").read_text())
+    (folder / "train_state.json").write_text(json.dumps({**state, "step": 3}))
+    with pytest.raises(fm.CheckpointError, match="parts are from different steps"):
+        fm.train(cfg, tmp_path / "ok", resume=True, progress=False)
 
 
 # ---------------------------------------------------------------- DDP: 2 gloo processes == 1 process
@@ -315,10 +497,11 @@ def ddp_worker(rank, world, tmp):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     state, first_pairs = train_on_fixed_batches(rank, world)
-    torch.save({"state": state, "first_pairs": first_pairs}, f"{tmp}/rank{rank}.pt")
+    from safetensors.torch import save_file
+    save_file({**state, "first_pairs": first_pairs.contiguous()}, f"{tmp}/rank{rank}.safetensors")
     # and the real command line under DDP (what torchrun runs): joins the existing process group
     os.environ["WORLD_SIZE"] = str(world)
-    fm.main(["--train", "--preset", "tiny", "--steps", "12", "--out", f"{tmp}/cli", "--device", "cpu"])
+    fm.main(["--train", "--tiny", "--steps", "12", "--out", f"{tmp}/cli", "--device", "cpu"])
     dist.destroy_process_group()
 
 
@@ -327,16 +510,17 @@ def test_ddp_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path
     assert run_gloo_workers(ddp_worker, 2, tmp_path) == [0, 0]
     single, single_pairs = train_on_fixed_batches(0, 1)
     for rank in range(2):
-        ddp = torch.load(tmp_path / f"rank{rank}.pt")
+        from safetensors.torch import load_file
+        ddp = load_file(tmp_path / f"rank{rank}.safetensors")
         for name, value in single.items():
-            assert torch.allclose(ddp["state"][name], value, atol=1e-6), (rank, name)
+            assert torch.allclose(ddp[name], value, atol=1e-6), (rank, name)
         # the coupling used the global batch: rank r's pairs are rows r*b.. of the single-process plan
         b = GLOBAL_BATCH // 2
         assert torch.equal(ddp["first_pairs"], single_pairs[rank * b:(rank + 1) * b])
     x0, x1, _ = fixed_global_batch(0)
     per_rank = x1[:32][fm.exact_ot_permutation(x0[:32], x1[:32])]        # what a per-rank OT would pair
     assert not torch.equal(per_rank, single_pairs[:32])
-    assert json.loads((tmp_path / "cli" / "config.json").read_text())["step"] == 12
+    assert json.loads(latest(tmp_path / "cli", "config.json").read_text())["step"] == 12
 
 
 @pytest.mark.cuda
