@@ -805,8 +805,9 @@ def caption_is_true(clip, text, truths):
     return any(text.startswith(p) and text[len(p):] in truths for p in clip.CAPTION_PREFIXES)
 
 
-def shapes_split(clip, vit, tokenizer, split, n, seed, device):
-    """Frozen features, token ids, masks and the "same description" matrix of n rendered scenes."""
+def shapes_split(clip, vit, tokenizer, split, n, seed, device, judge_truth=False):
+    """Frozen features, token ids, masks and the "same description" matrix of n rendered scenes;
+    judge_truth=True (evaluation splits) adds the "caption true of the scene" matrix, n^2 string tests."""
     data = clip.ShapesDataset(n, split=split, seed=seed, image_size=vit.cfg.image_size)
     pixels, captions, scenes = clip.collate([data[i] for i in range(n)])
     ids, mask = tokenizer.encode(captions)
@@ -816,8 +817,10 @@ def shapes_split(clip, vit, tokenizer, split, n, seed, device):
     description = torch.tensor([index[d] for d in described], device=device)       # (n,)
     # the fairer judge: caption j is right for scene i whenever it is true of it ("a red shape" of any scene
     # with a red shape), whether or not it is scene i's own description
-    truths = [true_captions(clip, scene) for scene in scenes]
-    true_of = torch.tensor([[caption_is_true(clip, text, t) for text in captions] for t in truths], device=device)
+    true_of = None
+    if judge_truth:
+        truths = [true_captions(clip, scene) for scene in scenes]
+        true_of = torch.tensor([[caption_is_true(clip, text, t) for text in captions] for t in truths], device=device)
     return {"image_embeds": frozen_image_features(vit, pixels, device), "input_ids": ids.to(device),
             "attention_mask": mask.to(device), "description": description,
             "correct": description[:, None] == description[None], "true_of": true_of, "captions": captions}
@@ -872,8 +875,8 @@ def run_shapes(args, device):
     tokenizer = clip_module.ShapesTokenizer()
     t0 = time.time()
     train_set = shapes_split(clip_module, vit, tokenizer, "train", cfg.n_train, cfg.seed, device)
-    evals = {split: shapes_split(clip_module, vit, tokenizer, split, cfg.n_eval, cfg.seed + 1, device)
-             for split in ("test", "heldout")}
+    evals = {split: shapes_split(clip_module, vit, tokenizer, split, cfg.n_eval, cfg.seed + 1, device,
+                                 judge_truth=True) for split in ("test", "heldout")}
     print(f"frozen ViT features of {cfg.n_train} + 2 x {cfg.n_eval} scenes: {time.time() - t0:.1f} s")
     config = shapes_qformer_config(tokenizer, vit.cfg.vision_width, args.tiny)
     model, history = train_shapes(cfg, config, train_set, out, device, resume=args.resume)
