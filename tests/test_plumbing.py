@@ -13,6 +13,9 @@ import torch
 import clip
 import qformer
 
+# tiny models: one torch thread (tests/conftest.py says why; two threads made the run test ten times slower here)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".venv", ".git", "runs", "__pycache__", "node_modules"}
 
