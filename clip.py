@@ -48,10 +48,11 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
@@ -344,9 +345,16 @@ def clip_loss(image_features, text_features, logit_scale):
     text_features = F.normalize(text_features, dim=-1)                   # (B, E)
     # logits_ij = exp(t) cos(I_i, T_j)
     logits = logit_scale * image_features @ text_features.t()            # (B, B)
+    return symmetric_cross_entropy(logits)
+
+
+def symmetric_cross_entropy(logits, label_smoothing=0.0):
+    """InfoNCE's second half on any square (B, B) logits matrix whose diagonal holds the matched pairs.
+    qformer.py's ITC loss is this on its max-over-queries similarity; BLIP-2 smooths the labels."""
     labels = torch.arange(logits.shape[0], device=logits.device)         # the diagonal is correct
     # L = (CE over rows + CE over columns) / 2
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.t(), labels, label_smoothing=label_smoothing)) / 2
 
 
 def siglip_loss(image_features, text_features, logit_scale, logit_bias):
@@ -789,118 +797,6 @@ class ShapesTokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints in transformers' CLIPModel format (config.json + model.safetensors)
-# ----------------------------------------------------------------------------------------------
-
-class CheckpointError(ValueError):
-    """A folder that is not a loadable CLIP checkpoint; the message says what is wrong."""
-
-
-# transformers' activation names -> ours
-HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-
-
-def config_from_hf(hf: dict) -> CLIPConfig:
-    """A transformers CLIPConfig dict (config.json) -> CLIPConfig."""
-    if hf.get("model_type") != "clip" or "text_config" not in hf or "vision_config" not in hf:
-        raise CheckpointError(f"config.json describes model_type {hf.get('model_type')!r}, not a CLIPModel "
-                              "(expected model_type 'clip' with text_config and vision_config)")
-    t, v = hf["text_config"], hf["vision_config"]
-    for part, act in (("text", t.get("hidden_act", "quick_gelu")), ("vision", v.get("hidden_act", "quick_gelu"))):
-        if act not in HF_ACTIVATIONS:
-            raise CheckpointError(f"{part} activation {act!r} is not supported; expected one of {sorted(HF_ACTIVATIONS)}")
-    return CLIPConfig(
-        image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32), num_channels=v.get("num_channels", 3),
-        vision_width=v.get("hidden_size", 768), vision_layers=v.get("num_hidden_layers", 12),
-        vision_heads=v.get("num_attention_heads", 12), vision_mlp=v.get("intermediate_size", 3072),
-        vision_act=HF_ACTIVATIONS[v.get("hidden_act", "quick_gelu")],
-        vocab_size=t.get("vocab_size", 49408), context_length=t.get("max_position_embeddings", 77),
-        text_width=t.get("hidden_size", 512), text_layers=t.get("num_hidden_layers", 12),
-        text_heads=t.get("num_attention_heads", 8), text_mlp=t.get("intermediate_size", 2048),
-        text_act=HF_ACTIVATIONS[t.get("hidden_act", "quick_gelu")], eos_token_id=t.get("eos_token_id", 49407),
-        embed_dim=hf.get("projection_dim", 512), layer_norm_eps=v.get("layer_norm_eps", 1e-5),
-        logit_scale_init=hf.get("logit_scale_init_value", math.log(1 / 0.07)))
-
-
-def config_to_hf(cfg: CLIPConfig) -> dict:
-    """CLIPConfig -> a config.json that transformers' CLIPModel.from_pretrained reads."""
-    act = {v: k for k, v in HF_ACTIVATIONS.items() if k != "gelu_new"}
-    return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
-            "logit_scale_init_value": cfg.logit_scale_init,
-            "text_config": {"model_type": "clip_text_model", "vocab_size": cfg.vocab_size,
-                            "max_position_embeddings": cfg.context_length, "hidden_size": cfg.text_width,
-                            "num_hidden_layers": cfg.text_layers, "num_attention_heads": cfg.text_heads,
-                            "intermediate_size": cfg.text_mlp, "hidden_act": act[cfg.text_act],
-                            "layer_norm_eps": cfg.layer_norm_eps, "eos_token_id": cfg.eos_token_id,
-                            "bos_token_id": ShapesTokenizer.sot_token_id, "pad_token_id": ShapesTokenizer.pad_token_id},
-            "vision_config": {"model_type": "clip_vision_model", "image_size": cfg.image_size,
-                              "patch_size": cfg.patch_size, "num_channels": cfg.num_channels,
-                              "hidden_size": cfg.vision_width, "num_hidden_layers": cfg.vision_layers,
-                              "num_attention_heads": cfg.vision_heads, "intermediate_size": cfg.vision_mlp,
-                              "hidden_act": act[cfg.vision_act], "layer_norm_eps": cfg.layer_norm_eps}}
-
-
-def read_checkpoint(folder):
-    """(config dict, {name: tensor}) of a checkpoint folder; one file or shards with an index."""
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a folder; expected a CLIP checkpoint folder "
-                              "(config.json + model.safetensors)")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder} has no config.json; expected a CLIP checkpoint folder") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON: {e}") from None
-    config_from_hf(config)                          # is it a CLIP at all? (before reading any weights)
-    index = folder / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-             else ["model.safetensors"])
-    tensors = {}
-    for name in files:
-        if not (folder / name).exists():
-            raise CheckpointError(f"{folder} has no {name}; expected safetensors weights beside config.json")
-        try:
-            tensors.update(load_file(folder / name))
-        except Exception as e:                 # safetensors raises its own error type for a bad header
-            raise CheckpointError(f"{folder / name} is not a readable safetensors file ({e})") from None
-    return config, tensors
-
-
-def load_strict(model: nn.Module, tensors: dict, source):
-    """Copy `tensors` into `model`; any missing or unexpected name (or wrong shape) is an error.
-
-    Older checkpoints also store `position_ids` buffers (0, 1, ..., T-1); they carry nothing and are skipped.
-    """
-    tensors = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
-    own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - tensors.keys()), sorted(tensors.keys() - own.keys())
-    if missing or unexpected:
-        raise CheckpointError(f"{source} does not match the CLIP architecture: missing {missing[:8]}"
-                              f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                              f"{' ...' if len(unexpected) > 8 else ''}")
-    bad = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in tensors.items()
-           if v.shape != own[k].shape]
-    if bad:
-        raise CheckpointError(f"{source} has tensors of the wrong shape: {bad[:4]}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
-
-
-def atomic_write(path, write):
-    """write(tmp_path), then rename over `path`: a crash leaves the old file or the new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-# ----------------------------------------------------------------------------------------------
 # Using a trained CLIP: zero-shot classification and retrieval
 # ----------------------------------------------------------------------------------------------
 
@@ -993,7 +889,8 @@ def lr_at(step, cfg: TrainConfig):
     """Linear warm-up, then cosine decay to zero (CLIP section 2.5 uses the same schedule)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))    # stays 0 past the end
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -1077,14 +974,11 @@ def batch_indices(cfg: TrainConfig, step):
     return (pairs[:, None] * 2 + torch.arange(2)).flatten()             # (B,)
 
 
-def save_trainer(out, model, optimizer, step, losses, rim=True):
-    model.save_pretrained(out)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "losses": losses, "rim": rim}
-    atomic_write(Path(out) / "trainer.pt", lambda p: torch.save(state, p))
-
-
 def train(cfg: TrainConfig, model_cfg: CLIPConfig, out, device="cpu", resume=False, progress=True):
-    """Train CLIP on shapes; returns (model, losses). Under torchrun every rank takes a slice of each batch."""
+    """Train CLIP on shapes; returns (model, losses). Under torchrun every rank takes a slice of each batch.
+    Checkpoints go to out/step-<k>/ (see "Training checkpoints" below); resume=True continues from the
+    latest, refusing one trained with another configuration. A NaN or infinite loss stops training
+    before that step is saved (NonFiniteLossError), so the last good checkpoint stays the latest."""
     from tqdm import tqdm
     rank, world = dist_info()
     if cfg.batch_size % (2 * world):
@@ -1098,38 +992,42 @@ def train(cfg: TrainConfig, model_cfg: CLIPConfig, out, device="cpu", resume=Fal
         init_weights(model, cfg.init)                                    # the ablation of README's table
     model = model.to(device)
     optimizer = make_optimizer(model, cfg)
-    start, losses = 0, []
     out = Path(out)
-    if resume:
-        if not (out / "trainer.pt").exists():
-            raise FileNotFoundError(f"--resume: no {out / 'trainer.pt'} to continue from")
-        load_strict(model, read_checkpoint(out)[1], out)
-        state = torch.load(out / "trainer.pt", weights_only=False)
-        if state.get("rim", False) != cfg.rim:
-            raise ValueError(f"--resume: {out} was trained {'with' if state.get('rim') else 'without'} rims "
-                             f"(--no-rim {'not given' if state.get('rim') else 'given'}); resume it the same way")
-        optimizer.load_state_dict(state["optimizer"])
-        start, losses = state["step"], state["losses"]
+    if rank == 0:
+        clean_run_folder(out)                                            # what a crash in a save left
+    start, losses = resume_training(out, model, optimizer, cfg, model_cfg) if resume else (0, [])
+    model.trained_steps = 0                                              # steps of this process (run_train)
     tokenizer = ShapesTokenizer(model_cfg.context_length)
     images, captions, _ = render_split("train", cfg.n_train, cfg.seed, model_cfg.image_size, hard_negatives=True,
                                        rim=cfg.rim, as_bytes=True)              # bytes: 200 MB, not 800
     ids, mask = tokenizer.encode(captions)
     b = cfg.batch_size // world
-    bar = tqdm(range(start, cfg.steps), disable=not progress or rank != 0, desc="CLIP on shapes", dynamic_ncols=True)
+    # a bar only on a terminal (disable=None); in a log file one line per log_every steps instead
+    bar = tqdm(range(start, cfg.steps), disable=None if progress and rank == 0 else True, desc="CLIP on shapes",
+               dynamic_ncols=True)
     running = []
     model.train()
     for step in bar:
         idx = batch_indices(cfg, step)[rank * b:(rank + 1) * b]
         m = mask[idx]
         T = int(m.sum(1).max())                                          # drop all-padding columns
-        running.append(train_step(model, optimizer, normalize(images[idx]).to(device), ids[idx, :T].to(device),
-                                  m[:, :T].to(device), lr_at(step, cfg)))
+        loss = train_step(model, optimizer, normalize(images[idx]).to(device), ids[idx, :T].to(device),
+                          m[:, :T].to(device), lr_at(step, cfg))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"the loss is {loss.item()} at step {step + 1}: training diverged (try a lower "
+                                     f"--lr); nothing of this step was saved, the latest checkpoint is "
+                                     f"{latest_checkpoint(out) if rank == 0 else 'on rank 0'}")
+        running.append(loss)
+        model.trained_steps += 1
         if len(running) == cfg.log_every or step + 1 == cfg.steps:
             losses.append([step + 1, torch.stack(running).mean().item()])
             running = []
             bar.set_postfix(loss=f"{losses[-1][1]:.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+            if progress and rank == 0 and bar.disable:
+                print(f"step {step + 1}/{cfg.steps}  loss {losses[-1][1]:.3f}  "
+                      f"exp(t) {model.logit_scale.exp().item():.1f}", file=sys.stderr, flush=True)
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_trainer(out, model, optimizer, step + 1, losses, cfg.rim)
+            save_trainer(out, model, optimizer, step + 1, losses, cfg.rim, cfg=cfg)
     return model.eval(), losses
 
 
@@ -1219,19 +1117,405 @@ def similarity_grid(model: CLIP, path, n=6, seed=3, cell=64, rim=True):
     return sim
 
 
+# ==============================================================================================
+# Plumbing: checkpoint files, training checkpoints that survive a crash, the command line.
+# Nothing below teaches CLIP; it makes the code above safe to save, stop, resume and run.
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints in transformers' CLIPModel format (config.json + model.safetensors)
+# ----------------------------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A file or folder that is not a loadable checkpoint; the message names it and says what is wrong."""
+
+
+class NonFiniteLossError(ValueError):
+    """Training produced a NaN or infinite loss; raised before anything of that step is saved."""
+
+
+def read_json(path, what="a JSON object"):
+    """The object in a JSON file. Not UTF-8, truncated, not JSON or not an object: a CheckpointError that
+    names the file (a missing file stays a FileNotFoundError, for the caller to explain)."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); expected {what}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}; "
+                              f"truncated or corrupt?); expected {what}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object; expected {what}")
+    return value
+
+
+def check_finite(tensors: dict, source):
+    """Refuse NaN or infinite weights: what a corrupt file or a diverged run leaves behind."""
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise CheckpointError(f"{source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): "
+                              f"{bad[:4]}{' ...' if len(bad) > 4 else ''}; the file is corrupt or comes "
+                              "from a run that diverged")
+    return tensors
+
+
+def read_safetensors(path, keep=None):
+    """{name: tensor} of one safetensors file, read by the safetensors package (no pickle, so loading runs
+    no code), restricted to the names keep(name) accepts; every floating tensor is checked to be finite."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {path.parent}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys() if keep is None or keep(k)}
+    except Exception as e:                     # safetensors raises its own error type for a bad header
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); truncated or corrupt?") from None
+    return check_finite(tensors, path)
+
+
+def safetensors_metadata(path):
+    """The string -> string metadata in a safetensors header ({} if none)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); truncated or corrupt?") from None
+
+
+# transformers' activation names -> ours
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+
+def config_from_hf(hf: dict) -> CLIPConfig:
+    """A transformers CLIPConfig dict (config.json) -> CLIPConfig."""
+    if hf.get("model_type") != "clip" or "text_config" not in hf or "vision_config" not in hf:
+        raise CheckpointError(f"config.json describes model_type {hf.get('model_type')!r}, not a CLIPModel "
+                              "(expected model_type 'clip' with text_config and vision_config)")
+    t, v = hf["text_config"], hf["vision_config"]
+    for part, act in (("text", t.get("hidden_act", "quick_gelu")), ("vision", v.get("hidden_act", "quick_gelu"))):
+        if act not in HF_ACTIVATIONS:
+            raise CheckpointError(f"{part} activation {act!r} is not supported; expected one of {sorted(HF_ACTIVATIONS)}")
+    return CLIPConfig(
+        image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32), num_channels=v.get("num_channels", 3),
+        vision_width=v.get("hidden_size", 768), vision_layers=v.get("num_hidden_layers", 12),
+        vision_heads=v.get("num_attention_heads", 12), vision_mlp=v.get("intermediate_size", 3072),
+        vision_act=HF_ACTIVATIONS[v.get("hidden_act", "quick_gelu")],
+        vocab_size=t.get("vocab_size", 49408), context_length=t.get("max_position_embeddings", 77),
+        text_width=t.get("hidden_size", 512), text_layers=t.get("num_hidden_layers", 12),
+        text_heads=t.get("num_attention_heads", 8), text_mlp=t.get("intermediate_size", 2048),
+        text_act=HF_ACTIVATIONS[t.get("hidden_act", "quick_gelu")], eos_token_id=t.get("eos_token_id", 49407),
+        embed_dim=hf.get("projection_dim", 512), layer_norm_eps=v.get("layer_norm_eps", 1e-5),
+        logit_scale_init=hf.get("logit_scale_init_value", math.log(1 / 0.07)))
+
+
+def config_to_hf(cfg: CLIPConfig) -> dict:
+    """CLIPConfig -> a config.json that transformers' CLIPModel.from_pretrained reads."""
+    act = {v: k for k, v in HF_ACTIVATIONS.items() if k != "gelu_new"}
+    return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.embed_dim,
+            "logit_scale_init_value": cfg.logit_scale_init,
+            "text_config": {"model_type": "clip_text_model", "vocab_size": cfg.vocab_size,
+                            "max_position_embeddings": cfg.context_length, "hidden_size": cfg.text_width,
+                            "num_hidden_layers": cfg.text_layers, "num_attention_heads": cfg.text_heads,
+                            "intermediate_size": cfg.text_mlp, "hidden_act": act[cfg.text_act],
+                            "layer_norm_eps": cfg.layer_norm_eps, "eos_token_id": cfg.eos_token_id,
+                            "bos_token_id": ShapesTokenizer.sot_token_id, "pad_token_id": ShapesTokenizer.pad_token_id},
+            "vision_config": {"model_type": "clip_vision_model", "image_size": cfg.image_size,
+                              "patch_size": cfg.patch_size, "num_channels": cfg.num_channels,
+                              "hidden_size": cfg.vision_width, "num_hidden_layers": cfg.vision_layers,
+                              "num_attention_heads": cfg.vision_heads, "intermediate_size": cfg.vision_mlp,
+                              "hidden_act": act[cfg.vision_act], "layer_norm_eps": cfg.layer_norm_eps}}
+
+
+def read_checkpoint(folder):
+    """(config dict, {name: tensor}) of a checkpoint folder; one file or shards with an index. A training run
+    folder (`--out` of `--train`) is read at the checkpoint its `latest` file names."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a folder; expected a CLIP checkpoint folder "
+                              "(config.json + model.safetensors)")
+    if not (folder / "config.json").exists() and (folder / LATEST).exists():
+        folder = latest_checkpoint(folder)
+    try:
+        config = read_json(folder / "config.json", "a CLIP config.json (transformers' CLIPConfig)")
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} has no config.json; expected a CLIP checkpoint folder") from None
+    config_from_hf(config)                          # is it a CLIP at all? (before reading any weights)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index, "a safetensors index with a weight_map").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map object (tensor name -> shard file)")
+        files = sorted(set(weight_map.values()))
+    else:
+        files = ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        if not (folder / name).exists():
+            raise CheckpointError(f"{folder} has no {name}; expected safetensors weights beside config.json")
+        tensors.update(read_safetensors(folder / name))
+    return config, tensors
+
+
+def load_strict(model: nn.Module, tensors: dict, source):
+    """Copy `tensors` into `model`; any missing or unexpected name (or wrong shape) is an error.
+
+    Older checkpoints also store `position_ids` buffers (0, 1, ..., T-1); they carry nothing and are skipped.
+    """
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("position_ids")}
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - tensors.keys()), sorted(tensors.keys() - own.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match the CLIP architecture: missing {missing[:8]}"
+                              f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                              f"{' ...' if len(unexpected) > 8 else ''}")
+    bad = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in tensors.items()
+           if v.shape != own[k].shape]
+    if bad:
+        raise CheckpointError(f"{source} has tensors of the wrong shape: {bad[:4]}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+
+
+def fsync_path(path):
+    """Ask the OS to put a file, or a folder's list of names, on disk now. A rename survives a power cut
+    only once its folder is synced; Windows cannot open a folder for this, and needs it less."""
+    if os.name == "nt" and Path(path).is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """write(tmp_path), fsync, then rename over `path`: a crash leaves the old file or the new, never half.
+    The temporary name is unique (mkstemp) and removed if write fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints: one folder per saved step, switched to atomically (qformer.py uses these too)
+# ----------------------------------------------------------------------------------------------
+#
+#   out/step-000250/config.json            the model, in its checkpoint format (from_pretrained reads it)
+#   out/step-000250/model.safetensors      ... with the step in its header metadata
+#   out/step-000250/trainer.safetensors    optimizer moments, RNG states (uint8): tensors, step in metadata
+#   out/step-000250/trainer.json           step, configs, losses, optimizer hyper-parameters: plain JSON
+#   out/latest                             one line, "step-000250": the checkpoint to resume from
+#
+# Every file of step k goes into a fresh folder and is fsynced; only then does `latest` switch to it, by
+# os.replace, which is atomic. A crash at any moment therefore leaves `latest` naming a complete
+# checkpoint, and whatever the crash left beside it is deleted at the next start. Nothing is pickled:
+# loading runs no code (torch.load(weights_only=False) of a planted trainer.pt would have).
+
+LATEST = "latest"
+CHECKPOINT_HOOK = None      # tests: a function(path) called after each file of a save is on disk
+
+
+def _saved(path):
+    if CHECKPOINT_HOOK is not None:
+        CHECKPOINT_HOOK(Path(path))
+
+
+def latest_checkpoint(out):
+    """The folder `out/latest` names, or None if out has no `latest`; a broken pointer is a CheckpointError."""
+    pointer = Path(out) / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if not name or not name.startswith("step-") or not name[5:].isdigit() or not (Path(out) / name).is_dir():
+        raise CheckpointError(f"{pointer} should name a step-<k> checkpoint folder in {out}, but holds "
+                              f"{name!r}; the run folder is damaged")
+    return Path(out) / name
+
+
+def clean_run_folder(out):
+    """Delete what a crashed save left: step folders `latest` does not name, temporary files of `latest`."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    keep = latest_checkpoint(out)
+    for path in out.iterdir():
+        if path.is_dir() and path.name.startswith("step-") and path != keep:
+            shutil.rmtree(path)
+        elif path.is_file() and path.name.startswith(LATEST + ".") and path.name.endswith(".tmp"):
+            path.unlink()
+
+
+def save_checkpoint(out, step, files):
+    """files: {file name: write(path)}. Writes each into a fresh out/step-<step>/, fsyncs it, then points
+    out/latest there (atomically) and deletes the older checkpoint. Returns the new folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = out / f"step-{step:06d}"
+    if latest_checkpoint(out) == folder:
+        return folder                                  # already saved: a resumed run with no step left
+    if folder.exists():
+        shutil.rmtree(folder)                          # a crash's leftover, never the one `latest` names
+    folder.mkdir()
+    for name, write in files.items():
+        write(folder / name)
+        fsync_path(folder / name)
+        _saved(folder / name)
+    fsync_path(folder)
+    fsync_path(out)
+    atomic_write(out / LATEST, lambda p: Path(p).write_text(folder.name + "\n"))   # the commit point
+    _saved(out / LATEST)
+    clean_run_folder(out)
+    return folder
+
+
+def model_files(tensors, config: dict, step):
+    """config.json + model.safetensors of a checkpoint; the step goes into the safetensors header."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return {"config.json": lambda p: Path(p).write_text(json.dumps(config, indent=2)),
+            "model.safetensors": lambda p: save_file(tensors, str(p), metadata={"format": "pt", "step": str(step)})}
+
+
+def trainer_files(step, tensors: dict, info: dict):
+    """trainer.safetensors (tensors: optimizer moments, RNG states) + trainer.json (info, plain values)."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return {"trainer.safetensors": lambda p: save_file(tensors, str(p), metadata={"step": str(step)}),
+            "trainer.json": lambda p: Path(p).write_text(json.dumps({"step": step, **info}, indent=1))}
+
+
+def read_trainer_state(folder):
+    """(info, tensors) of a checkpoint folder, after checking that it is complete and that every part of
+    it (folder name, trainer.json, each safetensors header) carries the same step."""
+    folder = Path(folder)
+    try:
+        info = read_json(folder / "trainer.json", "the trainer state of a training checkpoint")
+        tensors = read_safetensors(folder / "trainer.safetensors")
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{folder} is not a complete training checkpoint: {e}") from None
+    steps = {"folder name": folder.name[5:].lstrip("0") or "0", "trainer.json": str(info.get("step"))}
+    steps.update({p.name: safetensors_metadata(p).get("step") for p in sorted(folder.glob("*.safetensors"))})
+    if len(set(steps.values())) != 1:
+        raise CheckpointError(f"{folder} mixes parts of different steps: "
+                              + ", ".join(f"{k} {v}" for k, v in steps.items()))
+    return info, tensors
+
+
+# fields that may change when a run is resumed: how long it runs, how often it logs, saves and evaluates
+RESUMABLE_FIELDS = ("steps", "log_every", "save_every", "n_eval")
+
+
+def config_differences(saved: dict, current: dict, prefix="", ignore=RESUMABLE_FIELDS):
+    """["name: checkpoint X, now Y", ...] for every field that differs (compared as JSON, tuples = lists)."""
+    current = json.loads(json.dumps(current))
+    return [f"{prefix}{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+            for k in sorted(saved.keys() | current.keys()) if k not in ignore and saved.get(k) != current.get(k)]
+
+
+def optimizer_state(optimizer):
+    """An optimizer's state_dict split for the two trainer files: ({name: tensor}, param_groups as JSON)."""
+    sd = optimizer.state_dict()
+    tensors = {f"optimizer.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v))
+               for i, state in sd["state"].items() for k, v in state.items()}
+    return tensors, sd["param_groups"]
+
+
+def load_optimizer_state(optimizer, tensors, param_groups, source):
+    """The inverse of `optimizer_state`; a checkpoint of other parameters is a CheckpointError."""
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = value
+    if not isinstance(param_groups, list) or len(param_groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"{source}: the optimizer state has {len(param_groups or [])} parameter groups, "
+                              f"the model's optimizer {len(optimizer.param_groups)}")
+    groups = [{k: tuple(v) if isinstance(own.get(k), tuple) else v for k, v in saved.items()}   # JSON: lists
+              for saved, own in zip(param_groups, optimizer.param_groups)]
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{source}: the optimizer state does not fit this model ({e})") from None
+
+
+def save_trainer(out, model, optimizer, step, losses, rim=True, cfg=None):
+    """One checkpoint of clip.py's training (the layout above); returns its folder."""
+    tensors, groups = optimizer_state(optimizer)
+    train_config = asdict(cfg) if cfg is not None else {"rim": rim}
+    info = {"train_config": train_config, "model_config": asdict(model.cfg), "losses": losses,
+            "optimizer_param_groups": groups}
+    return save_checkpoint(out, step, {**model_files(model.state_dict(), config_to_hf(model.cfg), step),
+                                       **trainer_files(step, tensors, info)})
+
+
+def checkpoint_to_resume(out):
+    """The latest checkpoint of `out`, or a FileNotFoundError that says why there is none."""
+    out = Path(out)
+    folder = latest_checkpoint(out)
+    if folder is None:
+        old = (" (its trainer.pt was written by an older version and is a pickle, which is no longer loaded)"
+               if (out / "trainer.pt").exists() else "")
+        raise FileNotFoundError(f"--resume: no checkpoint to continue from in {out} (no {out / LATEST}){old}")
+    return folder
+
+
+def resume_training(out, model, optimizer, cfg, model_cfg):
+    """Load the latest checkpoint of `out` into model and optimizer: (step, losses). Refused, with the
+    differing fields listed, when the checkpoint was trained with another configuration."""
+    folder = checkpoint_to_resume(out)
+    info, tensors = read_trainer_state(folder)
+    saved = info.get("train_config", {})
+    if saved.get("rim", False) != cfg.rim:
+        raise ValueError(f"--resume: {out} was trained {'with' if saved.get('rim') else 'without'} rims "
+                         f"(--no-rim {'not given' if saved.get('rim') else 'given'}); resume it the same way")
+    differ = (config_differences(saved, asdict(cfg))
+              + config_differences(info.get("model_config", {}), asdict(model_cfg), "model ", ignore=()))
+    if differ:
+        raise CheckpointError(f"--resume: {folder} was trained with another configuration; differing "
+                              f"fields: {'; '.join(differ)}")
+    load_strict(model, read_checkpoint(folder)[1], folder)
+    load_optimizer_state(optimizer, tensors, info.get("optimizer_param_groups"), folder / "trainer.json")
+    return info["step"], info.get("losses", [])
+
+
 DEFAULT_OUT = Path("runs/clip/shapes")
 
 
 def load_or_train(out_dir=DEFAULT_OUT, device="cpu", progress=True):
-    """clip.py's trained shapes CLIP (what qformer.py freezes): loaded from out_dir, or trained there first
-    with the default `--train` settings if the folder holds no finished checkpoint."""
+    """clip.py's trained shapes CLIP (what qformer.py freezes): loaded from out_dir, or trained (resumed)
+    there first with the default `--train` settings if its latest checkpoint is not finished. A folder
+    holding anything else (another configuration, an incomplete or corrupt checkpoint) is an error."""
     out_dir = Path(out_dir)
-    if (out_dir / "model.safetensors").exists() and (out_dir / "trainer.pt").exists():
-        if torch.load(out_dir / "trainer.pt", weights_only=False)["step"] >= TrainConfig().steps:
-            return CLIP.load(out_dir).to(device)
+    cfg, model_cfg = TrainConfig(), CLIPConfig()
+    folder = latest_checkpoint(out_dir)
+    if folder is not None:
+        info, _ = read_trainer_state(folder)
+        differ = (config_differences(info.get("train_config", {}), asdict(cfg))
+                  + config_differences(info.get("model_config", {}), asdict(model_cfg), "model ", ignore=()))
+        if differ:
+            raise CheckpointError(f"{folder} is not a checkpoint of `python clip.py --train` (differing fields: "
+                                  f"{'; '.join(differ)}); point at it explicitly (qformer.py --clip-dir) or move it")
+        if info["step"] >= cfg.steps:
+            return CLIP.from_pretrained(folder).to(device)
+    elif (out_dir / "model.safetensors").exists() or (out_dir / "trainer.pt").exists():
+        raise CheckpointError(f"{out_dir} holds weights but no {LATEST} checkpoint pointer (a run of an older "
+                              "clip.py, or files copied there): move it away to train a fresh CLIP there")
     print(f"no trained CLIP in {out_dir}: training one first (python clip.py --train)", file=sys.stderr)
-    model, _ = train(TrainConfig(), CLIPConfig(), out_dir, device, resume=(out_dir / "trainer.pt").exists(),
-                     progress=progress)
+    model, _ = train(cfg, model_cfg, out_dir, device, resume=folder is not None, progress=progress)
     return model
 
 
@@ -1295,23 +1579,44 @@ def classify_image(model_dir, image_path, labels, templates=TEMPLATES, device="c
 # ----------------------------------------------------------------------------------------------
 
 def pick_device(name):
+    """--device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"; a CUDA device that is not
+    there is a ValueError that says so. Returns the name, e.g. "cuda:0"."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU")
-    return name
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name[5:]) if ":" in name else 0
+        if index >= count:
+            raise ValueError(f"--device {name} was asked for, but torch sees "
+                             f"{'no CUDA GPU' if count == 0 else f'{count} CUDA GPU(s) (cuda:0 .. cuda:{count - 1})'}")
+        return name
+    raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def add_common_arguments(parser, out_help, tiny=True, train_help="train (the module docstring says what, and how long)"):
+    """The flags every root file shares, with the same words in every --help."""
+    parser.add_argument("--train", action="store_true", help=train_help)
+    parser.add_argument("--out", type=str, default=None, help=out_help)
+    parser.add_argument("--resume", action="store_true", help="with --train: continue from the latest checkpoint in --out")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", type=str, default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    if tiny:
+        parser.add_argument("--tiny", action="store_true", help="the tiny preset (seconds): tests and quick checks")
 
 
 def setup_distributed(device):
     """Join the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
     import torch.distributed as dist
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-        if device == "cuda":
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def run_demo(device):
+def run_demo(device, out="runs/clip/demo"):
     """Seconds: the loss on made-up features, then a tiny CLIP trained for a few steps on shapes."""
     B = 8
     g = torch.Generator().manual_seed(0)
@@ -1321,7 +1626,7 @@ def run_demo(device):
     print(f"  random features                     {clip_loss(x, torch.randn(B, 16, generator=g), 14.3).item():.3f}")
     print(f"  perfectly aligned, scale 100        {clip_loss(x, x, 100.0).item():.5f}")
     cfg = TrainConfig.tiny()
-    model, losses = train(cfg, CLIPConfig.tiny(), "runs/clip/demo", device, progress=False)
+    model, losses = train(cfg, CLIPConfig.tiny(), out, device, progress=False)
     print(f"tiny CLIP ({sum(p.numel() for p in model.parameters()):,} weights) on shapes, {cfg.steps} steps of "
           f"batch {cfg.batch_size}: loss {losses[0][1]:.3f} (first {cfg.log_every} steps) -> {losses[-1][1]:.3f} "
           f"(last {cfg.log_every}); log {cfg.batch_size} = {math.log(cfg.batch_size):.3f}")
@@ -1330,32 +1635,36 @@ def run_demo(device):
 def run_train(args, device):
     rank, world = dist_info()
     given = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-    cfg = TrainConfig(seed=args.seed, rim=not args.no_rim, init=args.init, **given)
+    make = TrainConfig.tiny if args.tiny else TrainConfig
+    cfg = make(seed=args.seed, rim=not args.no_rim, init=args.init, **given)
     t0 = time.time()
-    model, losses = train(cfg, CLIPConfig(), args.out, device, resume=args.resume)
+    model, losses = train(cfg, CLIPConfig.tiny() if args.tiny else CLIPConfig(), args.out, device, resume=args.resume)
     if rank != 0:
         return None
     minutes = (time.time() - t0) / 60
-    print(f"\ntrained {cfg.steps} steps of batch {cfg.batch_size} on {world} process(es) in {minutes:.1f} min; "
-          f"loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}, exp(t) = {model.logit_scale.exp().item():.1f}")
-    results = evaluate(model, device=device, rim=cfg.rim)
-    print(f"\n## zero-shot on {TrainConfig.n_eval} single-shape scenes per row (prompt ensemble of {len(TEMPLATES)} templates)\n")
+    # what this process did: after --resume that is the steps since the checkpoint, not the whole run's
+    print(f"\ntrained {model.trained_steps} steps (to step {cfg.steps}) of batch {cfg.batch_size} on {world} "
+          f"process(es) in {minutes:.1f} min; loss {losses[0][1]:.3f} -> {losses[-1][1]:.3f}, "
+          f"exp(t) = {model.logit_scale.exp().item():.1f}")
+    results = evaluate(model, n=cfg.n_eval, device=device, rim=cfg.rim)
+    print(f"\n## zero-shot on {cfg.n_eval} single-shape scenes per row (prompt ensemble of {len(TEMPLATES)} templates)\n")
     print(zero_shot_table(results))
     acc = results["heldout"]["joint prompt"]
     print(f"\nzero-shot accuracy on held-out colour-shape pairs (\"a photo of a red circle\", ..., all 24 pairs as "
           f"labels; right = colour and kind right): {acc:.1f}% (goal >= 90%: {'met' if acc >= 90 else 'NOT met'})")
-    print(f"\n## retrieval, {TrainConfig.n_eval} unseen scenes with full captions (chance R@1 ~ 0.2%)\n")
+    print(f"\n## retrieval, {cfg.n_eval} unseen scenes with full captions (chance R@1 ~ {100 / cfg.n_eval:.1f}%)\n")
     print(retrieval_table(results["retrieval"]))
-    similarity_grid(model, args.figure, rim=cfg.rim)
-    print(f"\ncheckpoint: {args.out}/ (CLIP.from_pretrained, or transformers' CLIPModel); picture: {args.figure}")
+    figure = Path(args.figure) if args.figure else Path(args.out) / "similarity.png"   # tracked files: only if named
+    similarity_grid(model, figure, rim=cfg.rim)
+    print(f"\ncheckpoint: {latest_checkpoint(args.out)}/ (CLIP.from_pretrained, or transformers' CLIPModel; "
+          f"CLIP.from_pretrained('{args.out}') follows its `{LATEST}`); picture: {figure}")
     return results
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", action="store_true", help="train the small shapes CLIP (minutes on a CPU)")
-    parser.add_argument("--resume", action="store_true", help="with --train: continue from --out")
-    parser.add_argument("--out", type=str, default=str(DEFAULT_OUT), help="checkpoint folder for --train")
+    parser = argparse.ArgumentParser(prog="clip.py", description=__doc__.splitlines()[0])
+    add_common_arguments(parser, f"run folder: checkpoints step-<k>/ and pictures (default: --train {DEFAULT_OUT}, "
+                                 "the demo runs/clip/demo)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 1000)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default 128)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
@@ -1363,12 +1672,12 @@ def main(argv=None):
                         "outline, so that an edge exists only in its shape's colour channels (README: what it changes)")
     parser.add_argument("--init", choices=("clip", "gpt2"), default="clip", help="with --train: CLIP's weight "
                         "initialisation, or std 0.02 everywhere (README: what it changes)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--figure", type=str, default="assets/clip_similarity.png", help="similarity-grid PNG")
+    parser.add_argument("--figure", type=str, default=None, help="with --train: write the similarity grid to this "
+                        "PNG (the README's: --figure assets/clip_similarity.png); default: similarity.png in the "
+                        "checkpoint folder under --out")
     parser.add_argument("--model", type=str, default=None, help="a CLIPModel checkpoint folder (zero-shot on --image)")
     parser.add_argument("--image", type=str, default=None, help="image file to classify with --model")
     parser.add_argument("--labels", type=str, default=None, help='comma-separated labels, e.g. "cat,dog,car"')
-    parser.add_argument("--device", type=str, default="auto", help="auto (cuda if available), cpu or cuda")
     args = parser.parse_args(argv)
     try:
         device = pick_device(args.device)
@@ -1379,10 +1688,11 @@ def main(argv=None):
                 print(f"{p:7.2%}  {label}")
             return None
         if args.train:
+            args.out = args.out or str(DEFAULT_OUT)
             setup_distributed(device)
             return run_train(args, device)
-        return run_demo(device)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        return run_demo(device, args.out or "runs/clip/demo")
+    except (ValueError, FileNotFoundError) as e:          # CheckpointError, NonFiniteLossError are ValueErrors
         parser.error(str(e))
 
 

@@ -43,15 +43,16 @@ beam search (captions are greedy), and the BERT initialisation of the paper (we 
 import argparse
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import clip      # the shapes data and frozen ViT of --train, and the plumbing (checkpoints, CLI) both share
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,10 +303,8 @@ def itc_similarity(image_feats, text_feats):
 def itc_loss(similarity, temp, label_smoothing=0.0):
     """Symmetric InfoNCE on a square (B, B) similarity matrix; pair i is the diagonal."""
     logits = similarity / temp                                          # (B, B)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    # L = (CE over rows (image -> text) + CE over columns (text -> image)) / 2
-    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-            + F.cross_entropy(logits.t(), labels, label_smoothing=label_smoothing)) / 2
+    # L = (CE over rows (image -> text) + CE over columns (text -> image)) / 2: CLIP's InfoNCE
+    return clip.symmetric_cross_entropy(logits, label_smoothing)
 
 
 def sample_hard_negatives(similarity, temp, forbidden=None, generator=None):
@@ -573,142 +572,6 @@ def recall_at_k(scores, correct, ks=(1, 5, 10)):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: our own (config.json + model.safetensors) and transformers' Blip2ForImageTextRetrieval
-# ----------------------------------------------------------------------------------------------
-
-class CheckpointError(ValueError):
-    """A checkpoint whose tensors do not match the model (listed by name)."""
-
-
-# parts of BLIP-2 stage 1 that a Blip2ForImageTextRetrieval checkpoint does not store
-NOT_IN_BLIP2_RETRIEVAL = ("temp", "itg_head.", "language_projection.")
-# parts of a Blip2ForImageTextRetrieval checkpoint that are not the Q-Former's
-OUTSIDE_QFORMER = ("vision_model.", "embeddings.position_ids")
-
-
-def _atomic_write(path, write):
-    """write(tmp_path), then rename over path: a crash never leaves half a file behind."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _list(names, limit=8):
-    names = sorted(names)
-    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
-
-
-def _read_tensors(directory, keep):
-    """Tensors named by `keep(name)` from model.safetensors or a sharded index; all names found."""
-    from safetensors import safe_open
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {directory}")
-    tensors, names = {}, set()
-    for name in files:
-        with safe_open(str(directory / name), framework="pt") as f:
-            for key in f.keys():
-                names.add(key)
-                if keep(key):
-                    tensors[key] = f.get_tensor(key)
-    return tensors, names
-
-
-def config_from_blip2(hf, lm_hidden_size=0):
-    """Our QFormerConfig from a transformers Blip2Config dict (its defaults where a field is absent)."""
-    q, v = hf.get("qformer_config") or {}, hf.get("vision_config") or {}
-    if not q.get("use_qformer_text_input", False):
-        raise CheckpointError("this BLIP-2 checkpoint's Q-Former has no text weights "
-                              "(qformer_config.use_qformer_text_input is false); a "
-                              "Blip2ForImageTextRetrieval checkpoint (e.g. blip2-itm-vit-g) has them")
-    if q.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"only hidden_act='gelu' is implemented, got {q['hidden_act']!r}")
-    return QFormerConfig(
-        vocab_size=q.get("vocab_size", 30522), hidden_size=q.get("hidden_size", 768),
-        num_hidden_layers=q.get("num_hidden_layers", 12), num_attention_heads=q.get("num_attention_heads", 12),
-        intermediate_size=q.get("intermediate_size", 3072),
-        max_position_embeddings=q.get("max_position_embeddings", 512),
-        num_query_tokens=hf.get("num_query_tokens", 32),
-        encoder_hidden_size=v.get("hidden_size", q.get("encoder_hidden_size", 1408)),
-        cross_attention_freq=q.get("cross_attention_frequency", 2),
-        embed_dim=hf.get("image_text_hidden_size", 256), lm_hidden_size=lm_hidden_size,
-        layer_norm_eps=q.get("layer_norm_eps", 1e-12), initializer_range=q.get("initializer_range", 0.02),
-        hidden_dropout=q.get("hidden_dropout_prob", 0.1),
-        attention_dropout=q.get("attention_probs_dropout_prob", 0.1), pad_token_id=q.get("pad_token_id", 0) or 0)
-
-
-def load_strict(model, tensors, source, fresh=()):
-    """Copy tensors into model; any missing, unexpected or mis-shaped tensor is an error listing them.
-    Names starting with a prefix in `fresh` are expected to be absent and keep their initial values."""
-    own = model.state_dict()
-    expected = {k for k in own if not k.startswith(fresh)} if fresh else set(own)
-    if not expected & set(tensors):
-        raise CheckpointError(f"{source} holds no Q-Former weights: expected tensors such as "
-                              f"query_tokens, qformer.encoder.layer.0.*, embeddings.*; found "
-                              f"{_list(tensors) or 'nothing else'}")
-    missing, unexpected = expected - set(tensors), set(tensors) - expected
-    wrong = [f"{k} {tuple(tensors[k].shape)} (model: {tuple(own[k].shape)})"
-             for k in expected & set(tensors) if tensors[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{source} does not match the Q-Former. missing: {_list(missing) or '-'}; "
-                              f"unexpected: {_list(unexpected) or '-'}; wrong shape: {_list(wrong) or '-'}")
-    with torch.no_grad():
-        for k in expected:
-            own[k].copy_(tensors[k])
-    return model
-
-
-def save_qformer(model, directory):
-    """config.json (our fields + model_type 'qformer') and model.safetensors, each written atomically."""
-    from safetensors.torch import save_file
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": "qformer", **model.config.to_dict()}
-    _atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
-
-
-def load_qformer(directory, lm_hidden_size=0):
-    """A QFormer from our own directory or a transformers Blip2ForImageTextRetrieval one.
-
-    From transformers we take query_tokens, embeddings, qformer, vision_projection, text_projection
-    and itm_head (the vision tower stays behind); `temp`, the ITG head and a language_projection of
-    width lm_hidden_size are new and keep their initial values. Where the config sets
-    image_token_index, transformers' processor puts Q placeholder tokens in front of the caption and
-    the model strips them again; our methods take the caption alone.
-    """
-    directory = Path(directory)
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"no config.json in {directory}: expected a directory written by "
-                                "QFormer.save_pretrained or transformers' save_pretrained")
-    raw = json.loads((directory / "config.json").read_text())
-    kind = raw.get("model_type")
-    if kind == "qformer":
-        names = {f.name for f in fields(QFormerConfig)}
-        config = QFormerConfig(**{k: v for k, v in raw.items() if k in names})
-        fresh, keep = (), lambda key: True
-        if lm_hidden_size and lm_hidden_size != config.lm_hidden_size:
-            if config.lm_hidden_size:
-                raise CheckpointError(f"{directory} has a language_projection to width "
-                                      f"{config.lm_hidden_size}, not {lm_hidden_size}")
-            config, fresh = replace(config, lm_hidden_size=lm_hidden_size), ("language_projection.",)
-    elif kind == "blip-2":
-        config = config_from_blip2(raw, lm_hidden_size)
-        fresh, keep = NOT_IN_BLIP2_RETRIEVAL, lambda key: not key.startswith(OUTSIDE_QFORMER)
-    else:
-        raise CheckpointError(f"{directory}/config.json has model_type={kind!r}; expected 'qformer' "
-                              "or 'blip-2' (a Blip2ForImageTextRetrieval checkpoint)")
-    tensors, _ = _read_tensors(directory, keep)
-    return load_strict(QFormer(config), tensors, str(directory), fresh)
-
-
-
-# ----------------------------------------------------------------------------------------------
 # Training: one step, the learning-rate schedule, the loop
 # ----------------------------------------------------------------------------------------------
 
@@ -725,6 +588,7 @@ class TrainConfig:
     n_eval: int = 500           # held-out scenes per evaluation split
     rerank_k: int = 16          # ITM re-scores each query's k best ITC candidates
     save_every: int = 250       # steps between checkpoints that --resume continues from
+    log_every: int = 100        # off a terminal (no progress bar): one line of mean losses per this many steps
 
     @classmethod
     def tiny(cls, **overrides):
@@ -732,12 +596,8 @@ class TrainConfig:
         return cls(**{**small, **overrides})
 
 
-def get_lr(step, cfg):
-    """Linear warm-up to cfg.lr over cfg.warmup steps, then cosine decay to 0 at cfg.steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+# Linear warm-up to cfg.lr over cfg.warmup steps, then cosine decay to 0 at cfg.steps: clip.py's schedule.
+get_lr = clip.lr_at
 
 
 def make_optimizer(model, cfg):
@@ -763,14 +623,22 @@ def train_step(model, optimizer, batch, lr, generator=None):
 
 
 def train(model, optimizer, sample_batch, cfg, start_step=0, generator=None, on_step=None):
-    """Run steps start_step .. cfg.steps - 1; sample_batch(step) gives (image_embeds, ids, mask)."""
+    """Run steps start_step .. cfg.steps - 1; sample_batch(step) gives (image_embeds, ids, mask). A NaN or
+    infinite loss stops it (clip.NonFiniteLossError) before on_step could save that step."""
     from tqdm import tqdm
     history = []
-    bar = tqdm(range(start_step, cfg.steps), desc="qformer", disable=None)
+    bar = tqdm(range(start_step, cfg.steps), desc="qformer", disable=None)     # a bar only on a terminal
     for step in bar:
         losses = train_step(model, optimizer, sample_batch(step), get_lr(step, cfg), generator)
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise clip.NonFiniteLossError(f"a non-finite loss at step {step + 1} ({losses}): training diverged "
+                                          "(try a lower learning rate); nothing of this step was saved")
         history.append(losses)
         bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+        every = getattr(cfg, "log_every", 100)
+        if bar.disable and (step + 1) % every == 0:               # off a terminal: one line now and then
+            print(f"step {step + 1}/{cfg.steps}  " + "  ".join(f"{k} {v:.3f}" for k, v in mean_losses(
+                history[-every:]).items()), file=sys.stderr, flush=True)
         if on_step is not None:
             on_step(step, history)
     return history
@@ -785,16 +653,27 @@ def mean_losses(history):
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, image_embeds, input_ids, attention_mask, correct, k=16, ks=(1, 5, 10)):
-    """correct[i, j]: caption j describes image i. Returns recalls and ITM accuracy (a dict)."""
+def evaluate(model, image_embeds, input_ids, attention_mask, correct, k=16, ks=(1, 5, 10), true_of=None):
+    """correct[i, j]: caption j describes image i. Returns recalls and ITM accuracy (a dict). true_of (same
+    shape), if given: caption j is true of image i, though perhaps not its description (a partial caption
+    such as "a red shape" is true of many scenes); the same scores are then also judged by it, under
+    result["true_of_scene"]."""
     model.eval()
     scores = retrieval_scores(model, image_embeds, input_ids, attention_mask, k)
+    result = judge(model, scores, image_embeds, input_ids, attention_mask, correct, ks)
+    if true_of is not None:
+        result["true_of_scene"] = judge(model, scores, image_embeds, input_ids, attention_mask, true_of, ks)
+    return result
+
+
+def judge(model, scores, image_embeds, input_ids, attention_mask, correct, ks=(1, 5, 10)):
+    """Recalls of retrieval `scores` and ITM accuracy, with correct[i, j] saying which pairs are right."""
     result = {"itc_i2t": recall_at_k(scores["itc"], correct, ks),
               "itc_t2i": recall_at_k(scores["itc"].t(), correct.t(), ks),
               "rerank_i2t": recall_at_k(scores["i2t"], correct, ks),
               "rerank_t2i": recall_at_k(scores["t2i"], correct.t(), ks)}
     # ITM accuracy: every matched pair, and each image with the caption ITC ranks highest among
-    # the ones that do not describe it (its hardest negative); chance is 50%.
+    # the ones that are not right for it (its hardest negative); chance is 50%.
     hardest = scores["itc"].masked_fill(correct, float("-inf")).argmax(dim=1)        # (B_img,)
     pos = model.itm_logits(image_embeds, input_ids, attention_mask).argmax(-1) == 1
     neg = model.itm_logits(image_embeds, input_ids[hardest], attention_mask[hardest]).argmax(-1) == 0
@@ -817,6 +696,10 @@ def retrieval_table(result):
         lines.append(f"| {name} | " + " | ".join(f"{100 * result[key][K]:.1f}%" for K in ks) + " |")
     lines.append(f"\nITM accuracy (matched pairs + hardest ITC negatives, chance 50%): "
                  f"{100 * result['itm_accuracy']:.1f}%")
+    if "true_of_scene" in result:
+        lines.append("\nThe same retrievals, right when the caption is true of the scene (not only its own "
+                     "description):\n\n" + retrieval_table(result["true_of_scene"]).replace(
+                         "hardest ITC negatives", "hardest ITC negatives that are false of the scene"))
     return "\n".join(lines)
 
 
@@ -908,8 +791,23 @@ def frozen_image_features(vit, pixel_values, device, batch_size=256):
     return torch.cat(chunks)
 
 
-def shapes_split(clip, vit, tokenizer, split, n, seed, device):
-    """Frozen features, token ids, masks and the "same description" matrix of n rendered scenes."""
+def true_captions(clip, scene):
+    """Every caption the shapes grammar can write that is true of `scene`, without its prefix: each level of
+    detail, and the shapes named in any order (two shapes: the relation read from the first; three or
+    more: a list, which says nothing about their order)."""
+    import itertools
+    orders = itertools.permutations(scene.shapes) if len(scene.shapes) <= 4 else [scene.shapes]
+    return {clip.caption(clip.Scene(order), "", detail) for order in orders for detail in clip.DETAILS}
+
+
+def caption_is_true(clip, text, truths):
+    """Is `text` (with any of the data set's prefixes) one of `truths` (a scene's `true_captions`)?"""
+    return any(text.startswith(p) and text[len(p):] in truths for p in clip.CAPTION_PREFIXES)
+
+
+def shapes_split(clip, vit, tokenizer, split, n, seed, device, judge_truth=False):
+    """Frozen features, token ids, masks and the "same description" matrix of n rendered scenes;
+    judge_truth=True (evaluation splits) adds the "caption true of the scene" matrix, n^2 string tests."""
     data = clip.ShapesDataset(n, split=split, seed=seed, image_size=vit.cfg.image_size)
     pixels, captions, scenes = clip.collate([data[i] for i in range(n)])
     ids, mask = tokenizer.encode(captions)
@@ -917,56 +815,38 @@ def shapes_split(clip, vit, tokenizer, split, n, seed, device):
     described = [clip.caption(scene) for scene in scenes]
     index = {d: k for k, d in enumerate(dict.fromkeys(described))}
     description = torch.tensor([index[d] for d in described], device=device)       # (n,)
+    # the fairer judge: caption j is right for scene i whenever it is true of it ("a red shape" of any scene
+    # with a red shape), whether or not it is scene i's own description
+    true_of = None
+    if judge_truth:
+        truths = [true_captions(clip, scene) for scene in scenes]
+        true_of = torch.tensor([[caption_is_true(clip, text, t) for text in captions] for t in truths], device=device)
     return {"image_embeds": frozen_image_features(vit, pixels, device), "input_ids": ids.to(device),
             "attention_mask": mask.to(device), "description": description,
-            "correct": description[:, None] == description[None], "captions": captions}
+            "correct": description[:, None] == description[None], "true_of": true_of, "captions": captions}
 
 
 def load_frozen_clip(args, device):
-    """clip.py's trained model (trained first if absent), frozen."""
+    """clip.py's trained model, frozen: --clip-dir (a checkpoint or run folder), or clip.py's default run
+    folder, checked to be a finished `clip.py --train` checkpoint (trained or resumed first if absent)."""
     if args.clip_dir and not Path(args.clip_dir).is_dir():
         raise FileNotFoundError(f"--clip-dir {args.clip_dir} does not exist; omit it to use (or train) "
                                 "clip.py's default checkpoint")
-    import clip
-    model = clip.CLIP.load(args.clip_dir) if args.clip_dir else clip.load_or_train(device=device)
+    model = clip.CLIP.from_pretrained(args.clip_dir) if args.clip_dir else clip.load_or_train(device=device)
     model = model.to(device).eval().requires_grad_(False)
     return clip, model.vision_model
 
 
-def save_trainer(out, model, optimizer, step, generator):
-    """The model (safetensors + JSON) and what --resume needs: step, optimizer, RNG states."""
-    model.save_pretrained(out)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-             "generator": generator.get_state()}
-    _atomic_write(Path(out) / "trainer.pt", lambda p: torch.save(state, p))
-
-
-def run_shapes(args, device):
-    """Minutes: stage-1 training of a Q-Former on the frozen ViT of clip.py, then retrieval and captions."""
-    cfg = (TrainConfig.tiny if args.tiny else TrainConfig)(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+def train_shapes(cfg, config, train_set, out, device, resume=False):
+    """Stage 1 on precomputed frozen features: (model, losses of this process's steps). train_set holds
+    image_embeds, input_ids, attention_mask and description (scenes with equal ids are equally right).
+    Checkpoints every cfg.save_every steps and at the end; resume=True continues from the latest."""
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    out = Path(args.out)
-    if args.resume and not (out / "trainer.pt").exists():
-        raise FileNotFoundError(f"--resume: no {out / 'trainer.pt'} to continue from")
-    clip, vit = load_frozen_clip(args, device)
-    tokenizer = clip.ShapesTokenizer()
-    t0 = time.time()
-    train_set = shapes_split(clip, vit, tokenizer, "train", cfg.n_train, cfg.seed, device)
-    evals = {split: shapes_split(clip, vit, tokenizer, split, cfg.n_eval, cfg.seed + 1, device)
-             for split in ("test", "heldout")}
-    print(f"frozen ViT features of {cfg.n_train} + 2 x {cfg.n_eval} scenes: {time.time() - t0:.1f} s")
-
-    if args.resume:
-        model = QFormer.from_pretrained(out).to(device)
-        optimizer = make_optimizer(model, cfg)
-        state = torch.load(out / "trainer.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"]), g.set_state(state["generator"])
-        start = state["step"]
-    else:
-        model = QFormer(shapes_qformer_config(tokenizer, vit.cfg.vision_width, args.tiny)).to(device)
-        optimizer, start = make_optimizer(model, cfg), 0
+    model = QFormer(config).to(device)
+    optimizer = make_optimizer(model, cfg)
+    clip.clean_run_folder(out)                                   # what a crash in the middle of a save left
+    start = resume_trainer(out, model, optimizer, g, cfg) if resume else 0
     print(f"Q-Former: {sum(p.numel() for p in model.parameters()):,} weights, "
           f"Q={model.config.num_query_tokens} queries, steps {start}..{cfg.steps}")
 
@@ -980,25 +860,225 @@ def run_shapes(args, device):
 
     def checkpoint(step, history):
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_trainer(out, model, optimizer, step + 1, g)
+            save_trainer(out, model, optimizer, step + 1, g, cfg)
 
-    history = train(model, optimizer, sample_batch, cfg, start, g, on_step=checkpoint)
+    return model, train(model, optimizer, sample_batch, cfg, start, g, on_step=checkpoint)
+
+
+def run_shapes(args, device):
+    """Minutes: stage-1 training of a Q-Former on the frozen ViT of clip.py, then retrieval and captions."""
+    cfg = (TrainConfig.tiny if args.tiny else TrainConfig)(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+    out = Path(args.out)
+    if args.resume:
+        clip.checkpoint_to_resume(out)                       # "nothing to resume" before minutes of features
+    clip_module, vit = load_frozen_clip(args, device)
+    tokenizer = clip_module.ShapesTokenizer()
+    t0 = time.time()
+    train_set = shapes_split(clip_module, vit, tokenizer, "train", cfg.n_train, cfg.seed, device)
+    evals = {split: shapes_split(clip_module, vit, tokenizer, split, cfg.n_eval, cfg.seed + 1, device,
+                                 judge_truth=True) for split in ("test", "heldout")}
+    print(f"frozen ViT features of {cfg.n_train} + 2 x {cfg.n_eval} scenes: {time.time() - t0:.1f} s")
+    config = shapes_qformer_config(tokenizer, vit.cfg.vision_width, args.tiny)
+    model, history = train_shapes(cfg, config, train_set, out, device, resume=args.resume)
     if history:
         print("\n" + loss_table(mean_losses(history[:20]), mean_losses(history[-20:])))
     results = {}
     for split, data in evals.items():
         results[split] = evaluate(model, data["image_embeds"], data["input_ids"], data["attention_mask"],
-                                  data["correct"], k=cfg.rerank_k)
+                                  data["correct"], k=cfg.rerank_k, true_of=data["true_of"])
         n = len(data["captions"])
-        print(f"\n## {n} unseen '{split}' scenes (chance text->image R@1: "
-              f"{100 * data['correct'].float().sum(0).mean().item() / n:.1f}%)\n")
+        chance = lambda right: 100 * right.float().sum(0).mean().item() / n
+        print(f"\n## {n} unseen '{split}' scenes (chance text->image R@1: {chance(data['correct']):.1f}% by "
+              f"description, {chance(data['true_of']):.1f}% by truth)\n")
         print(retrieval_table(results[split]))
     data = evals["test"]
     print("\nITG captions (greedy) | true captions")
     for ids, true in zip(model.generate(data["image_embeds"][:4]).tolist(), data["captions"][:4]):
         print(f"  {tokenizer.decode(ids[1:]):60s} | {true}")
-    print(f"\ncheckpoint: {out}/ (QFormer.from_pretrained)")
+    print(f"\ncheckpoint: {clip.latest_checkpoint(out)}/ (QFormer.from_pretrained; QFormer.from_pretrained('{out}') "
+          f"follows its `{clip.LATEST}`)")
     return {"history": history, **results}
+
+
+# ==============================================================================================
+# Plumbing: checkpoint files, crash-safe training checkpoints (clip.py's), the command line.
+# Nothing below teaches the Q-Former; it makes the code above safe to save, stop, resume and run.
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: our own (config.json + model.safetensors) and transformers' Blip2ForImageTextRetrieval
+# ----------------------------------------------------------------------------------------------
+
+CheckpointError = clip.CheckpointError     # a file that is not a loadable checkpoint (named in the message)
+
+
+# parts of BLIP-2 stage 1 that a Blip2ForImageTextRetrieval checkpoint does not store
+NOT_IN_BLIP2_RETRIEVAL = ("temp", "itg_head.", "language_projection.")
+# parts of a Blip2ForImageTextRetrieval checkpoint that are not the Q-Former's
+OUTSIDE_QFORMER = ("vision_model.", "embeddings.position_ids")
+
+_atomic_write = clip.atomic_write           # unique temporary name, fsync, rename
+
+
+def _list(names, limit=8):
+    names = sorted(names)
+    return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _read_tensors(directory, keep):
+    """Tensors named by `keep(name)` from model.safetensors or a sharded index, read by the safetensors
+    package and checked to be finite (clip.read_safetensors); returns (tensors, their names)."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = clip.read_json(index, "a safetensors index with a weight_map").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map object (tensor name -> shard file)")
+        files = sorted(set(weight_map.values()))
+    elif (directory / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {directory}")
+    tensors = {}
+    for name in files:
+        tensors.update(clip.read_safetensors(directory / name, keep))
+    return tensors, set(tensors)
+
+
+def config_from_blip2(hf, lm_hidden_size=0):
+    """Our QFormerConfig from a transformers Blip2Config dict (its defaults where a field is absent)."""
+    q, v = hf.get("qformer_config") or {}, hf.get("vision_config") or {}
+    if not q.get("use_qformer_text_input", False):
+        raise CheckpointError("this BLIP-2 checkpoint's Q-Former has no text weights "
+                              "(qformer_config.use_qformer_text_input is false); a "
+                              "Blip2ForImageTextRetrieval checkpoint (e.g. blip2-itm-vit-g) has them")
+    if q.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"only hidden_act='gelu' is implemented, got {q['hidden_act']!r}")
+    return QFormerConfig(
+        vocab_size=q.get("vocab_size", 30522), hidden_size=q.get("hidden_size", 768),
+        num_hidden_layers=q.get("num_hidden_layers", 12), num_attention_heads=q.get("num_attention_heads", 12),
+        intermediate_size=q.get("intermediate_size", 3072),
+        max_position_embeddings=q.get("max_position_embeddings", 512),
+        num_query_tokens=hf.get("num_query_tokens", 32),
+        encoder_hidden_size=v.get("hidden_size", q.get("encoder_hidden_size", 1408)),
+        cross_attention_freq=q.get("cross_attention_frequency", 2),
+        embed_dim=hf.get("image_text_hidden_size", 256), lm_hidden_size=lm_hidden_size,
+        layer_norm_eps=q.get("layer_norm_eps", 1e-12), initializer_range=q.get("initializer_range", 0.02),
+        hidden_dropout=q.get("hidden_dropout_prob", 0.1),
+        attention_dropout=q.get("attention_probs_dropout_prob", 0.1), pad_token_id=q.get("pad_token_id", 0) or 0)
+
+
+def load_strict(model, tensors, source, fresh=()):
+    """Copy tensors into model; any missing, unexpected or mis-shaped tensor is an error listing them.
+    Names starting with a prefix in `fresh` are expected to be absent and keep their initial values."""
+    own = model.state_dict()
+    expected = {k for k in own if not k.startswith(fresh)} if fresh else set(own)
+    if not expected & set(tensors):
+        raise CheckpointError(f"{source} holds no Q-Former weights: expected tensors such as "
+                              f"query_tokens, qformer.encoder.layer.0.*, embeddings.*; found "
+                              f"{_list(tensors) or 'nothing else'}")
+    missing, unexpected = expected - set(tensors), set(tensors) - expected
+    wrong = [f"{k} {tuple(tensors[k].shape)} (model: {tuple(own[k].shape)})"
+             for k in expected & set(tensors) if tensors[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{source} does not match the Q-Former. missing: {_list(missing) or '-'}; "
+                              f"unexpected: {_list(unexpected) or '-'}; wrong shape: {_list(wrong) or '-'}")
+    with torch.no_grad():
+        for k in expected:
+            own[k].copy_(tensors[k])
+    return model
+
+
+def save_qformer(model, directory):
+    """config.json (our fields + model_type 'qformer') and model.safetensors, each written atomically."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "qformer", **model.config.to_dict()}
+    _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
+
+
+def config_from_dict(raw, source):
+    """QFormerConfig from our config.json's fields; a value of the wrong kind is a CheckpointError."""
+    names = {f.name for f in fields(QFormerConfig)}
+    try:
+        return QFormerConfig(**{k: v for k, v in raw.items() if k in names})
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source} does not describe a Q-Former ({e})") from None
+
+
+def load_qformer(directory, lm_hidden_size=0):
+    """A QFormer from our own directory or a transformers Blip2ForImageTextRetrieval one.
+
+    From transformers we take query_tokens, embeddings, qformer, vision_projection, text_projection
+    and itm_head (the vision tower stays behind); `temp`, the ITG head and a language_projection of
+    width lm_hidden_size are new and keep their initial values. Where the config sets
+    image_token_index, transformers' processor puts Q placeholder tokens in front of the caption and
+    the model strips them again; our methods take the caption alone.
+    """
+    directory = Path(directory)
+    if not (directory / "config.json").exists() and (directory / clip.LATEST).exists():
+        directory = clip.latest_checkpoint(directory)       # a --train run folder: its latest checkpoint
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"no config.json in {directory}: expected a directory written by "
+                                "QFormer.save_pretrained or transformers' save_pretrained")
+    raw = clip.read_json(directory / "config.json", "a Q-Former or BLIP-2 config.json")
+    kind = raw.get("model_type")
+    if kind == "qformer":
+        config = config_from_dict(raw, directory / "config.json")
+        fresh, keep = (), lambda key: True
+        if lm_hidden_size and lm_hidden_size != config.lm_hidden_size:
+            if config.lm_hidden_size:
+                raise CheckpointError(f"{directory} has a language_projection to width "
+                                      f"{config.lm_hidden_size}, not {lm_hidden_size}")
+            config, fresh = replace(config, lm_hidden_size=lm_hidden_size), ("language_projection.",)
+    elif kind == "blip-2":
+        config = config_from_blip2(raw, lm_hidden_size)
+        fresh, keep = NOT_IN_BLIP2_RETRIEVAL, lambda key: not key.startswith(OUTSIDE_QFORMER)
+    else:
+        raise CheckpointError(f"{directory}/config.json has model_type={kind!r}; expected 'qformer' "
+                              "or 'blip-2' (a Blip2ForImageTextRetrieval checkpoint)")
+    tensors, _ = _read_tensors(directory, keep)
+    return load_strict(QFormer(config), tensors, str(directory), fresh)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints of --train: clip.py's layout (out/step-<k>/, then out/latest), no pickle
+# ----------------------------------------------------------------------------------------------
+
+def save_trainer(out, model, optimizer, step, generator, cfg=None):
+    """One checkpoint (clip.py's layout: out/step-<k>/ then out/latest): the model (config.json +
+    model.safetensors) and what --resume needs, step, optimizer moments and RNG states, with no pickle."""
+    tensors, groups = clip.optimizer_state(optimizer)
+    tensors.update({"rng.torch": torch.get_rng_state(), "rng.generator": generator.get_state()})   # uint8
+    info = {"train_config": asdict(cfg) if cfg is not None else {}, "model_config": model.config.to_dict(),
+            "optimizer_param_groups": groups}
+    config = {"model_type": "qformer", **model.config.to_dict()}
+    return clip.save_checkpoint(out, step, {**clip.model_files(model.state_dict(), config, step),
+                                            **clip.trainer_files(step, tensors, info)})
+
+
+def resume_trainer(out, model, optimizer, generator, cfg):
+    """Load out's latest checkpoint into model, optimizer and RNGs; returns its step. A checkpoint of another
+    configuration is refused, with the differing fields listed."""
+    folder = clip.checkpoint_to_resume(out)
+    info, tensors = clip.read_trainer_state(folder)
+    differ = (clip.config_differences(info.get("train_config", {}), asdict(cfg))
+              + clip.config_differences(info.get("model_config", {}), model.config.to_dict(), "model ", ignore=()))
+    if differ:
+        raise CheckpointError(f"--resume: {folder} was trained with another configuration; differing fields: "
+                              f"{'; '.join(differ)}")
+    tensors_of_model, _ = _read_tensors(folder, lambda key: True)
+    load_strict(model, tensors_of_model, str(folder))
+    clip.load_optimizer_state(optimizer, tensors, info.get("optimizer_param_groups"), folder / "trainer.json")
+    for name in ("rng.torch", "rng.generator"):
+        if name not in tensors or tensors[name].dtype != torch.uint8:
+            raise CheckpointError(f"{folder / 'trainer.safetensors'} has no uint8 tensor {name} (an RNG state)")
+    torch.set_rng_state(tensors["rng.torch"])
+    generator.set_state(tensors["rng.generator"])
+    return info["step"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1006,34 +1086,28 @@ def run_shapes(args, device):
 # ----------------------------------------------------------------------------------------------
 
 def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA GPU")
-    return torch.device(name)
+    """--device auto|cpu|cuda|cuda:N as a torch.device (clip.pick_device checks that a CUDA device exists)."""
+    return torch.device(clip.pick_device(name))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="qformer.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--train", action="store_true",
-                        help="align the ViT of `clip.py --train` with shapes captions (minutes)")
-    parser.add_argument("--tiny", action="store_true", help="with --train: tiny sizes, for tests")
+    clip.add_common_arguments(parser, "run folder of --train: checkpoints step-<k>/ (default runs/qformer)",
+                              train_help="align the ViT of `clip.py --train` with shapes captions (minutes)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=str, default="runs/qformer", help="where --train writes its checkpoint")
     parser.add_argument("--clip-dir", type=str, default=None,
-                        help="with --train: a clip.py checkpoint (default: clip.py's, trained if absent)")
-    parser.add_argument("--resume", action="store_true", help="with --train: continue from --out")
+                        help="with --train: a clip.py checkpoint or run folder (default: clip.py's runs/clip/shapes, "
+                             "trained there if absent)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: at these sizes threads mostly wait on each other)")
     args = parser.parse_args(argv)
+    args.out = args.out or "runs/qformer"
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)     # restored below, so a caller's (a test's) setting survives
     try:
         device = pick_device(args.device)
         return run_shapes(args, device) if args.train else run_demo(args, device)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:      # clip.CheckpointError, NonFiniteLossError are ValueErrors
         parser.error(str(e))
     finally:
         torch.set_num_threads(threads)

@@ -389,7 +389,7 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path):
     assert run_gloo_workers(ddp_worker, 2, tmp_path) == [0, 0]
     single, single_losses = train_fixed(0, 1)
     for rank in range(2):
-        ddp = torch.load(tmp_path / f"rank{rank}.pt")
+        ddp = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)   # tensors and floats: no pickle
         assert [l for _, l in ddp["losses"]] == pytest.approx([l for _, l in single_losses], abs=1e-5)
         for name, value in single.items():
             # q.(k + b) = q.k + q.b adds the same number to every key of a query's row, and softmax ignores
@@ -473,7 +473,140 @@ def test_command_line_zero_shot_on_an_image_file(tmp_path, capsys):
     assert "no tokenizer files" in capsys.readouterr().err
 
 
-def test_demo_runs(capsys):
-    clip.main(["--device", "cpu"])
+def test_demo_runs(capsys, tmp_path):
+    clip.main(["--device", "cpu", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "uninformative features (all equal)  2.079" in out and "tiny CLIP" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints survive a crash at any moment, and bad files are named in their errors
+# ---------------------------------------------------------------------------------------------
+
+class Crash(Exception):
+    """What a kill at a write boundary looks like to the training loop."""
+
+
+def tiny_run(folder, resume=False, **overrides):
+    cfg = clip.TrainConfig.tiny(**{"steps": 6, "batch_size": 8, "n_train": 32, "log_every": 1, "save_every": 3,
+                                   **overrides})
+    return clip.train(cfg, clip.CLIPConfig.tiny(), folder, resume=resume, progress=False)
+
+
+def crash_after(n, written):
+    """A CHECKPOINT_HOOK that records each file a save made durable and raises after the n-th."""
+    def hook(path):
+        written.append(path)
+        if len(written) == n:
+            raise Crash(path)
+    return hook
+
+
+@pytest.mark.slow
+def test_a_crash_at_every_write_boundary_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    reference, reference_losses = tiny_run(tmp_path / "reference")
+    boundaries = []
+    monkeypatch.setattr(clip, "CHECKPOINT_HOOK", crash_after(0, boundaries))
+    tiny_run(tmp_path / "count")
+    # each of the two saves: config.json, model.safetensors, trainer.safetensors, trainer.json, then `latest`
+    assert [p.name for p in boundaries] == ["config.json", "model.safetensors", "trainer.safetensors",
+                                            "trainer.json", "latest"] * 2
+    for n in range(1, len(boundaries) + 1):
+        run = tmp_path / f"crash{n}"
+        monkeypatch.setattr(clip, "CHECKPOINT_HOOK", crash_after(n, []))
+        with pytest.raises(Crash):
+            tiny_run(run)
+        monkeypatch.setattr(clip, "CHECKPOINT_HOOK", None)
+        # what `latest` names is complete; a crash before the first switch leaves nothing to resume
+        resumable = clip.latest_checkpoint(run) is not None
+        assert resumable == (n >= 5)
+        model, losses = tiny_run(run, resume=resumable)
+        assert sorted(p.name for p in run.iterdir()) == ["latest", "step-000006"]        # the crash's debris is gone
+        assert losses == reference_losses
+        for name, value in reference.state_dict().items():
+            assert torch.equal(model.state_dict()[name], value), (n, name)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = []
+
+    def nan_from_step_5(image_features, text_features, logit_scale):
+        calls.append(1)
+        loss = clip.symmetric_cross_entropy(logit_scale * F.normalize(image_features, dim=-1)
+                                            @ F.normalize(text_features, dim=-1).t())
+        return loss * float("nan") if len(calls) >= 5 else loss
+
+    monkeypatch.setattr(clip, "clip_loss", nan_from_step_5)
+    with pytest.raises(clip.NonFiniteLossError, match="at step 5.*step-000003"):
+        tiny_run(tmp_path)
+    assert clip.latest_checkpoint(tmp_path).name == "step-000003"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000003"]
+    clip.CLIP.from_pretrained(tmp_path)                              # finite weights: loads
+
+
+def random_bytes_after_the_header(path):
+    """Keep a safetensors header (8-byte length + JSON) and fill every tensor with random bytes."""
+    raw = path.read_bytes()
+    start = 8 + int.from_bytes(raw[:8], "little")
+    path.write_bytes(raw[:start] + np.random.default_rng(0).bytes(len(raw) - start))
+
+
+def test_corrupt_and_non_finite_files_are_named_in_their_errors(tmp_path):
+    clip.CLIP(clip.CLIPConfig.tiny()).save_pretrained(tmp_path)
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    good_weights, good_config = weights.read_bytes(), config.read_bytes()
+    random_bytes_after_the_header(weights)                           # a valid header, random tensor bytes
+    with pytest.raises(clip.CheckpointError, match=r"model\.safetensors holds non-finite values"):
+        clip.CLIP.from_pretrained(tmp_path)
+    weights.write_bytes(good_weights[:len(good_weights) // 2])      # truncated
+    with pytest.raises(clip.CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+        clip.CLIP.from_pretrained(tmp_path)
+    weights.write_bytes(good_weights)
+    config.write_bytes(b"\xff\xfe" + good_config)                  # not UTF-8
+    with pytest.raises(clip.CheckpointError, match=r"config\.json is not UTF-8"):
+        clip.CLIP.from_pretrained(tmp_path)
+    config.write_bytes(good_config[:20])                             # truncated JSON
+    with pytest.raises(clip.CheckpointError, match=r"config\.json is not valid JSON"):
+        clip.CLIP.from_pretrained(tmp_path)
+
+
+def test_resume_refuses_mixed_steps_other_configs_and_broken_pointers(tmp_path):
+    tiny_run(tmp_path, steps=3)
+    step = tmp_path / "step-000003"
+    with pytest.raises(clip.CheckpointError, match=r"another configuration; differing fields: lr: checkpoint 0\.003, "
+                                                   r"now 0\.001; seed: checkpoint 0, now 1"):
+        tiny_run(tmp_path, resume=True, lr=1e-3, seed=1)
+    with pytest.raises(clip.CheckpointError, match=r"model text_width: checkpoint 48, now 64"):
+        clip.train(clip.TrainConfig.tiny(steps=6, batch_size=8, n_train=32, log_every=1, save_every=3),
+                   clip.CLIPConfig.tiny(text_width=64), tmp_path, resume=True, progress=False)
+    # a trainer state from another step, as a crash between two unguarded saves would have left
+    trainer_json = json.loads((step / "trainer.json").read_text())
+    (step / "trainer.json").write_text(json.dumps({**trainer_json, "step": 6}))
+    with pytest.raises(clip.CheckpointError, match="mixes parts of different steps"):
+        tiny_run(tmp_path, resume=True)
+    (step / "trainer.json").write_text("{\"step\": 3, ")
+    with pytest.raises(clip.CheckpointError, match=r"trainer\.json is not valid JSON"):
+        tiny_run(tmp_path, resume=True)
+    (tmp_path / "latest").write_text("step-000099\n")
+    with pytest.raises(clip.CheckpointError, match="should name a step-<k> checkpoint folder"):
+        tiny_run(tmp_path, resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint to continue from"):
+        tiny_run(tmp_path / "empty", resume=True)
+
+
+def test_load_or_train_only_trusts_a_finished_run_of_the_default_config(tmp_path):
+    tiny_run(tmp_path / "tiny", steps=3)
+    with pytest.raises(clip.CheckpointError, match=r"not a checkpoint of `python clip\.py --train`.*batch_size"):
+        clip.load_or_train(tmp_path / "tiny")
+    clip.CLIP(clip.CLIPConfig.tiny()).save_pretrained(tmp_path / "loose")     # weights, but no training run
+    with pytest.raises(clip.CheckpointError, match="no latest checkpoint pointer"):
+        clip.load_or_train(tmp_path / "loose")
+
+
+def test_pick_device_refuses_cuda_that_is_not_there():
+    assert clip.pick_device("cpu") == "cpu"
+    assert clip.pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="--device cuda:99 was asked for"):
+        clip.pick_device("cuda:99")
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+        clip.pick_device("gpu")

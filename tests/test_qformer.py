@@ -345,3 +345,128 @@ def test_demo_training_lowers_all_three_losses():
     # ITM's prior alone (1 match in 3) gives 0.636; learning must go well below it
     assert last["itm"] < 0.5 < first["itm"]
     assert result["itm_accuracy"] > 0.65
+
+
+# ------------------------------------------------------------------------------------------------
+# --train's checkpoints survive a crash at any moment; bad files and configs are named
+# ------------------------------------------------------------------------------------------------
+
+class Crash(Exception):
+    """What a kill at a write boundary looks like to the training loop."""
+
+
+def toy_train_set():
+    """train_shapes' input from the toy world: frozen features, ids, masks, one description per caption."""
+    feats, ids, mask = qformer.toy_data(QFormerConfig.tiny(), 64, torch.Generator().manual_seed(0))
+    description = torch.unique(ids, dim=0, return_inverse=True)[1]
+    return {"image_embeds": feats, "input_ids": ids, "attention_mask": mask, "description": description}
+
+
+def toy_run(folder, resume=False, config=None, **overrides):
+    cfg = qformer.TrainConfig.tiny(**{"steps": 6, "batch_size": 8, "n_train": 64, "save_every": 3, **overrides})
+    return qformer.train_shapes(cfg, config or QFormerConfig.tiny(), toy_train_set(), folder, "cpu", resume)
+
+
+def crash_after(n, written):
+    def hook(path):
+        written.append(path)
+        if len(written) == n:
+            raise Crash(path)
+    return hook
+
+
+@pytest.mark.slow
+def test_a_crash_at_every_write_boundary_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+    reference, history = toy_run(tmp_path / "reference")
+    boundaries = []
+    monkeypatch.setattr(qformer.clip, "CHECKPOINT_HOOK", crash_after(0, boundaries))
+    toy_run(tmp_path / "count")
+    assert [p.name for p in boundaries] == ["config.json", "model.safetensors", "trainer.safetensors",
+                                            "trainer.json", "latest"] * 2
+    for n in range(1, len(boundaries) + 1):
+        run = tmp_path / f"crash{n}"
+        monkeypatch.setattr(qformer.clip, "CHECKPOINT_HOOK", crash_after(n, []))
+        with pytest.raises(Crash):
+            toy_run(run)
+        monkeypatch.setattr(qformer.clip, "CHECKPOINT_HOOK", None)
+        resumable = qformer.clip.latest_checkpoint(run) is not None
+        assert resumable == (n >= 5)
+        model, resumed = toy_run(run, resume=resumable)
+        assert sorted(p.name for p in run.iterdir()) == ["latest", "step-000006"]
+        assert resumed == history[len(history) - len(resumed):]       # the same losses, step for step
+        for name, value in reference.state_dict().items():
+            assert torch.equal(model.state_dict()[name], value), (n, name)
+        assert torch.equal(QFormer.from_pretrained(run).query_tokens, reference.query_tokens)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    losses, calls = QFormer.losses, []
+
+    def nan_from_step_5(self, *args, **kwargs):
+        calls.append(1)
+        out = losses(self, *args, **kwargs)
+        return {**out, "itm": out["itm"] * float("nan")} if len(calls) >= 5 else out
+
+    monkeypatch.setattr(QFormer, "losses", nan_from_step_5)
+    with pytest.raises(qformer.clip.NonFiniteLossError, match="at step 5"):
+        toy_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-000003"]
+    QFormer.from_pretrained(tmp_path)                                # the good checkpoint, finite
+
+
+def test_corrupt_files_and_other_configs_are_named_in_their_errors(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    good_weights, good_config = weights.read_bytes(), config.read_bytes()
+    start = 8 + int.from_bytes(good_weights[:8], "little")           # keep the header, randomise the tensors
+    weights.write_bytes(good_weights[:start] + torch.randint(0, 256, (len(good_weights) - start,),
+                                                             dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(qformer.CheckpointError, match=r"model\.safetensors holds non-finite values"):
+        QFormer.from_pretrained(tmp_path)
+    weights.write_bytes(good_weights[:100])
+    with pytest.raises(qformer.CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+        QFormer.from_pretrained(tmp_path)
+    weights.write_bytes(good_weights)
+    config.write_bytes(good_config[:30])
+    with pytest.raises(qformer.CheckpointError, match=r"config\.json is not valid JSON"):
+        QFormer.from_pretrained(tmp_path)
+    config.write_text(json.dumps({**json.loads(good_config), "hidden_size": 30}))
+    with pytest.raises(qformer.CheckpointError, match=r"config\.json does not describe a Q-Former"):
+        QFormer.from_pretrained(tmp_path)
+    # --resume with another configuration: the differing fields, listed
+    toy_run(tmp_path / "run", steps=3)
+    with pytest.raises(qformer.CheckpointError, match=r"differing fields: batch_size: checkpoint 8, now 16; "
+                                                      r"model num_query_tokens: checkpoint 4, now 2"):
+        toy_run(tmp_path / "run", resume=True, config=QFormerConfig.tiny(num_query_tokens=2), batch_size=16)
+
+
+def test_shared_plumbing_is_clips():
+    import clip
+    assert qformer.CheckpointError is clip.CheckpointError and qformer._atomic_write is clip.atomic_write
+    assert qformer.get_lr is clip.lr_at
+    s, temp = torch.randn(5, 5), 0.1
+    assert torch.equal(qformer.itc_loss(s, temp), clip.symmetric_cross_entropy(s / temp))
+    with pytest.raises(ValueError, match="cuda:99"):
+        qformer.pick_device("cuda:99")
+
+
+def test_a_caption_is_right_for_every_scene_it_is_true_of():
+    import clip
+    red_circle = clip.Shape("circle", "red", "large", 0.2, 0.5)
+    blue_square = clip.Shape("square", "blue", "small", 0.8, 0.5)
+    truths = qformer.true_captions(clip, clip.Scene((red_circle, blue_square)))
+    for text in ("a photo of a red shape to the left of a blue shape", "a square to the right of a circle",
+                 "a large red circle to the left of a small blue square", "an image of a circle to the left of a square"):
+        assert qformer.caption_is_true(clip, text, truths), text
+    for text in ("a red shape to the right of a blue shape", "a blue circle to the left of a red square", "a red circle"):
+        assert not qformer.caption_is_true(clip, text, truths), text
+    # on the data set: every caption is true of its own scene, and "same description" implies "true"
+    data = clip.ShapesDataset(200, "test", seed=3)
+    scenes, captions = zip(*(data.scene(i) for i in range(200)))
+    true_of = torch.tensor([[qformer.caption_is_true(clip, c, qformer.true_captions(clip, s)) for c in captions]
+                            for s in scenes])
+    described = [clip.caption(s) for s in scenes]
+    same = torch.tensor([[a == b for b in described] for a in described])
+    assert true_of.diagonal().all() and (true_of | ~same).all()
+    assert true_of.sum() > same.sum()                       # partial captions are true of more scenes
