@@ -1065,20 +1065,21 @@ def resume_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.op
 
 # ---------------------------------------------------------------- command line
 
-def pick_device(name: str) -> str:
-    """auto | cpu | cuda | cuda:N; auto is CUDA when torch sees a GPU.  A missing CUDA device is an error."""
+def pick_device(name):
+    """--device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"; a CUDA device that is not
+    there is a ValueError that says so. Returns the name, e.g. "cuda:0"."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return name
-    match = re.fullmatch(r"cuda(?::(\d+))?", name)
-    if not match:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"--device {name} requested but torch sees no CUDA GPU")
-    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
-    return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name[5:]) if ":" in name else 0
+        if index >= count:
+            raise ValueError(f"--device {name} was asked for, but torch sees "
+                             f"{'no CUDA GPU' if count == 0 else f'{count} CUDA GPU(s) (cuda:0 .. cuda:{count - 1})'}")
+        return name
+    raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
 def setup_distributed(device: str) -> tuple[str, bool]:

@@ -853,12 +853,25 @@ def run_demo(cfg: NF4Config) -> dict:
     return results
 
 
+def pick_device(name):
+    """--device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"; a CUDA device that is not
+    there is a ValueError that says so. Returns the name, e.g. "cuda:0"."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name[5:]) if ":" in name else 0
+        if index >= count:
+            raise ValueError(f"--device {name} was asked for, but torch sees "
+                             f"{'no CUDA GPU' if count == 0 else f'{count} CUDA GPU(s) (cuda:0 .. cuda:{count - 1})'}")
+        return name
+    raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was asked for, but no CUDA GPU is available")
-    return torch.device(device)
+    return torch.device(pick_device(device))
 
 
 def main(argv=None) -> dict:

@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip import ACTIVATIONS, Encoder, atomic_write
+from clip import pick_device as clip_pick_device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1142,16 +1143,8 @@ class PaliGemmaProcessor:
 # ----------------------------------------------------------------------------------------------
 
 def pick_device(name: str) -> torch.device:
-    """--device: "auto" is CUDA when torch sees a GPU, else the CPU; an explicit CUDA device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device expects auto, cpu, cuda or cuda:N; got {name!r}") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name} was asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
-    return device
+    """--device auto|cpu|cuda|cuda:N as a torch.device (clip.pick_device checks that a CUDA device exists)."""
+    return torch.device(clip_pick_device(name))
 
 
 def draw_mask(mask, labels):

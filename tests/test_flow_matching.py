@@ -404,9 +404,9 @@ def expect_cli_error(capsys, argv, *fragments):
 def test_bad_input_gives_clear_errors(tmp_path, capsys):
     expect_cli_error(capsys, ["--train", "--method", "ddpm"], "invalid choice: 'ddpm'")
     expect_cli_error(capsys, ["--train", "--steps", "0", "--out", str(tmp_path)], "steps must be a positive integer")
-    expect_cli_error(capsys, ["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N")
+    expect_cli_error(capsys, ["--device", "tpu"], "expected auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        expect_cli_error(capsys, ["--device", "cuda:1"], "--device cuda:1 requested but torch sees no CUDA GPU")
+        expect_cli_error(capsys, ["--device", "cuda:1"], "--device cuda:1 was asked for, but torch sees no CUDA GPU")
     expect_cli_error(capsys, ["--resume"], "--resume continues a --train run")
     with pytest.raises(ValueError, match="source must be 'gaussian'"):
         fm.FlowConfig(method="fm", source="moons")

@@ -502,10 +502,10 @@ def test_corrupt_config_and_weight_files_are_named_in_the_error(tmp_path, mqa):
 
 def test_device_names_are_checked():
     assert pg.pick_device("cpu") == torch.device("cpu")
-    with pytest.raises(ValueError, match="expects auto, cpu, cuda or cuda:N; got 'gpu'"):
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
         pg.pick_device("gpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="torch sees 0 CUDA GPU"):
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
             pg.pick_device("cuda")
     with pytest.raises(ValueError, match="cuda:99 was asked for"):
         pg.pick_device("cuda:99")

@@ -113,3 +113,16 @@ def test_runs_write_only_under_their_out(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in clip_run.iterdir()) == ["latest", "similarity.png", "step-000008"]
     assert sorted(p.name for p in q_run.iterdir()) == ["latest", "step-000004"]
     assert torch.isfinite(qformer.QFormer.from_pretrained(q_run).query_tokens).all()
+
+
+def test_shared_helpers_are_byte_identical_copies():
+    """Where the import graph lets a file import a helper, it does (qformer.py and paligemma.py use
+    clip.pick_device); the stand-alone files keep a copy, and the copies must not drift apart."""
+    def source_of(file, name):
+        text = (ROOT / file).read_text()
+        node = next(n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == name)
+        return "".join(text.splitlines(keepends=True)[node.lineno - 1:node.end_lineno])
+
+    canonical = source_of("clip.py", "pick_device")
+    for file in ("flow_matching.py", "nf4.py"):
+        assert source_of(file, "pick_device") == canonical, f"{file}'s pick_device differs from clip.py's"
