@@ -85,7 +85,7 @@ class VLMConfig:
     """The model: which connector, how big the LM, how LoRA is set."""
     connector: str = "mlp"
     # the Gemma decoder (paligemma.TextConfig), sized so `--train` fits 15 minutes on 2 CPU cores
-    lm_width: int = 96                 # D
+    lm_width: int = 64                 # D
     lm_layers: int = 3                 # L
     lm_heads: int = 4                  # H
     lm_kv_heads: int = 1               # K: multi-query attention, as Gemma 2B
@@ -114,7 +114,7 @@ class VLMConfig:
 @dataclass
 class TrainConfig:
     """The recipe. Learning rates are for tiny models trained from scratch (see PRESETS for papers')."""
-    stage2: str = "lora"
+    stage2: str = "full"
     n_train: int = 6000                # training scenes (each gives ~9 questions and one caption)
     n_eval: int = 500                  # scenes per evaluation split (one question each, kinds balanced)
     batch_size: int = 64
@@ -125,7 +125,7 @@ class TrainConfig:
     itc_lr: float = 1e-3
     stage1_steps: int = 300
     stage1_lr: float = 2e-3
-    stage2_steps: int = 1200
+    stage2_steps: int = 2000
     stage2_lr: float = 2e-3
     warmup: float = 0.03               # fraction of each stage's steps (LLaVA-1.5's warm-up ratio)
     weight_decay: float = 0.0          # LLaVA uses none
@@ -242,6 +242,11 @@ class VQAData:
     qa: list
     captions: list
     skipped: int = 0
+    features: torch.Tensor = None      # (n, K, 1+N, Dv) frozen vision features, when cached
+
+    def image_inputs(self, vlm, index):
+        """What the model reads for these images: cached features, or pixels from the processor."""
+        return self.features[index] if self.features is not None else vlm.processor.pixels(self.images[index])
 
     @classmethod
     def from_iterables(cls, vqa=(), captions=(), image_size=48):
@@ -517,7 +522,11 @@ class LMConfig(pg.PaliGemmaConfig):
 
 
 class FrozenViT(nn.Module):
-    """clip.py's shapes ViT, frozen: pixels (B, C, S, S) -> features (B, K, 1+N, Dv)."""
+    """clip.py's shapes ViT, frozen: pixels (B, C, S, S) -> features (B, K, 1+N, Dv).
+
+    Frozen means its output never changes, so training computes it once per image (`cache_features`)
+    and passes the features in place of the pixels; they go through unchanged.
+    """
 
     def __init__(self, vit: "clip.VisionTransformer", all_layers):
         super().__init__()
@@ -532,6 +541,8 @@ class FrozenViT(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values):
+        if tuple(pixel_values.shape[-2:]) == (self.vit.cfg.num_patches + 1, self.width):
+            return pixel_values            # already the features (computed once for the whole data set)
         hidden = self.vit(pixel_values, output_hidden_states=True)                    # L+1 x (B, 1+N, Dv)
         last = self.vit.post_layernorm(hidden[-1])                                    # qformer's frozen features
         kept = hidden[:-1] + [last] if self.all_layers else [last]
@@ -692,7 +703,7 @@ def make_batch(vlm, data: VQAData, rows, phase, device):
     text_only = phase.startswith("text")
     batch = vlm.processor(prompts if phase != "itc" else [""] * len(prompts), answers, images=not text_only)
     if not text_only:
-        batch["pixel_values"] = vlm.processor.pixels(data.images[index])
+        batch["pixel_values"] = data.image_inputs(vlm, index)
     if phase == "itc":
         ids, mask = clip.ShapesTokenizer().encode(answers)
         T = int(mask.sum(1).max())
@@ -706,13 +717,14 @@ def make_batch(vlm, data: VQAData, rows, phase, device):
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def generate_answers(vlm, images, prompts, max_new_tokens=4, batch_size=128):
-    """Greedy answers (paligemma's KV-cache generation) to prompts about (B, S, S, C) uint8 images."""
+def generate_answers(vlm, images, prompts, max_new_tokens=4, batch_size=128, features=None):
+    """Greedy answers (paligemma's KV-cache generation) to prompts about (B, S, S, C) uint8 images
+    (or about their cached vision features)."""
     model, out = vlm.model.eval(), []
     device = model.device
     for s in range(0, len(prompts), batch_size):
         batch = vlm.processor(prompts[s:s + batch_size])
-        pixels = vlm.processor.pixels(images[s:s + batch_size]).to(device)
+        pixels = (vlm.processor.pixels(images[s:s + batch_size]) if features is None else features[s:s + batch_size]).to(device)
         gen = model.generate(batch["input_ids"].to(device), pixels, batch["attention_mask"].to(device),
                              max_new_tokens=max_new_tokens, eos_token_id=vlm.processor.eos_token_id)
         out += [a.strip() for a in vlm.processor.decode(gen.tokens.cpu())]
@@ -736,7 +748,8 @@ def score_answers(predictions, truths, kinds):
 def evaluate_vqa(vlm, data: VQAData, prompt_prefix=""):
     """Score greedy answers on every question of `data`."""
     idx = [x[0] for x in data.qa]
-    predictions = generate_answers(vlm, data.images[idx], [prompt_prefix + x[1] for x in data.qa])
+    predictions = generate_answers(vlm, data.images[idx], [prompt_prefix + x[1] for x in data.qa],
+                                   features=None if data.features is None else data.features[idx])
     return score_answers(predictions, [x[2] for x in data.qa], [x[3] for x in data.qa]), predictions
 
 
@@ -747,7 +760,7 @@ def qformer_retrieval(vlm, data: VQAData, ks=(1, 5)):
     model = vlm.model.eval()
     device = model.device
     captions = [c for _, c in data.captions]
-    pixels = vlm.processor.pixels(data.images[[i for i, _ in data.captions]]).to(device)
+    pixels = data.image_inputs(vlm, [i for i, _ in data.captions]).to(device)
     ids, mask = clip.ShapesTokenizer().encode(captions)
     q = model.connector.qformer
     sim = q.itc_logits(model.vision(pixels)[:, -1], ids.to(device), mask.to(device)).cpu()   # (n, n)
@@ -795,10 +808,15 @@ def run_stage(vlm, phase, steps, lr, tcfg, folder, loss_fn, sample, params, conf
     return history
 
 
+STAGE2_ONLY = ("stage2", "stage2_steps", "stage2_lr", "lora_r", "lora_alpha", "lora_targets")
+
+
 def stage_config(vcfg, tcfg, phase):
-    """What a checkpoint of `phase` must agree on to be resumed (the whole model and recipe)."""
-    return {"phase": phase, **{f"model.{k}": v for k, v in asdict(vcfg).items()},
-            **{f"train.{k}": v for k, v in asdict(tcfg).items()}}
+    """What a checkpoint of `phase` must agree on to be resumed: the whole model and recipe (stage 1
+    ignores the stage-2 settings, so runs that differ only there can share one stage 1)."""
+    keep = lambda k: phase == "stage2" or k not in STAGE2_ONLY  # noqa: E731
+    return {"phase": phase, **{f"model.{k}": v for k, v in asdict(vcfg).items() if keep(k)},
+            **{f"train.{k}": v for k, v in asdict(tcfg).items() if keep(k)}}
 
 
 def sampler(vlm, data, phase, tcfg, device, weights=None):
@@ -1052,13 +1070,24 @@ def eval_sets(cache, tcfg, size):
     return {split: cached_data(cache, tcfg.n_eval, tcfg.seed + 1, split, size, False) for split in ("test", "heldout")}
 
 
+@torch.no_grad()
+def cache_features(vlm, data, batch_size=500):
+    """The frozen ViT's features of every image, once (default model only; a checkpoint's tower runs live)."""
+    if isinstance(vlm.model, ShapesVLM):
+        device = vlm.model.device
+        data.features = torch.cat([vlm.model.vision(vlm.processor.pixels(data.images[s:s + batch_size]).to(device))
+                                   for s in range(0, len(data.images), batch_size)])
+    return data
+
+
 # -- the whole run -------------------------------------------------------------------------------
 
 def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, stop_after=None, init=None,
-              evaluate=True):
+              evaluate=True, evaluate_stage1=True, stage1_dir=None):
     """Stage 0 (cached), stage 1, evaluation, stage 2, evaluation; writes everything under `out`.
 
-    stop_after=(phase, k) raises Killed after that stage's step k (tests of --resume). Returns metrics.
+    stop_after=(phase, k) raises Killed after that stage's step k (tests of --resume). stage1_dir: a
+    stage-1 folder shared by runs that differ only in stage 2 (the benchmark). Returns metrics.
     """
     out, t0 = Path(out), time.time()
     cache = Path(cache or out)
@@ -1075,6 +1104,7 @@ def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, 
             vlm, train = build_init_vlm(init, vcfg, tcfg, cache, device)
         else:
             vlm, train = build_shapes_vlm(vcfg, tcfg, cache, device, progress)
+            cache_features(vlm, train)
             folder = cache / ("lm-" + f"{hash_str(json.dumps(lm_fingerprint(vcfg, tcfg, vlm))):x}"[:12])
             if finished(folder, tcfg.pretrain_steps):
                 load_finished_weights(folder, vlm.model)
@@ -1086,11 +1116,12 @@ def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, 
         if init is None:
             metrics["history"]["stage0"] = h0
         t1 = time.time()
-        h1 = stage1_align(vlm, train, vcfg, tcfg, out / "stage1", resume, progress, log, kill.get("stage1"))
+        h1 = stage1_align(vlm, train, vcfg, tcfg, Path(stage1_dir or out / "stage1"), resume or stage1_dir is not None,
+                          progress, log, kill.get("stage1"))
         metrics["seconds"]["stage 1"] = time.time() - t1
         metrics["history"].update(h1)
-        evals = eval_sets(cache, tcfg, vlm.processor.image_size) if evaluate else {}
-        if evaluate:
+        evals = {k: cache_features(vlm, d) for k, d in eval_sets(cache, tcfg, vlm.processor.image_size).items()} if evaluate else {}
+        if evaluate and evaluate_stage1:
             metrics["after stage 1"] = {s: evaluate_vqa(vlm, d, vlm.question_prefix)[0] for s, d in evals.items()}
             if vcfg.connector == "qformer" and init is None:
                 metrics["retrieval after stage 1"] = qformer_retrieval(vlm, evals["test"])
