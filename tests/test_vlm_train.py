@@ -1,0 +1,376 @@
+"""The specification of vlm_train.py: which parameters each stage trains, what the loss scores, that a
+killed run resumes to the same weights, that bad input is refused clearly, and that a PaliGemma
+checkpoint fine-tuned here gives an adapter peft loads onto transformers' model with the same logits.
+
+Everything runs on the tiny configuration (a random frozen tiny ViT, a one-layer Gemma decoder).
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+import clip
+import paligemma as pg
+import vlm_train as vt
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+
+CPU = torch.device("cpu")
+
+
+def tiny(connector="mlp", **train):
+    return vt.VLMConfig.tiny(connector=connector), vt.TrainConfig.tiny(**train)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache (data, text-only LM) shared by the module's runs, as --cache shares it."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def build(connector, cache, **train):
+    vcfg, tcfg = tiny(connector, **train)
+    vlm, data = vt.build_shapes_vlm(vcfg, tcfg, cache, CPU, progress=False)
+    return vlm, data, vcfg, tcfg
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def test_synthetic_vqa_is_deterministic_and_keeps_pairs_apart():
+    a, b = vt.synthetic_vqa(12, seed=3, split="test"), vt.synthetic_vqa(12, seed=3, split="test")
+    assert [x[1:] for x in a] == [x[1:] for x in b]
+    assert np.array_equal(np.asarray(a[0][0]), np.asarray(b[0][0]))
+    scenes, qas = vt.draw_scenes(200, 0, "train")
+    assert not any((s.colour, s.kind) in clip.HELDOUT for sc in scenes for s in sc.shapes)
+    held, _ = vt.draw_scenes(50, 0, "heldout")
+    assert all(any((s.colour, s.kind) in clip.HELDOUT for s in sc.shapes) for sc in held)
+    assert {k for qa in qas for _, _, k in qa} == set(vt.KINDS)
+    # the existence questions are answered by the scene, not by the wording
+    for scene, qa in zip(scenes, qas):
+        present = {f"{s.colour} {s.kind}" for s in scene.shapes}
+        for q, a, k in qa:
+            if k == "existence":
+                assert (q[len("is there a "):-1] in present) == (a == "yes")
+
+
+def test_corrupt_images_are_counted_and_skipped(tmp_path):
+    good = vt.synthetic_vqa(2, seed=0)
+    bad_file = tmp_path / "broken.png"
+    bad_file.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    data = vt.VQAData.from_iterables([good[0], (b"garbage", "how many shapes are there?", "one"),
+                                      (str(bad_file), "how many shapes are there?", "two"), good[1]],
+                                     captions=[(good[0][0], "a caption")])
+    assert data.skipped == 2 and len(data.qa) == 2 and data.images.shape == (2, 48, 48, 3)
+    assert data.captions == [(0, "a caption")]          # the same image is stored once
+    with pytest.raises(ValueError, match="no readable image"):
+        vt.VQAData.from_iterables([(b"x", "q", "a")])
+
+
+# --- sequences and the loss -------------------------------------------------------------------------
+
+def test_answer_only_masking_and_the_loss_it_gives(cache):
+    vlm, data, _, _ = build("linear", cache)
+    batch = vt.make_batch(vlm, data, [0, 5, 9], "vqa", CPU)
+    tok = vlm.processor.tokenizer
+    for b, i in enumerate([0, 5, 9]):
+        answer = tok.encode(data.qa[i][2]) + [tok.eos_token_id]
+        kept = batch["labels"][b][batch["labels"][b] != -100].tolist()
+        assert kept == answer                                              # exactly the answer and <eos>
+        assert batch["token_type_ids"][b].sum() == len(answer)
+        n_image = (batch["input_ids"][b] == tok.image_token_id).sum()
+        assert n_image == vlm.model.config.num_image_tokens
+    logits = vlm.model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                       batch["token_type_ids"]).logits.detach().requires_grad_(True)
+    # oracle: -mean log p(answer token | everything before it), written out position by position
+    logp, terms = logits.log_softmax(-1), []
+    for b in range(3):
+        for t in range(logits.shape[1] - 1):
+            if batch["token_type_ids"][b, t + 1] == 1:
+                terms.append(-logp[b, t, batch["input_ids"][b, t + 1]])
+    loss = pg.suffix_loss(logits, batch["labels"])
+    assert torch.allclose(loss, torch.stack(terms).mean())
+    loss.backward()
+    scored = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    scored[:, :-1] = batch["labels"][:, 1:] != -100                       # positions that predict the answer
+    assert logits.grad[~scored].abs().max() == 0 and logits.grad[scored].abs().sum() > 0
+
+
+# --- which parameters each stage trains ---------------------------------------------------------------
+
+def grads_after_one_step(vlm, data, stage, mode, vcfg):
+    params = vt.set_stage(vlm.model, stage, mode, vcfg)
+    phase = {0: "text_qa", 1: "caption", 2: "vqa"}[stage]
+    batch = vt.make_batch(vlm, data, list(range(8)), phase, CPU)
+    vlm.model.zero_grad(set_to_none=True)
+    vt.vlm_loss(vlm.model.train(), batch).backward()
+    got = {n for n, p in vlm.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    return got, {n for n, p in vlm.model.named_parameters() if p.requires_grad}, params
+
+
+@pytest.mark.parametrize("connector", vt.CONNECTORS)
+@pytest.mark.parametrize("mode", vt.STAGE2_MODES)
+def test_exactly_the_intended_parameters_get_gradients(connector, mode, cache):
+    vlm, data, vcfg, _ = build(connector, cache)
+    names = [n for n, _ in vlm.model.named_parameters()]
+    # stage 0: the LM alone
+    got, trainable, _ = grads_after_one_step(vlm, data, 0, mode, vcfg)
+    assert got and all(n.startswith("language_model.") for n in got | trainable)
+    # stage 1: the connector alone; vision and LM frozen
+    got, trainable, _ = grads_after_one_step(vlm, data, 1, mode, vcfg)
+    assert trainable == {n for n in names if n.startswith("connector.")}
+    assert got and got <= trainable
+    out_proj = {"qformer": "connector.qformer.language_projection.weight"}.get(connector, None)
+    assert out_proj is None or out_proj in got
+    # stage 2: connector + LM (full) or connector + LoRA's A and B only (LoRA, QLoRA)
+    got, trainable, params = grads_after_one_step(vlm, data, 2, mode, vcfg)
+    assert not any(n.startswith("vision.") for n in got | trainable)
+    connector_names = {n for n in trainable if n.startswith("connector.")}
+    assert connector_names == {n for n, _ in vlm.model.named_parameters() if n.startswith("connector.")}
+    lm = trainable - connector_names
+    if mode == "full":
+        assert lm == {n for n, _ in vlm.model.named_parameters() if n.startswith("language_model.")}
+    else:
+        assert lm and all(n.endswith(("lora_A", "lora_B")) for n in lm)
+        layer = vlm.model.language_model.model.layers[0].self_attn.q_proj
+        assert type(layer.base_layer).__name__ == ("LinearNF4" if mode == "qlora" else "Linear")
+        # LoRA starts with B = 0, so only B gets a gradient on the first step (dL/dA = B^T ... = 0)
+        assert {n for n in got if n.startswith("language_model.")} <= lm
+        assert any(n.endswith("lora_B") for n in got)
+    assert got <= trainable and len(params) == len(trainable)
+
+
+def test_vision_is_frozen_even_in_train_mode(cache):
+    vlm, _, vcfg, _ = build("dense", cache)
+    vlm.model.train()
+    assert not vlm.model.vision.training
+    assert not any(p.requires_grad for p in vlm.model.vision.parameters())
+
+
+# --- connectors ---------------------------------------------------------------------------------------
+
+def test_connector_shapes_and_the_perceiver_ignores_patch_order(cache):
+    torch.manual_seed(0)
+    feats = torch.randn(2, 1, 17, 48)                                     # (B, K, 1+N, Dv) of the tiny ViT
+    for name, m in (("linear", 17), ("mlp", 17), ("qformer", 4), ("perceiver", 4)):
+        connector, _ = vt.make_connector(vt.VLMConfig.tiny(connector=name), 48, 1, 32)
+        assert connector(feats).shape == (2, m, 32)
+    perceiver, _ = vt.make_connector(vt.VLMConfig.tiny(connector="perceiver"), 48, 1, 32)
+    shuffled = feats[:, :, torch.randperm(17)]
+    # the latents attend to a set: reordering the patches cannot change what they read
+    assert torch.allclose(perceiver(feats), perceiver(shuffled), atol=1e-5)
+    # dense: [last ; mean of each group of earlier layers] through one linear map
+    dense = vt.DenseConnector(8, 4, groups=2)
+    stack = torch.randn(2, 5, 3, 8)                                        # h_0..h_3 and the last layer
+    manual = torch.cat([stack[:, 4], stack[:, 0:2].mean(1), stack[:, 2:4].mean(1)], -1)
+    assert torch.allclose(dense(stack), dense.linear(manual))
+
+
+def test_schedule_warms_up_then_decays_by_cosine():
+    assert vt.schedule(0, 1.0, 100, 10) == pytest.approx(0.1)
+    assert vt.schedule(9, 1.0, 100, 10) == pytest.approx(1.0)
+    assert vt.schedule(55, 1.0, 100, 10) == pytest.approx(0.5)             # half-way through the cosine
+    assert vt.schedule(99, 1.0, 100, 0.1) == pytest.approx(0.5 * (1 + np.cos(np.pi * 89 / 90)))
+
+
+# --- the stages learn; the demo runs ------------------------------------------------------------------
+
+@pytest.mark.parametrize("connector", ["mlp", "qformer"])
+def test_each_stage_lowers_its_loss(connector, cache, tmp_path):
+    vcfg, tcfg = tiny(connector, pretrain_steps=16, itc_steps=16, stage1_steps=16, stage2_steps=16, save_every=50)
+    metrics, _ = vt.train_vlm(vcfg, tcfg, tmp_path, CPU, cache=tmp_path / "c", progress=False, evaluate=False)
+    history = metrics["history"]
+    phases = ["stage0", "stage1", "stage2"] + (["stage1a"] if connector == "qformer" else [])
+    for phase in phases:
+        h = history[phase]
+        assert np.mean(h[-4:]) < np.mean(h[:4]), (phase, h)
+
+
+def test_demo_runs_on_the_tiny_preset(tmp_path, capsys):
+    metrics = vt.main(["--out", str(tmp_path), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "stage1: loss" in out and "stage2: loss" in out and "exact match" in out
+    for name in ("metrics.json", "metrics.jsonl", "answers.png", "model/vlm.json", "model/adapter/adapter_config.json"):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "metrics.json").read_text())["after stage 2"]["test"]["all"]["n"] == 16
+    # load_vlm gives back the trained model: its answers equal the in-memory model's
+    vlm = vt.load_vlm(tmp_path)
+    images = [im for im, _, _ in vt.synthetic_vqa(4, seed=7, image_size=32)]
+    questions = [q for _, q, _ in vt.synthetic_vqa(4, seed=7, image_size=32)]
+    answers = vlm.answer_batch(images, questions)
+    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+    assert vlm.answer(images[0], questions[0]) == answers[0]
+
+
+# --- checkpoints: kill, resume, refuse --------------------------------------------------------------
+
+def final_weights(out):
+    tensors = load_file(str(out / "model" / "model.safetensors"))
+    adapter = out / "model" / "adapter" / "adapter_model.safetensors"
+    return {**tensors, **(load_file(str(adapter)) if adapter.exists() else {})}
+
+
+@pytest.mark.parametrize("connector,mode,kill", [("mlp", "lora", ("stage2", 4)), ("qformer", "full", ("stage1", 2))])
+def test_resume_after_a_kill_reaches_the_uninterrupted_weights(connector, mode, kill, cache, tmp_path):
+    vcfg, tcfg = tiny(connector, stage2=mode, stage2_steps=7)
+    straight, _ = vt.train_vlm(vcfg, tcfg, tmp_path / "a", CPU, cache=cache, progress=False, evaluate=False)
+    with pytest.raises(vt.Killed):
+        vt.train_vlm(vcfg, tcfg, tmp_path / "b", CPU, cache=cache, progress=False, evaluate=False, stop_after=kill)
+    assert not (tmp_path / "b" / "model").exists()
+    vt.train_vlm(vcfg, tcfg, tmp_path / "b", CPU, resume=True, cache=cache, progress=False, evaluate=False)
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_a_different_config_is_refused(cache, tmp_path):
+    vcfg, tcfg = tiny("linear")
+    with pytest.raises(vt.Killed):
+        vt.train_vlm(vcfg, tcfg, tmp_path, CPU, cache=cache, progress=False, evaluate=False, stop_after=("stage1", 3))
+    with pytest.raises(vt.ConfigError, match=r"train\.stage1_lr: checkpoint 0\.01, now 0\.02"):
+        vt.train_vlm(vcfg, replace_cfg(tcfg, stage1_lr=0.02), tmp_path, CPU, resume=True, cache=cache,
+                     progress=False, evaluate=False)
+
+
+def replace_cfg(cfg, **changes):
+    from dataclasses import replace
+    return replace(cfg, **changes)
+
+
+def test_a_torn_or_non_finite_checkpoint_is_refused(cache, tmp_path):
+    vcfg, tcfg = tiny("linear")
+    with pytest.raises(vt.Killed):
+        vt.train_vlm(vcfg, tcfg, tmp_path, CPU, cache=cache, progress=False, evaluate=False, stop_after=("stage1", 3))
+    step = tmp_path / "stage1" / "step-000003"
+    meta = json.loads((step / "trainer.json").read_text())
+    (step / "trainer.json").write_text(json.dumps({**meta, "step": 2}))
+    with pytest.raises(vt.CheckpointError, match="torn"):
+        vt.train_vlm(vcfg, tcfg, tmp_path, CPU, resume=True, cache=cache, progress=False, evaluate=False)
+
+
+def test_a_non_finite_loss_stops_without_overwriting_the_checkpoint(cache, tmp_path):
+    vlm, data, vcfg, tcfg = build("linear", cache)
+    params = vt.set_stage(vlm.model, 1)
+    sample = vt.sampler(vlm, data, "caption", tcfg, CPU)
+    vt.run_stage(vlm, "stage1", 3, 1e-2, tcfg, tmp_path, vt.vlm_loss, sample, params, {"x": 1}, False, progress=False)
+    before = (tmp_path / "step-000003" / "trainer.safetensors").read_bytes()
+    with torch.no_grad():
+        vlm.model.connector.linear.weight.fill_(float("nan"))
+    with pytest.raises(vt.NonFiniteLoss, match="the last checkpoint is kept"):
+        vt.run_stage(vlm, "stage1", 6, 1e-2, tcfg, tmp_path, vt.vlm_loss, sample, params, {"x": 1}, False,
+                     progress=False)
+    assert (tmp_path / "latest").read_text() == "step-000003"
+    assert (tmp_path / "step-000003" / "trainer.safetensors").read_bytes() == before
+
+
+# --- bad input from the command line ------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["--connector", "resnet"], "invalid choice"),
+    (["--preset", "gpt4"], "invalid choice"),
+    (["--stage2", "half"], "invalid choice"),
+    (["--device", "cuda:7"], "CUDA device"),
+    (["--train", "--tiny", "--init", "paligemma:/no/such/folder"], "is not a folder"),
+    (["--train", "--tiny", "--init", "llama:/tmp"], "expects paligemma:DIR"),
+])
+def test_bad_command_lines_exit_with_a_clear_message(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        vt.main(argv + ["--out", str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_incomplete_init_folder_lists_what_is_missing(tmp_path, capsys):
+    (tmp_path / "pg").mkdir()
+    (tmp_path / "pg" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        vt.main(["--train", "--tiny", "--init", f"paligemma:{tmp_path / 'pg'}", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "incomplete" in err and "model.safetensors" in err and "tokenizer.json" in err
+
+
+def test_a_connector_width_that_does_not_fit_the_lm_is_refused(cache):
+    with pytest.raises(vt.ConfigError, match="emits 40-wide image tokens but the LM reads 32-wide"):
+        vt.build_shapes_vlm(vt.VLMConfig.tiny(connector_width=40), vt.TrainConfig.tiny(), cache, CPU, progress=False)
+
+
+# --- --init paligemma:DIR on a tiny random PaliGemma that transformers saves ---------------------------
+
+def tiny_paligemma_checkpoint(path):
+    """transformers' PaliGemma (random, 28-px images) with a small Gemma tokenizer that knows the
+    shapes words, saved with save_pretrained as a real checkpoint folder is."""
+    from transformers import (AddedToken, GemmaTokenizer, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
+                              PaliGemmaProcessor, SiglipImageProcessorPil)
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    vocab.update({f"<0x{i:02X}>": 5 + i for i in range(256)})
+    for piece in list("abcdefghijklmnopqrstuvwxyz\n?") + ["\u2581"] + ["\u2581" + w for w in clip.ShapesTokenizer.WORDS]:
+        vocab.setdefault(piece, len(vocab))
+    vocab["<image>"] = image_id = len(vocab)
+    tok = GemmaTokenizer(vocab=vocab, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]})
+    images = SiglipImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    images.image_seq_length = 16
+    PaliGemmaProcessor(image_processor=images, tokenizer=tok).save_pretrained(path)
+    vocab_size = len(vocab) + 1024 + 128                                   # + the <loc> and <seg> tokens
+    config = PaliGemmaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=28, patch_size=7, vision_use_head=False),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=1, head_dim=8, vocab_size=vocab_size, max_position_embeddings=256),
+        image_token_index=image_id, vocab_size=vocab_size, projection_dim=32, hidden_size=32)
+    torch.manual_seed(0)
+    PaliGemmaForConditionalGeneration(config).save_pretrained(path)
+
+
+@pytest.mark.slow
+def test_init_paligemma_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path):
+    from peft import PeftModel
+    from transformers import PaliGemmaForConditionalGeneration
+    ckpt = tmp_path / "pg"
+    tiny_paligemma_checkpoint(ckpt)
+    out = tmp_path / "run"
+    vt.main(["--train", "--tiny", "--init", f"paligemma:{ckpt}", "--connector", "linear", "--stage2", "lora",
+             "--out", str(out), "--device", "cpu"])
+    ours = vt.load_vlm(out)
+    adapter = load_file(str(out / "model" / "adapter" / "adapter_model.safetensors"))
+    assert all(k.startswith("base_model.model.model.language_model.layers.") for k in adapter)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+    base = PaliGemmaForConditionalGeneration.from_pretrained(out / "model" / "base").eval()
+    peft = PeftModel.from_pretrained(base, out / "model" / "adapter").eval()
+    images = [im for im, _, _ in vt.synthetic_vqa(2, seed=5, image_size=28)]
+    batch = ours.processor(["answer en what colour is the circle?", "answer en how many shapes are there?"],
+                           ["red", "two"])
+    pixels = ours.processor.pixels(torch.from_numpy(np.stack([np.asarray(im) for im in images])))
+    with torch.no_grad():
+        want = peft(input_ids=batch["input_ids"], pixel_values=pixels, attention_mask=batch["attention_mask"],
+                    token_type_ids=batch["token_type_ids"]).logits
+        got = ours.model(batch["input_ids"], pixels, batch["attention_mask"], batch["token_type_ids"]).logits
+        plain = PaliGemmaForConditionalGeneration.from_pretrained(out / "model" / "base").eval()(
+            input_ids=batch["input_ids"], pixel_values=pixels, attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"]).logits
+    keep = batch["attention_mask"].bool()
+    assert (got - want)[keep].abs().max() < 1e-4
+    assert (plain - want)[keep].abs().max() > 1e-3                        # the adapter is not a no-op
+    # paligemma.py's own loader reads the same folder pair
+    again = pg.PaliGemma.from_pretrained(out / "model" / "base", adapter=out / "model" / "adapter")
+    with torch.no_grad():
+        assert (again(batch["input_ids"], pixels, batch["attention_mask"], batch["token_type_ids"]).logits - want)[keep].abs().max() < 1e-4
+
+
+# --- memory -------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_memory_report_orders_qlora_below_lora_below_full(capsys):
+    report = vt.main(["--memory-report", "--tiny", "--device", "cpu"])
+    state = {r["mode"]: r["state"] for r in report["measured"]}
+    assert state["qlora"] < state["lora"] < state["full"]
+    assert all(r["activations"] > 0 and r["peak"] >= r["baseline"] for r in report["measured"])
+    big = report["paligemma-3b"]
+    assert 2.8e9 < big["params"] < 3.0e9
+    totals = {m: sum(r.values()) for m, r in big["rows"].items()}
+    assert totals["qlora"] < totals["lora"] < totals["full"]
+    assert "PaliGemma-3B" in capsys.readouterr().out

@@ -1,0 +1,1534 @@
+r"""Two-stage VLM training: a frozen vision encoder, a connector and a language model, joined and tuned.
+
+A vision-language model answers text about an image by letting a decoder-only language model read
+the image as a few "soft tokens" in front of its prompt (LLaVA, Liu et al. 2023, sec. 4; PaliGemma,
+Beyer et al. 2024, sec. 3):
+
+    z = Vision(image)                          (B, N, Dv)   frozen encoder, here clip.py's shapes ViT
+    u = Connector(z)                           (B, M, D)    the only new part: M tokens of the LM's width
+    x = [u ; E[prompt] ; E[answer]]            (B, T, D)    image tokens first, then the text
+    L = -(1/|A|) sum_{t in A} log p(x_{t+1} | x_{<=t})      answer tokens A only (paligemma.suffix_loss)
+
+with paligemma.py's prefix-LM mask: image + prompt attend to each other in full, the answer causally.
+The connector is what the lecture compares; five of them, each a function (B, K, N, Dv) -> (B, M, D):
+
+    linear     u = W z_L + b                                  LLaVA-1 (Liu et al. 2023), PaliGemma
+    mlp        u = W2 gelu(W1 z_L + b1) + b2                  LLaVA-1.5 (Liu et al. 2024, sec. 3.2)
+    dense      u = W [z_L ; mean(group 1) ; ... ; mean(G)]    dense connector (Yao et al. 2024, sec. 3)
+    qformer    u = W_proj QFormer(queries, z_L)               BLIP-2 (Li et al. 2023, sec. 3.3); M = Q
+    perceiver  u = W LN(Resampler(latents, z_L))              Flamingo (Alayrac et al. 2022, sec. 2.1); M = Q
+
+Training follows the two-stage recipe of LLaVA (sec. 5.1, "stage 1: pre-training for feature
+alignment", "stage 2: fine-tuning end-to-end") and BLIP-2 (sec. 3.2-3.3):
+
+  stage 0  (stands in for a pretrained LM) the small random Gemma decoder of paligemma.py learns the
+           synthetic language text-only: captions, questions and their answers. Freezing an LM in
+           stage 1 only makes sense for one that already speaks; real recipes download one. Cached.
+  stage 1  alignment, LM frozen: the connector alone learns to caption (image -> caption). For the
+           Q-Former, first BLIP-2's ITC + ITM + ITG on (image, caption) pairs (qformer.py), then the
+           same caption loss through the LM.
+  stage 2  VQA, vision still frozen: the connector plus the LM, fully (`full`), with LoRA
+           (lora.py; h = W x + (alpha/r) B A x, Hu et al. 2021), or with QLoRA (the same LoRA around
+           an NF4 base from nf4.py; Dettmers et al. 2023, sec. 3). Loss on answer tokens only.
+
+Data: a CLEVR-style VQA set (Johnson et al. 2017) drawn from clip.py's shapes scenes: count, colour,
+shape, size, relative position and existence questions; four colour-shape pairs (clip.HELDOUT) never
+appear in training images, and split="heldout" scenes each contain one, so generalisation to unseen
+combinations is measured apart. Every stage reads only an iterable of (image, question, answer) or
+(image, caption) (`VQAData`), so other loaders slot in without touching the stages.
+
+Evaluation: exact match and ROUGE-1/2/L (rouge.py) of greedy answers, overall and per kind, after
+stage 1 and after stage 2; retrieval R@1/5 of the Q-Former's ITC features after stage 1.
+
+Conventions: paligemma.py's, text left-padded; token_type_ids 0 = prefix, 1 = suffix; labels -100
+where no loss is taken. Shapes: B batch, T tokens, N image patches (+ class token), M image tokens
+given to the LM, Q learned queries/latents, K kept vision layers, D LM width, Dv vision width, V vocab.
+
+Left out: several images per prompt (Flamingo's gated cross-attention and its time embeddings), data
+on disk, transformers LMs and DDP (next issue), and unfreezing the vision encoder.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import clip
+import lora
+import nf4
+import paligemma as pg
+import qformer
+import rouge
+
+CONNECTORS = ("linear", "mlp", "qformer", "dense", "perceiver")
+STAGE2_MODES = ("full", "lora", "qlora")
+KINDS = ("count", "colour", "shape", "size", "position", "existence")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class VLMConfig:
+    """The model: which connector, how big the LM, how LoRA is set."""
+    connector: str = "mlp"
+    # the Gemma decoder (paligemma.TextConfig), sized so `--train` fits 15 minutes on 2 CPU cores
+    lm_width: int = 64                 # D
+    lm_layers: int = 3                 # L
+    lm_heads: int = 4                  # H
+    lm_kv_heads: int = 1               # K: multi-query attention, as Gemma 2B
+    lm_mlp: int = 256                  # F
+    lm_init_std: float = 0.05
+    num_queries: int = 16              # Q of the Q-Former and the Perceiver's latents
+    perceiver_layers: int = 2
+    dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
+    connector_width: int = 0           # width the connector emits; 0 = the LM's (any other is an error)
+    lora_r: int = 16
+    lora_alpha: float = 32
+    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    tiny_vision: bool = False          # clip.CLIPConfig.tiny's ViT, random and frozen (demo and tests)
+
+    def __post_init__(self):
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
+        self.lora_targets = tuple(self.lora_targets)
+
+    @classmethod
+    def tiny(cls, **overrides):
+        return cls(**{"lm_width": 32, "lm_layers": 1, "lm_heads": 2, "lm_mlp": 64, "num_queries": 4,
+                      "perceiver_layers": 1, "lora_r": 4, "lora_alpha": 8, "tiny_vision": True, **overrides})
+
+
+@dataclass
+class TrainConfig:
+    """The recipe. Learning rates are for tiny models trained from scratch (see PRESETS for papers')."""
+    stage2: str = "full"
+    n_train: int = 6000                # training scenes (each gives ~9 questions and one caption)
+    n_eval: int = 500                  # scenes per evaluation split (one question each, kinds balanced)
+    batch_size: int = 64
+    grad_accum: int = 1                # micro-batches per optimizer step
+    pretrain_steps: int = 400          # stage 0: the LM on text alone
+    pretrain_lr: float = 3e-3
+    itc_steps: int = 300               # stage 1a (qformer only): ITC + ITM + ITG
+    itc_lr: float = 1e-3
+    stage1_steps: int = 300
+    stage1_lr: float = 2e-3
+    stage2_steps: int = 4000
+    stage2_lr: float = 2e-3
+    warmup: float = 0.03               # fraction of each stage's steps (LLaVA-1.5's warm-up ratio)
+    weight_decay: float = 0.0          # LLaVA uses none
+    clip_norm: float = 1.0
+    bf16: bool = True                  # autocast where the device supports bf16 (CUDA with bf16); CPU: fp32
+    save_every: int = 200
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.stage2 not in STAGE2_MODES:
+            raise ValueError(f"stage 2 mode must be one of {STAGE2_MODES}, got {self.stage2!r}")
+
+    @classmethod
+    def tiny(cls, **overrides):
+        # the demo and tests show LoRA, the homework's method (--train defaults to full: see README)
+        return cls(**{"stage2": "lora", "n_train": 48, "n_eval": 16, "batch_size": 8, "pretrain_steps": 6, "itc_steps": 4,
+                      "stage1_steps": 6, "stage2_steps": 6, "save_every": 3, "pretrain_lr": 1e-2,
+                      "stage1_lr": 1e-2, "stage2_lr": 1e-2, "itc_lr": 1e-2, **overrides})
+
+
+# Presets: the structure of each paper's recipe. The papers' own learning rates are for pretrained
+# billion-parameter models; ours are for a few-hundred-thousand-weight LM from scratch, so only
+# --preset paligemma-homework (meant for --init paligemma:DIR, a real checkpoint) keeps its numbers.
+PRESETS = {
+    # LLaVA-1.5 (Liu et al. 2024, sec. 3.2 and appendix Table 9): MLP connector; stage 1 trains the
+    # connector alone on captions (lr 1e-3, batch 256), stage 2 the connector + the whole LM (lr 2e-5,
+    # batch 128); warm-up ratio 0.03, cosine decay, no weight decay, AdamW.
+    "llava": (dict(connector="mlp"), dict(stage2="full", warmup=0.03, weight_decay=0.0)),
+    # BLIP-2 (Li et al. 2023, sec. 3.2-3.4): Q-Former with 32 queries trained with ITC + ITM + ITG,
+    # then its projection through the frozen LM; AdamW, weight decay 0.05, cosine decay. BLIP-2 keeps
+    # the LM frozen; the course's Q-Former tutorial (MiniGPT-4-like) then tunes it with LoRA: so do we.
+    "blip2": (dict(connector="qformer"), dict(stage2="lora", weight_decay=0.05)),
+    # The homework fine-tunes PaliGemma with LoRA / QLoRA. Its numbers are not in the issue; these are
+    # Hugging Face's PaliGemma fine-tuning notebook's (Noyan 2024), which such homeworks follow: AdamW,
+    # lr 2e-5, batch 4 x 4 accumulation steps, 2 warm-up steps, weight decay 1e-6, LoRA r = 8 on all
+    # seven linear layers of the decoder. Meant for --init paligemma:DIR; --stage2 qlora for QLoRA.
+    "paligemma-homework": (dict(connector="linear", lora_r=8, lora_alpha=8),
+                           dict(stage2="lora", stage2_lr=2e-5, batch_size=4, grad_accum=4, warmup=2,
+                                weight_decay=1e-6)),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: CLEVR-style questions about clip.py's shapes scenes, behind a small interface
+# ----------------------------------------------------------------------------------------------
+
+def question_kind(question):
+    """The kind of one of clip.questions()'s questions, from its opening words."""
+    for opening, kind in (("how many", "count"), ("what colour", "colour"), ("what shape", "shape"),
+                          ("what size", "size"), ("where", "position"), ("is there", "existence")):
+        if question.startswith(opening):
+            return kind
+    raise ValueError(f"not a shapes question: {question!r}")
+
+
+def scene_questions(scene, rng, split):
+    """clip.questions(scene) with the two existence questions re-drawn at random.
+
+    clip.questions asks "is there" about the first shape (yes) and the first absent pair in a fixed
+    order (no), so a text-only model could answer from the wording; here both pairs are random: a
+    present shape, and an absent pair allowed in the split (held-out pairs only under "heldout").
+    """
+    qa = [(q, a) for q, a in clip.questions(scene) if not q.startswith("is there")]
+    present = {(s.colour, s.kind) for s in scene.shapes}
+    absent = [(c, k) for c in clip.COLOURS for k in clip.SHAPES
+              if (c, k) not in present and (split == "heldout" or (c, k) not in clip.HELDOUT)]
+    colour, kind = rng.choice(sorted(present))
+    qa.append((f"is there a {colour} {kind}?", "yes"))
+    colour, kind = rng.choice(absent)
+    qa.append((f"is there a {colour} {kind}?", "no"))
+    return [(q, a, question_kind(q)) for q, a in qa]
+
+
+def draw_scenes(n, seed, split):
+    """n scenes of a split, each with its questions; deterministic in (seed, split)."""
+    rng = random.Random(f"vlm_train-{seed}-{split}")        # a str seed is stable across runs
+    scenes = [clip.random_scene(rng, split) for _ in range(n)]
+    return scenes, [scene_questions(s, rng, split) for s in scenes]
+
+
+def pick_balanced(qas, rng):
+    """One question per scene, its kind drawn uniformly among the kinds the scene offers."""
+    out = []
+    for qa in qas:
+        kind = rng.choice(sorted({k for _, _, k in qa}))
+        out.append(rng.choice([x for x in qa if x[2] == kind]))
+    return out
+
+
+def synthetic_vqa(n, seed=0, split="test", image_size=48):
+    """n (PIL image, question, answer) triples: n scenes, one question each, kinds balanced.
+
+    split "train" / "test": scenes without held-out colour-shape pairs; "heldout": each scene has one.
+    Training draws with seed = TrainConfig.seed; evaluation uses seed + 1 (test) so scenes never repeat.
+    """
+    scenes, qas = draw_scenes(n, seed, split)
+    picks = pick_balanced(qas, random.Random(f"pick-{seed}-{split}"))
+    return [(clip.render(s, image_size), q, a) for s, (q, a, _) in zip(scenes, picks)]
+
+
+def synthetic_captions(n, seed=0, split="train", image_size=48):
+    """n (PIL image, caption) pairs; captions name every attribute ("a large red circle above ...")."""
+    scenes, _ = draw_scenes(n, seed, split)
+    return [(clip.render(s, image_size), clip.caption(s)) for s in scenes]
+
+
+@dataclass
+class VQAData:
+    """What every stage consumes: images (n, S, S, C) uint8, and rows pointing into them.
+
+    qa: (image index, question, answer, kind); captions: (image index, caption). Build it from any
+    iterables of (image, question, answer) and (image, caption) with `from_iterables`.
+    """
+    images: torch.Tensor
+    qa: list
+    captions: list
+    skipped: int = 0
+    features: torch.Tensor = None      # (n, K, 1+N, Dv) frozen vision features, when cached
+
+    def image_inputs(self, vlm, index):
+        """What the model reads for these images: cached features, or pixels from the processor."""
+        return self.features[index] if self.features is not None else vlm.processor.pixels(self.images[index])
+
+    @classmethod
+    def from_iterables(cls, vqa=(), captions=(), image_size=48):
+        """Unreadable images are skipped and counted, never fatal."""
+        images, qa, caps, index, skipped = [], [], [], {}, 0
+
+        def add(image):
+            key = id(image)
+            if key not in index:
+                array = load_image(image, image_size)
+                index[key] = len(images)
+                images.append(array)
+            return index[key]
+
+        for item, target in [(x, "qa") for x in vqa] + [(x, "cap") for x in captions]:
+            try:
+                i = add(item[0])
+            except ValueError:
+                skipped += 1
+                continue
+            if target == "qa":
+                qa.append((i, item[1], item[2], item[3] if len(item) > 3 else question_kind(item[1])))
+            else:
+                caps.append((i, item[1]))
+        if not images:
+            raise ValueError(f"no readable image among {skipped} given")
+        return cls(torch.from_numpy(np.stack(images)), qa, caps, skipped)
+
+
+def load_image(image, size):
+    """A PIL image, path or bytes -> (size, size, 3) uint8; ValueError if it cannot be read."""
+    import io
+    try:
+        if isinstance(image, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(image))
+        elif isinstance(image, (str, Path)):
+            image = Image.open(image)
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"expected a PIL image, a path or bytes, got {type(image).__name__}")
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BICUBIC)
+        return np.asarray(image, dtype=np.uint8)
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"unreadable image ({e})") from None
+
+
+def shapes_data(n, seed, split, image_size, all_questions=True):
+    """The embedded data: n scenes; every question of each (training) or one per scene (evaluation)."""
+    scenes, qas = draw_scenes(n, seed, split)
+    if not all_questions:
+        qas = [[x] for x in pick_balanced(qas, random.Random(f"pick-{seed}-{split}"))]
+    images = torch.from_numpy(np.stack([np.asarray(clip.render(s, image_size)) for s in scenes]))
+    qa = [(i, q, a, k) for i, rows in enumerate(qas) for q, a, k in rows]
+    return VQAData(images, qa, [(i, clip.caption(s)) for i, s in enumerate(scenes)])
+
+
+# ----------------------------------------------------------------------------------------------
+# The word-level tokenizer of the default LM, and the prefix / suffix sequences
+# ----------------------------------------------------------------------------------------------
+
+# Gemma's special ids where it has them (pad 0, eos 1, bos 2), then <unk>, <image> and <sep> (the
+# newline that ends PaliGemma's prompt), then the words.
+SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>", "<sep>")
+
+
+class WordTokenizer:
+    """One id per word of the synthetic corpus; saved with the model as tokenizer.json."""
+    pad_token_id, eos_token_id, bos_token_id, unk_token_id, image_token_id, sep_token_id = range(6)
+
+    def __init__(self, words):
+        self.itos = list(SPECIALS) + sorted(set(words) - set(SPECIALS))
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+
+    @classmethod
+    def from_texts(cls, texts):
+        return cls({w for t in texts for w in clip.ShapesTokenizer.words(t)} | set(clip.ShapesTokenizer.WORDS))
+
+    def __len__(self):
+        return len(self.itos)
+
+    def encode(self, text):
+        return [self.stoi.get(w, self.unk_token_id) for w in clip.ShapesTokenizer.words(text)]
+
+    def decode(self, ids):
+        out = []
+        for i in ids:
+            if i == self.eos_token_id:
+                break
+            if i >= len(SPECIALS):
+                out.append(self.itos[i])
+        return " ".join(out)
+
+
+def prefix_suffix_batch(prefixes, suffixes, pad_id):
+    """Left-padded (prefix ids, suffix ids) rows -> input_ids, attention_mask, token_type_ids, labels.
+
+    token type 0 = prefix (image + prompt, full attention), 1 = suffix (answer, causal, scored);
+    labels keep the suffix ids and are -100 elsewhere (paligemma.suffix_labels): answer-only loss.
+    """
+    width = max(len(p) + len(s) for p, s in zip(prefixes, suffixes))
+    input_ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)         # (B, T)
+    attention_mask = torch.zeros_like(input_ids)
+    token_type_ids = torch.zeros_like(input_ids)
+    for b, (p, s) in enumerate(zip(prefixes, suffixes)):
+        n = len(p) + len(s)
+        input_ids[b, width - n:] = torch.tensor(p + s)
+        attention_mask[b, width - n:] = 1
+        token_type_ids[b, width - len(s):] = 1 if s else 0
+    labels = pg.suffix_labels(input_ids, token_type_ids, attention_mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+            "labels": labels}
+
+
+class WordProcessor:
+    """Prompts and answers of the default LM: [<image>] * M <bos> prompt <sep> | answer <eos>."""
+
+    def __init__(self, tokenizer: WordTokenizer, image_tokens, image_size):
+        self.tokenizer, self.image_tokens, self.image_size = tokenizer, image_tokens, image_size
+
+    def __call__(self, prompts, answers=None, images=True):
+        t = self.tokenizer
+        image = [t.image_token_id] * self.image_tokens if images else []
+        prefixes = [image + [t.bos_token_id] + t.encode(p) + [t.sep_token_id] for p in prompts]
+        suffixes = [[] for _ in prompts] if answers is None else [t.encode(a) + [t.eos_token_id] for a in answers]
+        return prefix_suffix_batch(prefixes, suffixes, t.pad_token_id)
+
+    def pixels(self, images):
+        """(B, S, S, C) uint8 -> (B, C, S, S) with CLIP's normalisation (what the shapes ViT was trained on)."""
+        return clip.normalize(images)
+
+    def decode(self, tokens):
+        return [self.tokenizer.decode(row) for row in tokens.tolist()]
+
+    @property
+    def eos_token_id(self):
+        return self.tokenizer.eos_token_id
+
+
+# ----------------------------------------------------------------------------------------------
+# Connectors: (B, K, N, Dv) frozen vision features -> (B, M, D) image tokens for the LM
+# ----------------------------------------------------------------------------------------------
+# K is the number of vision layers kept: 1 (the last, after the ViT's final LayerNorm) for every
+# connector but `dense`, which also gets the hidden states h_0 .. h_{L-1} (K = L + 1, last at -1).
+
+class LinearConnector(nn.Module):
+    """u = W z + b on the last layer (LLaVA-1, PaliGemma's projector)."""
+
+    def __init__(self, vision_width, width):
+        super().__init__()
+        self.linear = nn.Linear(vision_width, width)
+
+    def forward(self, feats):
+        return self.linear(feats[:, -1])                                             # (B, N, Dv) -> (B, N, D)
+
+
+class MLPConnector(nn.Module):
+    """u = W2 GELU(W1 z + b1) + b2 (LLaVA-1.5, sec. 3.2: "a two-layer MLP" instead of one linear map)."""
+
+    def __init__(self, vision_width, width):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(vision_width, width), nn.Linear(width, width)
+
+    def forward(self, feats):
+        return self.fc2(F.gelu(self.fc1(feats[:, -1])))                              # (B, N, D)
+
+
+class DenseConnector(nn.Module):
+    """u = W [z_L ; mean(group 1) ; ... ; mean(group G)] (Yao et al. 2024, Dense Channel Integration),
+    with paligemma.dense_channel_integration doing the grouping."""
+
+    def __init__(self, vision_width, width, groups):
+        super().__init__()
+        self.groups = groups
+        self.linear = nn.Linear((groups + 1) * vision_width, width)
+
+    def forward(self, feats):
+        dense = pg.dense_channel_integration(list(feats[:, :-1].unbind(1)), feats[:, -1], self.groups)
+        return self.linear(dense)                                                     # (B, N, (G+1) Dv) -> (B, N, D)
+
+
+class QFormerConnector(nn.Module):
+    """qformer.QFormer's Q query outputs through its language_projection (BLIP-2 sec. 3.3)."""
+
+    def __init__(self, vision_width, width, num_queries, tiny):
+        super().__init__()
+        config = qformer.shapes_qformer_config(clip.ShapesTokenizer(), vision_width, tiny=tiny)
+        self.qformer = qformer.QFormer(replace(config, num_query_tokens=num_queries, lm_hidden_size=width))
+
+    def forward(self, feats):
+        return self.qformer.language_model_inputs(feats[:, -1])                      # (B, N, Dv) -> (B, Q, D)
+
+
+class PerceiverLayer(nn.Module):
+    """One Perceiver Resampler block (Alayrac et al. 2022, Fig. 4 and appendix A.1.1):
+
+        kv = [x_f ; latents]                    the latents attend to the image AND to themselves
+        latents <- latents + Attn(q = LN(latents), k = v = LN(kv))
+        latents <- latents + FFW(LN(latents))   FFW = W2 GELU(W1 .), 4x wide, no biases
+    """
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm_media, self.norm_latents = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, bias=False, batch_first=True)
+        self.ffw = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width, bias=False), nn.GELU(),
+                                 nn.Linear(4 * width, width, bias=False))
+
+    def forward(self, x, latents):
+        q = self.norm_latents(latents)                                                # (B, Q, Dv)
+        kv = torch.cat([self.norm_media(x), q], dim=1)                                # (B, N + Q, Dv)
+        latents = latents + self.attn(q, kv, kv, need_weights=False)[0]               # (B, Q, Dv)
+        return latents + self.ffw(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """Q learned latents read a variable number of image features into a fixed Q tokens (Flamingo sec. 2.1).
+
+    Simplified: one image, so Flamingo's learned time embeddings (added per frame, then the frames
+    flattened) are left out; the ViT's position embeddings already mark where each patch is. Then a
+    final LayerNorm and a linear map to the LM's width (Flamingo feeds its cross-attention instead).
+    """
+
+    def __init__(self, vision_width, width, num_latents, layers, heads=4):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, vision_width) * vision_width ** -0.5)   # (Q, Dv)
+        self.layers = nn.ModuleList(PerceiverLayer(vision_width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(vision_width)
+        self.linear = nn.Linear(vision_width, width)
+
+    def forward(self, feats):
+        x = feats[:, -1]                                                              # (B, N, Dv)
+        latents = self.latents.expand(x.shape[0], -1, -1)                             # (B, Q, Dv)
+        for layer in self.layers:
+            latents = layer(x, latents)
+        return self.linear(self.norm(latents))                                        # (B, Q, Dv) -> (B, Q, D)
+
+
+def make_connector(cfg: VLMConfig, vision_width, vision_layers, lm_width):
+    """The connector of cfg and M, the number of image tokens it gives the LM."""
+    width = cfg.connector_width or lm_width
+    if width != lm_width:
+        raise ConfigError(f"the connector emits {width}-wide image tokens but the LM reads {lm_width}-wide "
+                          f"embeddings; image tokens enter the decoder as they are, so they must match "
+                          f"(set connector_width to {lm_width} or 0)")
+    if cfg.connector == "linear":
+        return LinearConnector(vision_width, width), None
+    if cfg.connector == "mlp":
+        return MLPConnector(vision_width, width), None
+    if cfg.connector == "dense":
+        return DenseConnector(vision_width, width, min(cfg.dense_groups, vision_layers)), None
+    if cfg.connector == "qformer":
+        return QFormerConnector(vision_width, width, cfg.num_queries, cfg.tiny_vision), cfg.num_queries
+    return PerceiverResampler(vision_width, width, cfg.num_queries, cfg.perceiver_layers), cfg.num_queries
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: paligemma.py's PaliGemma with clip.py's ViT and one of the connectors in front
+# ----------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what was expected and what was given."""
+
+
+@dataclass
+class LMConfig(pg.PaliGemmaConfig):
+    """paligemma.PaliGemmaConfig whose image-token count is the connector's M, not a patch grid."""
+    image_tokens: int = 0
+
+    @property
+    def num_image_tokens(self):
+        return self.image_tokens
+
+
+class FrozenViT(nn.Module):
+    """clip.py's shapes ViT, frozen: pixels (B, C, S, S) -> features (B, K, 1+N, Dv).
+
+    Frozen means its output never changes, so training computes it once per image (`cache_features`)
+    and passes the features in place of the pixels; they go through unchanged.
+    """
+
+    def __init__(self, vit: "clip.VisionTransformer", all_layers):
+        super().__init__()
+        self.vit, self.all_layers = vit.requires_grad_(False).eval(), all_layers
+
+    @property
+    def width(self):
+        return self.vit.cfg.vision_width
+
+    def train(self, mode=True):      # frozen means no dropout or batch statistics either, ever
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, pixel_values):
+        if tuple(pixel_values.shape[-2:]) == (self.vit.cfg.num_patches + 1, self.width):
+            return pixel_values            # already the features (computed once for the whole data set)
+        hidden = self.vit(pixel_values, output_hidden_states=True)                    # L+1 x (B, 1+N, Dv)
+        last = self.vit.post_layernorm(hidden[-1])                                    # qformer's frozen features
+        kept = hidden[:-1] + [last] if self.all_layers else [last]
+        return torch.stack(kept, dim=1)                                               # (B, K, 1+N, Dv)
+
+
+class ShapesVLM(pg.PaliGemma):
+    """Frozen ViT -> connector -> Gemma decoder. Forward, masks, loss and KV-cache generation are
+    PaliGemma's own; only `image_features` changes (PaliGemma's is SigLIP + linear projector)."""
+
+    def __init__(self, cfg: VLMConfig, vit, vocab_size):
+        nn.Module.__init__(self)
+        D = cfg.lm_width
+        text = pg.TextConfig(vocab_size=vocab_size, hidden_size=D, intermediate_size=cfg.lm_mlp,
+                             num_hidden_layers=cfg.lm_layers, num_attention_heads=cfg.lm_heads,
+                             num_key_value_heads=cfg.lm_kv_heads, head_dim=D // cfg.lm_heads,
+                             max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        self.vision = FrozenViT(vit, all_layers=cfg.connector == "dense")
+        self.connector, m = make_connector(cfg, self.vision.width, vit.cfg.vision_layers, D)
+        self.config = LMConfig(text=text, image_token_index=WordTokenizer.image_token_id, projection_dim=D,
+                               image_tokens=m or vit.cfg.num_patches + 1)
+        self.language_model = pg.GemmaForCausalLM(text)
+        pg.PaliGemma.init_weights(self.language_model, cfg.lm_init_std)
+
+    def image_features(self, pixel_values):
+        return self.connector(self.vision(pixel_values))                              # (B, M, D)
+
+
+def trainable_parts(model):
+    """(vision, connector, language model) modules of either model kind."""
+    if isinstance(model, ShapesVLM):
+        return model.vision, model.connector, model.language_model
+    return model.vision_tower, model.multi_modal_projector, model.language_model
+
+
+def set_stage(model, stage, mode="full", cfg: VLMConfig = None):
+    """Freeze and unfreeze for a stage; returns the trainable parameters.
+
+    stage 0: the LM alone (text). Stage 1: the connector alone. Stage 2: the connector plus the LM
+    (mode "full"), or plus LoRA adapters on the LM's linear layers ("lora"), on an NF4 base ("qlora").
+    The vision encoder is frozen in every stage.
+    """
+    vision, connector, lm = trainable_parts(model)
+    model.requires_grad_(False)
+    if stage == 0:
+        lm.requires_grad_(True)
+    elif stage == 1:
+        connector.requires_grad_(True)
+    else:
+        if mode == "full":
+            lm.requires_grad_(True)
+        elif not lora.lora_layers(lm):
+            if mode == "qlora":
+                # kept to save the model as full-precision base + adapter (QLoRA never changes the base)
+                model.lm_before_nf4 = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+                nf4.quantize_model(lm, skip=("lm_head",))                            # W -> NF4, frozen
+            lora.apply_lora(lm, list(cfg.lora_targets), cfg.lora_r, cfg.lora_alpha)  # only A, B train
+        else:
+            for layer in lora.lora_layers(lm).values():
+                layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
+        connector.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the losses of each stage, one optimizer step, the schedule
+# ----------------------------------------------------------------------------------------------
+
+def vlm_loss(model, batch):
+    """Answer-only next-token loss of a batch of (image, prefix, suffix) sequences (paligemma.suffix_loss)."""
+    return model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
+                 batch["token_type_ids"], batch["labels"]).loss
+
+
+def itc_itm_itg_loss(model, batch):
+    """BLIP-2 stage 1 (sec. 3.2): L_itc + L_itm + L_itg of the Q-Former on the frozen image features."""
+    q = model.connector.qformer
+    losses = q.losses(model.vision(batch["pixel_values"])[:, -1], batch["qf_ids"], batch["qf_mask"],
+                      batch["matches"], batch.get("generator"))
+    return sum(losses.values())
+
+
+def schedule(step, lr, steps, warmup):
+    """Linear warm-up, then cosine decay to 0 (clip.lr_at). warmup < 1 is a fraction of the steps."""
+    w = max(1, round(warmup * steps)) if warmup < 1 else int(warmup)
+    return clip.lr_at(step, SimpleNamespace(lr=lr, warmup=w, steps=steps))
+
+
+def make_optimizer(params, lr, weight_decay):
+    """AdamW; weight decay on matrices only (not on biases, norms or the Perceiver's latents' scale)."""
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr)
+
+
+class NonFiniteLoss(ValueError):
+    """The loss became NaN or inf; training stops before the update, the last checkpoint is kept."""
+
+
+def autocast(device, enabled):
+    """bf16 autocast on CUDA devices that support it; a no-op elsewhere (CPU bf16 is slower here)."""
+    use = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def train_step(model, optimizer, params, micro_batches, loss_fn, lr, clip_norm, device, bf16=True):
+    """One optimizer step: gradients accumulated over the micro-batches, clipped, then AdamW."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for batch in micro_batches:
+        with autocast(device, bf16):
+            loss = loss_fn(model, batch) / len(micro_batches)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"the loss is {loss.item()} at lr {lr:.2e}; stopping before the update "
+                                f"(the last checkpoint is kept). Lower the learning rate.")
+        loss.backward()
+        total += loss.item()
+    # g <- g min(1, c / ||g||): one global norm over all trainable parameters
+    torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    optimizer.step()
+    return total
+
+
+def batch_rows(n_rows, batch_size, seed, phase, step, weights=None):
+    """The rows of `step`: drawn from a generator seeded by (seed, phase, step) alone, so a resumed run
+    draws exactly what the uninterrupted run drew (the data position is the step)."""
+    g = torch.Generator().manual_seed(hash_str(f"{seed}-{phase}-{step}"))
+    if weights is not None:
+        return torch.multinomial(weights, batch_size, replacement=True, generator=g)
+    return torch.randint(0, n_rows, (batch_size,), generator=g)
+
+
+def hash_str(text):
+    import hashlib
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+
+
+def kind_weights(qa):
+    """Sampling weights 1 / (questions of its kind): every kind is drawn equally often."""
+    counts = {}
+    for row in qa:
+        counts[row[3]] = counts.get(row[3], 0) + 1
+    return torch.tensor([1.0 / counts[row[3]] for row in qa])
+
+
+def make_batch(vlm, data: VQAData, rows, phase, device):
+    """Rows of the data -> the model's tensors. phase: "text_qa"/"text_cap" (stage 0), "caption"
+    (stage 1), "itc" (stage 1a), "vqa" (stage 2)."""
+    if phase in ("vqa", "text_qa"):
+        items = [data.qa[i] for i in rows]
+        prompts, answers, index = [x[1] for x in items], [x[2] for x in items], [x[0] for x in items]
+    else:
+        items = [data.captions[i] for i in rows]
+        prompts, answers, index = [vlm.caption_prompt] * len(items), [x[1] for x in items], [x[0] for x in items]
+    text_only = phase.startswith("text")
+    batch = vlm.processor(prompts if phase != "itc" else [""] * len(prompts), answers, images=not text_only)
+    if not text_only:
+        batch["pixel_values"] = data.image_inputs(vlm, index)
+    if phase == "itc":
+        ids, mask = clip.ShapesTokenizer().encode(answers)
+        T = int(mask.sum(1).max())
+        batch.update(qf_ids=ids[:, :T], qf_mask=mask[:, :T],
+                     matches=torch.tensor([[a == b for b in answers] for a in answers]))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: greedy answers, exact match and ROUGE per kind, retrieval
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_answers(vlm, images, prompts, max_new_tokens=4, batch_size=128, features=None):
+    """Greedy answers (paligemma's KV-cache generation) to prompts about (B, S, S, C) uint8 images
+    (or about their cached vision features)."""
+    model, out = vlm.model.eval(), []
+    device = model.device
+    for s in range(0, len(prompts), batch_size):
+        batch = vlm.processor(prompts[s:s + batch_size])
+        pixels = (vlm.processor.pixels(images[s:s + batch_size]) if features is None else features[s:s + batch_size]).to(device)
+        gen = model.generate(batch["input_ids"].to(device), pixels, batch["attention_mask"].to(device),
+                             max_new_tokens=max_new_tokens, eos_token_id=vlm.processor.eos_token_id)
+        out += [a.strip() for a in vlm.processor.decode(gen.tokens.cpu())]
+    return out
+
+
+def score_answers(predictions, truths, kinds):
+    """Exact match (%) and ROUGE-1/2/L F (x100, rouge.py), overall and per kind."""
+    scorer = rouge.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    rows = [(k, p == t, scorer.score(t, p)) for p, t, k in zip(predictions, truths, kinds)]
+
+    def summary(subset):
+        n = max(1, len(subset))
+        return {"n": len(subset), "exact": 100 * sum(r[1] for r in subset) / n,
+                **{name: 100 * sum(r[2][name].fmeasure for r in subset) / n for name in ("rouge1", "rouge2", "rougeL")}}
+
+    return {"all": summary(rows), **{k: summary([r for r in rows if r[0] == k]) for k in KINDS
+                                     if any(r[0] == k for r in rows)}}
+
+
+def evaluate_vqa(vlm, data: VQAData, prompt_prefix=""):
+    """Score greedy answers on every question of `data`."""
+    idx = [x[0] for x in data.qa]
+    predictions = generate_answers(vlm, data.images[idx], [prompt_prefix + x[1] for x in data.qa],
+                                   features=None if data.features is None else data.features[idx])
+    return score_answers(predictions, [x[2] for x in data.qa], [x[3] for x in data.qa]), predictions
+
+
+@torch.no_grad()
+def qformer_retrieval(vlm, data: VQAData, ks=(1, 5)):
+    """R@K of the Q-Former's ITC features (BLIP-2 sec. 3.2): image -> caption and back; captions
+    that describe two scenes alike count as right for both."""
+    model = vlm.model.eval()
+    device = model.device
+    captions = [c for _, c in data.captions]
+    pixels = data.image_inputs(vlm, [i for i, _ in data.captions]).to(device)
+    ids, mask = clip.ShapesTokenizer().encode(captions)
+    q = model.connector.qformer
+    sim = q.itc_logits(model.vision(pixels)[:, -1], ids.to(device), mask.to(device)).cpu()   # (n, n)
+    correct = torch.tensor([[a == b for b in captions] for a in captions])
+    return clip.recall_at_k(sim, correct, ks)
+
+
+# ----------------------------------------------------------------------------------------------
+# A stage: steps of one loss over the trainable parameters, checkpointed, resumable
+# ----------------------------------------------------------------------------------------------
+
+class Killed(RuntimeError):
+    """Raised by `run_stage(stop_after=k)` right after step k's checkpoint: a `kill -9` for tests."""
+
+
+def run_stage(vlm, phase, steps, lr, tcfg, folder, loss_fn, sample, params, config, resume, stop_after=None,
+              log=None, progress=True):
+    """Steps 0 .. steps-1 of AdamW with warm-up + cosine; sample(step, k) gives micro-batch k of a step.
+
+    Checkpoints go to folder/step-XXXXXX with a `latest` pointer; resume=True continues from it and
+    refuses a checkpoint written with a different config. Returns the list of step losses.
+    """
+    from tqdm import tqdm
+    model, device = vlm.model, vlm.model.device
+    optimizer = make_optimizer(params, lr, tcfg.weight_decay)
+    start, history = 0, []
+    torch.manual_seed(hash_str(f"{tcfg.seed}-{phase}-torch"))
+    if resume and (Path(folder) / "latest").exists():
+        start, history = restore_trainer(folder, model, optimizer, config)
+    model.train()
+    bar = tqdm(range(start, steps), desc=phase, disable=None if progress else True, dynamic_ncols=True)
+    for step in bar:
+        lr_now = schedule(step, lr, steps, tcfg.warmup)
+        loss = train_step(model, optimizer, params, [sample(step, k) for k in range(tcfg.grad_accum)], loss_fn,
+                          lr_now, tcfg.clip_norm, device, tcfg.bf16)
+        history.append(loss)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if log is not None:
+            log({"phase": phase, "step": step + 1, "loss": loss, "lr": lr_now})
+        if (step + 1) % tcfg.save_every == 0 or step + 1 == steps:
+            save_trainer(folder, model, optimizer, step + 1, history, config)
+        if stop_after is not None and step + 1 == stop_after:
+            raise Killed(f"stopped after step {step + 1} of {phase}")
+    model.eval()
+    return history
+
+
+STAGE2_ONLY = ("stage2", "stage2_steps", "stage2_lr", "lora_r", "lora_alpha", "lora_targets")
+
+
+def stage_config(vcfg, tcfg, phase):
+    """What a checkpoint of `phase` must agree on to be resumed: the whole model and recipe (stage 1
+    ignores the stage-2 settings, so runs that differ only there can share one stage 1)."""
+    keep = lambda k: phase == "stage2" or k not in STAGE2_ONLY  # noqa: E731
+    return {"phase": phase, **{f"model.{k}": v for k, v in asdict(vcfg).items() if keep(k)},
+            **{f"train.{k}": v for k, v in asdict(tcfg).items() if keep(k)}}
+
+
+def sampler(vlm, data, phase, tcfg, device, weights=None):
+    rows = data.qa if phase in ("vqa", "text_qa") else data.captions
+    b = tcfg.batch_size // tcfg.grad_accum
+
+    def sample(step, k):
+        picked = batch_rows(len(rows), tcfg.batch_size, tcfg.seed, phase, step, weights)[k * b:(k + 1) * b]
+        return make_batch(vlm, data, picked.tolist(), phase, device)
+    return sample
+
+
+def stage0_pretrain_lm(vlm, data, vcfg, tcfg, folder, progress=True, log=None, stop_after=None):
+    """The LM alone on the corpus' text: half the batches captions, half questions with answers."""
+    params = set_stage(vlm.model, 0)
+    qa, cap = sampler(vlm, data, "text_qa", tcfg, vlm.model.device), sampler(vlm, data, "text_cap", tcfg, vlm.model.device)
+    return run_stage(vlm, "stage0", tcfg.pretrain_steps, tcfg.pretrain_lr, tcfg, folder, vlm_loss,
+                     lambda step, k: (qa if step % 2 else cap)(step, k), params,
+                     {"phase": "stage0", "lm": lm_fingerprint(vcfg, tcfg, vlm)}, resume=True,
+                     stop_after=stop_after, log=log, progress=progress)
+
+
+def stage1_align(vlm, data, vcfg, tcfg, folder, resume, progress=True, log=None, stop_after=None):
+    """Connector only, LM frozen: (qformer: ITC + ITM + ITG first, then) the caption loss through the LM."""
+    device, histories = vlm.model.device, {}
+    params = set_stage(vlm.model, 1)
+    if vcfg.connector == "qformer" and tcfg.itc_steps:
+        histories["stage1a"] = run_stage(vlm, "stage1a", tcfg.itc_steps, tcfg.itc_lr, tcfg, Path(folder) / "itc",
+                                         itc_itm_itg_loss, sampler(vlm, data, "itc", tcfg, device), params,
+                                         stage_config(vcfg, tcfg, "stage1a"), resume, None, log, progress)
+    histories["stage1"] = run_stage(vlm, "stage1", tcfg.stage1_steps, tcfg.stage1_lr, tcfg, folder, vlm_loss,
+                                    sampler(vlm, data, "caption", tcfg, device), params,
+                                    stage_config(vcfg, tcfg, "stage1"), resume, stop_after, log, progress)
+    return histories
+
+
+def stage2_vqa(vlm, data, vcfg, tcfg, folder, resume, progress=True, log=None, stop_after=None):
+    """Connector + LM (full, LoRA or QLoRA) on questions, loss on the answer only, kinds balanced."""
+    params = set_stage(vlm.model, 2, tcfg.stage2, vcfg)
+    sample = sampler(vlm, data, "vqa", tcfg, vlm.model.device, kind_weights(data.qa))
+    return run_stage(vlm, "stage2", tcfg.stage2_steps, tcfg.stage2_lr, tcfg, folder, vlm_loss, sample, params,
+                     stage_config(vcfg, tcfg, "stage2"), resume, stop_after, log, progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# The API: a model with its processor; answer() and answer_batch() on PIL images
+# ----------------------------------------------------------------------------------------------
+
+class VLM:
+    """A model and the processor that turns images and questions into its inputs."""
+
+    def __init__(self, model, processor, vcfg: VLMConfig, caption_prompt="caption", question_prefix=""):
+        self.model, self.processor, self.config = model, processor, vcfg
+        self.caption_prompt, self.question_prefix = caption_prompt, question_prefix
+
+    def answer_batch(self, images, questions, max_new_tokens=4):
+        """Greedy answers to one question per image (PIL images, paths or bytes)."""
+        if len(images) != len(questions):
+            raise ValueError(f"one question per image: got {len(images)} images and {len(questions)} questions")
+        pixels = torch.from_numpy(np.stack([load_image(im, self.processor.image_size) for im in images]))
+        return generate_answers(self, pixels, [self.question_prefix + q for q in questions], max_new_tokens)
+
+    def answer(self, image, question, max_new_tokens=4):
+        return self.answer_batch([image], [question], max_new_tokens)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing: checkpoints, the pipeline, --init paligemma:DIR, memory report, pictures, command line
+# ----------------------------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used; the message says why."""
+
+
+def atomic_write(path, write):
+    """write(tmp) in the same folder, fsync, rename over path, fsync the folder: old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
+
+
+def save_tensors(path, tensors, step=None):
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"format": "pt", **({} if step is None else {"step": str(step)})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_tensors(path, expect_step=None):
+    """Tensors of a safetensors file, all checked finite (and of the expected step)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            step = (f.metadata() or {}).get("step")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:                      # safetensors raises its own types for a bad header
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    if expect_step is not None and step != str(expect_step):
+        raise CheckpointError(f"{path} holds step {step}, its folder says {expect_step}: a torn checkpoint")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path} has non-finite values in {bad[:5]}")
+    return tensors
+
+
+def save_trainer(folder, model, optimizer, step, history, config):
+    """step-k/{trainer.safetensors, trainer.json} (parameters, AdamW moments, RNG; step, config, losses),
+    then the `latest` pointer switched atomically, then older steps removed."""
+    folder = Path(folder)
+    d = folder / f"step-{step:06d}"
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {f"param/{names[id(p)]}": p for g in optimizer.param_groups for p in g["params"]}
+    state = optimizer.state_dict()
+    for i, s in state["state"].items():
+        tensors.update({f"adam/{i}/{k}": torch.as_tensor(v) for k, v in s.items()})
+    tensors["rng/torch"] = torch.get_rng_state()
+    save_tensors(d / "trainer.safetensors", tensors, step)
+    write_json(d / "trainer.json", {"step": step, "history": history, "config": config,
+                                    "param_groups": state["param_groups"]})
+    atomic_write(folder / "latest", lambda tmp: Path(tmp).write_text(d.name))
+    for old in folder.glob("step-*"):
+        if old.name != d.name:
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+
+def differing_fields(saved, current):
+    return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)]
+
+
+def restore_trainer(folder, model, optimizer, config):
+    """Read the `latest` checkpoint into model and optimizer; returns (step, history)."""
+    folder = Path(folder)
+    d = folder / (folder / "latest").read_text().strip()
+    if not (d / "trainer.json").exists() or not (d / "trainer.safetensors").exists():
+        raise CheckpointError(f"{d} is incomplete: expected trainer.json and trainer.safetensors")
+    meta = json.loads((d / "trainer.json").read_text())
+    if f"step-{meta['step']:06d}" != d.name:
+        raise CheckpointError(f"{d}/trainer.json says step {meta['step']}: a torn checkpoint")
+    diff = differing_fields(meta["config"], json.loads(json.dumps(config, default=str)))
+    if diff:
+        raise ConfigError(f"--resume: {folder} was written with a different configuration; differing fields: "
+                          + "; ".join(diff) + ". Resume with the same flags, or use a new --out.")
+    tensors = load_tensors(d / "trainer.safetensors", meta["step"])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("param/"):
+                params[key[6:]].copy_(value)
+    state = {}
+    for key, value in tensors.items():
+        if key.startswith("adam/"):
+            _, i, name = key.split("/")
+            state.setdefault(int(i), {})[name] = value
+    groups = [dict(g, betas=tuple(g["betas"])) for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng/torch"])
+    return meta["step"], meta["history"]
+
+
+def finished(folder, steps):
+    latest = Path(folder) / "latest"
+    return latest.exists() and latest.read_text().strip() == f"step-{steps:06d}"
+
+
+def load_finished_weights(folder, model):
+    """Copy the parameters of a finished stage's last checkpoint into the model (the cache of stage 0)."""
+    d = Path(folder) / (Path(folder) / "latest").read_text().strip()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in load_tensors(d / "trainer.safetensors").items():
+            if key.startswith("param/"):
+                params[key[6:]].copy_(value)
+
+
+def lm_fingerprint(vcfg, tcfg, vlm):
+    """Everything the text-only LM depends on: its sizes, the vocabulary and stage 0's recipe."""
+    keys = ("lm_width", "lm_layers", "lm_heads", "lm_kv_heads", "lm_mlp", "lm_init_std")
+    train = ("n_train", "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "warmup", "weight_decay",
+             "clip_norm", "seed")
+    return {**{k: getattr(vcfg, k) for k in keys}, **{k: getattr(tcfg, k) for k in train},
+            "vocab": vlm.processor.tokenizer.itos}
+
+
+# -- the frozen ViT and the data, cached -------------------------------------------------------
+
+def load_or_train_vit(cache, tiny, device, seed=0, progress=True):
+    """clip.py's shapes ViT (trained with `clip.py --train`'s settings into cache/vit on first use;
+    clip.py's trainer writes its own trainer.pt there, which this file never reads). tiny: a random
+    frozen tiny ViT, for the seconds-long demo and the tests."""
+    if tiny:
+        torch.manual_seed(seed)
+        return clip.CLIP(clip.CLIPConfig.tiny()).vision_model.to(device)
+    folder = Path(cache) / "vit"
+    if not (folder / "vlm_train_done.json").exists():
+        print(f"no shapes ViT in {folder}: training one with clip.py's --train settings (minutes)", file=sys.stderr)
+        t0 = time.time()
+        clip.train(clip.TrainConfig(), clip.CLIPConfig(), folder, device, progress=progress)
+        write_json(folder / "vlm_train_done.json", {"steps": clip.TrainConfig().steps, "seconds": time.time() - t0})
+    return clip.CLIP.from_pretrained(folder).vision_model.to(device)
+
+
+def cached_data(cache, n, seed, split, image_size, all_questions):
+    """shapes_data, rendered once and kept as cache/data/NAME.safetensors (images) + NAME.json (texts)."""
+    name = f"{split}-{seed}-{n}-{image_size}-{'all' if all_questions else 'one'}"
+    folder = Path(cache) / "data"
+    if (folder / f"{name}.json").exists():
+        texts = json.loads((folder / f"{name}.json").read_text())
+        images = load_tensors(folder / f"{name}.safetensors")["images"]
+        return VQAData(images, [tuple(x) for x in texts["qa"]], [tuple(x) for x in texts["captions"]])
+    data = shapes_data(n, seed, split, image_size, all_questions)
+    save_tensors(folder / f"{name}.safetensors", {"images": data.images})
+    write_json(folder / f"{name}.json", {"qa": data.qa, "captions": data.captions})
+    return data
+
+
+def build_shapes_vlm(vcfg, tcfg, cache, device, progress=True):
+    """The default VLM: frozen shapes ViT + connector + a Gemma decoder over the corpus' words."""
+    vit = load_or_train_vit(cache, vcfg.tiny_vision, device, tcfg.seed, progress)
+    size = vit.cfg.image_size
+    train = cached_data(cache, tcfg.n_train, tcfg.seed, "train", size, True)
+    tokenizer = WordTokenizer.from_texts([c for _, c in train.captions] + [q + " " + a for _, q, a, _ in train.qa]
+                                         + ["caption"])
+    torch.manual_seed(tcfg.seed)
+    model = ShapesVLM(vcfg, vit, len(tokenizer)).to(device)
+    processor = WordProcessor(tokenizer, model.config.num_image_tokens, size)
+    return VLM(model, processor, vcfg), train
+
+
+def eval_sets(cache, tcfg, size):
+    """Fresh scenes (seed + 1) of seen pairs ("test") and of held-out pairs ("heldout"), one question each."""
+    return {split: cached_data(cache, tcfg.n_eval, tcfg.seed + 1, split, size, False) for split in ("test", "heldout")}
+
+
+@torch.no_grad()
+def cache_features(vlm, data, batch_size=500):
+    """The frozen ViT's features of every image, once (default model only; a checkpoint's tower runs live)."""
+    if isinstance(vlm.model, ShapesVLM):
+        device = vlm.model.device
+        data.features = torch.cat([vlm.model.vision(vlm.processor.pixels(data.images[s:s + batch_size]).to(device))
+                                   for s in range(0, len(data.images), batch_size)])
+    return data
+
+
+# -- the whole run -------------------------------------------------------------------------------
+
+def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, stop_after=None, init=None,
+              evaluate=True, evaluate_stage1=True, stage1_dir=None):
+    """Stage 0 (cached), stage 1, evaluation, stage 2, evaluation; writes everything under `out`.
+
+    stop_after=(phase, k) raises Killed after that stage's step k (tests of --resume). stage1_dir: a
+    stage-1 folder shared by runs that differ only in stage 2 (the benchmark). Returns metrics.
+    """
+    out, t0 = Path(out), time.time()
+    cache = Path(cache or out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "metrics.jsonl", "a")
+
+    def log(row):
+        log_file.write(json.dumps({**row, "time": round(time.time() - t0, 3)}) + "\n")
+        log_file.flush()
+
+    kill = dict([stop_after]) if stop_after else {}
+    try:
+        if init is not None:
+            vlm, train = build_init_vlm(init, vcfg, tcfg, cache, device)
+        else:
+            vlm, train = build_shapes_vlm(vcfg, tcfg, cache, device, progress)
+            cache_features(vlm, train)
+            folder = cache / ("lm-" + f"{hash_str(json.dumps(lm_fingerprint(vcfg, tcfg, vlm))):x}"[:12])
+            if finished(folder, tcfg.pretrain_steps):
+                load_finished_weights(folder, vlm.model)
+                h0 = json.loads((folder / f"step-{tcfg.pretrain_steps:06d}" / "trainer.json").read_text())["history"]
+            else:
+                h0 = stage0_pretrain_lm(vlm, train, vcfg, tcfg, folder, progress, log, kill.get("stage0"))
+        metrics = {"config": {"model": asdict(vcfg), "train": asdict(tcfg)}, "skipped_images": train.skipped,
+                   "seconds": {"setup and stage 0": time.time() - t0}, "history": {}}
+        if init is None:
+            metrics["history"]["stage0"] = h0
+        t1 = time.time()
+        h1 = stage1_align(vlm, train, vcfg, tcfg, Path(stage1_dir or out / "stage1"), resume or stage1_dir is not None,
+                          progress, log, kill.get("stage1"))
+        metrics["seconds"]["stage 1"] = time.time() - t1
+        metrics["history"].update(h1)
+        evals = {k: cache_features(vlm, d) for k, d in eval_sets(cache, tcfg, vlm.processor.image_size).items()} if evaluate else {}
+        if evaluate and evaluate_stage1:
+            metrics["after stage 1"] = {s: evaluate_vqa(vlm, d, vlm.question_prefix)[0] for s, d in evals.items()}
+            if vcfg.connector == "qformer" and init is None:
+                metrics["retrieval after stage 1"] = qformer_retrieval(vlm, evals["test"])
+        t2 = time.time()
+        h2 = stage2_vqa(vlm, train, vcfg, tcfg, out / "stage2", resume, progress, log, kill.get("stage2"))
+        metrics["seconds"]["stage 2"] = time.time() - t2
+        metrics["history"]["stage2"] = h2
+        metrics["loss"] = {k: [v[0], v[-1]] for k, v in metrics["history"].items() if v}
+        metrics["trainable parameters"] = sum(p.numel() for p in vlm.model.parameters() if p.requires_grad)
+        if evaluate:
+            after = {s: evaluate_vqa(vlm, d, vlm.question_prefix) for s, d in evals.items()}
+            metrics["after stage 2"] = {s: r[0] for s, r in after.items()}
+            answer_grid(vlm, evals["test"], after["test"][1], out / "answers.png")
+        save_vlm(vlm, out / "model", tcfg.stage2, init)
+        metrics["seconds"]["total"] = time.time() - t0
+        write_json(out / "metrics.json", metrics)
+        return metrics, vlm
+    finally:
+        log_file.close()
+
+
+def save_vlm(vlm, folder, mode, init=None):
+    """out/model: what load_vlm reads. Base weights (LoRA layers unwrapped, the LM before NF4) in
+    safetensors, the adapter in peft's format, config and tokenizer in JSON."""
+    folder = Path(folder)
+    if init is not None:
+        return save_init_vlm(vlm, folder, mode, init)
+    state = base_state(vlm.model, mode)
+    save_tensors(folder / "model.safetensors", state)
+    write_json(folder / "vlm.json", {"model": asdict(vlm.config), "stage2": mode,
+                                     "vocab": vlm.processor.tokenizer.itos})
+    if mode != "full":
+        lora.save_adapter(vlm.model, str(folder / "adapter"))
+
+
+def base_state(model, mode):
+    """The state dict without LoRA's A, B; `base_layer.` dropped from names; NF4 layers as the fp
+    weights they were quantized from (kept in model.lm_before_nf4 by set_stage)."""
+    state = {}
+    for k, v in model.state_dict().items():
+        if ".lora_" in k:
+            continue
+        state[k.replace(".base_layer.", ".")] = v
+    if mode == "qlora":
+        state = {k: v for k, v in state.items() if not k.startswith("language_model.")}
+        state.update({"language_model." + k: v for k, v in model.lm_before_nf4.items()})
+    return state
+
+
+def load_vlm(out_dir, device="cpu"):
+    """The trained VLM of a `--train` run (out_dir or out_dir/model), ready for answer()."""
+    folder = Path(out_dir)
+    folder = folder / "model" if (folder / "model").is_dir() else folder
+    if (folder / "init.json").exists():
+        return load_init_vlm(folder, device)
+    if not (folder / "vlm.json").exists():
+        raise CheckpointError(f"{folder} has no vlm.json: expected the `model` folder a vlm_train.py run writes")
+    meta = json.loads((folder / "vlm.json").read_text())
+    vcfg = VLMConfig(**meta["model"])
+    cfg = clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()
+    tokenizer = WordTokenizer(meta["vocab"])
+    model = ShapesVLM(vcfg, clip.CLIP(cfg).vision_model, len(tokenizer))
+    clip.load_strict(model, load_tensors(folder / "model.safetensors"), folder)
+    if meta["stage2"] != "full":
+        set_stage(model, 2, meta["stage2"], vcfg)
+        lora.load_adapter(model, str(folder / "adapter"))
+    model = model.to(device).eval()
+    return VLM(model, WordProcessor(tokenizer, model.config.num_image_tokens, cfg.image_size), vcfg)
+
+
+# -- --init paligemma:DIR: a whole PaliGemma checkpoint (its tower, projector, decoder, tokenizer) ---
+
+class InitFolderError(FileNotFoundError):
+    """--init points at a folder that is not a complete PaliGemma checkpoint."""
+
+
+def init_folder(spec):
+    """'paligemma:DIR' -> DIR, checked: config.json, weights (single or sharded) and the tokenizer."""
+    kind, _, path = spec.partition(":")
+    if kind != "paligemma" or not path:
+        raise ConfigError(f"--init expects paligemma:DIR (a PaliGemma checkpoint folder), got {spec!r}")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InitFolderError(f"--init {spec}: {folder} is not a folder; expected a PaliGemma checkpoint "
+                              f"folder (config.json, model.safetensors, tokenizer.json)")
+    missing = [name for name, ok in (
+        ("config.json", (folder / "config.json").is_file()),
+        ("model.safetensors (or model.safetensors.index.json)",
+         (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()),
+        ("tokenizer.json (or tokenizer.model)",
+         (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file())) if not ok]
+    if missing:
+        raise InitFolderError(f"--init {spec}: {folder} is an incomplete PaliGemma checkpoint, missing "
+                              + ", ".join(missing))
+    return folder
+
+
+class CheckpointProcessor:
+    """The checkpoint's own tokenizer and image preprocessing (paligemma.PaliGemmaProcessor), with
+    the same sequence layout as WordProcessor: <image> * N <bos> prompt \\n | answer <eos>."""
+
+    def __init__(self, folder, config):
+        self.processor, self.config = pg.PaliGemmaProcessor.from_pretrained(folder, config), config
+        self.tokenizer = self.processor.tokenizer
+        self.image_size = config.vision.image_size
+        self.eos_token_id = self.tokenizer.eos_token_id
+
+    def __call__(self, prompts, answers=None, images=True):
+        tok = self.tokenizer
+        image = self.processor.IMAGE_TOKEN * self.config.num_image_tokens if images else ""
+        prefixes = [tok(image + tok.bos_token + p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
+        suffixes = ([[] for _ in prompts] if answers is None else
+                    [tok(a + tok.eos_token, add_special_tokens=False)["input_ids"] for a in answers])
+        pad = tok.pad_token_id if tok.pad_token_id is not None else self.config.text.pad_token_id
+        return prefix_suffix_batch(prefixes, suffixes, pad)
+
+    def pixels(self, images):
+        return torch.stack([self.processor.preprocess_image(Image.fromarray(x.numpy())) for x in images])
+
+    def decode(self, tokens):
+        return self.processor.decode(tokens)
+
+
+def build_init_vlm(spec, vcfg, tcfg, cache, device):
+    """PaliGemma.from_pretrained(DIR) in fp32; its projector is the connector (linear, or dense)."""
+    folder = init_folder(spec)
+    if vcfg.connector not in ("linear", "dense"):
+        raise ConfigError(f"--init paligemma uses the checkpoint's own projector: --connector linear or dense, "
+                          f"got {vcfg.connector!r}")
+    model = pg.PaliGemma.from_pretrained(folder, dtype=torch.float32, device=device, connector=vcfg.connector)
+    vlm = VLM(model, CheckpointProcessor(folder, model.config), vcfg, "caption en", "answer en ")
+    return vlm, cached_data(cache, tcfg.n_train, tcfg.seed, "train", vlm.processor.image_size, True)
+
+
+def transformers_adapter_key(key):
+    """Our module names -> transformers 5.23 PaliGemmaForConditionalGeneration's (what peft sees)."""
+    prefix = lora.PEFT_PREFIX
+    name = key.removeprefix(prefix)
+    for ours, theirs in (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+                         ("multi_modal_projector.", "model.multi_modal_projector.")):
+        if name.startswith(ours):
+            return prefix + theirs + name.removeprefix(ours)
+    return key
+
+
+def save_init_vlm(vlm, folder, mode, init):
+    """model/base: a transformers-format PaliGemma (trained projector, LM unchanged under LoRA) with the
+    checkpoint's tokenizer; model/adapter: the LoRA adapter under transformers' module names, which
+    peft's PeftModel.from_pretrained and paligemma.py's adapter= both read."""
+    import shutil
+
+    from safetensors.torch import save_file
+    source = init_folder(init)
+    base = pg.PaliGemma(vlm.model.config)
+    clip.load_strict(base, base_state(vlm.model, mode), "the trained model")
+    base.save_pretrained(folder / "base")
+    for f in source.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, folder / "base" / f.name)
+    if mode != "full":
+        lora.save_adapter(vlm.model, str(folder / "adapter"))
+        weights = folder / "adapter" / lora.ADAPTER_WEIGHTS
+        tensors = {transformers_adapter_key(k): v for k, v in load_tensors(weights).items()}
+        atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        # SigLIP's layers are also called q_proj, ...: a regex (peft and lora.py both fullmatch it) names
+        # the decoder's layers under either naming, ours (language_model.model.*) or transformers'
+        config_file = folder / "adapter" / lora.ADAPTER_CONFIG
+        config = json.loads(config_file.read_text())
+        config["target_modules"] = r".*language_model.*\.(" + "|".join(vlm.config.lora_targets) + ")"
+        write_json(config_file, config)
+    write_json(folder / "init.json", {"init": str(source), "stage2": mode, "model": asdict(vlm.config)})
+
+
+def load_init_vlm(folder, device="cpu"):
+    meta = json.loads((folder / "init.json").read_text())
+    vcfg = VLMConfig(**meta["model"])
+    model = pg.PaliGemma.from_pretrained(folder / "base", dtype=torch.float32, device=device)
+    if meta["stage2"] != "full":
+        set_stage(model, 2, meta["stage2"], vcfg)
+        pg.load_adapter(model, folder / "adapter")
+    return VLM(model.eval(), CheckpointProcessor(folder / "base", model.config), vcfg, "caption en", "answer en ")
+
+
+# -- memory: full vs LoRA vs QLoRA, one stage-2 step each in a fresh process --------------------
+
+def memory_child(mode, vcfg_dict, batch_size, vocab_size):
+    """One stage-2 step of `mode` in this (fresh) process: bytes of weights, gradients, AdamW state,
+    the tensors autograd saved for backward (activations), and the process's peak RSS."""
+    lora.return_freed_memory_to_the_os()
+    baseline = lora.peak_rss_bytes()
+    vcfg = VLMConfig(**vcfg_dict)
+    torch.manual_seed(0)
+    vit = clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model
+    model = ShapesVLM(vcfg, vit, vocab_size)
+    tokenizer = WordTokenizer([f"w{i}" for i in range(vocab_size - len(SPECIALS))])
+    processor = WordProcessor(tokenizer, model.config.num_image_tokens, vit.cfg.image_size)
+    data = shapes_data(batch_size, 0, "train", vit.cfg.image_size, all_questions=False)
+    vlm = VLM(model, processor, vcfg)
+    params = set_stage(model, 2, mode, vcfg)
+    optimizer = make_optimizer(params, 1e-3, 0.0)
+    batch = make_batch(vlm, data, list(range(batch_size)), "vqa", torch.device("cpu"))
+    saved = {}
+
+    def pack(t):      # every tensor autograd keeps for backward, counted once per storage
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = vlm_loss(model.train(), batch)
+    loss.backward()
+    optimizer.step()
+    out = lora.training_state_bytes(model, optimizer)
+    out.update(mode=mode, activations=sum(saved.values()), peak=lora.peak_rss_bytes(), baseline=baseline,
+               trainable=sum(p.numel() for p in params))
+    return out
+
+
+def paligemma_3b_arithmetic(r=16):
+    """The same accounting for PaliGemma-3B's real sizes (counted on the meta device): bf16 weights and
+    gradients, fp32 AdamW moments (8 bytes per trainable weight), NF4 at 4 + 0.127 bits per weight
+    (64-weight blocks, fp8 absmax double-quantized in blocks of 256: Dettmers et al. 2023, sec. 3)."""
+    with torch.device("meta"):
+        model = pg.PaliGemma(pg.PaliGemmaConfig())
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    linears = [m for m in model.language_model.modules() if isinstance(m, nn.Linear)]
+    lm_linear = sum(m.weight.numel() for m in linears)
+    lora_n = sum(r * (m.in_features + m.out_features) for m in linears)
+    vision, proj, lm = count(model.vision_tower), count(model.multi_modal_projector), count(model.language_model)
+    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)
+    rows = {"full": (2 * (vision + proj + lm), 2 * (proj + lm), 8 * (proj + lm)),
+            "lora": (2 * (vision + proj + lm + lora_n), 2 * (proj + lora_n), 8 * (proj + lora_n)),
+            "qlora": (2 * (vision + proj + lm - lm_linear + lora_n) + lm_linear * nf4_bits / 8,
+                      2 * (proj + lora_n), 8 * (proj + lora_n))}
+    return {"params": vision + proj + lm, "lora_params": lora_n, "r": r,
+            "rows": {k: dict(zip(("weights", "grads", "optimizer"), v)) for k, v in rows.items()}}
+
+
+def memory_report(vcfg, batch_size, vocab_size=64):
+    """Measure each mode in a fresh spawned process; print the table and the 3B extrapolation."""
+    import multiprocessing as mp
+    # a fresh process per mode, forked from a server that has imported this file once (lora.py does the same)
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["vlm_train"])
+    rows = []
+    for mode in STAGE2_MODES:
+        with ctx.Pool(1) as pool:
+            rows.append(pool.apply(memory_child, (mode, asdict(vcfg), batch_size, vocab_size)))
+    mib = lambda b: f"{b / 2**20:,.2f}"  # noqa: E731
+    print(f"\n## one stage-2 step, batch {batch_size}, connector {vcfg.connector} (measured, each in a fresh process)\n")
+    print("| mode | trainable | weights MiB | grads MiB | AdamW MiB | training state MiB | activations MiB "
+          "| peak RSS MiB | peak - start MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        r["state"] = r["weights"] + r["grads"] + r["optimizer"]
+        print(f"| {r['mode']} | {r['trainable']:,} | {mib(r['weights'])} | {mib(r['grads'])} | {mib(r['optimizer'])} "
+              f"| {mib(r['state'])} | {mib(r['activations'])} | {mib(r['peak'])} | {mib(r['peak'] - r['baseline'])} |")
+    big = paligemma_3b_arithmetic()
+    gib = lambda b: f"{b / 2**30:,.2f}"  # noqa: E731
+    print(f"\n## the same arithmetic at PaliGemma-3B's sizes ({big['params'] / 1e9:.2f} B weights; LoRA r = "
+          f"{big['r']} on every decoder linear layer: {big['lora_params'] / 1e6:.1f} M; activations not included)\n")
+    print("| mode | weights GiB | grads GiB | AdamW GiB | training state GiB |")
+    print("|---|---:|---:|---:|---:|")
+    for mode, r in big["rows"].items():
+        print(f"| {mode} | {gib(r['weights'])} | {gib(r['grads'])} | {gib(r['optimizer'])} | {gib(sum(r.values()))} |")
+    return {"measured": rows, "paligemma-3b": big}
+
+
+# -- pictures ------------------------------------------------------------------------------------
+
+def answer_grid(vlm, data, predictions, path, n=8, cell=112):
+    """PNG: n held-out images, each with its question, the generated answer and the truth."""
+    from PIL import ImageFont
+    font = ImageFont.load_default()
+    cols, text_h = 4, 64
+    rows = math.ceil(min(n, len(data.qa)) / cols)
+    img = Image.new("RGB", (cols * (cell + 120), rows * (cell + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for j, ((i, q, a, _), p) in enumerate(list(zip(data.qa, predictions))[:n]):
+        x, y = (j % cols) * (cell + 120), (j // cols) * (cell + text_h)
+        img.paste(Image.fromarray(data.images[i].numpy()).resize((cell, cell), Image.NEAREST), (x + 4, y + 4))
+        words, lines = q.split(), [""]
+        for w in words:
+            lines[-1:] = [lines[-1] + " " + w] if len(lines[-1]) + len(w) < 36 else [lines[-1], w]
+        draw.multiline_text((x + 4, y + cell + 6), "\n".join(l.strip() for l in lines), fill=(0, 0, 0), font=font)
+        draw.text((x + cell + 10, y + 20), f"model: {p}", fill=(0, 130, 0) if p == a else (200, 0, 0), font=font)
+        draw.text((x + cell + 10, y + 40), f"truth: {a}", fill=(0, 0, 0), font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+# -- printing ------------------------------------------------------------------------------------
+
+def results_table(metrics):
+    """The before / after table: exact match and ROUGE-L, overall and per kind, both splits."""
+    lines = ["| split | questions | kind | n | exact after stage 1 | exact after stage 2 | ROUGE-1 after 1 -> 2 "
+             "| ROUGE-L after 1 -> 2 |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for split, name in (("test", "unseen scenes"), ("heldout", "held-out colour-shape pairs")):
+        before, after = metrics["after stage 1"][split], metrics["after stage 2"][split]
+        for kind in ["all"] + [k for k in KINDS if k in after]:
+            b, a = before[kind], after[kind]
+            lines.append(f"| {split} | {name} | {kind} | {a['n']} | {b['exact']:.1f}% | {a['exact']:.1f}% | "
+                         f"{b['rouge1']:.1f} -> {a['rouge1']:.1f} | {b['rougeL']:.1f} -> {a['rougeL']:.1f} |")
+    return "\n".join(lines)
+
+
+def print_summary(metrics, out):
+    s = metrics["seconds"]
+    print(f"\nloss (first -> last step): " + ", ".join(f"{k} {v[0]:.3f} -> {v[1]:.3f}" for k, v in metrics["loss"].items()))
+    print(f"time: setup + stage 0 {s['setup and stage 0']:.0f} s, stage 1 {s['stage 1']:.0f} s, "
+          f"stage 2 {s['stage 2']:.0f} s, total {s['total']:.0f} s; trainable in stage 2: "
+          f"{metrics['trainable parameters']:,}; skipped images: {metrics['skipped_images']}")
+    if "after stage 2" in metrics:
+        print("\n" + results_table(metrics))
+    if "retrieval after stage 1" in metrics:
+        r = metrics["retrieval after stage 1"]
+        print(f"\nQ-Former ITC retrieval after stage 1 (unseen scenes): image->text R@1 {r['i2t R@1']:.1f}% "
+              f"R@5 {r['i2t R@5']:.1f}%, text->image R@1 {r['t2i R@1']:.1f}% R@5 {r['t2i R@5']:.1f}%")
+    print(f"\nwritten under {out}/: model/ (load_vlm), metrics.json, metrics.jsonl, answers.png, stage checkpoints")
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+def pick_device(name):
+    """auto, cpu, cuda or cuda:N; an absent CUDA device is a clear error, not a crash later."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {name} was asked for, but torch sees "
+                          f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def configs_from_args(args):
+    vcfg_over, tcfg_over = PRESETS.get(args.preset, ({}, {})) if args.preset else ({}, {})
+    vcfg_over = {**vcfg_over, **({"connector": args.connector} if args.connector else {})}
+    tcfg_over = {**tcfg_over, "seed": args.seed, **({"stage2": args.stage2} if args.stage2 else {})}
+    if args.steps is not None:
+        tcfg_over["stage2_steps"] = args.steps
+    tiny = args.tiny or not (args.train or args.memory_report)
+    vcfg = (VLMConfig.tiny if tiny else VLMConfig)(**vcfg_over)
+    tcfg = (TrainConfig.tiny if tiny else TrainConfig)(**tcfg_over)
+    return vcfg, tcfg
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="vlm_train.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--train", action="store_true", help="both stages on the embedded data (~15 min on 2 CPU cores)")
+    parser.add_argument("--out", type=str, default="runs/vlm_train", help="where everything of the run is written")
+    parser.add_argument("--cache", type=str, default=None, help="where the ViT, data and text-only LM are cached "
+                        "(default: --out); share it between runs")
+    parser.add_argument("--resume", action="store_true", help="continue stages 1 and 2 from --out's checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--tiny", action="store_true", help="the tiny configuration (tests, demo)")
+    parser.add_argument("--connector", type=str, default=None, choices=CONNECTORS, help="default mlp")
+    parser.add_argument("--stage2", type=str, default=None, choices=STAGE2_MODES, help="default lora")
+    parser.add_argument("--preset", type=str, default=None, choices=sorted(PRESETS))
+    parser.add_argument("--init", type=str, default=None, help="paligemma:DIR, a whole PaliGemma checkpoint folder")
+    parser.add_argument("--steps", type=int, default=None, help="stage-2 steps (default: the configuration's)")
+    parser.add_argument("--memory-report", action="store_true", help="full vs LoRA vs QLoRA stage-2 memory, measured")
+    parser.add_argument("--figure", type=str, default=None, help="also write the answers grid PNG here "
+                        "(e.g. assets/vlm_train_answers.png); without --train, from --out's trained model")
+    args = parser.parse_args(argv)
+    try:
+        device = pick_device(args.device)
+        vcfg, tcfg = configs_from_args(args)
+        if args.memory_report:
+            return memory_report(vcfg, tcfg.batch_size)
+        if args.figure and not args.train:
+            vlm = load_vlm(args.out, device)
+            data = eval_sets(args.cache or args.out, tcfg, vlm.processor.image_size)["test"]
+            answer_grid(vlm, data, evaluate_vqa(vlm, data, vlm.question_prefix)[1], args.figure)
+            print(f"wrote {args.figure}")
+            return None
+        if not args.train:
+            return run_demo(vcfg, tcfg, args, device)
+        metrics, _ = train_vlm(vcfg, tcfg, args.out, device, args.resume, args.cache, init=args.init)
+        print_summary(metrics, args.out)
+        if args.figure:
+            import shutil
+            shutil.copy(Path(args.out) / "answers.png", args.figure)
+        return metrics
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+
+
+def run_demo(vcfg, tcfg, args, device):
+    """Seconds: both stages of a tiny VLM (random frozen tiny ViT), with the numbers a reader checks."""
+    print(f"tiny VLM: random frozen ViT -> {vcfg.connector} connector -> Gemma decoder "
+          f"({vcfg.lm_layers} layer x {vcfg.lm_width}); stage 2 {tcfg.stage2}")
+    metrics, vlm = train_vlm(vcfg, tcfg, args.out, device, args.resume, args.cache, progress=False, init=args.init)
+    for phase, (first, last) in metrics["loss"].items():
+        print(f"  {phase}: loss {first:.3f} (first step) -> {last:.3f} (step {tcfg.stage2_steps if phase == 'stage2' else tcfg.stage1_steps})")
+    a, b = metrics["after stage 1"]["test"]["all"], metrics["after stage 2"]["test"]["all"]
+    print(f"  exact match on {b['n']} unseen questions: {a['exact']:.1f}% after stage 1 -> {b['exact']:.1f}% after stage 2 "
+          f"(a tiny random ViT and {tcfg.stage2_steps} steps: the plumbing, not the accuracy; see --train)")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
