@@ -87,3 +87,25 @@ def test_readme_test_command_is_what_ci_runs():
     lines = [l.strip() for l in readme.splitlines() if "python -m pytest" in l and not l.strip().startswith("#")]
     assert lines, "README has no quick-start test command"
     assert lines[0] in ci, f"README's test command is not the one .ci/run runs:\n{lines[0]}"
+
+
+def concept_share(path):
+    """Lines above the "Plumbing" banner over all lines, in percent (None without a banner). The
+    banner is a comment line that starts with "# Plumbing"."""
+    lines = path.read_text().splitlines()
+    banner = next((i for i, line in enumerate(lines) if line.startswith("# Plumbing")), None)
+    return None if banner is None else 100 * banner / len(lines)
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_concept_first_and_the_readme_states_the_share(name):
+    """Each file teaches its concept first: at least half its lines sit above one "Plumbing" banner,
+    and the README's file table states that share (to the point, give or take 2 for small edits)."""
+    share = concept_share(ROOT / f"{name}.py")
+    assert share is not None, f"{name}.py has no '# Plumbing' banner comment"
+    assert share >= 50, f"{name}.py: only {share:.0f}% of its lines come before the Plumbing banner"
+    row = next((line for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith(f"| [`{name}.py`]")), None)
+    assert row is not None, f"README's file table has no row for {name}.py"
+    stated = int(row.rstrip(" |").rsplit("|", 1)[1].strip().rstrip("%"))
+    assert abs(stated - share) <= 2, f"README says {stated}% for {name}.py, the file has {share:.0f}%"
