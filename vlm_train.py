@@ -1024,8 +1024,8 @@ def lm_fingerprint(vcfg, tcfg, vlm):
 # -- the frozen ViT and the data, cached -------------------------------------------------------
 
 def load_or_train_vit(cache, tiny, device, seed=0, progress=True):
-    """clip.py's shapes ViT (trained with `clip.py --train`'s settings into cache/vit on first use;
-    clip.py's trainer writes its own trainer.pt there, which this file never reads). tiny: a random
+    """clip.py's shapes ViT (trained with `clip.py --train`'s settings into cache/vit on first use, in
+    clip.py's own checkpoint layout; CLIP.from_pretrained follows its `latest`). tiny: a random
     frozen tiny ViT, for the seconds-long demo and the tests."""
     if tiny:
         torch.manual_seed(seed)
@@ -1448,19 +1448,11 @@ def print_summary(metrics, out):
 # -- command line ----------------------------------------------------------------------------------
 
 def pick_device(name):
-    """auto, cpu, cuda or cuda:N; an absent CUDA device is a clear error, not a crash later."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """--device auto|cpu|cuda|cuda:N as a torch.device (clip.pick_device checks that a CUDA device exists)."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"--device {name} was asked for, but torch sees "
-                          f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    return device
+        return torch.device(clip.pick_device(name))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def configs_from_args(args):

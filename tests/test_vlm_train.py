@@ -274,7 +274,7 @@ def test_a_non_finite_loss_stops_without_overwriting_the_checkpoint(cache, tmp_p
     (["--connector", "resnet"], "invalid choice"),
     (["--preset", "gpt4"], "invalid choice"),
     (["--stage2", "half"], "invalid choice"),
-    (["--device", "cuda:7"], "CUDA device"),
+    (["--device", "cuda:7"], "--device cuda:7 was asked for"),
     (["--train", "--tiny", "--init", "paligemma:/no/such/folder"], "is not a folder"),
     (["--train", "--tiny", "--init", "llama:/tmp"], "expects paligemma:DIR"),
 ])
