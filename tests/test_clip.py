@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip
+from crash_hook import Crash, crash_after
 from conftest import run_gloo_workers
 
 # tiny tensors: one torch thread (tests/conftest.py says why)
@@ -483,23 +484,10 @@ def test_demo_runs(capsys, tmp_path):
 # Checkpoints survive a crash at any moment, and bad files are named in their errors
 # ---------------------------------------------------------------------------------------------
 
-class Crash(Exception):
-    """What a kill at a write boundary looks like to the training loop."""
-
-
 def tiny_run(folder, resume=False, **overrides):
     cfg = clip.TrainConfig.tiny(**{"steps": 6, "batch_size": 8, "n_train": 32, "log_every": 1, "save_every": 3,
                                    **overrides})
     return clip.train(cfg, clip.CLIPConfig.tiny(), folder, resume=resume, progress=False)
-
-
-def crash_after(n, written):
-    """A CHECKPOINT_HOOK that records each file a save made durable and raises after the n-th."""
-    def hook(path):
-        written.append(path)
-        if len(written) == n:
-            raise Crash(path)
-    return hook
 
 
 @pytest.mark.slow

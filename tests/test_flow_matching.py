@@ -13,6 +13,7 @@ import torch
 from dataclasses import replace
 
 import flow_matching as fm
+from crash_hook import Crash, crash_after
 from conftest import run_gloo_workers
 
 
@@ -281,19 +282,9 @@ def test_a_crash_after_any_file_of_a_save_resumes_to_the_same_weights(tmp_path, 
     per_save = len(files) // 3                                          # saves at steps 2, 4 and 6
     assert per_save == 5 and files[per_save - 1].name == "latest"      # 4 files, then the pointer
 
-    class Crash(Exception):
-        pass
-
     for i in range(1, 2 * per_save + 1):                                # every boundary of the first two saves
         run = tmp_path / f"crash{i}"
-        written = []
-
-        def crash_after_ith(path):
-            written.append(path)
-            if len(written) == i:
-                raise Crash(path)
-
-        monkeypatch.setattr(fm, "FILE_WRITTEN", crash_after_ith)
+        monkeypatch.setattr(fm, "FILE_WRITTEN", crash_after(i, []))
         with pytest.raises(Crash):
             fm.train(cfg, run, progress=False)
         monkeypatch.setattr(fm, "FILE_WRITTEN", None)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import qformer
+from crash_hook import Crash, crash_after
 from qformer import QFormer, QFormerConfig, build_attention_mask
 
 
@@ -351,10 +352,6 @@ def test_demo_training_lowers_all_three_losses():
 # --train's checkpoints survive a crash at any moment; bad files and configs are named
 # ------------------------------------------------------------------------------------------------
 
-class Crash(Exception):
-    """What a kill at a write boundary looks like to the training loop."""
-
-
 def toy_train_set():
     """train_shapes' input from the toy world: frozen features, ids, masks, one description per caption."""
     feats, ids, mask = qformer.toy_data(QFormerConfig.tiny(), 64, torch.Generator().manual_seed(0))
@@ -365,14 +362,6 @@ def toy_train_set():
 def toy_run(folder, resume=False, config=None, **overrides):
     cfg = qformer.TrainConfig.tiny(**{"steps": 6, "batch_size": 8, "n_train": 64, "save_every": 3, **overrides})
     return qformer.train_shapes(cfg, config or QFormerConfig.tiny(), toy_train_set(), folder, "cpu", resume)
-
-
-def crash_after(n, written):
-    def hook(path):
-        written.append(path)
-        if len(written) == n:
-            raise Crash(path)
-    return hook
 
 
 @pytest.mark.slow
