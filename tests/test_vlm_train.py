@@ -157,19 +157,35 @@ def test_vision_is_frozen_even_in_train_mode(cache):
 
 def test_connector_shapes_and_the_perceiver_ignores_patch_order(cache):
     torch.manual_seed(0)
-    feats = torch.randn(2, 1, 17, 48)                                     # (B, K, 1+N, Dv) of the tiny ViT
-    for name, m in (("linear", 17), ("mlp", 17), ("qformer", 4), ("perceiver", 4)):
-        connector, _ = vt.make_connector(vt.VLMConfig.tiny(connector=name), 48, 1, 32)
-        assert connector(feats).shape == (2, m, 32)
-    perceiver, _ = vt.make_connector(vt.VLMConfig.tiny(connector="perceiver"), 48, 1, 32)
+    feats = torch.randn(2, 1, 17, 48)                                     # (B, K, 1+N, Dv) of the tiny ViT: 4 x 4 patches
+    for name, merge, m in (("linear", 1, 16), ("linear", 2, 4), ("mlp", 1, 16), ("mlp", 2, 4), ("qformer", 2, 4),
+                           ("perceiver", 2, 4)):
+        connector, M = vt.make_connector(vt.VLMConfig.tiny(connector=name, patch_merge=merge), 48, 1, 16, 32)
+        assert connector(feats).shape == (2, m, 32) and M == m
+    perceiver, _ = vt.make_connector(vt.VLMConfig.tiny(connector="perceiver"), 48, 1, 16, 32)
     shuffled = feats[:, :, torch.randperm(17)]
     # the latents attend to a set: reordering the patches cannot change what they read
     assert torch.allclose(perceiver(feats), perceiver(shuffled), atol=1e-5)
-    # dense: [last ; mean of each group of earlier layers] through one linear map
+    # dense: [last ; mean of each group of earlier layers] through one linear map (one token per patch)
     dense = vt.DenseConnector(8, 4, groups=2)
-    stack = torch.randn(2, 5, 3, 8)                                        # h_0..h_3 and the last layer
-    manual = torch.cat([stack[:, 4], stack[:, 0:2].mean(1), stack[:, 2:4].mean(1)], -1)
+    stack = torch.randn(2, 5, 5, 8)                                        # h_0..h_3 and the last layer, 1+4 tokens
+    manual = torch.cat([stack[:, 4], stack[:, 0:2].mean(1), stack[:, 2:4].mean(1)], -1)[:, 1:]
     assert torch.allclose(dense(stack), dense.linear(manual))
+
+
+def test_merge_patches_concatenates_each_block_of_neighbours():
+    g, m, C = 6, 2, 3
+    z = torch.randn(2, 1 + g * g, C)                                       # class token, then patches in raster order
+    grid = z[:, 1:].reshape(2, g, g, C)
+    merged = vt.merge_patches(z, m)
+    assert merged.shape == (2, (g // m) ** 2, m * m * C)
+    for i in range(g // m):
+        for j in range(g // m):                                            # block (i, j): rows 2i..2i+1, cols 2j..2j+1
+            oracle = torch.cat([grid[:, m * i + a, m * j + b] for a in range(m) for b in range(m)], -1)
+            assert torch.equal(merged[:, i * (g // m) + j], oracle)
+    assert torch.equal(vt.merge_patches(z, 1), z[:, 1:])                  # m = 1: the patches, class token dropped
+    with pytest.raises(vt.ConfigError, match="patch_merge 3 .* 16 patches"):
+        vt.make_connector(vt.VLMConfig.tiny(connector="mlp", patch_merge=3), 48, 1, 16, 32)
 
 
 def test_schedule_warms_up_then_decays_by_cosine():
@@ -183,13 +199,15 @@ def test_schedule_warms_up_then_decays_by_cosine():
 
 @pytest.mark.parametrize("connector", ["mlp", "qformer"])
 def test_each_stage_lowers_its_loss(connector, cache, tmp_path):
-    vcfg, tcfg = tiny(connector, pretrain_steps=16, itc_steps=16, stage1_steps=16, stage2_steps=16, save_every=50)
+    # each step draws a fresh batch, so single losses are noisy: compare the means of the first and
+    # last quarter of each stage
+    vcfg, tcfg = tiny(connector, pretrain_steps=32, itc_steps=32, stage1_steps=32, stage2_steps=32, save_every=50)
     metrics, _ = vt.train_vlm(vcfg, tcfg, tmp_path, CPU, cache=tmp_path / "c", progress=False, evaluate=False)
     history = metrics["history"]
     phases = ["stage0", "stage1", "stage2"] + (["stage1a"] if connector == "qformer" else [])
     for phase in phases:
         h = history[phase]
-        assert np.mean(h[-4:]) < np.mean(h[:4]), (phase, h)
+        assert np.mean(h[-8:]) < np.mean(h[:8]), (phase, h)
 
 
 def test_demo_runs_on_the_tiny_preset(tmp_path, capsys):
