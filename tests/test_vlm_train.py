@@ -295,11 +295,25 @@ def test_a_non_finite_loss_stops_without_overwriting_the_checkpoint(cache, tmp_p
     (["--device", "cuda:7"], "--device cuda:7 was asked for"),
     (["--train", "--tiny", "--init", "paligemma:/no/such/folder"], "is not a folder"),
     (["--train", "--tiny", "--init", "llama:/tmp"], "expects paligemma:DIR"),
+    (["--set", "lm_depth=3"], "KEY a field of VLMConfig or TrainConfig"),
+    (["--set", "patch_merge=two"], "--set patch_merge: expected a int like 2, got 'two'"),
+    (["--set", "bf16=maybe"], "--set bf16: expected a bool"),
+    (["--set", "patch_merge=3"], "patch_merge 3 needs a square grid"),
 ])
 def test_bad_command_lines_exit_with_a_clear_message(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         vt.main(argv + ["--out", str(tmp_path)])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_set_overrides_any_field_with_its_type():
+    import argparse
+    args = argparse.Namespace(preset=None, connector=None, seed=3, stage2=None, steps=None, tiny=False, train=True,
+                              memory_report=False, set=["patch_merge=1", "lm_layers=3", "stage2_lr=1e-3", "bf16=false",
+                                                        "lora_targets=q_proj,v_proj"])
+    vcfg, tcfg = vt.configs_from_args(args)
+    assert (vcfg.patch_merge, vcfg.lm_layers, vcfg.lora_targets) == (1, 3, ("q_proj", "v_proj"))
+    assert (tcfg.stage2_lr, tcfg.bf16, tcfg.seed) == (1e-3, False, 3)
 
 
 def test_an_incomplete_init_folder_lists_what_is_missing(tmp_path, capsys):
