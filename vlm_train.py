@@ -48,8 +48,11 @@ Conventions: paligemma.py's, text left-padded; token_type_ids 0 = prefix, 1 = su
 where no loss is taken. Shapes: B batch, T tokens, N image patches (+ class token), M image tokens
 given to the LM (N/m^2 after merging m x m patches, or Q), Q learned queries/latents, K kept vision layers, D LM width, Dv vision width, V vocab.
 
-Left out: several images per prompt (Flamingo's gated cross-attention and its time embeddings), data
-on disk, transformers LMs and DDP (next issue), and unfreezing the vision encoder.
+Data on disk (`--data clevr:DIR | captions:DIR | img2dataset:DIR`) lives in the plumbing at the end
+of the file: it changes where rows come from, not what a stage computes.
+
+Left out: several images per prompt (Flamingo's gated cross-attention and its time embeddings),
+transformers LMs and vision towers from local folders and DDP (next issue), and unfreezing the vision encoder.
 """
 import argparse
 import json
@@ -138,6 +141,7 @@ class TrainConfig:
     bf16: bool = True                  # autocast where the device supports bf16 (CUDA with bf16); CPU: fp32
     save_every: int = 200
     seed: int = 0
+    data: str = ""                     # "" = the embedded shapes data; else KIND:PATH (see load_data)
 
     def __post_init__(self):
         if self.stage2 not in STAGE2_MODES:
@@ -247,7 +251,8 @@ class VQAData:
     images: torch.Tensor
     qa: list
     captions: list
-    skipped: int = 0
+    skipped: int = 0                   # unreadable images
+    malformed: int = 0                 # unusable lines of an annotation file (load_data)
     features: torch.Tensor = None      # (n, K, 1+N, Dv) frozen vision features, when cached
 
     def image_inputs(self, vlm, index):
@@ -260,7 +265,7 @@ class VQAData:
         images, qa, caps, index, skipped = [], [], [], {}, 0
 
         def add(image):
-            key = id(image)
+            key = str(image) if isinstance(image, (str, Path)) else id(image)     # a path is read once
             if key not in index:
                 array = load_image(image, image_size)
                 index[key] = len(images)
@@ -775,14 +780,16 @@ def score_answers(predictions, truths, kinds):
         return {"n": len(subset), "exact": 100 * sum(r[1] for r in subset) / n,
                 **{name: 100 * sum(r[2][name].fmeasure for r in subset) / n for name in ("rouge1", "rouge2", "rougeL")}}
 
-    return {"all": summary(rows), **{k: summary([r for r in rows if r[0] == k]) for k in KINDS
+    order = list(KINDS) + sorted(set(kinds) - set(KINDS))           # a loaded data set's own kinds last
+    return {"all": summary(rows), **{k: summary([r for r in rows if r[0] == k]) for k in order
                                      if any(r[0] == k for r in rows)}}
 
 
 def evaluate_vqa(vlm, data: VQAData, prompt_prefix=""):
     """Score greedy answers on every question of `data`."""
     idx = [x[0] for x in data.qa]
-    predictions = generate_answers(vlm, data.images[idx], [prompt_prefix + x[1] for x in data.qa],
+    longest = max(len(x[2].split()) for x in data.qa) + 1           # words of the longest answer, + <eos>
+    predictions = generate_answers(vlm, data.images[idx], [prompt_prefix + x[1] for x in data.qa], max(4, longest),
                                    features=None if data.features is None else data.features[idx])
     return score_answers(predictions, [x[2] for x in data.qa], [x[3] for x in data.qa]), predictions
 
@@ -868,21 +875,22 @@ def stage0_pretrain_lm(vlm, data, vcfg, tcfg, folder, progress=True, log=None, s
     params = set_stage(vlm.model, 0)
     qa, cap = sampler(vlm, data, "text_qa", tcfg, vlm.model.device), sampler(vlm, data, "text_cap", tcfg, vlm.model.device)
     return run_stage(vlm, "stage0", tcfg.pretrain_steps, tcfg.pretrain_lr, tcfg, folder, vlm_loss,
-                     lambda step, k: (qa if step % 2 else cap)(step, k), params,
+                     lambda step, k: (qa if step % 2 or not data.captions else cap)(step, k), params,
                      {"phase": "stage0", "lm": lm_fingerprint(vcfg, tcfg, vlm)}, resume=True,
                      stop_after=stop_after, log=log, progress=progress)
 
 
 def stage1_align(vlm, data, vcfg, tcfg, folder, resume, progress=True, log=None, stop_after=None):
-    """Connector only, LM frozen: (qformer: ITC + ITM + ITG first, then) the caption loss through the LM."""
+    """Connector only, LM frozen: (qformer: ITC + ITM + ITG first, then) the caption loss through the LM.
+    Data without captions (CLEVR) aligns on its questions and answers instead."""
     device, histories = vlm.model.device, {}
     params = set_stage(vlm.model, 1)
-    if vcfg.connector == "qformer" and tcfg.itc_steps:
+    if vcfg.connector == "qformer" and tcfg.itc_steps and data.captions:
         histories["stage1a"] = run_stage(vlm, "stage1a", tcfg.itc_steps, tcfg.itc_lr, tcfg, Path(folder) / "itc",
                                          itc_itm_itg_loss, sampler(vlm, data, "itc", tcfg, device), params,
                                          stage_config(vcfg, tcfg, "stage1a"), resume, None, log, progress)
     histories["stage1"] = run_stage(vlm, "stage1", tcfg.stage1_steps, tcfg.stage1_lr, tcfg, folder, vlm_loss,
-                                    sampler(vlm, data, "caption", tcfg, device), params,
+                                    sampler(vlm, data, "caption" if data.captions else "vqa", tcfg, device), params,
                                     stage_config(vcfg, tcfg, "stage1"), resume, stop_after, log, progress)
     return histories
 
@@ -1051,7 +1059,7 @@ def lm_fingerprint(vcfg, tcfg, vlm):
     train = ("n_train", "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "warmup", "weight_decay",
              "clip_norm", "seed")
     return {**{k: getattr(vcfg, k) for k in keys}, **{k: getattr(tcfg, k) for k in train},
-            "vocab": vlm.processor.tokenizer.itos}
+            "vocab": vlm.processor.tokenizer.itos, **({"data": tcfg.data} if tcfg.data else {})}
 
 
 # -- the frozen ViT and the data, cached -------------------------------------------------------
@@ -1090,7 +1098,8 @@ def build_shapes_vlm(vcfg, tcfg, cache, device, progress=True):
     """The default VLM: frozen shapes ViT + connector + a Gemma decoder over the corpus' words."""
     vit = load_or_train_vit(cache, vcfg.tiny_vision, device, tcfg.seed, progress)
     size = vit.cfg.image_size
-    train = cached_data(cache, tcfg.n_train, tcfg.seed, "train", size, True)
+    train = (load_data(tcfg.data, "train", tcfg.n_train, size, cache) if tcfg.data else
+             cached_data(cache, tcfg.n_train, tcfg.seed, "train", size, True))
     tokenizer = WordTokenizer.from_texts([c for _, c in train.captions] + [q + " " + a for _, q, a, _ in train.qa]
                                          + ["caption"])
     torch.manual_seed(tcfg.seed)
@@ -1100,7 +1109,10 @@ def build_shapes_vlm(vcfg, tcfg, cache, device, progress=True):
 
 
 def eval_sets(cache, tcfg, size):
-    """Fresh scenes (seed + 1) of seen pairs ("test") and of held-out pairs ("heldout"), one question each."""
+    """Fresh scenes (seed + 1) of seen pairs ("test") and of held-out pairs ("heldout"), one question each;
+    with --data, the folder's evaluation split as "test"."""
+    if tcfg.data:
+        return {"test": load_data(tcfg.data, "eval", tcfg.n_eval, size, cache)}
     return {split: cached_data(cache, tcfg.n_eval, tcfg.seed + 1, split, size, False) for split in ("test", "heldout")}
 
 
@@ -1123,6 +1135,140 @@ def pretrained_lm(vlm, train, vcfg, tcfg, cache, progress=True, log=None, stop_a
         load_finished_weights(folder, vlm.model)
         return json.loads((folder / f"step-{tcfg.pretrain_steps:06d}" / "trainer.json").read_text())["history"]
     return stage0_pretrain_lm(vlm, train, vcfg, tcfg, folder, progress, log, stop_after)
+
+
+# -- data on disk: --data KIND:PATH ------------------------------------------------------------------
+
+LAYOUTS = ("clevr:DIR        CLEVR v1.0: questions/CLEVR_{train,val}_questions.json and images/{train,val}/*.png",
+           "captions:DIR     captions.jsonl ({\"image\": \"rel/path.jpg\", \"caption\": \"...\"} per line) or captions.csv "
+           "(header image,caption); question + answer instead of caption for VQA",
+           "img2dataset:DIR  img2dataset's `files` output: 00000/000000001.jpg + 00000/000000001.txt (caption)")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MAX_WORDS = 48         # texts are cut to 48 words: the default LM reads at most 256 positions
+
+
+class DataFolderError(FileNotFoundError):
+    """--data names a folder that does not exist or holds nothing usable; the message lists the layouts."""
+
+
+def clevr_kind(q):
+    """CLEVR's question type (Johnson et al. 2017, sec. 3: exist, count, compare integer, query attribute,
+    compare attribute) from the last function of the question's program, or from the answer without one."""
+    last = (q.get("program") or [{}])[-1]
+    f = last.get("function", last.get("type", "")) if isinstance(last, dict) else ""
+    if f in ("exist", "count"):
+        return f
+    if f in ("equal_integer", "less_than", "greater_than"):
+        return "compare_integer"
+    if f.startswith(("query_", "equal_")):
+        return "query_attribute" if f.startswith("query_") else "compare_attribute"
+    return "count" if str(q["answer"]).isdigit() else "yes/no" if q["answer"] in ("yes", "no") else "query_attribute"
+
+
+def clevr_rows(root, split, bad):
+    """(image path, question, answer, kind) of CLEVR's train split (split "train") or val (evaluation)."""
+    name = "train" if split == "train" else "val"
+    path = root / "questions" / f"CLEVR_{name}_questions.json"
+    try:
+        questions = json.loads(path.read_text())["questions"]       # stdlib json reads the file whole
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataFolderError(f"{path}: not a CLEVR questions file ({type(e).__name__}: {e})") from None
+    for q in questions:
+        if isinstance(q, dict) and all(isinstance(q.get(k), (str, int)) for k in ("image_filename", "question", "answer")):
+            yield root / "images" / name / q["image_filename"], q["question"], str(q["answer"]), clevr_kind(q)
+        else:
+            bad[0] += 1                                              # test-split questions have no answer
+
+
+def caption_rows(root, split, bad):
+    """(image path, caption) or (image path, question, answer) per line of captions.jsonl / captions.csv."""
+    import csv
+    jsonl = root / "captions.jsonl"
+    with open(jsonl if jsonl.exists() else root / "captions.csv", newline="") as f:
+        lines = (line for line in f if line.strip()) if jsonl.exists() else csv.DictReader(f)
+        for line in lines:
+            try:
+                row = json.loads(line) if isinstance(line, str) else line
+                text = [row[k].strip() for k in (("question", "answer") if "question" in row else ("caption",))]
+                if not row["image"] or not all(text):
+                    raise ValueError
+                yield (root / row["image"], *text)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                bad[0] += 1
+
+
+def img2dataset_rows(root, split, bad):
+    """(image path, caption) pairs of img2dataset's shards, one folder listed and one caption read at a time."""
+    for shard in sorted(p for p in root.iterdir() if p.is_dir()):
+        for image in sorted(p for p in shard.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                yield image, image.with_suffix(".txt").read_text().strip() or None
+            except (OSError, UnicodeDecodeError):
+                bad[0] += 1                                          # an image without its caption file
+
+
+READERS = {"clevr": (clevr_rows, lambda root: (root / "questions").is_dir()),
+           "captions": (caption_rows, lambda root: (root / "captions.jsonl").exists() or (root / "captions.csv").exists()),
+           "img2dataset": (img2dataset_rows, lambda root: any(p.is_dir() for p in root.iterdir()))}
+
+
+def read_folder(spec, split, n):
+    """(vqa rows, caption rows, malformed lines) of at most n images of a split. CLEVR has its own val
+    split; in the other layouts every 10th image (in file order) is held out for evaluation, and the
+    malformed lines of their one annotation file are counted in the training split only."""
+    kind, _, path = spec.partition(":")
+    root = Path(path)
+    if kind not in READERS or not path:
+        raise ConfigError(f"--data expects KIND:PATH with KIND one of {', '.join(READERS)}, got {spec!r}")
+    read, looks_right = READERS[kind]
+    if not root.is_dir() or not looks_right(root):
+        why = "does not exist" if not root.exists() else f"is not in the {kind} layout"
+        raise DataFolderError(f"--data {spec}: {root} {why}. Accepted layouts:\n  " + "\n  ".join(LAYOUTS))
+    bad, seen, kept, vqa, caps = [0], {}, set(), [], []
+    for row in read(root, split, bad):
+        texts, kind_of_question = (row[1:3], row[3]) if len(row) == 4 else (row[1:], "question")
+        if texts[-1] is None:
+            bad[0] += 1
+            continue
+        path = str(row[0])
+        order = seen.setdefault(path, len(seen))
+        if kind != "clevr" and (order % 10 == 9) != (split != "train"):
+            continue                                                 # the other split's image
+        if path not in kept and len(kept) == n:
+            break
+        kept.add(path)
+        texts = [" ".join(t.split()[:MAX_WORDS]) for t in texts]
+        vqa.append((path, *texts, kind_of_question)) if len(texts) == 2 else caps.append((path, texts[0]))
+    return vqa, caps, bad[0] if kind == "clevr" or split == "train" else 0
+
+
+def load_data(spec, split, n, image_size, cache):
+    """VQAData of at most n images of a folder's split ("train" or "eval"), resized once and cached as
+    cache/data/NAME.safetensors + NAME.json (delete them after changing the folder). Caption-only data
+    gets one question per image, "caption", answered by its caption: stage 2 and the evaluation then
+    caption. Evaluation keeps one question per image, as for the shapes data."""
+    kind, _, path = spec.partition(":")
+    name = f"{kind}-{hash_str(str(Path(path).resolve())):x}-{split}-{n}-{image_size}"
+    folder = Path(cache) / "data"
+    if (folder / f"{name}.json").exists():
+        meta = json.loads((folder / f"{name}.json").read_text())
+        return VQAData(load_tensors(folder / f"{name}.safetensors")["images"], [tuple(x) for x in meta["qa"]],
+                       [tuple(x) for x in meta["captions"]], meta["skipped"], meta["malformed"])
+    vqa, caps, malformed = read_folder(spec, split, n)
+    try:
+        data = VQAData.from_iterables(vqa, caps, image_size)
+    except ValueError as e:
+        raise DataFolderError(f"--data {spec}: {path} holds nothing usable for {split} ({e}; {malformed} malformed "
+                              f"lines). Accepted layouts:\n  " + "\n  ".join(LAYOUTS)) from None
+    data.malformed = malformed
+    data.qa = data.qa or [(i, "caption", c, "caption") for i, c in data.captions]
+    if split != "train":
+        first = {}
+        data.qa = list(first.setdefault(row[0], row) for row in data.qa if row[0] not in first)
+    save_tensors(folder / f"{name}.safetensors", {"images": data.images})
+    write_json(folder / f"{name}.json", {"qa": data.qa, "captions": data.captions, "skipped": data.skipped,
+                                         "malformed": data.malformed})
+    return data
 
 
 # -- the whole run -------------------------------------------------------------------------------
@@ -1151,7 +1297,7 @@ def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, 
             vlm, train = build_shapes_vlm(vcfg, tcfg, cache, device, progress)
             h0 = pretrained_lm(vlm, train, vcfg, tcfg, cache, progress, log, kill.get("stage0"))
         metrics = {"config": {"model": asdict(vcfg), "train": asdict(tcfg)}, "skipped_images": train.skipped,
-                   "seconds": {"setup and stage 0": time.time() - t0}, "history": {}}
+                   "malformed_lines": train.malformed, "seconds": {"setup and stage 0": time.time() - t0}, "history": {}}
         if init is None:
             metrics["history"]["stage0"] = h0
         t1 = time.time()
@@ -1160,6 +1306,8 @@ def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, 
         metrics["seconds"]["stage 1"] = time.time() - t1
         metrics["history"].update(h1)
         evals = {k: cache_features(vlm, d) for k, d in eval_sets(cache, tcfg, vlm.processor.image_size).items()} if evaluate else {}
+        metrics["skipped_images"] += sum(d.skipped for d in evals.values())
+        metrics["malformed_lines"] += sum(d.malformed for d in evals.values())
         if evaluate and evaluate_stage1:
             metrics["after stage 1"] = {s: evaluate_vqa(vlm, d, vlm.question_prefix)[0] for s, d in evals.items()}
             if vcfg.connector == "qformer" and init is None:
@@ -1292,7 +1440,9 @@ def build_init_vlm(spec, vcfg, tcfg, cache, device):
                           f"got {vcfg.connector!r}")
     model = pg.PaliGemma.from_pretrained(folder, dtype=torch.float32, device=device, connector=vcfg.connector)
     vlm = VLM(model, CheckpointProcessor(folder, model.config), vcfg, "caption en", "answer en ")
-    return vlm, cached_data(cache, tcfg.n_train, tcfg.seed, "train", vlm.processor.image_size, True)
+    size = vlm.processor.image_size
+    return vlm, (load_data(tcfg.data, "train", tcfg.n_train, size, cache) if tcfg.data else
+                 cached_data(cache, tcfg.n_train, tcfg.seed, "train", size, True))
 
 
 def transformers_adapter_key(key):
@@ -1460,8 +1610,10 @@ def results_table(metrics):
     lines = ["| split | questions | kind | n | exact after stage 1 | exact after stage 2 | ROUGE-1 after 1 -> 2 "
              "| ROUGE-L after 1 -> 2 |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for split, name in (("test", "unseen scenes"), ("heldout", "held-out colour-shape pairs")):
+        if split not in metrics["after stage 2"]:
+            continue                                     # --data: the folder's evaluation split only
         before, after = metrics["after stage 1"][split], metrics["after stage 2"][split]
-        for kind in ["all"] + [k for k in KINDS if k in after]:
+        for kind in after:
             b, a = before[kind], after[kind]
             lines.append(f"| {split} | {name} | {kind} | {a['n']} | {b['exact']:.1f}% | {a['exact']:.1f}% | "
                          f"{b['rouge1']:.1f} -> {a['rouge1']:.1f} | {b['rougeL']:.1f} -> {a['rougeL']:.1f} |")
@@ -1473,7 +1625,8 @@ def print_summary(metrics, out):
     print(f"\nloss (first -> last step): " + ", ".join(f"{k} {v[0]:.3f} -> {v[1]:.3f}" for k, v in metrics["loss"].items()))
     print(f"time: setup + stage 0 {s['setup and stage 0']:.0f} s, stage 1 {s['stage 1']:.0f} s, "
           f"stage 2 {s['stage 2']:.0f} s, total {s['total']:.0f} s; trainable in stage 2: "
-          f"{metrics['trainable parameters']:,}; skipped images: {metrics['skipped_images']}")
+          f"{metrics['trainable parameters']:,}; skipped: {metrics['skipped_images']} "
+          f"rows with an unreadable image, {metrics['malformed_lines']} malformed lines")
     if "after stage 2" in metrics:
         print("\n" + results_table(metrics))
     if "retrieval after stage 1" in metrics:
@@ -1516,7 +1669,8 @@ def parse_setting(item):
 def configs_from_args(args):
     vcfg_over, tcfg_over = PRESETS.get(args.preset, ({}, {})) if args.preset else ({}, {})
     vcfg_over = {**vcfg_over, **({"connector": args.connector} if args.connector else {})}
-    tcfg_over = {**tcfg_over, "seed": args.seed, **({"stage2": args.stage2} if args.stage2 else {})}
+    tcfg_over = {**tcfg_over, "seed": args.seed, **({"stage2": args.stage2} if args.stage2 else {}),
+                 **({"data": args.data} if args.data else {})}
     if args.steps is not None:
         tcfg_over["stage2_steps"] = args.steps
     for item in args.set or ():
@@ -1542,6 +1696,8 @@ def main(argv=None):
     parser.add_argument("--stage2", type=str, default=None, choices=STAGE2_MODES, help="default lora")
     parser.add_argument("--preset", type=str, default=None, choices=sorted(PRESETS))
     parser.add_argument("--init", type=str, default=None, help="paligemma:DIR, a whole PaliGemma checkpoint folder")
+    parser.add_argument("--data", type=str, default=None, help="clevr:DIR, captions:DIR or img2dataset:DIR "
+                        "(default: the embedded shapes data)")
     parser.add_argument("--steps", type=int, default=None, help="stage-2 steps (default: the configuration's)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a VLMConfig or TrainConfig "
                         "field, e.g. --set patch_merge=1 --set lm_layers=3 (repeatable)")

@@ -1,0 +1,204 @@
+"""The specification of vlm_train.py's data on disk (`--data KIND:PATH`): each layout read from a tiny
+folder the test writes with pillow yields the expected rows; a corrupt image and a malformed line are
+skipped and counted; a missing or empty folder is a clear error; a caption folder trains end to end.
+"""
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import vlm_train as vt
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+RGB = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 30),
+       "purple": (140, 30, 160), "orange": (250, 140, 20)}
+
+
+def picture(path, colour, size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, RGB[colour]).save(path)
+
+
+def corrupt(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+
+
+def caption_folder(root, n=20, vqa=False, csv_file=False, broken=False):
+    """n one-colour images with a caption (or a question and answer) each, as jsonl or csv."""
+    rows = []
+    for i in range(n):
+        colour = COLOURS[i % len(COLOURS)]
+        picture(root / "img" / f"{i:03d}.jpg", colour)
+        rows.append({"image": f"img/{i:03d}.jpg", **({"question": "what colour is it?", "answer": colour} if vqa
+                                                      else {"caption": f"a {colour} picture"})})
+    if csv_file:
+        with open(root / "captions.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        if broken:
+            with open(root / "captions.csv", "a") as f:
+                f.write("img/000.jpg\nimg/broken.jpg,a broken picture\n")   # no caption; a corrupt image
+    else:
+        lines = [json.dumps(r) for r in rows] + (["{not json", json.dumps({"image": "img/broken.jpg", "caption": "x"})]
+                                                 if broken else [])
+        (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    if broken:
+        corrupt(root / "img" / "broken.jpg")
+    return rows
+
+
+def read(spec, split="train", n=100):
+    return vt.read_folder(spec, split, n)
+
+
+# --- each layout ---------------------------------------------------------------------------------------
+
+def test_captions_jsonl_and_csv_give_the_same_rows(tmp_path):
+    caption_folder(tmp_path / "j")
+    caption_folder(tmp_path / "c", csv_file=True)
+    vqa, caps, bad = read(f"captions:{tmp_path / 'j'}")
+    assert vqa == [] and bad == 0
+    # every 10th image (positions 9, 19) is held out for evaluation
+    assert [c[1] for c in caps] == [f"a {COLOURS[i % 6]} picture" for i in range(20) if i % 10 != 9]
+    assert caps[0][0] == str(tmp_path / "j" / "img" / "000.jpg")
+    _, held, _ = read(f"captions:{tmp_path / 'j'}", "eval")
+    assert [c[1] for c in held] == ["a yellow picture", "a green picture"]           # images 9 and 19
+    _, caps_csv, _ = read(f"captions:{tmp_path / 'c'}")
+    assert [c[1] for c in caps_csv] == [c[1] for c in caps]
+
+
+def test_caption_folder_with_questions_gives_vqa_triples(tmp_path):
+    caption_folder(tmp_path, n=12, vqa=True, csv_file=True)
+    vqa, caps, _ = read(f"captions:{tmp_path}")
+    assert caps == [] and len(vqa) == 11
+    assert vqa[1] == (str(tmp_path / "img" / "001.jpg"), "what colour is it?", "green", "question")
+
+
+def clevr_folder(root, broken=False):
+    """CLEVR v1.0's layout: two train images with two questions each, one val image."""
+    def q(image, question, answer, function):
+        return {"image_filename": image, "question": question, "answer": answer,
+                "program": [{"function": "scene", "inputs": [], "value_inputs": []},
+                            {"function": function, "inputs": [0], "value_inputs": []}]}
+    for split, images in (("train", ["CLEVR_train_000000.png", "CLEVR_train_000001.png"]),
+                          ("val", ["CLEVR_val_000000.png"])):
+        for i, name in enumerate(images):
+            picture(root / "images" / split / name, COLOURS[i], (48, 32))
+        questions = [x for name in images for x in
+                     (q(name, "How many things are there?", 3, "count"),
+                      q(name, "Is the cube the same colour as the ball?", "no", "equal_color"))]
+        if broken and split == "train":
+            questions.append({"question": "no image here", "answer": "yes"})
+            questions.append(q("CLEVR_train_000009.png", "What colour is it?", "red", "query_color"))
+            corrupt(root / "images" / "train" / "CLEVR_train_000009.png")
+        (root / "questions").mkdir(parents=True, exist_ok=True)
+        (root / "questions" / f"CLEVR_{split}_questions.json").write_text(
+            json.dumps({"info": {"split": split}, "questions": questions}))
+
+
+def test_clevr_reads_its_own_layout_with_question_types(tmp_path):
+    clevr_folder(tmp_path)
+    vqa, caps, bad = read(f"clevr:{tmp_path}")
+    image = str(tmp_path / "images" / "train" / "CLEVR_train_000000.png")
+    assert caps == [] and bad == 0 and len(vqa) == 4
+    assert vqa[0] == (image, "How many things are there?", "3", "count")            # answers as strings
+    assert vqa[1] == (image, "Is the cube the same colour as the ball?", "no", "compare_attribute")
+    val, _, _ = read(f"clevr:{tmp_path}", "eval")
+    assert {v[0] for v in val} == {str(tmp_path / "images" / "val" / "CLEVR_val_000000.png")}
+    assert vt.clevr_kind({"answer": "yes"}) == "yes/no" and vt.clevr_kind({"answer": 2}) == "count"
+
+
+def img2dataset_folder(root, n=12, broken=False):
+    for i in range(n):
+        shard = root / f"{i // 5:05d}"
+        picture(shard / f"{i:09d}.jpg", COLOURS[i % 6])
+        (shard / f"{i:09d}.txt").write_text(f"a {COLOURS[i % 6]} square\n")
+        (shard / f"{i:09d}.json").write_text("{}")                   # img2dataset's metadata, ignored
+    if broken:
+        picture(root / "00000" / "000000100.jpg", "red")              # no caption file
+        corrupt(root / "00000" / "000000101.jpg")
+        (root / "00000" / "000000101.txt").write_text("a broken picture")
+
+
+def test_img2dataset_shards_are_read_in_order(tmp_path):
+    img2dataset_folder(tmp_path)
+    vqa, caps, bad = read(f"img2dataset:{tmp_path}")
+    assert vqa == [] and bad == 0
+    assert [c[1] for c in caps] == [f"a {COLOURS[i % 6]} square" for i in range(12) if i != 9]
+    assert caps[5][0] == str(tmp_path / "00001" / "000000005.jpg")
+    _, first, _ = read(f"img2dataset:{tmp_path}", n=3)                # at most n images: stops reading
+    assert len(first) == 3
+
+
+# --- what is skipped and counted, what is refused ------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["jsonl", "csv", "clevr", "img2dataset"])
+def test_corrupt_images_and_malformed_lines_are_counted_and_skipped(tmp_path, layout):
+    if layout == "clevr":
+        clevr_folder(tmp_path, broken=True)
+        spec, lines, good = f"clevr:{tmp_path}", 1, 2
+    elif layout == "img2dataset":
+        img2dataset_folder(tmp_path, broken=True)
+        spec, lines, good = f"img2dataset:{tmp_path}", 1, 11
+    else:
+        caption_folder(tmp_path, csv_file=layout == "csv", broken=True)
+        spec, lines, good = f"captions:{tmp_path}", 1, 18
+    data = vt.load_data(spec, "train", 100, 16, tmp_path / "cache")
+    assert data.malformed == lines and data.skipped >= 1
+    assert len(data.images) == good and data.images.shape[1:] == (16, 16, 3)
+    # cached: the second read comes from cache/data and counts the same
+    again = vt.load_data(spec, "train", 100, 16, tmp_path / "cache")
+    assert torch.equal(again.images, data.images) and (again.skipped, again.malformed) == (data.skipped, lines)
+
+
+def test_caption_only_data_is_asked_for_its_caption(tmp_path):
+    caption_folder(tmp_path)
+    data = vt.load_data(f"captions:{tmp_path}", "train", 100, 16, tmp_path / "cache")
+    assert data.qa[0] == (0, "caption", "a red picture", "caption") and len(data.qa) == len(data.captions) == 18
+
+
+@pytest.mark.parametrize("kind", ["clevr", "captions", "img2dataset"])
+def test_missing_or_empty_folder_is_a_clear_error(tmp_path, kind):
+    with pytest.raises(vt.DataFolderError, match=r"(?s)does not exist.*Accepted layouts.*clevr:DIR.*captions\.jsonl"):
+        vt.load_data(f"{kind}:{tmp_path / 'nowhere'}", "train", 10, 16, tmp_path / "cache")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(vt.DataFolderError, match=rf"(?s){tmp_path / 'empty'}.*Accepted layouts"):
+        vt.load_data(f"{kind}:{tmp_path / 'empty'}", "train", 10, 16, tmp_path / "cache")
+    # the right files, but nothing readable in them
+    (tmp_path / "bad" / "questions").mkdir(parents=True)
+    (tmp_path / "bad" / "00000").mkdir()
+    (tmp_path / "bad" / "captions.jsonl").write_text("{not json\n")
+    with pytest.raises(vt.DataFolderError, match=str(tmp_path / "bad")):
+        vt.load_data(f"{kind}:{tmp_path / 'bad'}", "train", 10, 16, tmp_path / "cache")
+    with pytest.raises(SystemExit):
+        vt.main(["--train", "--tiny", "--data", f"{kind}:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "o")])
+    with pytest.raises(vt.ConfigError, match="KIND:PATH"):
+        vt.read_folder(f"laion:{tmp_path}", "train", 10)
+
+
+# --- end to end ------------------------------------------------------------------------------------------
+
+def test_train_on_a_caption_folder_end_to_end(tmp_path, capsys):
+    caption_folder(tmp_path / "data", n=30, vqa=True, broken=True)
+    out = tmp_path / "run"
+    metrics = vt.main(["--train", "--tiny", "--data", f"captions:{tmp_path / 'data'}", "--out", str(out)])
+    assert metrics["malformed_lines"] == 1 and metrics["skipped_images"] >= 1
+    assert set(metrics["after stage 2"]) == {"test"}
+    assert metrics["after stage 2"]["test"]["all"]["n"] == 3                       # images 9, 19, 29
+    assert "question" in metrics["after stage 2"]["test"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["malformed_lines"] == 1 and saved["config"]["train"]["data"].startswith("captions:")
+    printed = capsys.readouterr().out
+    assert "1 malformed lines" in printed and "| test | unseen scenes | question |" in printed
+    vlm = vt.load_vlm(out)
+    assert "green" in vlm.processor.tokenizer.stoi                                  # the vocabulary is the data's
+    assert isinstance(vlm.answer(tmp_path / "data" / "img" / "001.jpg", "what colour is it?"), str)
+
