@@ -1297,7 +1297,8 @@ def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, 
             vlm, train = build_shapes_vlm(vcfg, tcfg, cache, device, progress)
             h0 = pretrained_lm(vlm, train, vcfg, tcfg, cache, progress, log, kill.get("stage0"))
         metrics = {"config": {"model": asdict(vcfg), "train": asdict(tcfg)}, "skipped_images": train.skipped,
-                   "malformed_lines": train.malformed, "seconds": {"setup and stage 0": time.time() - t0}, "history": {}}
+                   "malformed_lines": train.malformed,
+                   "seconds": {"setup and stage 0": time.time() - t0}, "history": {}}
         if init is None:
             metrics["history"]["stage0"] = h0
         t1 = time.time()
@@ -1670,7 +1671,7 @@ def configs_from_args(args):
     vcfg_over, tcfg_over = PRESETS.get(args.preset, ({}, {})) if args.preset else ({}, {})
     vcfg_over = {**vcfg_over, **({"connector": args.connector} if args.connector else {})}
     tcfg_over = {**tcfg_over, "seed": args.seed, **({"stage2": args.stage2} if args.stage2 else {}),
-                 **({"data": args.data} if args.data else {})}
+                 **({"data": args.data} if getattr(args, "data", None) else {})}   # a hand-made Namespace may lack it
     if args.steps is not None:
         tcfg_over["stage2_steps"] = args.steps
     for item in args.set or ():
