@@ -48,11 +48,12 @@ Conventions: paligemma.py's, text left-padded; token_type_ids 0 = prefix, 1 = su
 where no loss is taken. Shapes: B batch, T tokens, N image patches (+ class token), M image tokens
 given to the LM (N/m^2 after merging m x m patches, or Q), Q learned queries/latents, K kept vision layers, D LM width, Dv vision width, V vocab.
 
-Data on disk (`--data clevr:DIR | captions:DIR | img2dataset:DIR`) lives in the plumbing at the end
-of the file: it changes where rows come from, not what a stage computes.
+Data on disk (`--data clevr:DIR | captions:DIR | img2dataset:DIR`) and torchrun / DDP live in the
+plumbing at the end of the file: they change where rows come from and which rank computes them, not
+what a stage computes.
 
 Left out: several images per prompt (Flamingo's gated cross-attention and its time embeddings),
-transformers LMs and vision towers from local folders and DDP (next issue), and unfreezing the vision encoder.
+transformers LMs and vision towers from local folders (next issue), and unfreezing the vision encoder.
 """
 import argparse
 import json
@@ -651,9 +652,11 @@ def set_stage(model, stage, mode="full", cfg: VLMConfig = None):
 # ----------------------------------------------------------------------------------------------
 
 def vlm_loss(model, batch):
-    """Answer-only next-token loss of a batch of (image, prefix, suffix) sequences (paligemma.suffix_loss)."""
-    return model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
+    """Answer-only next-token loss of a batch of (image, prefix, suffix) sequences (paligemma.suffix_loss).
+    Under torchrun, times this rank's `token_share` (see there), so that DDP's mean gives one process's loss."""
+    loss = model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
                  batch["token_type_ids"], batch["labels"]).loss
+    return loss * batch["token_share"] if "token_share" in batch else loss
 
 
 def itc_itm_itg_loss(model, batch):
@@ -689,18 +692,22 @@ def autocast(device, enabled):
 
 
 def train_step(model, optimizer, params, micro_batches, loss_fn, lr, clip_norm, device, bf16=True):
-    """One optimizer step: gradients accumulated over the micro-batches, clipped, then AdamW."""
+    """One optimizer step: gradients accumulated over the micro-batches, clipped, then AdamW.
+    Under DDP (`model` wrapped by `distributed`) the ranks' gradients are averaged once, at the last one."""
+    import contextlib
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for batch in micro_batches:
-        with autocast(device, bf16):
-            loss = loss_fn(model, batch) / len(micro_batches)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the loss is {loss.item()} at lr {lr:.2e}; stopping before the update "
-                                f"(the last checkpoint is kept). Lower the learning rate.")
-        loss.backward()
+    for k, batch in enumerate(micro_batches):
+        quiet = k < len(micro_batches) - 1 and hasattr(model, "no_sync")
+        with model.no_sync() if quiet else contextlib.nullcontext():
+            with autocast(device, bf16):
+                loss = loss_fn(model, batch) / len(micro_batches)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"the loss is {loss.item()} at lr {lr:.2e}; stopping before the update "
+                                    f"(the last checkpoint is kept). Lower the learning rate.")
+            loss.backward()
         total += loss.item()
     # g <- g min(1, c / ||g||): one global norm over all trainable parameters
     torch.nn.utils.clip_grad_norm_(params, clip_norm)
@@ -822,26 +829,30 @@ def run_stage(vlm, phase, steps, lr, tcfg, folder, loss_fn, sample, params, conf
     """Steps 0 .. steps-1 of AdamW with warm-up + cosine; sample(step, k) gives micro-batch k of a step.
 
     Checkpoints go to folder/step-XXXXXX with a `latest` pointer; resume=True continues from it and
-    refuses a checkpoint written with a different config. Returns the list of step losses.
+    refuses a checkpoint written with a different config. Returns the list of step losses. Under
+    torchrun every rank runs this, on its slice of each batch (`sampler`); losses are averaged over the
+    ranks, and rank 0 alone writes the checkpoints and the log.
     """
     from tqdm import tqdm
     model, device = vlm.model, vlm.model.device
+    rank0 = clip.dist_info()[0] == 0
     optimizer = make_optimizer(params, lr, tcfg.weight_decay)
     start, history = 0, []
     torch.manual_seed(hash_str(f"{tcfg.seed}-{phase}-torch"))
     if resume and (Path(folder) / "latest").exists():
         start, history = restore_trainer(folder, model, optimizer, config)
     model.train()
-    bar = tqdm(range(start, steps), desc=phase, disable=None if progress else True, dynamic_ncols=True)
+    net, net_loss = distributed(model, loss_fn)                      # (model, loss_fn) with one process
+    bar = tqdm(range(start, steps), desc=phase, disable=None if progress and rank0 else True, dynamic_ncols=True)
     for step in bar:
         lr_now = schedule(step, lr, steps, tcfg.warmup)
-        loss = train_step(model, optimizer, params, [sample(step, k) for k in range(tcfg.grad_accum)], loss_fn,
-                          lr_now, tcfg.clip_norm, device, tcfg.bf16)
+        loss = mean_over_ranks(train_step(net, optimizer, params, [sample(step, k) for k in range(tcfg.grad_accum)],
+                                          net_loss, lr_now, tcfg.clip_norm, device, tcfg.bf16), device)
         history.append(loss)
         bar.set_postfix(loss=f"{loss:.3f}")
-        if log is not None:
+        if log is not None and rank0:
             log({"phase": phase, "step": step + 1, "loss": loss, "lr": lr_now})
-        if (step + 1) % tcfg.save_every == 0 or step + 1 == steps:
+        if ((step + 1) % tcfg.save_every == 0 or step + 1 == steps) and rank0:
             save_trainer(folder, model, optimizer, step + 1, history, config)
         if stop_after is not None and step + 1 == stop_after:
             raise Killed(f"stopped after step {step + 1} of {phase}")
@@ -866,7 +877,8 @@ def sampler(vlm, data, phase, tcfg, device, weights=None):
 
     def sample(step, k):
         picked = batch_rows(len(rows), tcfg.batch_size, tcfg.seed, phase, step, weights)[k * b:(k + 1) * b]
-        return make_batch(vlm, data, picked.tolist(), phase, device)
+        batch = make_batch(vlm, data, rank_slice(picked).tolist(), phase, device)   # all of it with one process
+        return with_token_share(batch)
     return sample
 
 
@@ -1271,6 +1283,79 @@ def load_data(spec, split, n, image_size, cache):
     return data
 
 
+# -- torchrun: DistributedDataParallel, each rank on its slice of every batch ------------------------
+
+def setup_distributed(device):
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1; each rank then
+    uses cuda:LOCAL_RANK. Returns the device."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized() and device.type == "cuda":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.cuda.set_device(device)
+    return device
+
+
+def rank_slice(rows):
+    """This rank's contiguous part of a micro-batch's rows (DistributedSampler's split of the global
+    batch, which batch_rows draws alike on every rank); all of them with one process."""
+    rank, world = clip.dist_info()
+    if len(rows) % world:
+        raise ConfigError(f"a micro-batch of {len(rows)} rows does not split over {world} processes: make "
+                          f"batch_size a multiple of grad_accum x {world}")
+    b = len(rows) // world
+    return rows[rank * b:(rank + 1) * b]
+
+
+def with_token_share(batch):
+    """Adds token_share = W n_r / sum_r n_r (n_r: this rank's answer tokens). DDP averages the W ranks'
+    gradients, and (1/W) sum_r (W n_r / N) mean_r = (1/N) sum of all token losses: one process's loss."""
+    rank, world = clip.dist_info()
+    if world > 1:
+        import torch.distributed as dist
+        n = (batch["labels"] != -100).sum().float().reshape(1)
+        total = n.clone()
+        dist.all_reduce(total)
+        batch["token_share"] = world * n[0] / total[0].clamp(min=1)
+    return batch
+
+
+class StageLoss(nn.Module):
+    """model + loss function as one module, so DDP sees every loss (the Q-Former's ITC too) as a forward."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def distributed(model, loss_fn):
+    """(DDP(StageLoss), its loss) under torchrun, a new wrapper per stage because each stage trains
+    other parameters; (model, loss_fn) with one process. The Q-Former leaves trainable parameters
+    unused (ITC its projection, the caption loss its text side): DDP is told so, and their gradients
+    stay None, as with one process."""
+    if clip.dist_info()[1] == 1:
+        return model, loss_fn
+    ids = [model.device.index] if model.device.type == "cuda" else None
+    unused = any(isinstance(m, qformer.QFormer) for m in model.modules())
+    net = nn.parallel.DistributedDataParallel(StageLoss(model, loss_fn), device_ids=ids, find_unused_parameters=unused)
+    return net, lambda net, batch: net(batch)
+
+
+def mean_over_ranks(value, device):
+    """A float averaged over the ranks (the value itself with one process)."""
+    world = clip.dist_info()[1]
+    if world == 1:
+        return value
+    import torch.distributed as dist
+    x = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(x)
+    return x.item() / world
+
+
 # -- the whole run -------------------------------------------------------------------------------
 
 def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, stop_after=None, init=None,
@@ -1283,7 +1368,8 @@ def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, 
     out, t0 = Path(out), time.time()
     cache = Path(cache or out)
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "metrics.jsonl", "a")
+    rank0 = clip.dist_info()[0] == 0                     # under torchrun only rank 0 writes logs and results
+    log_file = open(out / "metrics.jsonl" if rank0 else os.devnull, "a")
 
     def log(row):
         log_file.write(json.dumps({**row, "time": round(time.time() - t0, 3)}) + "\n")
@@ -1297,7 +1383,7 @@ def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, 
             vlm, train = build_shapes_vlm(vcfg, tcfg, cache, device, progress)
             h0 = pretrained_lm(vlm, train, vcfg, tcfg, cache, progress, log, kill.get("stage0"))
         metrics = {"config": {"model": asdict(vcfg), "train": asdict(tcfg)}, "skipped_images": train.skipped,
-                   "malformed_lines": train.malformed,
+                   "malformed_lines": train.malformed, "processes": clip.dist_info()[1],
                    "seconds": {"setup and stage 0": time.time() - t0}, "history": {}}
         if init is None:
             metrics["history"]["stage0"] = h0
@@ -1322,10 +1408,12 @@ def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, 
         if evaluate:
             after = {s: evaluate_vqa(vlm, d, vlm.question_prefix) for s, d in evals.items()}
             metrics["after stage 2"] = {s: r[0] for s, r in after.items()}
-            answer_grid(vlm, evals["test"], after["test"][1], out / "answers.png")
-        save_vlm(vlm, out / "model", tcfg.stage2, init)
+            if rank0:
+                answer_grid(vlm, evals["test"], after["test"][1], out / "answers.png")
         metrics["seconds"]["total"] = time.time() - t0
-        write_json(out / "metrics.json", metrics)
+        if rank0:
+            save_vlm(vlm, out / "model", tcfg.stage2, init)
+            write_json(out / "metrics.json", metrics)
         return metrics, vlm
     finally:
         log_file.close()
@@ -1626,7 +1714,7 @@ def print_summary(metrics, out):
     print(f"\nloss (first -> last step): " + ", ".join(f"{k} {v[0]:.3f} -> {v[1]:.3f}" for k, v in metrics["loss"].items()))
     print(f"time: setup + stage 0 {s['setup and stage 0']:.0f} s, stage 1 {s['stage 1']:.0f} s, "
           f"stage 2 {s['stage 2']:.0f} s, total {s['total']:.0f} s; trainable in stage 2: "
-          f"{metrics['trainable parameters']:,}; skipped: {metrics['skipped_images']} "
+          f"{metrics['trainable parameters']:,}; processes: {metrics['processes']}; skipped: {metrics['skipped_images']} "
           f"rows with an unreadable image, {metrics['malformed_lines']} malformed lines")
     if "after stage 2" in metrics:
         print("\n" + results_table(metrics))
@@ -1707,7 +1795,7 @@ def main(argv=None):
                         "(e.g. assets/vlm_train_answers.png); without --train, from --out's trained model")
     args = parser.parse_args(argv)
     try:
-        device = pick_device(args.device)
+        device = setup_distributed(pick_device(args.device))       # torchrun: join its process group
         vcfg, tcfg = configs_from_args(args)
         if args.memory_report:
             return memory_report(vcfg, tcfg.batch_size)
@@ -1720,8 +1808,9 @@ def main(argv=None):
         if not args.train:
             return run_demo(vcfg, tcfg, args, device)
         metrics, _ = train_vlm(vcfg, tcfg, args.out, device, args.resume, args.cache, init=args.init)
-        print_summary(metrics, args.out)
-        if args.figure:
+        if clip.dist_info()[0] == 0:
+            print_summary(metrics, args.out)
+        if args.figure and clip.dist_info()[0] == 0:
             import shutil
             shutil.copy(Path(args.out) / "answers.png", args.figure)
         return metrics

@@ -1,6 +1,7 @@
 """The specification of vlm_train.py's data on disk (`--data KIND:PATH`): each layout read from a tiny
 folder the test writes with pillow yields the expected rows; a corrupt image and a malformed line are
-skipped and counted; a missing or empty folder is a clear error; a caption folder trains end to end.
+skipped and counted; a missing or empty folder is a clear error; a caption folder trains end to end;
+under torchrun, 2 gloo processes train to one process's weights and resume to their own uninterrupted run.
 """
 import csv
 import json
@@ -202,3 +203,58 @@ def test_train_on_a_caption_folder_end_to_end(tmp_path, capsys):
     assert "green" in vlm.processor.tokenizer.stoi                                  # the vocabulary is the data's
     assert isinstance(vlm.answer(tmp_path / "data" / "img" / "001.jpg", "what colour is it?"), str)
 
+
+# --- torchrun: 2 gloo processes == 1 process on the same global batch; resume under 2 processes -----------
+
+from conftest import run_gloo_workers  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def tiny_configs():
+    # stage 2 "full": every weight of the LM moves, so any difference between the runs would show
+    return vt.VLMConfig.tiny(connector="mlp"), vt.TrainConfig.tiny(stage2="full")
+
+
+def ddp_worker(rank, world, tmp):
+    """One rank: an uninterrupted run; then a run stopped after stage 2's step-3 checkpoint, resumed by
+    the command line (`--resume`, as torchrun would start it: it joins the existing process group)."""
+    import os
+
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    vcfg, tcfg = tiny_configs()
+    vt.train_vlm(vcfg, tcfg, f"{tmp}/ddp", CPU, cache=f"{tmp}/cache", progress=False, evaluate=False)
+    try:
+        vt.train_vlm(vcfg, tcfg, f"{tmp}/resumed", CPU, cache=f"{tmp}/cache", progress=False, evaluate=False,
+                     stop_after=("stage2", 3))
+    except vt.Killed:
+        pass
+    os.environ["WORLD_SIZE"] = str(world)
+    vt.main(["--train", "--tiny", "--stage2", "full", "--out", f"{tmp}/resumed", "--cache", f"{tmp}/cache",
+             "--resume", "--device", "cpu"])
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_and_resume_equals_the_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+    assert run_gloo_workers(ddp_worker, 2, tmp_path, timeout=900) == [0, 0]
+    vcfg, tcfg = tiny_configs()
+    vt.train_vlm(vcfg, tcfg, tmp_path / "one", CPU, cache=tmp_path / "one-cache", progress=False, evaluate=False)
+    one, ddp, resumed = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("one", "ddp", "resumed"))
+    for name, value in one.items():
+        # the losses agree to 1e-6; AdamW divides by sqrt(v), so where a gradient is ~0 the float noise of
+        # summing in another order moves a weight by up to ~3e-5 (on weights of size ~0.2), 4e-8 on average
+        assert torch.allclose(ddp[name], value, atol=1e-4), name
+        assert (ddp[name] - value).abs().mean() < 1e-6, name
+        assert torch.equal(resumed[name], ddp[name]), name
+    runs = {run: json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "ddp", "resumed")}
+    assert runs["ddp"]["processes"] == 2 and runs["one"]["processes"] == 1
+    for stage, losses in runs["one"]["history"].items():
+        assert runs["ddp"]["history"][stage] == pytest.approx(losses, rel=1e-4, abs=1e-5), stage
+    assert runs["resumed"]["history"]["stage2"] == runs["ddp"]["history"]["stage2"]
+    # rank 0 alone logs: every step once in the uninterrupted run's metrics.jsonl
+    steps = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for s in steps if s["phase"] == "stage2") == tcfg.stage2_steps
