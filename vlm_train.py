@@ -1336,11 +1336,12 @@ def distributed(model, loss_fn):
     """(DDP(StageLoss), its loss) under torchrun, a new wrapper per stage because each stage trains
     other parameters; (model, loss_fn) with one process. The Q-Former leaves trainable parameters
     unused (ITC its projection, the caption loss its text side): DDP is told so, and their gradients
-    stay None, as with one process."""
+    stay None, as with one process. ITC's negatives are the rank's own rows (BLIP-2 gathers them over
+    GPUs; not done here), so stage 1a alone differs from the one-process run."""
     if clip.dist_info()[1] == 1:
         return model, loss_fn
     ids = [model.device.index] if model.device.type == "cuda" else None
-    unused = any(isinstance(m, qformer.QFormer) for m in model.modules())
+    unused = any(p.requires_grad for m in model.modules() if isinstance(m, qformer.QFormer) for p in m.parameters())
     net = nn.parallel.DistributedDataParallel(StageLoss(model, loss_fn), device_ids=ids, find_unused_parameters=unused)
     return net, lambda net, batch: net(batch)
 
