@@ -1530,14 +1530,10 @@ def configs_from_args(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="vlm_train.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--train", action="store_true", help="both stages on the embedded data (~4 min on 2 CPU cores)")
-    parser.add_argument("--out", type=str, default="runs/vlm_train", help="where everything of the run is written")
+    clip.add_common_arguments(parser, "where everything of the run is written (default runs/vlm_train)",
+                              train_help="both stages on the embedded data (~4 min on 2 CPU cores)")
     parser.add_argument("--cache", type=str, default=None, help="where the ViT, data and text-only LM are cached "
                         "(default: --out); share it between runs")
-    parser.add_argument("--resume", action="store_true", help="continue stages 1 and 2 from --out's checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--tiny", action="store_true", help="the tiny configuration (tests, demo)")
     parser.add_argument("--connector", type=str, default=None, choices=CONNECTORS, help="default mlp")
     parser.add_argument("--stage2", type=str, default=None, choices=STAGE2_MODES, help="default lora")
     parser.add_argument("--preset", type=str, default=None, choices=sorted(PRESETS))
@@ -1549,6 +1545,7 @@ def main(argv=None):
     parser.add_argument("--figure", type=str, default=None, help="also write the answers grid PNG here "
                         "(e.g. assets/vlm_train_answers.png); without --train, from --out's trained model")
     args = parser.parse_args(argv)
+    args.out = args.out or "runs/vlm_train"
     try:
         device = pick_device(args.device)
         vcfg, tcfg = configs_from_args(args)
