@@ -161,10 +161,11 @@ def symmetric_cross_entropy(logits: torch.Tensor, label_smoothing: float = 0.0) 
 # prints it), and InfoNCE bounds the mutual information it can certify by I(image; text) >= log B - L
 # (van den Oord et al. 2018, section 2.3): however good the encoders, a batch of B measures at most log B
 # nats, ln 128 = 4.85 here and ln 32,768 = 10.4 for CLIP. More negatives are also harder ones: among
-# 32,767 random captions some are near-misses (another dog, the same dog on grass) that force fine
-# distinctions, where a batch of 128 rarely holds one. So CLIP gathers the features of all GPUs into one
+# 32,767 random captions some are near-misses ("a dog on the grass" for a dog on the sand) that force
+# fine distinctions, where a batch of 128 rarely holds one. So CLIP gathers the features of all GPUs into one
 # batch (`gather_with_grad`), and our small batches are built from hard-negative pairs instead
 # (`batch_indices`): each scene comes with a caption that differs in one shape's kind or colour.
+
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float,
                 logit_bias: torch.Tensor | float) -> torch.Tensor:

@@ -30,7 +30,7 @@ Retrieval ranks by ITC and re-ranks the top k by ITM, as BLIP-2 does, by log p_I
 (`rerank_top_k` says why not LAVIS's raw ITM logit plus raw cosine). For stage 2 `language_projection`
 maps the Q outputs to a language model's width; vlm_train.py prepends them to its input as a soft prompt.
 
-Beside Flamingo's Perceiver Resampler and gated cross-attention, ViLBERT and MiniGPT-4: after `QFormerLayer`.
+Flamingo's Perceiver Resampler, ViLBERT's co-attention and MiniGPT-4 compared: the comment after `QFormerLayer`.
 
 Conventions: text is right-padded, position 0 holds [CLS] (ITC, ITM) or [DEC] (ITG), and
 attention_mask is 1 for real tokens. Module names equal the keys of transformers'
