@@ -69,16 +69,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import nf4
-
-if TYPE_CHECKING:                                   # for the type hints only; imported where used
-    from transformers import LlamaConfig, LlamaForCausalLM
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -560,7 +557,8 @@ def copy_adapter_tensors(params: dict, loaded: dict, where: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def llama_config(vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
-                 num_kv_heads: int) -> LlamaConfig:
+                 num_kv_heads: int) -> Any:
+    """transformers' LlamaConfig of the demo's small random base (Any: transformers is imported here only)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -569,7 +567,7 @@ def llama_config(vocab_size: int, hidden_size: int, intermediate_size: int, num_
                        tie_word_embeddings=False)
 
 
-def build_base(cfg: DemoConfig, device: torch.device | str) -> LlamaForCausalLM:
+def build_base(cfg: DemoConfig, device: torch.device | str) -> nn.Module:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)

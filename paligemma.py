@@ -67,7 +67,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,9 +77,6 @@ from PIL import Image
 
 from clip import ACTIVATIONS, CheckpointError, Encoder, atomic_write, check_finite
 from clip import pick_device as clip_pick_device
-
-if TYPE_CHECKING:                                   # for the type hints only; imported where used
-    from transformers import PreTrainedTokenizerBase
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1099,7 +1096,7 @@ class PaliGemmaProcessor:
 
     IMAGE_TOKEN = "<image>"
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: PaliGemmaConfig):
+    def __init__(self, tokenizer: Any, config: PaliGemmaConfig):
         self.tokenizer, self.config = tokenizer, config
         image_id = tokenizer.convert_tokens_to_ids(self.IMAGE_TOKEN)
         if image_id != config.image_token_index:
