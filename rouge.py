@@ -55,6 +55,7 @@ import tempfile
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -1159,18 +1160,41 @@ def write_json(path: str, config: RougeConfig, per_example: list[dict[str, Score
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write text to path through a temp file in the same folder and a rename, so a crash never
-    leaves a half-written file under the final name."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    """Write text to path through atomic_write (a unique temp file in the same folder, fsync, rename),
+    so a crash never leaves a half-written file under the final name."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# fsync_path and atomic_write are clip.py's canonical text, copied byte for byte (rouge.py stands
+# alone; tests/test_plumbing.py fails if a copy drifts).
+
+def fsync_path(path):
+    """Ask the OS to put a file, or a folder's list of names, on disk now. A rename survives a power cut
+    only once its folder is synced; Windows cannot open a folder for this, and needs it less."""
+    if os.name == "nt" and Path(path).is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write):
+    """write(tmp_path), fsync, then rename over `path`: a crash leaves the old file or the new, never half.
+    The temporary name is unique (mkstemp) and removed if write fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        fsync_path(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # rouge-score's io module and command line (rouge_score/io.py, rouge_score/rouge.py), same names,

@@ -124,7 +124,7 @@ def test_runs_write_only_under_their_out(tmp_path, monkeypatch, capsys):
 # Helpers every file needs. clip.py holds the canonical text; a file the import graph lets import
 # clip.py uses it (qformer.py, paligemma.py; lora.py uses nf4.py's), the stand-alone ones copy it.
 SHARED_HELPERS = ("pick_device", "CheckpointError", "check_finite", "fsync_path", "atomic_write")
-COPIES = {"flow_matching.py": SHARED_HELPERS, "nf4.py": SHARED_HELPERS}
+COPIES = {"flow_matching.py": SHARED_HELPERS, "nf4.py": SHARED_HELPERS, "rouge.py": ("fsync_path", "atomic_write")}
 
 
 def source_of(file, name):
