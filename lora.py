@@ -18,7 +18,8 @@ like a learning rate that need not be retuned when r changes (they set alpha to 
 It does not make learning equally fast at every rank: Kalajdzievski (2023, "A Rank Stabilization
 Scaling Factor for Fine-Tuning with LoRA") proves that with alpha / r learning slows down as r grows
 (the gradients collapse), so large ranks learn no better than small ones, and that alpha / sqrt(r)
-is the scale that keeps learning stable in r. That is rsLoRA below; the default here is LoRA's alpha / r, as in peft.
+is the scale that keeps learning stable in r. That is rsLoRA below; the default here is LoRA's
+alpha / r, as in peft.
 
 Variants:
 - rsLoRA (Kalajdzievski 2023): s = alpha / sqrt(r) (`use_rslora=True`).

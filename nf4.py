@@ -553,8 +553,9 @@ def skipped(name: str, skip: tuple[str, ...] | list[str]) -> bool:
     return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
 
 
-def quantize_model(model: nn.Module, skip: tuple[str, ...] | list[str] = ("lm_head",), blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: torch.dtype | None = None, weights: Mapping | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, skip: tuple[str, ...] | list[str] = ("lm_head",), blocksize: int = 64,
+                   double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                   weights: Mapping | None = None) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) by a LinearNF4, except those in `skip`.
 
     With `weights` (a mapping from state-dict names to tensors, e.g. `SafetensorsWeights`), the

@@ -272,3 +272,10 @@ def test_every_help_speaks_the_shared_grammar_in_clip_words(name, monkeypatch, c
         if flag in SAME_HELP:
             assert options[flag][1] == canonical[flag][1], \
                 f"{name}.py --help says {flag}: {options[flag][1]!r}; clip.py says {canonical[flag][1]!r}"
+
+
+@pytest.mark.parametrize("name", [n for n in ROOT_FILES if n != "rouge"])   # rouge.py has no --device
+def test_a_cuda_device_that_is_not_there_is_a_clear_error(name, capsys):
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(name).main(["--device", "cuda:99"])
+    assert done.value.code == 2 and "--device cuda:99 was asked for, but torch sees" in capsys.readouterr().err
