@@ -1169,7 +1169,7 @@ def atomic_write_text(path: str, text: str) -> None:
 # fsync_path and atomic_write are clip.py's canonical text, copied byte for byte (rouge.py stands
 # alone; tests/test_plumbing.py fails if a copy drifts).
 
-def fsync_path(path):
+def fsync_path(path: str | Path) -> None:
     """Ask the OS to put a file, or a folder's list of names, on disk now. A rename survives a power cut
     only once its folder is synced; Windows cannot open a folder for this, and needs it less."""
     if os.name == "nt" and Path(path).is_dir():
@@ -1181,7 +1181,7 @@ def fsync_path(path):
         os.close(fd)
 
 
-def atomic_write(path, write):
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     """write(tmp_path), fsync, then rename over `path`: a crash leaves the old file or the new, never half.
     The temporary name is unique (mkstemp) and removed if write fails."""
     path = Path(path)
