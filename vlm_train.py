@@ -10,7 +10,7 @@ Beyer et al. 2024, sec. 3):
     L = -(1/|A|) sum_{t in A} log p(x_{t+1} | x_{<=t})      answer tokens A only (paligemma.suffix_loss)
 
 with paligemma.py's prefix-LM mask: image + prompt attend to each other in full, the answer causally.
-The connector is what the lecture compares; five of them, each a function (B, K, N, Dv) -> (B, M, D):
+The connector is what the lecture compares; five of them, each a function (B, Lk, 1+N, Dv) -> (B, M, D):
 
     linear     u = W z_L + b                                  LLaVA-1 (Liu et al. 2023), PaliGemma
     mlp        u = W2 gelu(W1 z_L + b1) + b2                  LLaVA-1.5 (Liu et al. 2024, sec. 3.2)
@@ -46,7 +46,7 @@ stage 1 and after stage 2; retrieval R@1/5 of the Q-Former's ITC features after 
 
 Conventions: paligemma.py's, text left-padded; token_type_ids 0 = prefix, 1 = suffix; labels -100
 where no loss is taken. Shapes: B batch, T tokens, N image patches (+ class token), M image tokens
-given to the LM (N/m^2 after merging m x m patches, or Q), Q learned queries/latents, K kept vision layers, D LM width, Dv vision width, V vocab.
+given to the LM (N/m^2 after merging m x m patches, or Q), Q learned queries/latents, Lk vision layers kept, D LM width, Dv vision width, V vocab.
 
 Left out: several images per prompt (Flamingo's gated cross-attention and its time embeddings), data
 on disk, transformers LMs and DDP (next issue), and unfreezing the vision encoder.
@@ -239,7 +239,7 @@ def synthetic_captions(n, seed=0, split="train", image_size=48):
 
 @dataclass
 class VQAData:
-    """What every stage consumes: images (n, S, S, C) uint8, and rows pointing into them.
+    """What every stage consumes: images (n, I, I, C) uint8, and rows pointing into them.
 
     qa: (image index, question, answer, kind); captions: (image index, caption). Build it from any
     iterables of (image, question, answer) and (image, caption) with `from_iterables`.
@@ -248,7 +248,7 @@ class VQAData:
     qa: list
     captions: list
     skipped: int = 0
-    features: torch.Tensor = None      # (n, K, 1+N, Dv) frozen vision features, when cached
+    features: torch.Tensor = None      # (n, Lk, 1+N, Dv) frozen vision features, when cached
 
     def image_inputs(self, vlm, index):
         """What the model reads for these images: cached features, or pixels from the processor."""
@@ -381,7 +381,7 @@ class WordProcessor:
         return prefix_suffix_batch(prefixes, suffixes, t.pad_token_id)
 
     def pixels(self, images):
-        """(B, S, S, C) uint8 -> (B, C, S, S) with CLIP's normalisation (what the shapes ViT was trained on)."""
+        """(B, I, I, C) uint8 -> (B, C, I, I) with CLIP's normalisation (what the shapes ViT was trained on)."""
         return clip.normalize(images)
 
     def decode(self, tokens):
@@ -393,10 +393,10 @@ class WordProcessor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Connectors: (B, K, N, Dv) frozen vision features -> (B, M, D) image tokens for the LM
+# Connectors: (B, Lk, 1+N, Dv) frozen vision features -> (B, M, D) image tokens for the LM
 # ----------------------------------------------------------------------------------------------
-# K is the number of vision layers kept: 1 (the last, after the ViT's final LayerNorm) for every
-# connector but `dense`, which also gets the hidden states h_0 .. h_{L-1} (K = L + 1, last at -1).
+# Lk is the number of vision layers kept: 1 (the last, after the ViT's final LayerNorm) for every
+# connector but `dense`, which also gets the hidden states h_0 .. h_{L-1} (Lk = L + 1, last at -1).
 
 def merge_patches(z, m):
     """(B, 1+N, Dv) grid features -> (B, N/m^2, m^2 Dv): the class token dropped and each m x m block
@@ -556,7 +556,7 @@ class LMConfig(pg.PaliGemmaConfig):
 
 
 class FrozenViT(nn.Module):
-    """clip.py's shapes ViT, frozen: pixels (B, C, S, S) -> features (B, K, 1+N, Dv).
+    """clip.py's shapes ViT, frozen: pixels (B, C, I, I) -> features (B, Lk, 1+N, Dv).
 
     Frozen means its output never changes, so training computes it once per image (`cache_features`)
     and passes the features in place of the pixels; they go through unchanged.
@@ -580,7 +580,7 @@ class FrozenViT(nn.Module):
         hidden = self.vit(pixel_values, output_hidden_states=True)                    # L+1 x (B, 1+N, Dv)
         last = self.vit.post_layernorm(hidden[-1])                                    # qformer's frozen features
         kept = hidden[:-1] + [last] if self.all_layers else [last]
-        return torch.stack(kept, dim=1)                                               # (B, K, 1+N, Dv)
+        return torch.stack(kept, dim=1)                                               # (B, Lk, 1+N, Dv)
 
 
 class ShapesVLM(pg.PaliGemma):
