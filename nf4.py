@@ -47,7 +47,7 @@ import functools
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -817,7 +817,7 @@ class CheckpointError(ValueError):
     """A file or folder that is not a loadable checkpoint; the message names it and says what is wrong."""
 
 
-def check_finite(tensors: dict, source):
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
     """Refuse NaN or infinite weights: what a corrupt file or a diverged run leaves behind."""
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
@@ -827,7 +827,7 @@ def check_finite(tensors: dict, source):
     return tensors
 
 
-def fsync_path(path):
+def fsync_path(path: str | Path) -> None:
     """Ask the OS to put a file, or a folder's list of names, on disk now. A rename survives a power cut
     only once its folder is synced; Windows cannot open a folder for this, and needs it less."""
     if os.name == "nt" and Path(path).is_dir():
@@ -839,7 +839,7 @@ def fsync_path(path):
         os.close(fd)
 
 
-def atomic_write(path, write):
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     """write(tmp_path), fsync, then rename over `path`: a crash leaves the old file or the new, never half.
     The temporary name is unique (mkstemp) and removed if write fails."""
     path = Path(path)
