@@ -47,7 +47,7 @@ circle" was only ever written under non-red images, so it leans away from red, a
 circle read from that prompt alone is wrong more often than from "a photo of a red circle".
 
 Conventions: module names equal the keys of transformers' `CLIPModel`, so `CLIP.from_pretrained`
-loads a checkpoint folder strictly; images are (B, C, S, S) normalised with CLIP's mean and std;
+loads a checkpoint folder strictly; images are (B, C, I, I) normalised with CLIP's mean and std;
 text is right-padded and every row contains the end-of-text token. Left out: dropout, the
 ResNet image encoder, interpolation of position embeddings to other image sizes, and BPE (the shapes
 data use a word-level tokenizer; real checkpoints use transformers' tokenizer).
@@ -85,8 +85,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass
 class CLIPConfig:
     """Both towers and the shared space. Defaults are the small model `--train` fits on a CPU."""
-    # vision tower: a ViT over (C, S, S) images cut into (S/P)^2 patches
-    image_size: int = 48            # S
+    # vision tower: a ViT over (C, I, I) images cut into (I/P)^2 patches
+    image_size: int = 48            # I
     patch_size: int = 8             # P
     num_channels: int = 3           # C
     vision_width: int = 64          # D of the ViT
@@ -287,7 +287,7 @@ class VisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.num_patches + 1, D)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(pixel_values)                           # (B, C, S, S) -> (B, D, S/P, S/P)
+        x = self.patch_embedding(pixel_values)                           # (B, C, I, I) -> (B, D, I/P, I/P)
         x = x.flatten(2).transpose(1, 2)                                 # (B, N, D), patches in raster order
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)                                   # (B, 1+N, D)
@@ -312,7 +312,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor,
                 output_hidden_states: bool = False) -> torch.Tensor | list[torch.Tensor]:
-        """(B, C, S, S) -> (B, 1+N, D); with output_hidden_states, the list of all L+1 such tensors."""
+        """(B, C, I, I) -> (B, 1+N, D); with output_hidden_states, the list of all L+1 such tensors."""
         check_pixel_values(pixel_values, self.cfg)
         x = self.pre_layrnorm(self.embeddings(pixel_values))            # (B, 1+N, D)
         return self.encoder(x, output_hidden_states=output_hidden_states)
@@ -729,21 +729,21 @@ def questions(scene: Scene) -> list[tuple[str, str]]:
 
 def to_pixel_values(images: Sequence[Image.Image], mean: Sequence[float] = CLIP_MEAN,
                     std: Sequence[float] = CLIP_STD) -> torch.Tensor:
-    """PIL images (all S x S, RGB) -> (B, C, S, S) float tensor normalised with CLIP's mean and std."""
+    """PIL images (all I x I, RGB) -> (B, C, I, I) float tensor normalised with CLIP's mean and std."""
     return normalize(torch.from_numpy(np.stack([np.asarray(im) for im in images])), mean, std)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
-    """(B, S, S, C) uint8 -> (B, C, S, S) float, (x / 255 - mean) / std per channel. `train` keeps its
+    """(B, I, I, C) uint8 -> (B, C, I, I) float, (x / 255 - mean) / std per channel. `train` keeps its
     scenes as bytes, a quarter of the memory of floats, and normalises one batch at a time."""
-    x = images.permute(0, 3, 1, 2).float() / 255.0                       # (B, C, S, S) in [0, 1]
+    x = images.permute(0, 3, 1, 2).float() / 255.0                       # (B, C, I, I) in [0, 1]
     mean = torch.tensor(mean).view(1, -1, 1, 1)
     std = torch.tensor(std).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """`size` scenes of one split; item i is (pixel_values (C, S, S), caption, Scene).
+    """`size` scenes of one split; item i is (pixel_values (C, I, I), caption, Scene).
 
     Item i depends only on (seed, split, i), so any item can be regenerated in any order and on any
     rank. The caption's opening ("a photo of ", ...) and whether it names sizes also vary with i.
@@ -774,12 +774,12 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= i < self.size:
             raise IndexError(f"index {i} out of range for a data set of {self.size}")
         scene, text = self.scene(i)
-        pixels = to_pixel_values([render(scene, self.image_size, rim=self.rim)])[0]   # (C, S, S)
+        pixels = to_pixel_values([render(scene, self.image_size, rim=self.rim)])[0]   # (C, I, I)
         return pixels, text, scene
 
 
 def collate(batch: Sequence[tuple[torch.Tensor, str, Scene]]) -> tuple[torch.Tensor, list[str], list[Scene]]:
-    """[(pixels, caption, scene)] -> ((B, C, S, S), list of captions, list of scenes)."""
+    """[(pixels, caption, scene)] -> ((B, C, I, I), list of captions, list of scenes)."""
     pixels, captions, scenes = zip(*batch)
     return torch.stack(pixels), list(captions), list(scenes)
 
@@ -988,8 +988,8 @@ def sync_gradients(model: nn.Module) -> None:
 def render_split(split: str, n: int, seed: int, image_size: int, hard_negatives: bool = False, max_shapes: int = 4,
                  detail: str | None = None, rim: bool = True,
                  as_bytes: bool = False) -> tuple[torch.Tensor, list[str], list[Scene]]:
-    """Render B = n scenes once: (pixels (B, C, S, S), captions, scenes), pixels as `ShapesDataset` gives
-    them; as_bytes=True keeps the images as (B, S, S, C) uint8 (`normalize` them later). detail="full"
+    """Render B = n scenes once: (pixels (B, C, I, I), captions, scenes), pixels as `ShapesDataset` gives
+    them; as_bytes=True keeps the images as (B, I, I, C) uint8 (`normalize` them later). detail="full"
     re-captions every scene naming all its attributes (evaluation); None keeps the varied captions."""
     data = ShapesDataset(n, split, seed, image_size, max_shapes, hard_negatives, rim)
     scenes, captions = map(list, zip(*(data.scene(i) for i in range(n))))

@@ -11,7 +11,7 @@ vectors (Q = 32 in the paper) and, optionally, a caption. In every layer
     queries / text  --feed-forward, SEPARATE weights for each-->         (B, Q+T, D)
 
 and every sub-layer is BERT's post-norm residual, x <- LayerNorm(x + Sublayer(x)). Whatever the image
-encoder's size (N patches of width D_img), the Q-Former hands on Q vectors: a fixed-size summary.
+encoder's size (N patches of width Dv), the Q-Former hands on Q vectors: a fixed-size summary.
 
 Stage 1 (section 3.2) trains the queries to pull out the image information that text needs, with
 three objectives that share ALL weights and differ only in the self-attention mask:
@@ -181,14 +181,14 @@ class MultiHeadAttention(nn.Module):
 
     x (B, T_x, D) attends to context (B, T_c, D_c). In self-attention both are [queries; text]
     (T_x = T_c = Q+T, or Q, or T, D_c = D); in the cross-attention x is the queries (T_x = Q) and the
-    context the frozen image features (T_c = N, D_c = D_img).
+    context the frozen image features (T_c = N, D_c = Dv).
     """
 
     def __init__(self, config: QFormerConfig, context_width: int):
         super().__init__()
         self.num_heads, self.p = config.num_attention_heads, config.attention_dropout
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(context_width, config.hidden_size)     # context_width = D_c: D_img for the
+        self.key = nn.Linear(context_width, config.hidden_size)     # context_width = D_c: Dv for the
         self.value = nn.Linear(context_width, config.hidden_size)   # cross-attention to the image
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -483,7 +483,7 @@ class QFormer(nn.Module):
     # -- features and logits --
 
     def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """z_q = normalize(W_v h_q) for every query: (B, N, D_img) -> (B, Q, E)."""
+        """z_q = normalize(W_v h_q) for every query: (B, N, Dv) -> (B, Q, E)."""
         return F.normalize(self.vision_projection(self(image_embeds)), dim=-1)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -550,7 +550,7 @@ class QFormer(nn.Module):
             matches = (input_ids[:, None] == input_ids[None]).all(-1)                # (B, B)
         hard_text = sample_hard_negatives(similarity, self.temp, matches, generator)       # image i -> text
         hard_image = sample_hard_negatives(similarity.t(), self.temp, matches.t(), generator)  # text i -> image
-        images = torch.cat([image_embeds, image_embeds, image_embeds[hard_image]])   # (3B, N, D_img)
+        images = torch.cat([image_embeds, image_embeds, image_embeds[hard_image]])   # (3B, N, Dv)
         texts = torch.cat([input_ids, input_ids[hard_text], input_ids])              # (3B, T)
         masks = torch.cat([attention_mask, attention_mask[hard_text], attention_mask])
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(input_ids.device)
@@ -566,7 +566,7 @@ class QFormer(nn.Module):
 
     @torch.no_grad()
     def generate(self, image_embeds: torch.Tensor, max_new_tokens: int = 20) -> torch.Tensor:
-        """Greedy captions: start from [DEC], append argmax until [SEP]. (B, N, D_img) -> (B, T)."""
+        """Greedy captions: start from [DEC], append argmax until [SEP]. (B, N, Dv) -> (B, T)."""
         c = self.config
         self._check_generation_tokens()
         max_new_tokens = min(max_new_tokens, c.max_position_embeddings - 1)
@@ -783,7 +783,7 @@ def toy_data(config: QFormerConfig, n: int,
              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """B = n (image_embeds, caption) pairs of a toy world. Caption [CLS] (size) colour shape [SEP], ids
     into TOY_WORDS; the "frozen features" put a prototype of each attribute on its own patch (N = 6
-    patches), plus noise. Returns image_embeds (B, N, D_img), input_ids and attention_mask (B, 5)."""
+    patches), plus noise. Returns image_embeds (B, N, Dv), input_ids and attention_mask (B, 5)."""
     g = torch.Generator().manual_seed(1234)                     # the same world for every seed
     protos = torch.randn(14, config.encoder_hidden_size, generator=g)
     colour = torch.randint(4, 8, (n,), generator=generator)
@@ -796,7 +796,7 @@ def toy_data(config: QFormerConfig, n: int,
     words = torch.stack([colour, shape], 1)                     # (B, 2)
     ids[has_size, 2:4], ids[~has_size, 1:3] = words[has_size], words[~has_size]
     ids[has_size, 4], ids[~has_size, 3] = config.sep_token_id, config.sep_token_id
-    feats = 0.5 * torch.randn(n, 6, config.encoder_hidden_size, generator=generator)   # (B, N, D_img)
+    feats = 0.5 * torch.randn(n, 6, config.encoder_hidden_size, generator=generator)   # (B, N, Dv)
     feats[:, 0] += protos[colour]
     feats[:, 1] += protos[shape]
     feats[has_size, 2] += protos[size[has_size]]
@@ -855,7 +855,7 @@ def shapes_qformer_config(tokenizer: clip.ShapesTokenizer, image_width: int, tin
 def frozen_image_features(vit: clip.VisionTransformer, pixel_values: torch.Tensor, device: torch.device | str,
                           batch_size: int = 256) -> torch.Tensor:
     """BLIP-2's frozen image side: every ViT token through the ViT's final LayerNorm (what
-    transformers' Blip2VisionModel returns as last_hidden_state): (B, C, S, S) -> (B, 1+N, D_img)."""
+    transformers' Blip2VisionModel returns as last_hidden_state): (B, C, I, I) -> (B, 1+N, Dv)."""
     vit.eval()
     chunks = [vit.post_layernorm(vit(pixel_values[s:s + batch_size].to(device)))
               for s in range(0, len(pixel_values), batch_size)]
