@@ -1,19 +1,27 @@
 """CLIP: contrastive language-image pre-training, from the lecture's pseudo-code to real checkpoints.
 
-Two encoders map an image and a caption into one D-dimensional space. Training pulls the N matching
-pairs of a batch together and pushes the N^2 - N mismatched pairs apart (Radford et al. 2021, Fig. 3):
+Two encoders map an image and a caption into one E-dimensional space. Training pulls the B matching
+pairs of a batch together and pushes the B^2 - B mismatched pairs apart (Radford et al. 2021, Fig. 3):
 
-    I = normalize(image_encoder(images) W_i)        # (N, D) unit vectors
-    T = normalize(text_encoder(texts) W_t)          # (N, D)
-    logits = exp(t) * I T^T                         # (N, N) scaled cosine similarities
+    I = normalize(image_encoder(images) W_i)        # (B, E) unit vectors
+    T = normalize(text_encoder(texts) W_t)          # (B, E)
+    logits = exp(t) * I T^T                         # (B, B) scaled cosine similarities
     L = ( CE(logits, diag) + CE(logits^T, diag) ) / 2   # symmetric InfoNCE
 
 The image encoder is a ViT (Dosovitskiy et al. 2021): P x P patches -> linear embedding, a class token,
 learned position embeddings, pre-norm transformer blocks; the class token's output is the image. The
-text encoder is a causal transformer read out at the end-of-text token (CLIP paper, section 2.4). The
-temperature t is learned, starts at ln(1/0.07) and is clamped at ln(100) during training. Zero-shot
-classification (section 3.1.2) turns label names into captions ("a photo of a {}"), averages the text
-embeddings of several templates (section 3.1.4), and picks the caption nearest the image.
+text encoder is a causal transformer read out at the end-of-text token (CLIP paper, section 2.4).
+The learned scalar t is the LOG of the logit scale, t = ln(1/tau), not the softmax temperature tau
+itself (Fig. 3's pseudo-code calls t "learned temperature parameter"): exp(t) = 1/tau multiplies the
+cosines, and storing the log keeps it positive. t starts at ln(1/0.07) ~= 2.659 (tau = 0.07) and
+training clamps it to [0, ln 100] (`clamp_logit_scale_`), so 1 <= exp(t) <= 100, i.e. 0.01 <= tau <= 1.
+qformer.py learns the other parameterisation, tau itself (its `temp`). Zero-shot classification
+(section 3.1.2) turns label names into captions ("a photo of a {}"), averages the text embeddings of
+several templates (section 3.1.4), and picks the caption nearest the image.
+
+At scale (sections 2.2 and 2.5): 400M (image, text) pairs from the web (WIT, "WebImageText"), 32
+epochs, batch 32,768, so every image is told apart from 32,767 wrong captions in each step. Here:
+30,000 rendered scenes, batch 128. Why the batch matters so much: see "Why a large batch" below.
 
 Also here: the SigLIP loss (Zhai et al. 2023), which PaliGemma's vision tower is trained with;
 gathering features across ranks under torchrun so the loss sees the global batch (as open_clip does);
@@ -24,7 +32,8 @@ Compositional generalisation, measured honestly. `--train` holds four colour-sha
 training (a red circle is never seen, though red things and circles are), then classifies scenes of
 those pairs zero-shot among all 24 pairs ("a photo of a red circle", ...): right means colour and kind
 both right. This is the compositional zero-shot test of Misra et al. (2017, "From red wine to red
-tomato"). Three choices let a two-minute CPU run pass it, and the README measures each:
+tomato"). Three choices let a two-minute CPU run pass it on four seeds of five (seed 3 reaches 89.8%;
+README, `benchmarks/bench_clip_seeds.py`), and the README measures each:
   1. CLIP's initialisation (`init_weights`). With GPT-2's std 0.02 everywhere the small model is
      still near its starting loss after 1000 steps (`--init gpt2`).
   2. White outlines (`RIM`). A pure red circle's edge exists only in the R channel, so without an edge
@@ -38,11 +47,13 @@ circle" was only ever written under non-red images, so it leans away from red, a
 circle read from that prompt alone is wrong more often than from "a photo of a red circle".
 
 Conventions: module names equal the keys of transformers' `CLIPModel`, so `CLIP.from_pretrained`
-loads a checkpoint folder strictly; images are (B, C, S, S) normalised with CLIP's mean and std;
+loads a checkpoint folder strictly; images are (B, C, I, I) normalised with CLIP's mean and std;
 text is right-padded and every row contains the end-of-text token. Left out: dropout, the
 ResNet image encoder, interpolation of position embeddings to other image sizes, and BPE (the shapes
 data use a word-level tokenizer; real checkpoints use transformers' tokenizer).
 """
+from __future__ import annotations
+
 import argparse
 import json
 import math
@@ -52,9 +63,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
 
 import numpy as np
 import torch
@@ -74,8 +85,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass
 class CLIPConfig:
     """Both towers and the shared space. Defaults are the small model `--train` fits on a CPU."""
-    # vision tower: a ViT over (C, S, S) images cut into (S/P)^2 patches
-    image_size: int = 48            # S
+    # vision tower: a ViT over (C, I, I) images cut into (I/P)^2 patches
+    image_size: int = 48            # I
     patch_size: int = 8             # P
     num_channels: int = 3           # C
     vision_width: int = 64          # D of the ViT
@@ -84,22 +95,24 @@ class CLIPConfig:
     vision_mlp: int = 256           # F
     vision_act: str = "quick_gelu"
     # text tower: a causal transformer over T tokens
-    vocab_size: int = None          # V; None = the shapes tokenizer's
+    vocab_size: int | None = None   # V; None = the shapes tokenizer's
     context_length: int = 24        # T, the longest caption plus start and end tokens
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
     text_mlp: int = 256
     text_act: str = "quick_gelu"
-    eos_token_id: int = None        # the end-of-text token the text is read out at; None = the shapes tokenizer's
-    # shared space and temperature
-    embed_dim: int = 64             # width of the joint embedding space
+    eos_token_id: int | None = None  # the end-of-text token the text is read out at; None = the shapes tokenizer's
+    # shared space and logit scale
+    embed_dim: int = 64             # E, width of the joint embedding space
     layer_norm_eps: float = 1e-5
-    # t = ln(1/0.07): CLIP starts at temperature 0.07, i.e. logits are cosines times 14.3 (section 2.5)
+    # t, the log of the logit scale: t = ln(1/tau) for CLIP's initial temperature tau = 0.07 (section 2.5,
+    # after Wu et al. 2018): 1/0.07 = 14.29, ln(14.29) = ln(100/7) = 4.6052 - 1.9459 = 2.6593. The logits
+    # start as cosines times exp(t) = 14.3, so a cosine gap of 0.1 is a logit gap of 1.4.
     logit_scale_init: float = math.log(1 / 0.07)
     num_patches: int = field(init=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         self.num_patches = (self.image_size // self.patch_size) ** 2   # N
@@ -109,11 +122,67 @@ class CLIPConfig:
             self.eos_token_id = ShapesTokenizer.eos_token_id
 
     @classmethod
-    def tiny(cls, **overrides):
+    def tiny(cls, **overrides) -> CLIPConfig:
         """A model of some 55k parameters for tests and the seconds-long demo."""
         small = dict(image_size=32, patch_size=8, vision_width=48, vision_layers=1, vision_heads=2,
                      vision_mlp=96, text_width=48, text_layers=1, text_heads=2, text_mlp=96, embed_dim=32)
         return cls(**{**small, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# The losses: CLIP's symmetric InfoNCE and SigLIP's pairwise sigmoid
+# ----------------------------------------------------------------------------------------------
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+              logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE (Radford et al. 2021, Fig. 3); `logit_scale` is the multiplier exp(t).
+
+    Row i of the similarity matrix asks "which caption belongs to image i?", column j asks "which
+    image belongs to caption j?"; the right answer is always the diagonal.
+    """
+    image_features = F.normalize(image_features, dim=-1)                 # (B, E), unit length
+    text_features = F.normalize(text_features, dim=-1)                   # (B, E)
+    # logits_ij = exp(t) cos(I_i, T_j)
+    logits = logit_scale * image_features @ text_features.t()            # (B, B)
+    return symmetric_cross_entropy(logits)
+
+
+def symmetric_cross_entropy(logits: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """InfoNCE's second half on any square (B, B) logits matrix whose diagonal holds the matched pairs.
+    qformer.py's ITC loss is this on its max-over-queries similarity; BLIP-2 smooths the labels."""
+    labels = torch.arange(logits.shape[0], device=logits.device)         # the diagonal is correct
+    # L = (CE over rows + CE over columns) / 2
+    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+            + F.cross_entropy(logits.t(), labels, label_smoothing=label_smoothing)) / 2
+
+
+# Why a large batch. Each row of the loss is a B-way classification: find the one true caption among B,
+# one positive against B - 1 negatives. Features that carry nothing score exactly log B (`python clip.py`
+# prints it), and InfoNCE bounds the mutual information it can certify by I(image; text) >= log B - L
+# (van den Oord et al. 2018, section 2.3): however good the encoders, a batch of B measures at most log B
+# nats, ln 128 = 4.85 here and ln 32,768 = 10.4 for CLIP. More negatives are also harder ones: among
+# 32,767 random captions some are near-misses ("a dog on the grass" for a dog on the sand) that force
+# fine distinctions, where a batch of 128 rarely holds one. So CLIP gathers the features of all GPUs into one
+# batch (`gather_with_grad`), and our small batches are built from hard-negative pairs instead
+# (`batch_indices`): each scene comes with a caption that differs in one shape's kind or colour.
+
+
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float,
+                logit_bias: torch.Tensor | float) -> torch.Tensor:
+    """Pairwise sigmoid loss (Zhai et al. 2023, eq. 1, Algorithm 1).
+
+    Every (image, caption) pair is its own binary question "do these match?", with label z_ij = +1 on
+    the diagonal and -1 elsewhere. No softmax normalises a row or a column, so no term needs the whole
+    batch's similarities at once: under data parallelism each device can score its images against
+    one chunk of captions at a time, and the loss scales to huge batches. The learned bias b (SigLIP
+    starts it at -10, with exp(t) = 10) offsets the prior that almost all pairs are negatives.
+    """
+    image_features = F.normalize(image_features, dim=-1)                 # (B, E)
+    text_features = F.normalize(text_features, dim=-1)                   # (B, E)
+    logits = logit_scale * image_features @ text_features.t() + logit_bias   # (B, B)
+    z = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1   # +1 diagonal, -1 off
+    # L = -1/|B| sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b)); the paper's multiplier t is our exp(t)
+    return -F.logsigmoid(z * logits).sum() / logits.shape[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +201,7 @@ ACTIVATIONS = {
 class Attention(nn.Module):
     """Multi-head self-attention, softmax(Q K^T / sqrt(d) + mask) V, with CLIP's projection names."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width: int, heads: int):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
@@ -142,7 +211,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x.shape
         q = self.q_proj(x).view(B, T, self.heads, -1).transpose(1, 2)    # (B, T, D) -> (B, H, T, d)
         k = self.k_proj(x).view(B, T, self.heads, -1).transpose(1, 2)    # (B, H, T, d)
@@ -154,13 +223,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, width, mlp_width, activation):
+    def __init__(self, width: int, mlp_width: int, activation: str):
         super().__init__()
         self.act = ACTIVATIONS[activation]
         self.fc1 = nn.Linear(width, mlp_width)
         self.fc2 = nn.Linear(mlp_width, width)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))                           # (B, T, D) -> (B, T, F) -> (B, T, D)
 
 
@@ -169,10 +238,11 @@ class EncoderLayer(nn.Module):
 
     Submodule names equal transformers' CLIP and SigLIP keys (`layer_norm1`, `self_attn.q_proj`, ...,
     `mlp.fc1`), so a checkpoint's `encoder.layers.{i}.*` tensors load into it unchanged.
-    `attn_mask` is an optional additive float mask broadcastable to (B, H, T, T).
+    x is (B, T, D): T text tokens, or the ViT's 1+N tokens (the shape comments of these shared blocks
+    write T for both). `attn_mask` is an optional additive float mask broadcastable to (B, H, T, T).
     """
 
-    def __init__(self, width, heads, mlp_width, activation="quick_gelu", eps=1e-5):
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: str = "quick_gelu", eps: float = 1e-5):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -181,7 +251,7 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = MLP(width, mlp_width, activation)
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x), attn_mask)          # (B, T, D)
         return x + self.mlp(self.layer_norm2(x))                         # (B, T, D)
 
@@ -189,12 +259,13 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     """A stack of L blocks, held as `layers` so the keys read `encoder.layers.{i}.*`."""
 
-    def __init__(self, layers, width, heads, mlp_width, activation, eps):
+    def __init__(self, layers: int, width: int, heads: int, mlp_width: int, activation: str, eps: float):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(width, heads, mlp_width, activation, eps)
                                     for _ in range(layers))
 
-    def forward(self, x, attn_mask=None, output_hidden_states=False):
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> torch.Tensor | list[torch.Tensor]:
         hidden = [x]
         for layer in self.layers:
             x = layer(x, attn_mask)
@@ -215,8 +286,8 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(cfg.num_channels, D, cfg.patch_size, cfg.patch_size, bias=False)
         self.position_embedding = nn.Embedding(cfg.num_patches + 1, D)
 
-    def forward(self, pixel_values):
-        x = self.patch_embedding(pixel_values)                           # (B, C, S, S) -> (B, D, S/P, S/P)
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values)                           # (B, C, I, I) -> (B, D, I/P, I/P)
         x = x.flatten(2).transpose(1, 2)                                 # (B, N, D), patches in raster order
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, D)
         x = torch.cat([cls, x], dim=1)                                   # (B, 1+N, D)
@@ -239,17 +310,18 @@ class VisionTransformer(nn.Module):
                                cfg.vision_act, cfg.layer_norm_eps)
         self.post_layernorm = nn.LayerNorm(cfg.vision_width, eps=cfg.layer_norm_eps)
 
-    def forward(self, pixel_values, output_hidden_states=False):
-        """(B, C, S, S) -> (B, 1+N, D); with output_hidden_states, the list of all L+1 such tensors."""
+    def forward(self, pixel_values: torch.Tensor,
+                output_hidden_states: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """(B, C, I, I) -> (B, 1+N, D); with output_hidden_states, the list of all L+1 such tensors."""
         check_pixel_values(pixel_values, self.cfg)
         x = self.pre_layrnorm(self.embeddings(pixel_values))            # (B, 1+N, D)
         return self.encoder(x, output_hidden_states=output_hidden_states)
 
-    def pool(self, tokens):
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.post_layernorm(tokens[:, 0])                         # (B, 1+N, D) -> (B, D)
 
 
-def check_pixel_values(pixel_values, cfg: CLIPConfig):
+def check_pixel_values(pixel_values: torch.Tensor, cfg: CLIPConfig) -> None:
     expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
     if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
         raise ValueError(f"pixel_values must have shape (B, {', '.join(map(str, expected))}) "
@@ -266,12 +338,13 @@ class TextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.position_embedding = nn.Embedding(cfg.context_length, cfg.text_width)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
         return self.token_embedding(input_ids) + self.position_embedding.weight[:T]   # (B, T) -> (B, T, D)
 
 
-def text_attention_mask(attention_mask, T, dtype, device):
+def text_attention_mask(attention_mask: torch.Tensor | None, T: int, dtype: torch.dtype,
+                        device: torch.device | str) -> torch.Tensor:
     """Additive mask (B or 1, 1, T, T): token i sees tokens j <= i that are not padding.
 
     A large negative number instead of -inf keeps a fully masked row (a padding query with left
@@ -283,7 +356,7 @@ def text_attention_mask(attention_mask, T, dtype, device):
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def pool_eos(hidden, input_ids, eos_token_id):
+def pool_eos(hidden: torch.Tensor, input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """Read each row out at its end-of-text token: (B, T, D) -> (B, D).
 
     transformers' rule: configs with eos_token_id == 2 predate a fix and take the highest token id (in
@@ -311,7 +384,7 @@ class TextTransformer(nn.Module):
                                cfg.text_act, cfg.layer_norm_eps)
         self.final_layer_norm = nn.LayerNorm(cfg.text_width, eps=cfg.layer_norm_eps)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids, optional (B, T) 1/0 padding mask -> (B, T, D) after the final LayerNorm."""
         check_input_ids(input_ids, self.cfg)
         x = self.embeddings(input_ids)                                   # (B, T, D)
@@ -319,7 +392,7 @@ class TextTransformer(nn.Module):
         return self.final_layer_norm(self.encoder(x, mask))             # (B, T, D)
 
 
-def check_input_ids(input_ids, cfg: CLIPConfig):
+def check_input_ids(input_ids: torch.Tensor, cfg: CLIPConfig) -> None:
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
         raise ValueError(f"input_ids must be an integer tensor of shape (B, T); got {input_ids.dtype} "
                          f"of shape {tuple(input_ids.shape)}")
@@ -332,54 +405,11 @@ def check_input_ids(input_ids, cfg: CLIPConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# The losses: CLIP's symmetric InfoNCE and SigLIP's pairwise sigmoid
-# ----------------------------------------------------------------------------------------------
-
-def clip_loss(image_features, text_features, logit_scale):
-    """Symmetric InfoNCE (Radford et al. 2021, Fig. 3); `logit_scale` is the multiplier exp(t).
-
-    Row i of the similarity matrix asks "which caption belongs to image i?", column j asks "which
-    image belongs to caption j?"; the right answer is always the diagonal.
-    """
-    image_features = F.normalize(image_features, dim=-1)                 # (B, E), unit length
-    text_features = F.normalize(text_features, dim=-1)                   # (B, E)
-    # logits_ij = exp(t) cos(I_i, T_j)
-    logits = logit_scale * image_features @ text_features.t()            # (B, B)
-    return symmetric_cross_entropy(logits)
-
-
-def symmetric_cross_entropy(logits, label_smoothing=0.0):
-    """InfoNCE's second half on any square (B, B) logits matrix whose diagonal holds the matched pairs.
-    qformer.py's ITC loss is this on its max-over-queries similarity; BLIP-2 smooths the labels."""
-    labels = torch.arange(logits.shape[0], device=logits.device)         # the diagonal is correct
-    # L = (CE over rows + CE over columns) / 2
-    return (F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-            + F.cross_entropy(logits.t(), labels, label_smoothing=label_smoothing)) / 2
-
-
-def siglip_loss(image_features, text_features, logit_scale, logit_bias):
-    """Pairwise sigmoid loss (Zhai et al. 2023, eq. 1, Algorithm 1).
-
-    Every (image, caption) pair is its own binary question "do these match?", with label z_ij = +1 on
-    the diagonal and -1 elsewhere. No softmax normalises a row or a column, so no term needs the whole
-    batch's similarities at once: under data parallelism each device can score its images against
-    one chunk of captions at a time, and the loss scales to huge batches. The learned bias b (SigLIP
-    starts it at -10, with exp(t) = 10) offsets the prior that almost all pairs are negatives.
-    """
-    image_features = F.normalize(image_features, dim=-1)                 # (B, E)
-    text_features = F.normalize(text_features, dim=-1)                   # (B, E)
-    logits = logit_scale * image_features @ text_features.t() + logit_bias   # (B, B)
-    z = 2 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1   # +1 diagonal, -1 off
-    # L = -1/|B| sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b))
-    return -F.logsigmoid(z * logits).sum() / logits.shape[0]
-
-
-# ----------------------------------------------------------------------------------------------
 # The dual encoder
 # ----------------------------------------------------------------------------------------------
 
 class CLIP(nn.Module):
-    """ViT + text transformer + two projections into one space + a learned temperature.
+    """ViT + text transformer + two projections into one space + a learned logit scale t = ln(1/tau).
 
     Attribute names equal transformers' `CLIPModel` state-dict keys (`vision_model.*`, `text_model.*`,
     `visual_projection`, `text_projection`, `logit_scale`). `encode_*` return unnormalised
@@ -393,15 +423,17 @@ class CLIP(nn.Module):
         self.text_model = TextTransformer(cfg)
         self.visual_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
-        # t, stored as a log so that exp(t) stays positive; exp(ln(1/0.07)) = 14.3
+        # t = ln(1/tau), the log of the logit scale (not the temperature tau): exp(t) stays positive;
+        # exp(ln(1/0.07)) = 14.3. qformer.py's `temp` stores tau itself: temp = exp(-t).
         self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale_init))
         init_weights(self)
 
-    def encode_image(self, pixel_values):
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         tokens = self.vision_model(pixel_values)                         # (B, 1+N, D)
         return self.visual_projection(self.vision_model.pool(tokens))    # (B, D) -> (B, E)
 
-    def encode_text(self, input_ids, attention_mask=None, buckets=4):
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    buckets: int = 4) -> torch.Tensor:
         """(B, T) right-padded ids -> (B, E). Long batches run in `buckets` groups of similar length.
 
         The mask is causal, so no token ever sees a later one: the padding after a caption cannot
@@ -423,12 +455,13 @@ class CLIP(nn.Module):
             pieces.append(self._encode_text(input_ids[rows, :T], attention_mask[rows, :T]))
         return torch.cat(pieces)[order.argsort()]                        # back to the input order
 
-    def _encode_text(self, input_ids, attention_mask=None):
+    def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.text_model(input_ids, attention_mask)              # (B, T, D)
         pooled = pool_eos(hidden, input_ids, self.cfg.eos_token_id)      # (B, D)
         return self.text_projection(pooled)                              # (B, E)
 
-    def forward(self, pixel_values, input_ids, attention_mask=None):
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img))."""
         image = F.normalize(self.encode_image(pixel_values), dim=-1)     # (B_img, E)
         text = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)   # (B_txt, E)
@@ -438,16 +471,14 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
     @classmethod
-    def from_pretrained(cls, folder):
+    def from_pretrained(cls, folder: str | Path) -> CLIP:
         """Load a transformers CLIPModel checkpoint folder (or one `save_pretrained` wrote), strictly."""
         config, tensors = read_checkpoint(folder)
         model = cls(config_from_hf(config))
         load_strict(model, tensors, folder)
         return model.eval()
 
-    load = from_pretrained                       # our own checkpoints use the same format
-
-    def save_pretrained(self, folder):
+    def save_pretrained(self, folder: str | Path) -> None:
         """config.json + model.safetensors in transformers' layout (CLIPModel.from_pretrained reads them)."""
         from safetensors.torch import save_file
         folder = Path(folder)
@@ -457,12 +488,18 @@ class CLIP(nn.Module):
         atomic_write(folder / "config.json", lambda p: Path(p).write_text(json.dumps(config_to_hf(self.cfg), indent=2)))
 
     @torch.no_grad()
-    def clamp_logit_scale_(self):
-        """t <= ln(100) (CLIP section 2.5: "clipped to prevent scaling the logits by more than 100")."""
-        self.logit_scale.clamp_(0, math.log(100))
+    def clamp_logit_scale_(self) -> None:
+        """Clamp t to [0, ln 100] after each step: 1 <= exp(t) <= 100, i.e. 0.01 <= tau <= 1.
+
+        The upper bound is the paper's (section 2.5: the temperature is "clipped to prevent scaling the
+        logits by more than 100", which it found necessary for stability). The lower bound 0 (tau <= 1:
+        logits never smaller than the cosines) is not in the paper; it is what open_clip's training loop
+        does, and we follow it. qformer.py clamps its tau directly, to [0.001, 0.5], as LAVIS does.
+        """
+        self.logit_scale.clamp_(0, math.log(100))                        # t in [0, ln 100]
 
 
-def init_weights(model: CLIP, scheme="clip"):
+def init_weights(model: CLIP, scheme: str = "clip") -> None:
     """CLIP's initialisation, as transformers' `CLIPPreTrainedModel._init_weights` (modeling_clip.py) has
     it after openai/CLIP's `initialize_parameters` (model.py). In a tower of width w and L blocks:
 
@@ -539,17 +576,17 @@ class Shape:
     size: str        # "small" or "large"
     x: float         # centre, fraction of the image width (0 = left)
     y: float         # centre, fraction of the image height (0 = top)
-    rgb: tuple = None   # the colour drawn, a shade near COLOURS[colour]; None = exactly COLOURS[colour]
+    rgb: tuple | None = None   # the colour drawn, a shade near COLOURS[colour]; None = exactly COLOURS[colour]
 
     @property
-    def col(self):
+    def col(self) -> int:
         return min(int(self.x * GRID), GRID - 1)
 
     @property
-    def row(self):
+    def row(self) -> int:
         return min(int(self.y * GRID), GRID - 1)
 
-    def phrase(self, detail="full"):
+    def phrase(self, detail: str = "full") -> str:
         """"a large red circle" (full), "a red circle" (no_size), "a red shape" (colour), "a circle" (kind)."""
         words = {"full": (self.size, self.colour, self.kind), "no_size": (self.colour, self.kind),
                  "colour": (self.colour, "shape"), "kind": (self.kind,)}[detail]
@@ -561,20 +598,20 @@ class Scene:
     shapes: tuple    # of Shape, in the order the caption names them
 
 
-def relation(a: Shape, b: Shape):
+def relation(a: Shape, b: Shape) -> str:
     """Where a is relative to b: left/right when their grid columns differ, else above/below."""
     if a.col != b.col:
         return "to the left of" if a.col < b.col else "to the right of"
     return "above" if a.row < b.row else "below"
 
 
-def shade(colour, rng, spread=SHADE):
+def shade(colour: str, rng: random.Random, spread: int = SHADE) -> tuple[int, int, int]:
     """A random shade of a named colour: each channel moved by up to `spread`. Shapes are never drawn in
     exactly one RGB value per name, so the encoder cannot tie a shape to one exact colour value."""
     return tuple(min(255, max(0, v + rng.randint(-spread, spread))) for v in COLOURS[colour])
 
 
-def random_scene(rng: random.Random, split="train", max_shapes=4):
+def random_scene(rng: random.Random, split: str = "train", max_shapes: int = 4) -> Scene:
     """Draw a scene: 1..max_shapes shapes in distinct grid cells.
 
     split "train" / "test": only colour-shape pairs outside HELDOUT; "heldout": one shape (the first
@@ -603,7 +640,7 @@ def random_scene(rng: random.Random, split="train", max_shapes=4):
     return Scene(tuple(shapes))
 
 
-def perturb(scene: Scene, rng: random.Random, split="train", attribute="kind"):
+def perturb(scene: Scene, rng: random.Random, split: str = "train", attribute: str = "kind") -> Scene:
     """A hard negative: the same scene with the `attribute` ("kind" or "colour") of one shape changed.
 
     Positions and sizes stay, so only that attribute tells the two apart (NegCLIP, Yuksekgonul et al.
@@ -624,7 +661,7 @@ DETAILS = ("full", "no_size", "colour", "kind")
 DETAIL_WEIGHTS = (3, 3, 1, 1)
 
 
-def caption(scene: Scene, prefix="", detail="full"):
+def caption(scene: Scene, prefix: str = "", detail: str = "full") -> str:
     """"a large red circle to the left of a small blue square"; three or more shapes are listed.
 
     `prefix` opens the caption ("a photo of "); `detail` says which attributes each shape's phrase
@@ -641,7 +678,7 @@ def caption(scene: Scene, prefix="", detail="full"):
     return prefix + body
 
 
-def render(scene: Scene, image_size=48, supersample=4, rim=True):
+def render(scene: Scene, image_size: int = 48, supersample: int = 4, rim: bool = True) -> Image.Image:
     """Draw the scene with pillow; drawn `supersample` times larger, then downsized for smooth edges.
     rim=True (the default) outlines every shape in white (RIM), inside its edge; rim=False draws fills only."""
     side = image_size * supersample
@@ -663,7 +700,7 @@ def render(scene: Scene, image_size=48, supersample=4, rim=True):
     return img.resize((image_size, image_size), Image.BOX)
 
 
-def questions(scene: Scene):
+def questions(scene: Scene) -> list[tuple[str, str]]:
     """Question-answer pairs that the scene answers unambiguously (for the VQA files).
 
     Kinds: count ("how many shapes are there?"), colour of a shape named by kind, shape of an object
@@ -690,22 +727,23 @@ def questions(scene: Scene):
     return qa
 
 
-def to_pixel_values(images, mean=CLIP_MEAN, std=CLIP_STD):
-    """PIL images (all S x S, RGB) -> (B, C, S, S) float tensor normalised with CLIP's mean and std."""
+def to_pixel_values(images: Sequence[Image.Image], mean: Sequence[float] = CLIP_MEAN,
+                    std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """PIL images (all I x I, RGB) -> (B, C, I, I) float tensor normalised with CLIP's mean and std."""
     return normalize(torch.from_numpy(np.stack([np.asarray(im) for im in images])), mean, std)
 
 
-def normalize(images, mean=CLIP_MEAN, std=CLIP_STD):
-    """(B, S, S, C) uint8 -> (B, C, S, S) float, (x / 255 - mean) / std per channel. `train` keeps its
+def normalize(images: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """(B, I, I, C) uint8 -> (B, C, I, I) float, (x / 255 - mean) / std per channel. `train` keeps its
     scenes as bytes, a quarter of the memory of floats, and normalises one batch at a time."""
-    x = images.permute(0, 3, 1, 2).float() / 255.0                       # (B, C, S, S) in [0, 1]
+    x = images.permute(0, 3, 1, 2).float() / 255.0                       # (B, C, I, I) in [0, 1]
     mean = torch.tensor(mean).view(1, -1, 1, 1)
     std = torch.tensor(std).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """`size` scenes of one split; item i is (pixel_values (C, S, S), caption, Scene).
+    """`size` scenes of one split; item i is (pixel_values (C, I, I), caption, Scene).
 
     Item i depends only on (seed, split, i), so any item can be regenerated in any order and on any
     rank. The caption's opening ("a photo of ", ...) and whether it names sizes also vary with i.
@@ -713,15 +751,16 @@ class ShapesDataset(torch.utils.data.Dataset):
     rim=False leaves out the white outlines (see `render`). Batch with `collate`.
     """
 
-    def __init__(self, size, split="train", seed=0, image_size=48, max_shapes=4, hard_negatives=False, rim=True):
+    def __init__(self, size: int, split: str = "train", seed: int = 0, image_size: int = 48, max_shapes: int = 4,
+                 hard_negatives: bool = False, rim: bool = True):
         random_scene(random.Random(0), split)       # validates split
         self.size, self.split, self.seed = size, split, seed
         self.image_size, self.max_shapes, self.hard_negatives, self.rim = image_size, max_shapes, hard_negatives, rim
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.size
 
-    def scene(self, i):
+    def scene(self, i: int) -> tuple[Scene, str]:
         """Item i's (Scene, caption), without rendering."""
         base = i - i % 2 if self.hard_negatives else i
         rng = random.Random(f"shapes-{self.seed}-{self.split}-{base}")   # str seeds are stable across runs
@@ -731,16 +770,16 @@ class ShapesDataset(torch.utils.data.Dataset):
             scene = perturb(scene, rng, self.split, "colour" if detail == "colour" else "kind")
         return scene, caption(scene, prefix, detail)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, Scene]:
         if not 0 <= i < self.size:
             raise IndexError(f"index {i} out of range for a data set of {self.size}")
         scene, text = self.scene(i)
-        pixels = to_pixel_values([render(scene, self.image_size, rim=self.rim)])[0]   # (C, S, S)
+        pixels = to_pixel_values([render(scene, self.image_size, rim=self.rim)])[0]   # (C, I, I)
         return pixels, text, scene
 
 
-def collate(batch):
-    """[(pixels, caption, scene)] -> ((B, C, S, S), list of captions, list of scenes)."""
+def collate(batch: Sequence[tuple[torch.Tensor, str, Scene]]) -> tuple[torch.Tensor, list[str], list[Scene]]:
+    """[(pixels, caption, scene)] -> ((B, C, I, I), list of captions, list of scenes)."""
     pixels, captions, scenes = zip(*batch)
     return torch.stack(pixels), list(captions), list(scenes)
 
@@ -761,15 +800,15 @@ class ShapesTokenizer:
     sot_token_id, eos_token_id = len(ITOS) - 2, len(ITOS) - 1
     vocab_size = len(ITOS)
 
-    def __init__(self, context_length=24):
+    def __init__(self, context_length: int = 24):
         self.context_length = context_length
         self.stoi = {w: i for i, w in enumerate(self.ITOS)}
 
     @staticmethod
-    def words(text):
+    def words(text: str) -> list[str]:
         return "".join(c if c.isalnum() else " " for c in text.lower()).split()
 
-    def encode(self, texts):
+    def encode(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """list of str -> (input_ids, attention_mask), both (B, T) with T = context_length."""
         if isinstance(texts, str):
             texts = [texts]
@@ -784,7 +823,7 @@ class ShapesTokenizer:
 
     __call__ = encode
 
-    def decode(self, ids):
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
         """(T,) ids -> the words between start- and end-of-text."""
         out = []
         for i in ids.tolist() if torch.is_tensor(ids) else ids:
@@ -800,8 +839,13 @@ class ShapesTokenizer:
 # Using a trained CLIP: zero-shot classification and retrieval
 # ----------------------------------------------------------------------------------------------
 
+# tokenize(texts) -> (input_ids, attention_mask), both (B, T): a ShapesTokenizer, or `hf_tokenizer`'s function
+Tokenize = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]
+
+
 @torch.no_grad()
-def text_classifier(model: CLIP, tokenize, labels, templates=TEMPLATES):
+def text_classifier(model: CLIP, tokenize: Tokenize, labels: Sequence[str],
+                    templates: Sequence[str] = TEMPLATES) -> torch.Tensor:
     """One unit vector per label: the mean of its prompts' normalised text embeddings, renormalised.
 
     CLIP section 3.1.4: averaging "a photo of a {}", "a picture of a {}", ... in embedding space is a
@@ -816,13 +860,13 @@ def text_classifier(model: CLIP, tokenize, labels, templates=TEMPLATES):
     rows = []
     for label in labels:
         ids, mask = tokenize([t.format(label) for t in templates])
-        e = F.normalize(model.encode_text(ids.to(device), mask.to(device)), dim=-1)   # (templates, E)
+        e = F.normalize(model.encode_text(ids.to(device), mask.to(device)), dim=-1)   # (len(templates), E)
         rows.append(F.normalize(e.mean(0), dim=-1))                                     # (E,)
-    return torch.stack(rows)                                                            # (labels, E)
+    return torch.stack(rows)                                                            # (len(labels), E)
 
 
 @torch.no_grad()
-def zero_shot(model: CLIP, pixel_values, classifier, batch_size=256):
+def zero_shot(model: CLIP, pixel_values: torch.Tensor, classifier: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Index of the most similar label for each image: argmax_k cos(image, label_k)."""
     preds = []
     for s in range(0, len(pixel_values), batch_size):
@@ -831,8 +875,9 @@ def zero_shot(model: CLIP, pixel_values, classifier, batch_size=256):
     return torch.cat(preds)
 
 
-def recall_at_k(similarity, correct=None, ks=(1, 5, 10)):
-    """Retrieval metrics from a (n_images, n_texts) similarity matrix.
+def recall_at_k(similarity: torch.Tensor, correct: torch.Tensor | None = None,
+                ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Retrieval metrics from a (B_img, B_txt) similarity matrix, images by texts.
 
     correct[i, j] says that text j describes image i (default: the diagonal). For each query the rank is
     1 + the number of wrong candidates scored above its best right one; Recall@K is the share of queries
@@ -851,8 +896,8 @@ def recall_at_k(similarity, correct=None, ks=(1, 5, 10)):
     for name, s, c in (("i2t", similarity, correct), ("t2i", similarity.t(), correct.t())):
         if not bool(c.any(1).all()):
             raise ValueError(f"every {name[0] == 'i' and 'image' or 'text'} needs at least one correct match")
-        best_right = s.masked_fill(~c, -math.inf).amax(1, keepdim=True)                   # (n, 1)
-        ranks = 1 + (s.masked_fill(c, -math.inf) > best_right).sum(1)                       # (n,)
+        best_right = s.masked_fill(~c, -math.inf).amax(1, keepdim=True)                   # i2t: (B_img, 1)
+        ranks = 1 + (s.masked_fill(c, -math.inf) > best_right).sum(1)                       # i2t: (B_img,)
         for k in ks:
             out[f"{name} R@{k}"] = 100 * (ranks <= k).double().mean().item()
         out[f"{name} median rank"] = ranks.double().median().item()
@@ -880,28 +925,29 @@ class TrainConfig:
     save_every: int = 250
 
     @classmethod
-    def tiny(cls, **overrides):
+    def tiny(cls, **overrides) -> TrainConfig:
         return cls(**{"steps": 150, "batch_size": 16, "n_train": 128, "n_eval": 48, "lr": 3e-3, "warmup": 5,
                       "log_every": 10, "save_every": 50, **overrides})
 
 
-def lr_at(step, cfg: TrainConfig):
-    """Linear warm-up, then cosine decay to zero (CLIP section 2.5 uses the same schedule)."""
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to zero (CLIP section 2.5 uses the same schedule). cfg: any
+    config with lr, warmup and steps (qformer.py's TrainConfig uses this too)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))    # stays 0 past the end
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, cfg: TrainConfig):
-    """AdamW with CLIP's betas; no weight decay on gains, biases, embeddings and the temperature."""
+def make_optimizer(model: CLIP, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with CLIP's betas; no weight decay on gains, biases, embeddings and the logit scale t."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def dist_info():
+def dist_info() -> tuple[int, int]:
     """(rank, world size); (0, 1) when not under torchrun."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
@@ -909,8 +955,9 @@ def dist_info():
     return 0, 1
 
 
-def gather_with_grad(x):
-    """Every rank's (b, E) features concatenated in rank order -> (W b, E); gradient flows to the local part.
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's (B / world, E) features, concatenated in rank order -> (B, E), B the global batch; the
+    gradient flows to the local part.
 
     all_gather returns copies without autograd history; putting the local tensor back in its slot keeps
     this rank's path to its own encoder (open_clip's `gather_features`). Each rank then computes the loss
@@ -924,11 +971,11 @@ def gather_with_grad(x):
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.detach().contiguous())
     parts[rank] = x
-    return torch.cat(parts)                                              # (W b, E)
+    return torch.cat(parts)                                              # world x (B / world, E) -> (B, E)
 
 
-def sync_gradients(model):
-    """Sum the towers' gradients over ranks. The temperature's is left alone: every rank computed the
+def sync_gradients(model: nn.Module) -> None:
+    """Sum the towers' gradients over ranks. The logit scale t's is left alone: every rank computed the
     whole loss, so its gradient with respect to t is already the full one on every rank."""
     import torch.distributed as dist
     if dist_info()[1] == 1:
@@ -938,10 +985,11 @@ def sync_gradients(model):
             dist.all_reduce(p.grad)
 
 
-def render_split(split, n, seed, image_size, hard_negatives=False, max_shapes=4, detail=None, rim=True,
-                 as_bytes=False):
-    """Render n scenes once: (pixels (n, C, S, S), captions, scenes), pixels as `ShapesDataset` gives
-    them; as_bytes=True keeps the images as (n, S, S, C) uint8 (`normalize` them later). detail="full"
+def render_split(split: str, n: int, seed: int, image_size: int, hard_negatives: bool = False, max_shapes: int = 4,
+                 detail: str | None = None, rim: bool = True,
+                 as_bytes: bool = False) -> tuple[torch.Tensor, list[str], list[Scene]]:
+    """Render B = n scenes once: (pixels (B, C, I, I), captions, scenes), pixels as `ShapesDataset` gives
+    them; as_bytes=True keeps the images as (B, I, I, C) uint8 (`normalize` them later). detail="full"
     re-captions every scene naming all its attributes (evaluation); None keeps the varied captions."""
     data = ShapesDataset(n, split, seed, image_size, max_shapes, hard_negatives, rim)
     scenes, captions = map(list, zip(*(data.scene(i) for i in range(n))))
@@ -951,7 +999,8 @@ def render_split(split, n, seed, image_size, hard_negatives=False, max_shapes=4,
     return (images if as_bytes else normalize(images)), captions, scenes
 
 
-def train_step(model, optimizer, pixels, ids, mask, lr):
+def train_step(model: CLIP, optimizer: torch.optim.Optimizer, pixels: torch.Tensor, ids: torch.Tensor,
+               mask: torch.Tensor, lr: float) -> torch.Tensor:
     """One step of symmetric InfoNCE on this rank's shard, contrasted against the global batch."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -966,7 +1015,7 @@ def train_step(model, optimizer, pixels, ids, mask, lr):
     return loss.detach()
 
 
-def batch_indices(cfg: TrainConfig, step):
+def batch_indices(cfg: TrainConfig, step: int) -> torch.Tensor:
     """The global batch of `step`: batch_size // 2 hard-negative pairs (scenes 2k and 2k+1), drawn from a
     generator seeded by (seed, step) so that every rank, and a resumed run, agree without talking."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
@@ -974,7 +1023,8 @@ def batch_indices(cfg: TrainConfig, step):
     return (pairs[:, None] * 2 + torch.arange(2)).flatten()             # (B,)
 
 
-def train(cfg: TrainConfig, model_cfg: CLIPConfig, out, device="cpu", resume=False, progress=True):
+def train(cfg: TrainConfig, model_cfg: CLIPConfig, out: str | Path, device: torch.device | str = "cpu",
+          resume: bool = False, progress: bool = True) -> tuple[CLIP, list[list[float]]]:
     """Train CLIP on shapes; returns (model, losses). Under torchrun every rank takes a slice of each batch.
     Checkpoints go to out/step-<k>/ (see "Training checkpoints" below); resume=True continues from the
     latest, refusing one trained with another configuration. A NaN or infinite loss stops training
@@ -1036,7 +1086,8 @@ def train(cfg: TrainConfig, model_cfg: CLIPConfig, out, device="cpu", resume=Fal
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model: CLIP, n=500, seed=1, device="cpu", rim=True):
+def evaluate(model: CLIP, n: int = 500, seed: int = 1, device: torch.device | str = "cpu",
+             rim: bool = True) -> dict[str, dict[str, float]]:
     """Zero-shot accuracies (%) on single-shape scenes of held-out and of seen colour-shape pairs, and
     retrieval recall on unseen multi-shape scenes with full captions. rim: drawn as in training."""
     tok = ShapesTokenizer(model.cfg.context_length)
@@ -1066,7 +1117,7 @@ def evaluate(model: CLIP, n=500, seed=1, device="cpu", rim=True):
     return results
 
 
-def zero_shot_table(results):
+def zero_shot_table(results: dict[str, dict[str, float]]) -> str:
     rows = ["| single-shape scenes | colour-shape pair (24 prompts) | kind (4 prompts) | colour (6 prompts) "
             "| kind and colour (4 and 6 prompts) |", "|---|---:|---:|---:|---:|"]
     for split, name in (("heldout", "held-out colour-shape pairs"), ("test", "seen colour-shape pairs")):
@@ -1075,14 +1126,15 @@ def zero_shot_table(results):
     return "\n".join(rows)
 
 
-def retrieval_table(r):
+def retrieval_table(r: dict[str, float]) -> str:
     return "\n".join(["| direction | R@1 | R@5 | R@10 | median rank |", "|---|---:|---:|---:|---:|"] +
                      [f"| {'image -> text' if d == 'i2t' else 'text -> image'} | {r[d + ' R@1']:.1f}% | "
                       f"{r[d + ' R@5']:.1f}% | {r[d + ' R@10']:.1f}% | {r[d + ' median rank']:.0f} |" for d in ("i2t", "t2i")])
 
 
 @torch.no_grad()
-def similarity_grid(model: CLIP, path, n=6, seed=3, cell=64, rim=True):
+def similarity_grid(model: CLIP, path: str | Path, n: int = 6, seed: int = 3, cell: int = 64,
+                    rim: bool = True) -> torch.Tensor:
     """PNG: n unseen scenes (rows) against their n captions (columns), cosine similarity in each cell."""
     from PIL import ImageFont
     pixels, captions, scenes = render_split("test", n, seed, model.cfg.image_size, max_shapes=2, detail="full", rim=rim)
@@ -1090,7 +1142,7 @@ def similarity_grid(model: CLIP, path, n=6, seed=3, cell=64, rim=True):
     ids, mask = tok.encode(captions)
     dev = model.logit_scale.device
     sim = (F.normalize(model.encode_image(pixels.to(dev)), dim=-1)
-           @ F.normalize(model.encode_text(ids.to(dev), mask.to(dev)), dim=-1).t()).cpu()   # (n, n)
+           @ F.normalize(model.encode_text(ids.to(dev), mask.to(dev)), dim=-1).t()).cpu()   # (B, B), B = n
     font = ImageFont.load_default()
     label_h, left = 150, cell + 8
     img = Image.new("RGB", (left + n * cell + 4, label_h + n * cell + 4), (255, 255, 255))
@@ -1134,7 +1186,7 @@ class NonFiniteLossError(ValueError):
     """Training produced a NaN or infinite loss; raised before anything of that step is saved."""
 
 
-def read_json(path, what="a JSON object"):
+def read_json(path: str | Path, what: str = "a JSON object") -> dict:
     """The object in a JSON file. Not UTF-8, truncated, not JSON or not an object: a CheckpointError that
     names the file (a missing file stays a FileNotFoundError, for the caller to explain)."""
     path = Path(path)
@@ -1151,7 +1203,7 @@ def read_json(path, what="a JSON object"):
     return value
 
 
-def check_finite(tensors: dict, source):
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
     """Refuse NaN or infinite weights: what a corrupt file or a diverged run leaves behind."""
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
@@ -1161,7 +1213,7 @@ def check_finite(tensors: dict, source):
     return tensors
 
 
-def read_safetensors(path, keep=None):
+def read_safetensors(path: str | Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
     """{name: tensor} of one safetensors file, read by the safetensors package (no pickle, so loading runs
     no code), restricted to the names keep(name) accepts; every floating tensor is checked to be finite."""
     from safetensors import safe_open
@@ -1176,7 +1228,7 @@ def read_safetensors(path, keep=None):
     return check_finite(tensors, path)
 
 
-def safetensors_metadata(path):
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The string -> string metadata in a safetensors header ({} if none)."""
     from safetensors import safe_open
     try:
@@ -1230,7 +1282,7 @@ def config_to_hf(cfg: CLIPConfig) -> dict:
                               "hidden_act": act[cfg.vision_act], "layer_norm_eps": cfg.layer_norm_eps}}
 
 
-def read_checkpoint(folder):
+def read_checkpoint(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config dict, {name: tensor}) of a checkpoint folder; one file or shards with an index. A training run
     folder (`--out` of `--train`) is read at the checkpoint its `latest` file names."""
     folder = Path(folder)
@@ -1260,7 +1312,7 @@ def read_checkpoint(folder):
     return config, tensors
 
 
-def load_strict(model: nn.Module, tensors: dict, source):
+def load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
     """Copy `tensors` into `model`; any missing or unexpected name (or wrong shape) is an error.
 
     Older checkpoints also store `position_ids` buffers (0, 1, ..., T-1); they carry nothing and are skipped.
@@ -1279,7 +1331,7 @@ def load_strict(model: nn.Module, tensors: dict, source):
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
 
 
-def fsync_path(path):
+def fsync_path(path: str | Path) -> None:
     """Ask the OS to put a file, or a folder's list of names, on disk now. A rename survives a power cut
     only once its folder is synced; Windows cannot open a folder for this, and needs it less."""
     if os.name == "nt" and Path(path).is_dir():
@@ -1291,7 +1343,7 @@ def fsync_path(path):
         os.close(fd)
 
 
-def atomic_write(path, write):
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     """write(tmp_path), fsync, then rename over `path`: a crash leaves the old file or the new, never half.
     The temporary name is unique (mkstemp) and removed if write fails."""
     path = Path(path)
@@ -1326,12 +1378,12 @@ LATEST = "latest"
 CHECKPOINT_HOOK = None      # tests: a function(path) called after each file of a save is on disk
 
 
-def _saved(path):
+def _saved(path: str | Path) -> None:
     if CHECKPOINT_HOOK is not None:
         CHECKPOINT_HOOK(Path(path))
 
 
-def latest_checkpoint(out):
+def latest_checkpoint(out: str | Path) -> Path | None:
     """The folder `out/latest` names, or None if out has no `latest`; a broken pointer is a CheckpointError."""
     pointer = Path(out) / LATEST
     if not pointer.is_file():
@@ -1346,7 +1398,7 @@ def latest_checkpoint(out):
     return Path(out) / name
 
 
-def clean_run_folder(out):
+def clean_run_folder(out: str | Path) -> None:
     """Delete what a crashed save left: step folders `latest` does not name, temporary files of `latest`."""
     out = Path(out)
     if not out.is_dir():
@@ -1359,7 +1411,7 @@ def clean_run_folder(out):
             path.unlink()
 
 
-def save_checkpoint(out, step, files):
+def save_checkpoint(out: str | Path, step: int, files: dict[str, Callable[[Path], object]]) -> Path:
     """files: {file name: write(path)}. Writes each into a fresh out/step-<step>/, fsyncs it, then points
     out/latest there (atomically) and deletes the older checkpoint. Returns the new folder."""
     out = Path(out)
@@ -1382,7 +1434,7 @@ def save_checkpoint(out, step, files):
     return folder
 
 
-def model_files(tensors, config: dict, step):
+def model_files(tensors: dict[str, torch.Tensor], config: dict, step: int) -> dict[str, Callable[[Path], object]]:
     """config.json + model.safetensors of a checkpoint; the step goes into the safetensors header."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -1390,7 +1442,7 @@ def model_files(tensors, config: dict, step):
             "model.safetensors": lambda p: save_file(tensors, str(p), metadata={"format": "pt", "step": str(step)})}
 
 
-def trainer_files(step, tensors: dict, info: dict):
+def trainer_files(step: int, tensors: dict[str, torch.Tensor], info: dict) -> dict[str, Callable[[Path], object]]:
     """trainer.safetensors (tensors: optimizer moments, RNG states) + trainer.json (info, plain values)."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -1398,7 +1450,7 @@ def trainer_files(step, tensors: dict, info: dict):
             "trainer.json": lambda p: Path(p).write_text(json.dumps({"step": step, **info}, indent=1))}
 
 
-def read_trainer_state(folder):
+def read_trainer_state(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(info, tensors) of a checkpoint folder, after checking that it is complete and that every part of
     it (folder name, trainer.json, each safetensors header) carries the same step."""
     folder = Path(folder)
@@ -1419,14 +1471,15 @@ def read_trainer_state(folder):
 RESUMABLE_FIELDS = ("steps", "log_every", "save_every", "n_eval")
 
 
-def config_differences(saved: dict, current: dict, prefix="", ignore=RESUMABLE_FIELDS):
+def config_differences(saved: dict, current: dict, prefix: str = "",
+                       ignore: Sequence[str] = RESUMABLE_FIELDS) -> list[str]:
     """["name: checkpoint X, now Y", ...] for every field that differs (compared as JSON, tuples = lists)."""
     current = json.loads(json.dumps(current))
     return [f"{prefix}{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
             for k in sorted(saved.keys() | current.keys()) if k not in ignore and saved.get(k) != current.get(k)]
 
 
-def optimizer_state(optimizer):
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """An optimizer's state_dict split for the two trainer files: ({name: tensor}, param_groups as JSON)."""
     sd = optimizer.state_dict()
     tensors = {f"optimizer.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v))
@@ -1434,7 +1487,8 @@ def optimizer_state(optimizer):
     return tensors, sd["param_groups"]
 
 
-def load_optimizer_state(optimizer, tensors, param_groups, source):
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         param_groups: list[dict] | None, source: str | Path) -> None:
     """The inverse of `optimizer_state`; a checkpoint of other parameters is a CheckpointError."""
     state = {}
     for key, value in tensors.items():
@@ -1452,7 +1506,8 @@ def load_optimizer_state(optimizer, tensors, param_groups, source):
         raise CheckpointError(f"{source}: the optimizer state does not fit this model ({e})") from None
 
 
-def save_trainer(out, model, optimizer, step, losses, rim=True, cfg=None):
+def save_trainer(out: str | Path, model: CLIP, optimizer: torch.optim.Optimizer, step: int, losses: list[list[float]],
+                 rim: bool = True, cfg: TrainConfig | None = None) -> Path:
     """One checkpoint of clip.py's training (the layout above); returns its folder."""
     tensors, groups = optimizer_state(optimizer)
     train_config = asdict(cfg) if cfg is not None else {"rim": rim}
@@ -1462,7 +1517,7 @@ def save_trainer(out, model, optimizer, step, losses, rim=True, cfg=None):
                                        **trainer_files(step, tensors, info)})
 
 
-def checkpoint_to_resume(out):
+def checkpoint_to_resume(out: str | Path) -> Path:
     """The latest checkpoint of `out`, or a FileNotFoundError that says why there is none."""
     out = Path(out)
     folder = latest_checkpoint(out)
@@ -1473,7 +1528,8 @@ def checkpoint_to_resume(out):
     return folder
 
 
-def resume_training(out, model, optimizer, cfg, model_cfg):
+def resume_training(out: str | Path, model: CLIP, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    model_cfg: CLIPConfig) -> tuple[int, list[list[float]]]:
     """Load the latest checkpoint of `out` into model and optimizer: (step, losses). Refused, with the
     differing fields listed, when the checkpoint was trained with another configuration."""
     folder = checkpoint_to_resume(out)
@@ -1495,7 +1551,8 @@ def resume_training(out, model, optimizer, cfg, model_cfg):
 DEFAULT_OUT = Path("runs/clip/shapes")
 
 
-def load_or_train(out_dir=DEFAULT_OUT, device="cpu", progress=True):
+def load_or_train(out_dir: str | Path = DEFAULT_OUT, device: torch.device | str = "cpu",
+                  progress: bool = True) -> CLIP:
     """clip.py's trained shapes CLIP (what qformer.py freezes): loaded from out_dir, or trained (resumed)
     there first with the default `--train` settings if its latest checkpoint is not finished. A folder
     holding anything else (another configuration, an incomplete or corrupt checkpoint) is an error."""
@@ -1523,7 +1580,8 @@ def load_or_train(out_dir=DEFAULT_OUT, device="cpu", progress=True):
 # Real checkpoints: zero-shot classification of an image file
 # ----------------------------------------------------------------------------------------------
 
-def preprocess(image: Image.Image, size, mean=CLIP_MEAN, std=CLIP_STD):
+def preprocess(image: Image.Image, size: int, mean: Sequence[float] = CLIP_MEAN,
+               std: Sequence[float] = CLIP_STD) -> torch.Tensor:
     """openai/CLIP's transform: resize the short side to `size` (bicubic), centre-crop, normalise."""
     image = image.convert("RGB")
     w, h = image.size
@@ -1534,7 +1592,7 @@ def preprocess(image: Image.Image, size, mean=CLIP_MEAN, std=CLIP_STD):
     return to_pixel_values([image.crop((left, top, left + size, top + size))], mean, std)   # (1, C, S, S)
 
 
-def hf_tokenizer(folder):
+def hf_tokenizer(folder: str | Path) -> Tokenize:
     """transformers' CLIP tokenizer from the checkpoint folder, as a list of str -> (ids, mask) function."""
     folder = Path(folder)
     if not any((folder / f).exists() for f in ("tokenizer.json", "vocab.json")):
@@ -1543,14 +1601,16 @@ def hf_tokenizer(folder):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder)
 
-    def tokenize(texts):
+    def tokenize(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = tok(list(texts), padding=True, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
     return tokenize
 
 
 @torch.no_grad()
-def classify_image(model_dir, image_path, labels, templates=TEMPLATES, device="cpu"):
+def classify_image(model_dir: str | Path, image_path: str | Path, labels: Sequence[str],
+                   templates: Sequence[str] = TEMPLATES,
+                   device: torch.device | str = "cpu") -> list[tuple[str, float]]:
     """[(label, probability)] for one image file, most likely first (softmax over exp(t) cos)."""
     labels = [x.strip() for x in labels if x.strip()]
     if not labels:
@@ -1595,7 +1655,8 @@ def pick_device(name):
     raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
 
 
-def add_common_arguments(parser, out_help, tiny=True, train_help="train (the module docstring says what, and how long)"):
+def add_common_arguments(parser: argparse.ArgumentParser, out_help: str, tiny: bool = True,
+                         train_help: str = "train (the module docstring says what, and how long)") -> None:
     """The flags every root file shares, with the same words in every --help."""
     parser.add_argument("--train", action="store_true", help=train_help)
     parser.add_argument("--out", type=str, default=None, help=out_help)
@@ -1607,7 +1668,7 @@ def add_common_arguments(parser, out_help, tiny=True, train_help="train (the mod
         parser.add_argument("--tiny", action="store_true", help="the tiny preset (seconds): tests and quick checks")
 
 
-def setup_distributed(device):
+def setup_distributed(device: str) -> None:
     """Join the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
     import torch.distributed as dist
     if "RANK" in os.environ and not dist.is_initialized():
@@ -1616,7 +1677,7 @@ def setup_distributed(device):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def run_demo(device, out="runs/clip/demo"):
+def run_demo(device: str, out: str | Path = "runs/clip/demo") -> None:
     """Seconds: the loss on made-up features, then a tiny CLIP trained for a few steps on shapes."""
     B = 8
     g = torch.Generator().manual_seed(0)
@@ -1632,7 +1693,7 @@ def run_demo(device, out="runs/clip/demo"):
           f"(last {cfg.log_every}); log {cfg.batch_size} = {math.log(cfg.batch_size):.3f}")
 
 
-def run_train(args, device):
+def run_train(args: argparse.Namespace, device: str) -> dict | None:
     rank, world = dist_info()
     given = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
     make = TrainConfig.tiny if args.tiny else TrainConfig
@@ -1661,7 +1722,7 @@ def run_train(args, device):
     return results
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(prog="clip.py", description=__doc__.splitlines()[0])
     add_common_arguments(parser, f"run folder: checkpoints step-<k>/ and pictures (default: --train {DEFAULT_OUT}, "
                                  "the demo runs/clip/demo)")

@@ -59,6 +59,8 @@ coordinates (as torchcfm's examples compute it): half of L_CFM's mean of |.|^2. 
 (the instantaneous change of variables), SB-CFM's learned score term, image U-Nets and guidance.
 Try `python flow_matching.py` (a seeded demo in seconds), `--train`, `--compare`, `--compare-diffusion`.
 """
+from __future__ import annotations
+
 import argparse
 import collections
 import json
@@ -67,17 +69,19 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
 
 METHODS = ("fm", "icfm", "otcfm", "sbcfm", "vp")
 OT_SOLVERS = ("exact", "sinkhorn")
@@ -117,13 +121,13 @@ class FlowConfig:
         check_config(self)          # in the plumbing at the end of the file
 
     @classmethod
-    def tiny(cls, **overrides) -> "FlowConfig":
+    def tiny(cls, **overrides: object) -> FlowConfig:
         """Seconds on a CPU: what the demo and the tests run."""
         return cls(**{**dict(width=64, steps=300, batch_size=128, lr=3e-3, warmup=20, log_every=25,
                              ckpt_every=150, eval_n=256, eval_repeats=1), **overrides})
 
     @classmethod
-    def homework(cls, **overrides) -> "FlowConfig":
+    def homework(cls, **overrides: object) -> FlowConfig:
         """The course homework's settings: learning rate 2e-4, batch 64, 100,000 steps."""
         return cls(**{**dict(lr=2e-4, batch_size=64, steps=100_000, warmup=1000, ckpt_every=5000), **overrides})
 
@@ -134,8 +138,8 @@ class FlowConfig:
 # t is (B,), points are (B, 2).
 # ----------------------------------------------------------------------------------------------------
 
-def icfm_path(x0: Tensor, x1: Tensor, t: Tensor, sigma: float = 0.0,
-              noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def icfm_path(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma: float = 0.0,
+              noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """I-CFM's path (Tong et al. 2023, eq. 14-15): a straight segment, widened by a constant sigma."""
     tb = t[:, None]                                                              # (B,) -> (B, 1)
     # mu_t = t x1 + (1 - t) x0,  x_t = mu_t + sigma eps
@@ -146,8 +150,8 @@ def icfm_path(x0: Tensor, x1: Tensor, t: Tensor, sigma: float = 0.0,
     return xt, x1 - x0
 
 
-def fm_path(x0: Tensor, x1: Tensor, t: Tensor,
-            sigma_min: float = 0.0) -> tuple[Tensor, Tensor]:
+def fm_path(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor,
+            sigma_min: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Lipman's OT path (Lipman et al. 2023, eq. 20-21); x0 ~ N(0, I) plays the role of eps."""
     tb = t[:, None]                                                              # (B,) -> (B, 1)
     # mu_t = t x1,  sigma_t = 1 - (1 - sigma_min) t,  x_t = mu_t + sigma_t x0
@@ -156,8 +160,8 @@ def fm_path(x0: Tensor, x1: Tensor, t: Tensor,
     return xt, x1 - (1 - sigma_min) * x0
 
 
-def sb_path(x0: Tensor, x1: Tensor, t: Tensor, sigma: float,
-            noise: Tensor) -> tuple[Tensor, Tensor]:
+def sb_path(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, sigma: float,
+            noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SB-CFM's path (Tong et al. 2023, sec. 3): a Brownian bridge of diffusion sigma from x0 to x1."""
     tb = t[:, None]                                                              # (B,) -> (B, 1)
     # mu_t = t x1 + (1 - t) x0,  sigma_t = sigma sqrt(t (1 - t)),  x_t = mu_t + sigma_t eps
@@ -173,14 +177,14 @@ def sb_path(x0: Tensor, x1: Tensor, t: Tensor, sigma: float,
 VP_BETA_MIN, VP_BETA_MAX = 0.1, 20.0
 
 
-def vp_alpha(s: Tensor) -> tuple[Tensor, Tensor]:
+def vp_alpha(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha_s = exp(-T(s) / 2), T(s) = int_0^s beta = beta_min s + (beta_max - beta_min) s^2 / 2, and d alpha / ds."""
     T = VP_BETA_MIN * s + (VP_BETA_MAX - VP_BETA_MIN) * s * s / 2
     alpha = torch.exp(-T / 2)
     return alpha, -(VP_BETA_MIN + (VP_BETA_MAX - VP_BETA_MIN) * s) / 2 * alpha
 
 
-def vp_path(x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def vp_path(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """VP diffusion as an FM path (Lipman et al. 2023, sec. 4.1, eq. 18-19); x0 ~ N(0, I) is eps.
 
     mu_t = alpha_{1-t} x1, sigma_t = sqrt(1 - alpha_{1-t}^2): at t = 0, alpha_1 = 0.0066, so x_t is
@@ -201,12 +205,12 @@ def vp_path(x0: Tensor, x1: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
 # Couplings q(x0, x1) on a minibatch: exact optimal transport (a permutation) or entropic OT (Sinkhorn)
 # ----------------------------------------------------------------------------------------------------
 
-def squared_distances(x0: Tensor, x1: Tensor) -> Tensor:
+def squared_distances(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """C_ij = |x0_i - x1_j|^2, (B, 2), (B, 2) -> (B, B)."""
     return torch.cdist(x0, x1).square()
 
 
-def exact_ot_permutation(x0: Tensor, x1: Tensor, warm_start: bool = True) -> Tensor:
+def exact_ot_permutation(x0: torch.Tensor, x1: torch.Tensor, warm_start: bool = True) -> torch.Tensor:
     """cols with x0[i] <-> x1[cols[i]] minimising sum_i |x0_i - x1_cols[i]|^2, exactly.
 
     For equal-size uniform batches the OT plan pi = argmin sum_ij pi_ij C_ij is a permutation matrix / B
@@ -227,7 +231,7 @@ def exact_ot_permutation(x0: Tensor, x1: Tensor, warm_start: bool = True) -> Ten
     return torch.as_tensor(cols, device=x0.device)
 
 
-def sinkhorn_potential(C: Tensor, eps_schedule: list[float], iters: int) -> Tensor:
+def sinkhorn_potential(C: torch.Tensor, eps_schedule: list[float], iters: int) -> torch.Tensor:
     """Column potential v (B,) of entropic OT between uniform marginals, by stabilised Sinkhorn.
 
     With g = v, the entropic plan is pi_ij = a_i exp((v_j - C_ij) / eps).  Each stage builds that kernel
@@ -251,7 +255,7 @@ def sinkhorn_potential(C: Tensor, eps_schedule: list[float], iters: int) -> Tens
     return v
 
 
-def entropic_plan(x0: Tensor, x1: Tensor, eps: float, iters: int = 20) -> Tensor:
+def entropic_plan(x0: torch.Tensor, x1: torch.Tensor, eps: float, iters: int = 20) -> torch.Tensor:
     """pi (B, B) = argmin sum_ij pi_ij C_ij - eps H(pi) with uniform marginals 1/B, in torch (CPU or GPU).
 
     pi_ij = exp((f_i + g_j - C_ij) / eps); for fixed g = v, f makes each row sum to 1/B, so a row of pi
@@ -263,7 +267,7 @@ def entropic_plan(x0: Tensor, x1: Tensor, eps: float, iters: int = 20) -> Tensor
     return torch.softmax((v - C) / eps, dim=1) / len(C)                            # (B, B)
 
 
-def draw_from_plan(plan: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def draw_from_plan(plan: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """cols[i] ~ pi(i, .) / pi(i, :).sum(): each x0 keeps its place and draws a partner.
 
     torchcfm instead draws B (i, j) pairs from the whole plan with replacement, so its x0 repeat too; the
@@ -274,8 +278,8 @@ def draw_from_plan(plan: Tensor, generator: torch.Generator | None = None) -> Te
     return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(plan.device)
 
 
-def sinkhorn_pairing(x0: Tensor, x1: Tensor, reg: float = 0.01,
-                     generator: torch.Generator | None = None) -> Tensor:
+def sinkhorn_pairing(x0: torch.Tensor, x1: torch.Tensor, reg: float = 0.01,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
     """Pairs drawn from the entropic plan with eps = reg * mean C_ij (a scale-free blur for otcfm)."""
     eps = reg * max(squared_distances(x0.float(), x1.float()).mean().item(), 1e-12)
     return draw_from_plan(entropic_plan(x0, x1, eps), generator).to(x0.device)
@@ -295,19 +299,22 @@ class ConditionalFlowMatcher:
             raise ValueError(f"sigma must be >= 0, got {sigma}")
         self.sigma = float(sigma)
 
-    def couple(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def couple(self, x0: torch.Tensor, x1: torch.Tensor,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The coupling q(x0, x1): independent, so the batch stays as drawn."""
         return x0, x1
 
-    def path(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def path(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x_t ~ p_t(. | x0, x1) and u_t(x_t | x0, x1); noise eps is drawn when not given."""
         if self.sigma > 0 and noise is None:
             noise = torch.randn(x0.shape, generator=generator).to(x0)
         return icfm_path(x0, x1, t, self.sigma, noise)
 
-    def sample_location_and_conditional_flow(self, x0: Tensor, x1: Tensor, t=None,
-                                             generator: torch.Generator | None = None):
+    def sample_location_and_conditional_flow(self, x0: torch.Tensor, x1: torch.Tensor,
+                                             t: torch.Tensor | float | None = None,
+                                             generator: torch.Generator | None = None
+                                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Couple the batch, draw t ~ U[0, 1] (unless given), return (t, x_t, u_t): (B,), (B, 2), (B, 2)."""
         check_pairable(x0, x1)
         if t is None:
@@ -327,8 +334,8 @@ class TargetFlowMatcher(ConditionalFlowMatcher):
             raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min}")
         self.sigma_min = float(sigma_min)
 
-    def path(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def path(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return fm_path(x0, x1, t, self.sigma_min)
 
 
@@ -341,7 +348,8 @@ class OTConditionalFlowMatcher(ConditionalFlowMatcher):
         check_choice("ot", ot, OT_SOLVERS)
         self.ot, self.ot_reg = ot, ot_reg
 
-    def couple(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def couple(self, x0: torch.Tensor, x1: torch.Tensor,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ot == "exact":
             return x0, x1[exact_ot_permutation(x0, x1)]
         return x0, x1[sinkhorn_pairing(x0, x1, self.ot_reg, generator)]
@@ -362,11 +370,12 @@ class SchrodingerBridgeFlowMatcher(ConditionalFlowMatcher):
             raise ValueError(f"sbcfm needs sigma > 0 (its entropic eps is 2 sigma^2), got {sigma}")
         super().__init__(sigma)
 
-    def couple(self, x0: Tensor, x1: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def couple(self, x0: torch.Tensor, x1: torch.Tensor,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return x0, x1[draw_from_plan(entropic_plan(x0, x1, 2 * self.sigma ** 2), generator).to(x0.device)]
 
-    def path(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def path(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         noise = torch.randn(x0.shape, generator=generator).to(x0) if noise is None else noise
         return sb_path(x0, x1, t, self.sigma, noise)
 
@@ -378,8 +387,8 @@ class VPDiffusionMatcher(TargetFlowMatcher):
     def __init__(self):
         super().__init__(0.0)
 
-    def path(self, x0: Tensor, x1: Tensor, t: Tensor, noise: Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def path(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return vp_path(x0, x1, t)
 
 
@@ -446,7 +455,8 @@ DATASETS = {"gaussian": _gaussian, "8gaussians": _eight_gaussians, "moons": _moo
             "checkerboard": _checkerboard, "spirals": _spirals}
 
 
-def sample_2d(name: str, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+def sample_2d(name: str, n: int, generator: torch.Generator | None = None,
+              device: torch.device | str | None = None) -> torch.Tensor:
     """n points of the named 2-D distribution, (n, 2) float32; seeded when a generator is given."""
     check_choice("dataset", name, DATASETS)
     if not isinstance(n, int) or n <= 0:
@@ -485,7 +495,7 @@ class VelocityField(nn.Module):
             layers += [nn.Linear(d_in, d_out), nn.SiLU()]
         self.net = nn.Sequential(*layers, nn.Linear(width, 2))
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))   # () or (B,) -> (B,)
         angles = t[:, None] * self.frequencies                                       # (B, time_features)
         features = torch.cat([x, angles.sin(), angles.cos()], 1)                     # (B, 2 + 2 time_features)
@@ -502,8 +512,8 @@ def build_model(cfg: FlowConfig) -> VelocityField:
 # ----------------------------------------------------------------------------------------------------
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, matcher: ConditionalFlowMatcher,
-               x0: Tensor, x1: Tensor, t: Tensor, lr: float,
-               generator: torch.Generator | None = None) -> Tensor:
+               x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, lr: float,
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """One step on already coupled pairs; returns the loss, mean over points and coordinates of
     (v_theta(t, x_t) - u_t(x_t | x0, x1))^2, which is L_CFM / 2 for 2-D points."""
     for group in optimizer.param_groups:
@@ -543,9 +553,9 @@ def make_optimizer(model: nn.Module, cfg: FlowConfig) -> torch.optim.Optimizer:
 # which moves little until t near 1 and then fast) needs h small where x'' is large.  Adaptive solvers
 # (dopri5) find those places themselves and pay for them in network calls (NFE).
 
-def integrate(model: nn.Module, x0: Tensor, method: str = "dopri5", steps: int | None = None,
-              times=None, atol: float = 1e-5, rtol: float = 1e-5) -> tuple[Tensor, int]:
-    """Solve the flow ODE from x0; returns (x at each of `times`, (T, B, 2); NFE).
+def integrate(model: nn.Module, x0: torch.Tensor, method: str = "dopri5", steps: int | None = None,
+              times: torch.Tensor | None = None, atol: float = 1e-5, rtol: float = 1e-5) -> tuple[torch.Tensor, int]:
+    """Solve the flow ODE from x0; returns (x at each of `times`, (len(times), B, 2); NFE).
 
     dopri5 is adaptive (atol / rtol; steps must be None); euler, midpoint and rk4 take `steps` equal
     steps.  NFE counts every call of the network, the sampler's real cost.
@@ -572,11 +582,11 @@ def integrate(model: nn.Module, x0: Tensor, method: str = "dopri5", steps: int |
         grid = torch.linspace(0, 1, steps + 1, dtype=x0.dtype, device=x0.device)
         options = {"grid_constructor": lambda *_: grid}
     with torch.no_grad():
-        xs = odeint(field, x0, times, method=method, atol=atol, rtol=rtol, options=options)   # (T, B, 2)
+        xs = odeint(field, x0, times, method=method, atol=atol, rtol=rtol, options=options)   # (len(times), B, 2)
     return xs, nfe
 
 
-def sample(model: nn.Module, x0: Tensor, method: str = "dopri5", steps: int | None = None) -> Tensor:
+def sample(model: nn.Module, x0: torch.Tensor, method: str = "dopri5", steps: int | None = None) -> torch.Tensor:
     """The flow's end points x(1), (B, 2), for source points x0."""
     return integrate(model, x0, method, steps)[0][-1]
 
@@ -589,7 +599,7 @@ def sample(model: nn.Module, x0: Tensor, method: str = "dopri5", steps: int | No
 # Between two finite samples it is the exact assignment cost, and it does not vanish even for two
 # samples of one distribution; that value, the noise floor, is what a perfect model scores.
 
-def wasserstein2(a: Tensor, b: Tensor) -> float:
+def wasserstein2(a: torch.Tensor, b: torch.Tensor) -> float:
     """Exact 2-Wasserstein distance between two equal-size samples: sqrt(min_s mean_i |a_i - b_s(i)|^2)."""
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     cols = exact_ot_permutation(a, b)
@@ -675,7 +685,7 @@ def cmd_compare_diffusion(args: argparse.Namespace, device: str, out_dir: Path) 
 # Plumbing: validation, threads and DDP, the training loop, checkpoints, CLI, pictures.  A reader may stop here.
 # ====================================================================================================
 
-def check_choice(what: str, value: str, choices) -> None:
+def check_choice(what: str, value: str, choices: Iterable[str]) -> None:
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}; expected one of: {', '.join(choices)}")
 
@@ -700,7 +710,7 @@ def check_config(cfg: FlowConfig) -> None:
         raise ValueError(f"sigma_min must be < 1, got {cfg.sigma_min}")
 
 
-def check_pairable(x0: Tensor, x1: Tensor) -> None:
+def check_pairable(x0: torch.Tensor, x1: torch.Tensor) -> None:
     if x0.dim() != 2 or x0.shape != x1.shape or len(x0) == 0:
         raise ValueError(f"expected two non-empty (B, d) point sets of the same shape, got {tuple(x0.shape)} "
                          f"and {tuple(x1.shape)}")
@@ -715,7 +725,7 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_global(x: Tensor) -> Tensor:
+def gather_global(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's (b, 2) shard in rank order: (b, 2) -> (world * b, 2)."""
     rank, world = dist_info()
     if world == 1:
@@ -725,8 +735,8 @@ def gather_global(x: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def couple_global(matcher: ConditionalFlowMatcher, x0g: Tensor, x1g: Tensor, b: int,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def couple_global(matcher: ConditionalFlowMatcher, x0g: torch.Tensor, x1g: torch.Tensor, b: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair the gathered global batch (B, 2) with one plan and keep this rank's (b, 2) slice.
 
     Every rank solves the same problem on the same gathered points, so all agree without talking, and
@@ -755,7 +765,8 @@ def pair_batch(matcher: ConditionalFlowMatcher, drawn: tuple) -> tuple:
     return (*couple_global(matcher, x0g, x1g, len(t), shared), t, g)
 
 
-def paired_batches(cfg: FlowConfig, matcher: ConditionalFlowMatcher, device: str, start: int, stop: int):
+def paired_batches(cfg: FlowConfig, matcher: ConditionalFlowMatcher, device: str, start: int,
+                   stop: int) -> Generator[tuple, None, None]:
     """Yield (x0, x1, t, generator) for steps start .. stop - 1, prepared cfg.prefetch steps ahead.
 
     The coupling depends only on the data, never on theta, so it is data preparation: the OT of batch
@@ -782,7 +793,7 @@ def paired_batches(cfg: FlowConfig, matcher: ConditionalFlowMatcher, device: str
             yield pending.popleft().result()
 
 
-def mean_over_ranks(x: Tensor) -> float:
+def mean_over_ranks(x: torch.Tensor) -> float:
     _, world = dist_info()
     if world > 1:
         dist.all_reduce(x)
@@ -793,7 +804,7 @@ def mean_over_ranks(x: Tensor) -> float:
 # ---------------------------------------------------------------- the training loop
 
 def train(cfg: FlowConfig, out_dir: str | Path, device: str = "cpu", resume: bool = False, stop_at: int | None = None,
-          progress: bool = True):
+          progress: bool = True) -> tuple[VelocityField, list[list[float]]]:
     """Train (or resume) a flow; checkpoints go to out_dir.  Returns the model (unwrapped) and loss log.
 
     Under torchrun each rank trains a DDP replica on its shard; rank 0 writes the checkpoints.
@@ -851,16 +862,28 @@ def train(cfg: FlowConfig, out_dir: str | Path, device: str = "cpu", resume: boo
 # into a fresh folder and fsynced; only then does out/latest switch to it (os.replace is atomic), and
 # older step folders go.  A crash at any point leaves `latest` naming a complete checkpoint.
 
+# CheckpointError, check_finite, fsync_path and atomic_write are clip.py's canonical text, copied byte
+# for byte (flow_matching.py stands alone; tests/test_plumbing.py fails if a copy drifts).
+
 class CheckpointError(ValueError):
-    """A checkpoint that is missing pieces, corrupt, non-finite, or from another configuration."""
+    """A file or folder that is not a loadable checkpoint; the message names it and says what is wrong."""
 
 
-LATEST = "latest"
-STEP_DIR = re.compile(r"step-(\d{8})")
-FILE_WRITTEN = None     # tests set a function here, called with each path a checkpoint save has written
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
+    """Refuse NaN or infinite weights: what a corrupt file or a diverged run leaves behind."""
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise CheckpointError(f"{source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): "
+                              f"{bad[:4]}{' ...' if len(bad) > 4 else ''}; the file is corrupt or comes "
+                              "from a run that diverged")
+    return tensors
 
 
-def _fsync(path):
+def fsync_path(path: str | Path) -> None:
+    """Ask the OS to put a file, or a folder's list of names, on disk now. A rename survives a power cut
+    only once its folder is synced; Windows cannot open a folder for this, and needs it less."""
+    if os.name == "nt" and Path(path).is_dir():
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -868,19 +891,38 @@ def _fsync(path):
         os.close(fd)
 
 
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """write(tmp_path), fsync, then rename over `path`: a crash leaves the old file or the new, never half.
+    The temporary name is unique (mkstemp) and removed if write fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+LATEST = "latest"
+STEP_DIR = re.compile(r"step-(\d{8})")
+FILE_WRITTEN = None     # tests set a function here, called with each path a checkpoint save has written
+
+
 def _written(path):
     if FILE_WRITTEN is not None:
         FILE_WRITTEN(Path(path))
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Write JSON through a temporary name and os.replace: a reader never sees half a file."""
+def write_json(path: str | Path, obj: object) -> None:
+    """Write JSON through atomic_write (temporary name, fsync, os.replace): a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: FlowConfig,
@@ -908,15 +950,14 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.opti
     meta = {"format": "flow_matching", "step": str(step)}
     for file, tensors in (("model.safetensors", weights), ("train_state.safetensors", moments)):
         save_file(tensors, folder / file, metadata=meta)
-        _fsync(folder / file)
+        fsync_path(folder / file)
         _written(folder / file)
     write_json(folder / "train_state.json", {"step": step, "losses": losses})
     _written(folder / "train_state.json")
     write_json(folder / "config.json", {"format": "flow_matching", "step": step, "config": asdict(cfg)})
     _written(folder / "config.json")
-    _fsync(folder)
-    write_json(out_dir / LATEST, {"checkpoint": name, "step": step})   # the commit
-    _fsync(out_dir)
+    fsync_path(folder)
+    write_json(out_dir / LATEST, {"checkpoint": name, "step": step})   # the commit (atomic_write syncs out_dir)
     _written(out_dir / LATEST)
     clean_run_dir(out_dir)
 
@@ -951,11 +992,11 @@ def clean_run_dir(out_dir: str | Path) -> None:
     for path in out_dir.iterdir():
         if path.is_dir() and STEP_DIR.fullmatch(path.name) and path.name != keep:
             shutil.rmtree(path)
-        elif path.is_file() and path.name.startswith(f".{LATEST}.tmp"):
+        elif path.is_file() and path.name.endswith(".tmp"):         # atomic_write's name.<random>.tmp
             path.unlink()
 
 
-def read_json(path: str | Path):
+def read_json(path: str | Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file {path}")
@@ -977,10 +1018,7 @@ def read_tensors(path: str | Path, device: str = "cpu") -> tuple[dict, dict]:
             metadata = f.metadata() or {}
     except Exception as e:                            # safetensors raises its own error types for bad files
         raise CheckpointError(f"corrupt checkpoint file {path}: {e}") from None
-    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
-    if bad:
-        raise CheckpointError(f"corrupt checkpoint file {path}: non-finite values in {bad}")
-    return tensors, metadata
+    return check_finite(tensors, path), metadata
 
 
 def check_keys(path: str | Path, found: dict, expected: dict) -> None:
@@ -1105,7 +1143,8 @@ def config_from_args(args: argparse.Namespace) -> FlowConfig:
     return preset(**overrides)
 
 
-def run_and_report(cfg: FlowConfig, out_dir: Path, device: str, resume: bool = False, figure: str | None = None):
+def run_and_report(cfg: FlowConfig, out_dir: Path, device: str, resume: bool = False,
+                   figure: str | None = None) -> tuple[VelocityField, dict | None]:
     """Train one flow, evaluate it, print the table, draw out/samples.png (and `figure` if given)."""
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     model, losses = train(cfg, out_dir, device, resume=resume)
@@ -1170,13 +1209,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "fm and vp start from N(0, I); sbcfm uses sigma 1, torchcfm's default)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="optimizer steps (default 5000; --tiny 300; --compare-diffusion 2000)")
-    p.add_argument("--tiny", action="store_true", help="the tiny preset: a few seconds on a CPU")
+    # the shared flags, in clip.py's words (tests/test_plumbing.py checks every file's --help says the same)
+    p.add_argument("--tiny", action="store_true", help="the tiny preset (seconds): tests and quick checks")
     p.add_argument("--homework", action="store_true", help="the course's preset: lr 2e-4, batch 64, 100,000 steps")
-    p.add_argument("--out", type=str, default=None, metavar="DIR",
-                   help="where the run writes (default runs/flow_matching/<demo|method|compare|diffusion>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--seed", type=int, default=None, metavar="N", help="the random seed (default 0)")
-    p.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N (auto: CUDA when there)")
+    p.add_argument("--out", type=str, default=None,
+                   help="run folder: checkpoints step-<k>/, metrics.json, pictures (default "
+                        "runs/flow_matching/<demo|method|compare|diffusion>)")
+    p.add_argument("--resume", action="store_true", help="with --train: continue from the latest checkpoint in --out")
+    # default None, not 0: --resume keeps the saved seed unless --seed is given (cmd_train)
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--device", type=str, default="auto",
+                   help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--figure", type=str, default=None,
                    help="also draw the picture to this path (how the README's assets are made)")
     return p
@@ -1253,7 +1296,7 @@ def draw_figure(columns: list, path: str | Path, size: int = 340) -> Path:
             if target is not None:
                 dots(draw, target, (170, 170, 170, 140))
             if paths is not None:
-                for line in paths.transpose(0, 1):    # (T, m, 2) -> m polylines of T points
+                for line in paths.transpose(0, 1):    # (times, n, 2) -> n polylines, a point per solver time
                     draw.line([tuple(p) for p in to_px(line)], fill=(128, 128, 0, 90), width=1)
                 dots(draw, paths[0], (0, 0, 0, 200))
             dots(draw, points, (31, 119, 180, 170))
@@ -1263,13 +1306,11 @@ def draw_figure(columns: list, path: str | Path, size: int = 340) -> Path:
             centred_text(page, (ox + size / 2, oy + size + caption_h / 2), caption, 12)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     return path
 
 
-def centred_text(draw, xy: tuple, text: str, size: int) -> None:
+def centred_text(draw: Any, xy: tuple, text: str, size: int) -> None:
     """Text centred on xy; pillow's scalable default font when FreeType is there, its bitmap font if not."""
     from PIL import ImageFont
     try:

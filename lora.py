@@ -9,13 +9,20 @@ A (r, in), B (out, r), r << min(in, out):
 A starts Kaiming-uniform and B at zero, so at step 0 the model is exactly the pretrained one and
 only B A moves. Why not both at zero: dL/dB = s (dL/dh) (A x)^T and dL/dA = s B^T (dL/dh) x^T, so
 with A = B = 0 neither gets a gradient and training never starts; with A random, B gets a gradient
-at step 0, and A starts moving once B is non-zero. The trainable parameters drop from out * in to r * (in + out) per layer, and with
-them the gradients and the optimizer state (AdamW keeps two numbers per trainable parameter).
-alpha / r keeps the update's size stable when r changes (section 4.1, "we scale dW x by alpha/r").
+at step 0, and A starts moving once B is non-zero. The trainable parameters drop from out * in to
+r * (in + out) per layer, and with them the gradients and the optimizer state (AdamW keeps two
+numbers per trainable parameter).
+
+Why the scale s = alpha / r: Hu et al. (section 4.1) divide by r so that, with Adam, alpha acts
+like a learning rate that need not be retuned when r changes (they set alpha to the first r tried).
+It does not make learning equally fast at every rank: Kalajdzievski (2023, "A Rank Stabilization
+Scaling Factor for Fine-Tuning with LoRA") proves that with alpha / r learning slows down as r grows
+(the gradients collapse), so large ranks learn no better than small ones, and that alpha / sqrt(r)
+is the scale that keeps learning stable in r. That is rsLoRA below; the default here is LoRA's
+alpha / r, as in peft.
 
 Variants:
-- rsLoRA (Kalajdzievski 2023): scale alpha / sqrt(r) instead, which keeps learning stable at
-  large r (`use_rslora=True`).
+- rsLoRA (Kalajdzievski 2023): s = alpha / sqrt(r) (`use_rslora=True`).
 - DoRA (Liu et al. 2024, eq. 5): split W into a magnitude m (one number per output row) and a
   direction; LoRA updates the direction and m is trained too:
       W' = m * (W + s B A) / ||W + s B A||_c      (||.||_c: the norm of each output row)
@@ -60,7 +67,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +117,7 @@ class DemoConfig:
     seed: int = 0
 
     @classmethod
-    def tiny(cls, **overrides):
+    def tiny(cls, **overrides: object) -> DemoConfig:
         return cls(**{"hidden_size": 32, "intermediate_size": 64, "steps": 12, "batch_size": 8, **overrides})
 
 
@@ -115,7 +125,7 @@ class DemoConfig:
 # The layer
 # ----------------------------------------------------------------------------------------------
 
-def check_hparams(r, alpha, dropout) -> None:
+def check_hparams(r: int, alpha: float, dropout: float) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
@@ -190,7 +200,7 @@ class LoRALinear(nn.Module):
             return result.add_(lora.mul_(self.scaling).to(result.dtype))
         return self.dora_forward(x_in, result, lora)
 
-    def dora_forward(self, x_in, result, lora):
+    def dora_forward(self, x_in: torch.Tensor, result: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
         """h = (m / ||W + s B A||_c) (W x + s B A x) + b, the norm detached (DoRA section 4.3)."""
         W = base_weight(self.base_layer).to(x_in.dtype)
         norm = torch.linalg.norm(W + self.scaling * (self.lora_B @ self.lora_A).detach(), dim=1).detach()
@@ -252,7 +262,7 @@ def linear_layers(model: nn.Module) -> list[str]:
     return names
 
 
-def check_target_modules(target_modules) -> None:
+def check_target_modules(target_modules: object) -> None:
     """A list of name suffixes, a regex string or "all-linear" (peft's three forms), else a clear error."""
     if isinstance(target_modules, str):
         try:
@@ -267,7 +277,7 @@ def check_target_modules(target_modules) -> None:
                          f"'v_proj']), a regex string or 'all-linear'; got {target_modules!r}")
 
 
-def matches(name: str, target_modules) -> bool:
+def matches(name: str, target_modules: list[str] | str) -> bool:
     """peft's rule: a string is a regex matched against the full name; a list matches by suffix."""
     if isinstance(target_modules, str):
         if target_modules == "all-linear":
@@ -276,7 +286,7 @@ def matches(name: str, target_modules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def apply_lora(model: nn.Module, target_modules, r: int, alpha: float, dropout: float = 0.0,
+def apply_lora(model: nn.Module, target_modules: list[str] | str, r: int, alpha: float, dropout: float = 0.0,
                use_rslora: bool = False, use_dora: bool = False) -> nn.Module:
     """Wrap the matching linear layers of `model` in LoRALinear (in place); freeze everything else.
 
@@ -380,11 +390,11 @@ def progressions(batch: int, seq_len: int, vocab: int, generator: torch.Generato
     return (start + step * torch.arange(seq_len)) % vocab         # (B, T)
 
 
-def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+def lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens, labels=tokens).loss
 
 
-def train_adapters(model, cfg: DemoConfig, device, desc: str) -> tuple[float, float]:
+def train_adapters(model: nn.Module, cfg: DemoConfig, device: torch.device | str, desc: str) -> tuple[float, float]:
     """AdamW on the trainable (LoRA) parameters; returns (loss at step 0, mean loss of the last 10)."""
     from tqdm import tqdm
 
@@ -392,7 +402,7 @@ def train_adapters(model, cfg: DemoConfig, device, desc: str) -> tuple[float, fl
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     losses = []
-    for _ in tqdm(range(cfg.steps), desc=desc, leave=False):
+    for _ in tqdm(range(cfg.steps), desc=desc, leave=False, disable=None):   # a bar only on a terminal
         tokens = progressions(cfg.batch_size, cfg.seq_len, cfg.vocab_size, g).to(device)
         loss = lm_loss(model, tokens)
         opt.zero_grad(set_to_none=True)
@@ -402,7 +412,7 @@ def train_adapters(model, cfg: DemoConfig, device, desc: str) -> tuple[float, fl
     return losses[0], sum(losses[-10:]) / len(losses[-10:])
 
 
-def tensor_bytes(tensors) -> int:
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -470,7 +480,8 @@ def save_adapter(model: nn.Module, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     nf4.atomic_write(os.path.join(out_dir, ADAPTER_WEIGHTS),
                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    nf4.atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), json.dumps(config, indent=2))
+    text = json.dumps(config, indent=2)
+    nf4.atomic_write(os.path.join(out_dir, ADAPTER_CONFIG), lambda tmp: Path(tmp).write_text(text))
     return out_dir
 
 
@@ -496,9 +507,9 @@ def read_adapter_config(adapter_dir: str) -> LoRAConfig:
 def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
     """Load a peft-format adapter into `model` (applying LoRA first if the model has none), strictly.
 
-    Missing or unexpected tensors raise a KeyError that lists them, shape mismatches a ValueError.
+    Missing or unexpected tensors raise a KeyError that lists them, shape mismatches a ValueError,
+    an unreadable file or a NaN / inf in it an nf4.CheckpointError naming the file and the tensors.
     """
-    from safetensors.torch import load_file
 
     cfg = read_adapter_config(adapter_dir)
     if not lora_layers(model):
@@ -511,8 +522,20 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_dir!r}")
-    copy_adapter_tensors(adapter_tensors(model), load_file(path), adapter_dir)
+    copy_adapter_tensors(adapter_tensors(model), read_adapter_weights(path), adapter_dir)
     return model
+
+
+def read_adapter_weights(path: str) -> dict[str, torch.Tensor]:
+    """{key: tensor} of adapter_model.safetensors, read by the safetensors package (no pickle); a corrupt
+    file or a non-finite tensor is an error that names the file (and the tensor)."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except Exception as e:                     # safetensors raises its own error type for a bad header
+        raise nf4.CheckpointError(f"{path} is not a readable safetensors file ({e}); truncated or corrupt?") from None
+    return nf4.check_finite(tensors, path)
 
 
 @torch.no_grad()
@@ -534,7 +557,9 @@ def copy_adapter_tensors(params: dict, loaded: dict, where: str) -> None:
 # The training demo
 # ----------------------------------------------------------------------------------------------
 
-def llama_config(vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads):
+def llama_config(vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
+                 num_kv_heads: int) -> Any:
+    """transformers' LlamaConfig of the demo's small random base (Any: transformers is imported here only)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -543,7 +568,7 @@ def llama_config(vocab_size, hidden_size, intermediate_size, num_layers, num_hea
                        tie_word_embeddings=False)
 
 
-def build_base(cfg: DemoConfig, device):
+def build_base(cfg: DemoConfig, device: torch.device | str) -> nn.Module:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
@@ -552,7 +577,7 @@ def build_base(cfg: DemoConfig, device):
     return LlamaForCausalLM(config).to(device).eval()
 
 
-def run_demo(cfg: DemoConfig, device, out_dir: str) -> dict:
+def run_demo(cfg: DemoConfig, device: torch.device | str, out_dir: str) -> dict:
     """Train LoRA on the fp32 base and QLoRA on its NF4 copy; save, merge, reload the adapters."""
     probe = progressions(16, cfg.seq_len, cfg.vocab_size, torch.Generator().manual_seed(123)).to(device)
     results = {method: train_and_merge(method, cfg, device, probe, out_dir) for method in ("LoRA", "QLoRA")}
@@ -564,7 +589,8 @@ def run_demo(cfg: DemoConfig, device, out_dir: str) -> dict:
     return results
 
 
-def train_and_merge(method: str, cfg: DemoConfig, device, probe, out_dir: str) -> dict:
+def train_and_merge(method: str, cfg: DemoConfig, device: torch.device | str, probe: torch.Tensor,
+                    out_dir: str) -> dict:
     model = build_base(cfg, device)
     if method == "QLoRA":
         nf4.quantize_model(model)                                      # lm_head stays fp32
@@ -634,14 +660,20 @@ def return_freed_memory_to_the_os() -> None:
 
 # ----------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="LoRA / QLoRA: train adapters, merge them, reload them.")
-    parser.add_argument("--device", type=str, default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--tiny", action="store_true", help="the small preset the tests use (seconds)")
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(
+        prog="lora.py", description="LoRA / QLoRA: train adapters, merge them, reload them.",
+        epilog="No --train or --resume: the default run is the whole training demo, with no checkpoint to "
+               "continue from.")
+    # the shared flags, in clip.py's words (tests/test_plumbing.py checks every file's --help says the same)
+    parser.add_argument("--out", type=str, default=os.path.join("runs", "lora"),
+                        help="run folder: the adapters lora/ and qlora/ in peft's format (default runs/lora)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", type=str, default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--tiny", action="store_true", help="the tiny preset (seconds): tests and quick checks")
     parser.add_argument("--steps", type=int, default=None, help="training steps of the demo")
     parser.add_argument("--r", type=int, default=None, help="LoRA rank")
-    parser.add_argument("--out", type=str, default=os.path.join("runs", "lora"), help="where adapters are saved")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
         device = nf4.resolve_device(args.device)

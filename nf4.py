@@ -46,9 +46,11 @@ import argparse
 import functools
 import json
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +84,7 @@ class NF4Config:
     device: str = "auto"
 
     @classmethod
-    def tiny(cls, **overrides):
+    def tiny(cls, **overrides: object) -> NF4Config:
         # an odd element count and a ragged last block, so the demo walks the edge cases too
         return cls(**{"rows": 48, "cols": 33, **overrides})
 
@@ -154,7 +156,7 @@ def check_blocksize(blocksize: int) -> None:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
 
 
-def check_float(w, what: str = "w") -> None:
+def check_float(w: torch.Tensor, what: str = "w") -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in FLOAT_DTYPES:
@@ -222,7 +224,7 @@ def round_to_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=16)
-def rounding_tables(levels: tuple, device: str):
+def rounding_tables(levels: tuple[float, ...], device: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """round_to_code's two tables over the 4097 bins, or None if two midpoints share a bin."""
     code = torch.tensor(levels, dtype=torch.float32, device=device)
     midpoints = (code[:-1] + code[1:]) / 2                         # (levels - 1,)
@@ -324,7 +326,7 @@ class NF4State:
             return self.absmax.float()
         return dequantize_absmax(self.absmax, self.nested_absmax, self.nested_code, self.offset)
 
-    def to(self, device) -> "NF4State":
+    def to(self, device: torch.device | str) -> NF4State:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return NF4State(move(self.absmax), self.shape, self.dtype, self.blocksize, move(self.code),
                         move(self.offset), move(self.nested_absmax), move(self.nested_code))
@@ -437,13 +439,14 @@ class NF4Matmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, packed, bias, state):
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                state: NF4State) -> torch.Tensor:
         ctx.state = state
         ctx.save_for_backward(packed)
         return F.linear(x, dequantize_nf4(packed, state, x.dtype), bias)
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
         (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -545,13 +548,14 @@ class LinearNF4(nn.Module):
             self.quant_state = state.to(device)
 
 
-def skipped(name: str, skip) -> bool:
+def skipped(name: str, skip: tuple[str, ...] | list[str]) -> bool:
     """A module is skipped when a pattern is its name, a suffix ('lm_head') or a parent ('vision')."""
     return any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip)
 
 
-def quantize_model(model: nn.Module, skip=("lm_head",), blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: torch.dtype | None = None, weights: Mapping | None = None) -> nn.Module:
+def quantize_model(model: nn.Module, skip: tuple[str, ...] | list[str] = ("lm_head",), blocksize: int = 64,
+                   double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                   weights: Mapping | None = None) -> nn.Module:
     """Replace every nn.Linear of `model` (in place) by a LinearNF4, except those in `skip`.
 
     With `weights` (a mapping from state-dict names to tensors, e.g. `SafetensorsWeights`), the
@@ -665,7 +669,7 @@ def load_one(weights: Mapping, key: str, old: torch.Tensor, used: set) -> torch.
 
 
 @contextmanager
-def init_empty_weights():
+def init_empty_weights() -> Iterator[None]:
     """Build modules whose parameters live on the meta device (no memory); buffers stay real.
 
     The same trick as accelerate.init_empty_weights: parameters are moved to 'meta' as they are
@@ -693,7 +697,8 @@ class SafetensorsWeights(Mapping):
     model.safetensors.index.json, as transformers saves them. The format is simple: 8 bytes of
     header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw bytes. We read
     each tensor with a plain file read rather than a memory map, so that the process holds only
-    the tensors it keeps (a memory-mapped file counts in the RSS as its pages are touched).
+    the tensors it keeps (a memory-mapped file counts in the RSS as its pages are touched): the
+    safetensors package maps the file. Every floating tensor read is checked to be finite.
     """
     DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -702,13 +707,25 @@ class SafetensorsWeights(Mapping):
     def __init__(self, path: str):
         self._index = {}                                             # name -> (file, dtype, shape, start, end)
         for file in self._files(path):
-            with open(file, "rb") as fh:
-                length = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(length))
+            length, header = self._header(file)
             for name, info in header.items():
                 if name != "__metadata__":
                     start, end = info["data_offsets"]
                     self._index[name] = (file, info["dtype"], info["shape"], 8 + length + start, 8 + length + end)
+
+    @staticmethod
+    def _header(file: str) -> tuple[int, dict]:
+        """(header length, header) of one file; anything unreadable is a CheckpointError naming it."""
+        with open(file, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            try:
+                header = json.loads(fh.read(length)) if 0 < length < 100_000_000 else None
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                header = None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{file} is not a readable safetensors file (no JSON header in its first "
+                                  f"{8 + max(length, 0)} bytes); truncated or corrupt?")
+        return length, header
 
     @staticmethod
     def _files(path: str) -> list[str]:
@@ -726,15 +743,21 @@ class SafetensorsWeights(Mapping):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         file, dtype, shape, start, end = self._index[key]
+        if dtype not in self.DTYPES:
+            raise CheckpointError(f"{file}: tensor {key!r} has dtype {dtype}, which is not supported here")
         buffer = bytearray(end - start)
         with open(file, "rb") as fh:
             fh.seek(start)
-            fh.readinto(buffer)
+            read = fh.readinto(buffer)
+        if read != end - start:
+            raise CheckpointError(f"{file}: tensor {key!r} is truncated ({read} of {end - start} bytes); "
+                                  "the file is incomplete or corrupt")
         if not buffer:
             return torch.empty(shape, dtype=self.DTYPES[dtype])
-        return torch.frombuffer(buffer, dtype=self.DTYPES[dtype]).reshape(shape)
+        tensor = torch.frombuffer(buffer, dtype=self.DTYPES[dtype]).reshape(shape)
+        return check_finite({key: tensor}, file)[key]               # NaN / inf: an error naming file and tensor
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._index)
 
     def __len__(self) -> int:
@@ -746,7 +769,7 @@ class SafetensorsWeights(Mapping):
 # ----------------------------------------------------------------------------------------------
 
 def bnb_quantization_config(double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
-                            skip=("lm_head",)) -> dict:
+                            skip: tuple[str, ...] | list[str] = ("lm_head",)) -> dict:
     """The `quantization_config` entry of config.json for an NF4 checkpoint (BitsAndBytesConfig)."""
     return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
             "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": double_quant,
@@ -756,7 +779,8 @@ def bnb_quantization_config(double_quant: bool = True, compute_dtype: torch.dtyp
             "llm_int8_enable_fp32_cpu_offload": False}
 
 
-def save_quantized(model: nn.Module, out_dir: str, config: dict | None = None, skip=("lm_head",)) -> str:
+def save_quantized(model: nn.Module, out_dir: str, config: dict | None = None,
+                   skip: tuple[str, ...] | list[str] = ("lm_head",)) -> str:
     """Write a quantize_model()-ed model as transformers does: model.safetensors + config.json.
 
     `config` is the model's config as a dict (by default model.config.to_dict(), for a
@@ -779,21 +803,53 @@ def save_quantized(model: nn.Module, out_dir: str, config: dict | None = None, s
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(os.path.join(out_dir, "model.safetensors"),
                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2, default=str))
+    text = json.dumps(config, indent=2, default=str)
+    atomic_write(os.path.join(out_dir, "config.json"), lambda tmp: Path(tmp).write_text(text))
     return out_dir
 
 
-def atomic_write(path: str, content) -> None:
-    """Write `content` (text, or a function that writes a given file) to a temporary file next to
-    `path`, then rename it over `path`: a crash never leaves a half-written file behind."""
-    tmp = f"{path}.tmp{os.getpid()}"
+# ----------------------------------------------------------------------------------------------
+# Safe files: clip.py's canonical text, copied byte for byte (nf4.py may not import clip.py; the
+# README's import graph), and tests/test_plumbing.py fails if a copy drifts
+# ----------------------------------------------------------------------------------------------
+
+class CheckpointError(ValueError):
+    """A file or folder that is not a loadable checkpoint; the message names it and says what is wrong."""
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
+    """Refuse NaN or infinite weights: what a corrupt file or a diverged run leaves behind."""
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise CheckpointError(f"{source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): "
+                              f"{bad[:4]}{' ...' if len(bad) > 4 else ''}; the file is corrupt or comes "
+                              "from a run that diverged")
+    return tensors
+
+
+def fsync_path(path: str | Path) -> None:
+    """Ask the OS to put a file, or a folder's list of names, on disk now. A rename survives a power cut
+    only once its folder is synced; Windows cannot open a folder for this, and needs it less."""
+    if os.name == "nt" and Path(path).is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
     try:
-        if callable(content):
-            content(tmp)
-        else:
-            with open(tmp, "w") as fh:
-                fh.write(content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """write(tmp_path), fsync, then rename over `path`: a crash leaves the old file or the new, never half.
+    The temporary name is unique (mkstemp) and removed if write fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -874,14 +930,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(pick_device(device))
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="NF4: derive the code, count the bits, compare the error.")
-    parser.add_argument("--device", type=str, default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--tiny", action="store_true", help="a small matrix (seconds), as the tests run it")
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="nf4.py", description="NF4: derive the code, count the bits, compare the error.",
+        epilog="No --train, --resume or --out: nf4.py trains nothing and writes no file; the demo prints its tables.")
+    # the shared flags, in clip.py's words (tests/test_plumbing.py checks every file's --help says the same)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", type=str, default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    parser.add_argument("--tiny", action="store_true", help="the tiny preset (seconds): tests and quick checks")
     parser.add_argument("--rows", type=int, default=None, help="rows of the demo weight matrix")
     parser.add_argument("--cols", type=int, default=None, help="columns of the demo weight matrix")
     parser.add_argument("--blocksize", type=int, default=64, choices=BLOCKSIZES, help="4-bit block size")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     cfg = NF4Config.tiny() if args.tiny else NF4Config()
     overrides = {k: v for k, v in dict(rows=args.rows, cols=args.cols).items() if v is not None}

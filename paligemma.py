@@ -35,9 +35,10 @@ Why image tokens are divided by sqrt(D) on the way in: see PaliGemma.embed_input
 
 Conventions: text is left-padded for generation (positions come from the attention mask, so a padded
 row gives the same numbers as the row alone); token_type_ids are 0 for the prefix, 1 for the suffix;
-labels are -100 where no loss is taken. Shapes use the repo alphabet: B batch, T tokens, S key
-length, N image tokens, D model width, Dv vision width, H query heads, K key/value heads, d head
-width, V vocabulary, C channels, P patch side, L layers, G dense-connector groups.
+labels are -100 where no loss is taken. Shapes use the repo alphabet (README): B batch, T tokens
+(queries), S keys (T, or past + T with the KV cache), N image tokens, D model width, Dv vision width,
+H query heads, K key/value heads, d head width, V vocabulary, C channels, I image side, P patch side,
+L layers, G dense-connector groups.
 
 The dense connector (connector="dense"; Yao et al. 2024, "Dense Channel Integration") feeds the
 projector more than the last vision layer: the vision hidden states h_0 .. h_{L-1} are split into G
@@ -58,12 +59,15 @@ PaliGemmaForConditionalGeneration (fp32 logits to 1e-4, bf16 bit for bit on CPU,
 training loss), bitsandbytes and peft. Left out: several images per prompt, position-embedding
 interpolation for other resolutions, SigLIP's unused attention-pooling head, training (vlm_train.py).
 """
+from __future__ import annotations
+
 import argparse
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +75,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from clip import ACTIVATIONS, Encoder, atomic_write
+from clip import ACTIVATIONS, CheckpointError, Encoder, atomic_write, check_finite
 from clip import pick_device as clip_pick_device
 
 
@@ -94,7 +98,7 @@ class VisionConfig:
     vision_use_head: bool = False   # SigLIP's pooling head; PaliGemma never uses it
 
     @property
-    def num_patches(self):
+    def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
 
@@ -155,16 +159,16 @@ class PaliGemmaConfig:
             raise ValueError(f"dense_groups must be in [1, {self.vision.num_hidden_layers}], got {self.dense_groups}")
 
     @property
-    def num_image_tokens(self):
+    def num_image_tokens(self) -> int:
         return self.vision.num_patches
 
     @property
-    def projector_in_features(self):
+    def projector_in_features(self) -> int:
         groups = self.dense_groups if self.connector == "dense" else 0
         return (groups + 1) * self.vision.hidden_size
 
     @classmethod
-    def tiny(cls, **overrides):
+    def tiny(cls, **overrides: object) -> PaliGemmaConfig:
         """A seconds-on-CPU model: 28 px images in 7 px patches (16 image tokens), 2 + 2 layers, MQA."""
         vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=28, patch_size=7)
@@ -173,14 +177,14 @@ class PaliGemmaConfig:
         return cls(**{"vision": vision, "text": text, "image_token_index": 299, "projection_dim": 64, **overrides})
 
     @classmethod
-    def from_hf_dict(cls, d):
+    def from_hf_dict(cls, d: dict) -> PaliGemmaConfig:
         """Read a transformers config.json dict, filling absent keys with transformers' own defaults."""
         return cls(vision=_vision_from_hf(d.get("vision_config")), text=_text_from_hf(d.get("text_config")),
                    image_token_index=d.get("image_token_index", d.get("image_token_id", 256000)),
                    projection_dim=d.get("projection_dim", 2048),
                    connector=d.get("connector", "linear"), dense_groups=d.get("dense_groups", 2))
 
-    def to_hf_dict(self):
+    def to_hf_dict(self) -> dict:
         """The config.json that transformers' PaliGemmaConfig reads (plus our connector keys)."""
         text = {k: v for k, v in asdict(self.text).items() if v is not None and k != "rope_theta"}
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": self.text.rope_theta}
@@ -207,14 +211,14 @@ _CLIP_ACTIVATION = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "
                     "gelu": "gelu", "quick_gelu": "quick_gelu"}
 
 
-def activation(name):
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """Gemma's MLP activation by transformers' name (tanh-approximate GELU in every released config)."""
     if name not in _CLIP_ACTIVATION:
         raise ValueError(f"unsupported activation {name!r}, expected one of {sorted(_CLIP_ACTIVATION)}")
     return ACTIVATIONS[_CLIP_ACTIVATION[name]]
 
 
-def rms_norm(x, weight, eps):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + w), in float32, then back to x's dtype.
 
     The weight is stored as an offset from 1 (initialised at 0), and Gemma multiplies before the
@@ -226,7 +230,8 @@ def rms_norm(x, weight, eps):
     return (y * (1.0 + weight.float())).type_as(x)
 
 
-def rope_cos_sin(positions, head_dim, theta, dtype):
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of RoPE angles: angle(p, i) = p / theta^(2i / d), i < d/2 (Su et al. 2021).
 
     positions: (B, T) integers, 1-indexed in PaliGemma. Returns two (B, 1, T, d) tensors.
@@ -238,7 +243,7 @@ def rope_cos_sin(positions, head_dim, theta, dtype):
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]         # (B, 1, T, d)
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (x_i, x_{i + d/2}) by its angle: the "rotate half" layout that Gemma's
     checkpoints use (no interleaving, so no permutation of q/k weights is needed)."""
     half = x.shape[-1] // 2
@@ -247,12 +252,13 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def softcap(x, cap):
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Gemma 2's soft capping: cap * tanh(x / cap), smooth and bounded by +-cap."""
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
-def prefix_lm_mask(groups, key_ok, query_start, window=None, is_prefix=None):
+def prefix_lm_mask(groups: torch.Tensor, key_ok: torch.Tensor, query_start: int, window: int | None = None,
+                   is_prefix: torch.Tensor | None = None) -> torch.Tensor | None:
     """Which keys each query may attend to; True = attend. Returns (B, 1, T, S) or None if all True.
 
     groups: (B, S) cumulative sum of the token types (0 prefix, 1 suffix) over the whole sequence,
@@ -278,36 +284,37 @@ def prefix_lm_mask(groups, key_ok, query_start, window=None, is_prefix=None):
     return None if bool(allowed.all()) else allowed[:, None]                          # (B, 1, T, S)
 
 
-def grouped_attention(q, k, v, mask, scale, cap=None):
-    """Softmax attention where K key/value heads serve H = G K query heads.
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                      cap: float | None = None) -> torch.Tensor:
+    """Softmax attention where K key/value heads serve H query heads, H/K query heads each.
 
     q: (B, H, T, d); k, v: (B, K, S, d); mask: (B, 1, T, S) bool or None.
-    Query head h uses key head h // G. With a mask, the G query heads that share a key head are
-    folded into the query axis, so the keys are never copied G times (transformers' repeat_kv does
+    Query head h uses key head h // (H/K). With a mask, the H/K query heads that share a key head are
+    folded into the query axis, so the keys are never copied H/K times (transformers' repeat_kv does
     copy them); without one, torch's kernel shares the key heads itself (enable_gqa), as in
     transformers, whose calls we then match exactly.
     """
     B, H, T, d = q.shape
     K = k.shape[1]
-    G = H // K
+    per_kv = H // K                                                   # query heads per key/value head
     if mask is None and cap is None:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=G > 1)   # (B, H, T, d)
-    q = q.reshape(B, K, G * T, d)                                     # (B, H, T, d) -> (B, K, G T, d)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=per_kv > 1)   # (B, H, T, d)
+    q = q.reshape(B, K, per_kv * T, d)                                # (B, H, T, d) -> (B, K, (H/K) T, d)
     if mask is not None:
-        mask = mask.repeat(1, 1, G, 1)                                 # (B, 1, T, S) -> (B, 1, G T, S)
+        mask = mask.repeat(1, 1, per_kv, 1)                            # (B, 1, T, S) -> (B, 1, (H/K) T, S)
     if cap is None:
         # softmax(q k^T * scale + mask) v, fused (flash / memory-efficient kernels where available)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
         # Gemma 2: scores are soft-capped before the mask and the softmax (no fused kernel does that)
-        scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * scale, cap)           # (B, K, G T, S)
+        scores = softcap(torch.matmul(q, k.transpose(-1, -2)) * scale, cap)           # (B, K, (H/K) T, S)
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)   # (B, K, G T, d)
-    return out.reshape(B, H, T, d)                                    # (B, K, G T, d) -> (B, H, T, d)
+        out = torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)   # (B, K, (H/K) T, d)
+    return out.reshape(B, H, T, d)                                    # (B, K, (H/K) T, d) -> (B, H, T, d)
 
 
-def suffix_loss(logits, labels):
+def suffix_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy on the suffix only (Beyer et al. 2024, sec. 3: no loss on the prefix).
 
     labels: (B, T) with -100 wherever no loss is taken (image, prompt, padding).
@@ -317,7 +324,8 @@ def suffix_loss(logits, labels):
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def suffix_labels(input_ids, token_type_ids, attention_mask=None):
+def suffix_labels(input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Labels for suffix_loss: the input ids where token_type_ids == 1, -100 elsewhere."""
     keep = token_type_ids == 1
     if attention_mask is not None:
@@ -325,7 +333,7 @@ def suffix_labels(input_ids, token_type_ids, attention_mask=None):
     return input_ids.masked_fill(~keep, -100)
 
 
-def top_p_filter(logits, top_p):
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filtering (Holtzman et al. 2020, sec. 3.1): keep the smallest set of most likely tokens
     whose probability reaches top_p; the others get -inf. logits: (B, V)."""
     if top_p >= 1.0:
@@ -338,7 +346,8 @@ def top_p_filter(logits, top_p):
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next_token(logits, temperature=0.0, top_p=1.0, generator=None):
+def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy when temperature == 0, otherwise sample from softmax(logits / temperature) after top-p."""
     if temperature == 0.0:
         return logits.argmax(-1)
@@ -346,7 +355,8 @@ def sample_next_token(logits, temperature=0.0, top_p=1.0, generator=None):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def dense_channel_integration(hidden_states, final, groups):
+def dense_channel_integration(hidden_states: list[torch.Tensor] | tuple[torch.Tensor, ...], final: torch.Tensor,
+                              groups: int) -> torch.Tensor:
     """Dense connector (Yao et al. 2024, Dense Channel Integration): [z ; mean(group 1) ; ... ; mean(group G)].
 
     hidden_states: the L vision hidden states h_0 (patch + position embeddings) .. h_{L-1}, each
@@ -373,10 +383,11 @@ class SiglipVisionTower(nn.Module):
                                _CLIP_ACTIVATION[c.hidden_act], c.layer_norm_eps)
         self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, pixel_values, return_hidden_states=False):
-        """pixel_values (B, C, S, S) -> features (B, N, Dv) [and the L pre-layer hidden states h_0..h_{L-1}]."""
+    def forward(self, pixel_values: torch.Tensor,
+                return_hidden_states: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """pixel_values (B, C, I, I) -> features (B, N, Dv) [and the L pre-layer hidden states h_0..h_{L-1}]."""
         emb = self.embeddings
-        x = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype))   # (B, Dv, S/P, S/P)
+        x = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype))   # (B, Dv, I/P, I/P)
         x = x.flatten(2).transpose(1, 2) + emb.position_embedding.weight               # (B, N, Dv)
         if not return_hidden_states:
             return self.post_layernorm(self.encoder(x))                                # (B, N, Dv)
@@ -387,11 +398,11 @@ class SiglipVisionTower(nn.Module):
 class MultiModalProjector(nn.Module):
     """u = W z + b: vision width (times G + 1 for the dense connector) -> Gemma width."""
 
-    def __init__(self, in_features, out_features):
+    def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.linear = nn.Linear(in_features, out_features)
 
-    def forward(self, z):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.linear(z)                                                          # (B, N, .) -> (B, N, D)
 
 
@@ -400,17 +411,17 @@ class MultiModalProjector(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))   # stored as an offset: scale = 1 + weight
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
 
 
 class GemmaAttention(nn.Module):
-    def __init__(self, t: TextConfig, layer_idx):
+    def __init__(self, t: TextConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.H, self.K, self.d = t.num_attention_heads, t.num_key_value_heads, t.head_dim
@@ -423,7 +434,8 @@ class GemmaAttention(nn.Module):
         self.v_proj = nn.Linear(D, self.K * self.d, bias=bias)
         self.o_proj = nn.Linear(self.H * self.d, D, bias=bias)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.d).transpose(1, 2)                 # (B, H, T, d)
         k = self.k_proj(x).view(B, T, self.K, self.d).transpose(1, 2)                 # (B, K, T, d)
@@ -443,7 +455,7 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(t.intermediate_size, t.hidden_size, bias=False)
         self.act = activation(t.hidden_act)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GeGLU: down(gelu_tanh(x W_gate) * (x W_up))   (Shazeer 2020)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))         # (B, T, D)
 
@@ -453,7 +465,7 @@ class GemmaDecoderLayer(nn.Module):
     ("sandwich" norms); its `post_attention_layernorm` is therefore a different norm than Gemma 1's,
     which is the pre-MLP norm: the key names are the checkpoints', not ours."""
 
-    def __init__(self, t: TextConfig, layer_idx):
+    def __init__(self, t: TextConfig, layer_idx: int):
         super().__init__()
         self.sandwich = t.model_type == "gemma2"
         self.sliding = t.layer_types[layer_idx] == "sliding_attention"
@@ -465,7 +477,8 @@ class GemmaDecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.mlp = GemmaMLP(t)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         if not self.sandwich:
             x = x + h
@@ -482,7 +495,8 @@ class GemmaModel(nn.Module):
         self.layers = nn.ModuleList(GemmaDecoderLayer(t, i) for i in range(t.num_hidden_layers))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
 
-    def forward(self, x, positions, masks, cache=None):
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, masks: dict[str, torch.Tensor | None],
+                cache: KVCache | None = None) -> torch.Tensor:
         """x: (B, T, D) input vectors (already scaled); masks: {"full": ..., "sliding": ...}."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
@@ -499,7 +513,7 @@ class GemmaForCausalLM(nn.Module):
         if not t.tie_word_embeddings:
             self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
 
-    def logits(self, h):
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if not hasattr(self, "lm_head") else self.lm_head.weight
         # logits = h E^T, then c tanh(logits / c) if the config caps them (Gemma 2: c = 30)
         return softcap(F.linear(h, weight), self.model.config.final_logit_softcapping)   # (B, T, V)
@@ -512,7 +526,7 @@ class KVCache:
     Besides k and v it remembers, per key, what the mask needs: padding, prefix flag and group.
     """
 
-    def __init__(self, t: TextConfig, batch, max_len, dtype, device):
+    def __init__(self, t: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         shape = (t.num_hidden_layers, batch, t.num_key_value_heads, max_len, t.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)   # (L, B, K, S_max, d)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -521,10 +535,10 @@ class KVCache:
         self.is_prefix = torch.zeros(batch, 0, dtype=torch.bool, device=device)
 
     @property
-    def max_len(self):
+    def max_len(self) -> int:
         return self.k.shape[3]
 
-    def update(self, layer, k, v):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's (B, K, T, d) keys/values; return all keys/values so far, (B, K, S, d)."""
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
@@ -561,7 +575,7 @@ class PaliGemma(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, std=0.02):
+    def init_weights(self, std: float = 0.02) -> None:
         """Random weights for demos and training from scratch (N(0, std), zero biases, unit norms)."""
         for name, p in self.named_parameters():
             if name.endswith("bias") or isinstance(self.get_submodule(name.rsplit(".", 1)[0]), RMSNorm):
@@ -572,29 +586,29 @@ class PaliGemma(nn.Module):
                 p.normal_(0.0, std)
 
     @property
-    def dtype(self):
+    def dtype(self) -> torch.dtype:
         return self.language_model.model.embed_tokens.weight.dtype
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         return self.language_model.model.embed_tokens.weight.device
 
     # -- image side ---------------------------------------------------------------------------
 
-    def image_features(self, pixel_values):
-        """(B, C, S, S) pixels -> (B, N, D) image tokens, before the 1/sqrt(D) of embed_inputs."""
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, I, I) pixels -> (B, N, D) image tokens, before the 1/sqrt(D) of embed_inputs."""
         v = self.config.vision
         expected = (v.num_channels, v.image_size, v.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(f"pixel_values must have shape (B, {v.num_channels}, {v.image_size}, {v.image_size}) "
-                             f"(B, C, S, S), got {tuple(pixel_values.shape)}")
+                             f"(B, C, I, I), got {tuple(pixel_values.shape)}")
         if self.config.connector == "linear":
             return self.multi_modal_projector(self.vision_tower(pixel_values))        # (B, N, D)
         final, hidden = self.vision_tower(pixel_values, return_hidden_states=True)
         dense = dense_channel_integration(hidden, final, self.config.dense_groups)   # (B, N, (G+1) Dv)
         return self.multi_modal_projector(dense)                                        # (B, N, D)
 
-    def embed_inputs(self, input_ids, pixel_values=None):
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's input vectors: image tokens at the <image> positions, text embeddings elsewhere,
         everything times sqrt(D).
 
@@ -634,8 +648,9 @@ class PaliGemma(nn.Module):
 
     # -- the forward pass ---------------------------------------------------------------------
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None, labels=None,
-                cache=None, last_only=False):
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cache: KVCache | None = None, last_only: bool = False) -> Output:
         """Logits (B, T, V) (or (B, 1, V) with last_only) and, with labels, the suffix loss.
 
         attention_mask: (B, S) over the cached and the new tokens, 0 at padding.
@@ -687,8 +702,11 @@ class PaliGemma(nn.Module):
     # -- generation ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, temperature=0.0,
-                 top_p=1.0, eos_token_id=None, pad_token_id=None, generator=None, return_scores=False):
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 generator: torch.Generator | None = None, return_scores: bool = False) -> GenerateOutput:
         """Decode up to max_new_tokens after left-padded prompts, reusing keys/values (KV cache).
 
         Step 0 (prefill) runs the whole prompt once, with full attention over image + prompt, and
@@ -727,8 +745,10 @@ class PaliGemma(nn.Module):
     # -- checkpoints --------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, connector=None, dense_groups=None,
-                        load_in_4bit=False, adapter=None):
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, connector: str | None = None,
+                        dense_groups: int | None = None, load_in_4bit: bool = False,
+                        adapter: str | Path | None = None) -> PaliGemma:
         """Load a transformers-format PaliGemma folder: config.json + model.safetensors (or shards
         listed in model.safetensors.index.json), in either key layout found in the wild.
 
@@ -772,7 +792,7 @@ class PaliGemma(nn.Module):
             load_adapter(model, adapter)
         return model.eval()
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path: str | Path) -> None:
         """config.json + model.safetensors in the layout transformers 5.23 saves (tied lm_head omitted),
         each written to a temporary file and renamed, so a crash never leaves half a checkpoint."""
         from safetensors.torch import save_file
@@ -845,16 +865,15 @@ def _text_from_hf(d):
 # Reading checkpoints: safetensors = 8-byte header length, JSON header, raw little-endian bytes
 # ----------------------------------------------------------------------------------------------
 
-class CheckpointError(ValueError):
-    """A checkpoint whose tensors do not match the model (names listed in the message)."""
-
+# CheckpointError (a file or folder that is not a loadable checkpoint, named in the message) and
+# check_finite are clip.py's, imported above: one error type and one NaN check across the files.
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_config(path):
+def read_config(path: str | Path) -> PaliGemmaConfig:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {path}: expected a PaliGemma checkpoint folder "
@@ -868,12 +887,12 @@ def read_config(path):
         raise CheckpointError(f"{config_file} is not a PaliGemma config: {type(err).__name__}: {err}") from None
 
 
-def read_safetensors_header(file):
+def read_safetensors_header(file: str | Path) -> tuple[dict, int]:
     """{name: {"dtype", "shape", "data_offsets"}} and the byte offset where the tensor data starts."""
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if not 0 < n < 100_000_000:
-            raise ValueError(f"{file} is not a safetensors file (header length {n})")
+            raise CheckpointError(f"{file} is not a safetensors file (header length {n}); truncated or corrupt?")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -884,7 +903,7 @@ def read_safetensors_header(file):
     return header, 8 + n
 
 
-def checkpoint_tensors(path):
+def checkpoint_tensors(path: str | Path) -> dict[str, tuple[Path, dict, int]]:
     """{tensor name: (file, header entry, data start)} over a single file or all shards."""
     path = Path(path)
     index, single = path / "model.safetensors.index.json", path / "model.safetensors"
@@ -909,7 +928,7 @@ def checkpoint_tensors(path):
     return tensors
 
 
-def canonical_key(name):
+def canonical_key(name: str) -> str:
     """Map any released key layout to ours (= transformers 5.23's saved layout):
 
         original release:  vision_tower.vision_model.X      -> vision_tower.X
@@ -936,12 +955,13 @@ def _ignored(name, config):
             or name.endswith(".position_ids") or name.endswith("rotary_emb.inv_freq"))      # old saved buffers
 
 
-def model_folder(files) -> str:
+def model_folder(files: dict[str, tuple[Path, dict, int]]) -> str:
     """The folder (or folders) a checkpoint's tensors come from, for error messages."""
     return ", ".join(sorted({str(Path(file).parent) for file, _, _ in files.values()}))
 
 
-def match_checkpoint(model, files):
+def match_checkpoint(model: PaliGemma, files: dict[str, tuple[Path, dict, int]]
+                     ) -> tuple[dict[str, tuple[Path, dict, int]], list[str]]:
     """Pair the checkpoint's tensors (any key layout) with the model's, strictly.
 
     Returns {model key: (file, header entry, data start)} and the keys to widen (a linear projector
@@ -975,7 +995,7 @@ def match_checkpoint(model, files):
     return located, widen
 
 
-def read_checkpoint(model, located, widen):
+def read_checkpoint(model: PaliGemma, located: dict[str, tuple[Path, dict, int]], widen: list[str]) -> None:
     """Read every tensor into its (allocated) parameter, file by file in storage order."""
     params, vision_width = model.state_dict(keep_vars=True), model.config.vision.hidden_size
     by_file = {}
@@ -996,10 +1016,11 @@ class CheckpointTensors(Mapping):
     """The matched checkpoint as a lazy {model key: tensor} mapping (dtype and device applied),
     which nf4.quantize_model consumes one layer at a time."""
 
-    def __init__(self, located, widen, config, dtype, device):
+    def __init__(self, located: dict[str, tuple[Path, dict, int]], widen: list[str], config: PaliGemmaConfig,
+                 dtype: torch.dtype, device: torch.device):
         self.located, self.widen, self.config, self.dtype, self.device = located, widen, config, dtype, device
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> torch.Tensor:
         file, entry, start = self.located[name]
         tensor = torch.empty(tuple(entry["shape"]), dtype=SAFETENSORS_DTYPES[entry["dtype"]])
         with open(file, "rb") as f:
@@ -1010,20 +1031,20 @@ class CheckpointTensors(Mapping):
             tensor = wide
         return tensor.to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else tensor.dtype)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.located)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.located)
 
 
-def load_adapter(model, adapter_dir):
+def load_adapter(model: PaliGemma, adapter_dir: str | Path) -> PaliGemma:
     """A peft LoRA adapter through lora.py. Adapters trained on transformers' PaliGemma name modules
     `model.language_model.layers...`; their keys are renamed to ours (canonical_key) first."""
     import tempfile
 
     import lora
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     adapter_dir = Path(adapter_dir)
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not weights_file.is_file():
@@ -1035,7 +1056,7 @@ def load_adapter(model, adapter_dir):
         return lora.load_adapter(model, str(adapter_dir))
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "adapter_config.json").write_bytes((adapter_dir / "adapter_config.json").read_bytes())
-        tensors = load_file(str(weights_file))
+        tensors = lora.read_adapter_weights(str(weights_file))   # checked here, so errors name this file
         save_file({renamed[k]: v for k, v in tensors.items()}, str(Path(tmp) / weights_file.name))
         return lora.load_adapter(model, tmp)
 
@@ -1054,6 +1075,7 @@ def _read_into(f, entry, data_start, target, file, name):
     n = f.readinto(memoryview(buffer.reshape(-1).view(torch.uint8).numpy()))
     if n != end - begin:
         raise CheckpointError(f"{name} in {file}: file is truncated ({n} of {end - begin} bytes)")
+    check_finite({name: buffer}, file)     # NaN / inf: a corrupt file or a diverged run, named with the tensor
     if not direct:
         target.copy_(buffer)   # converts dtype and moves to the device; one tensor of staging memory
 
@@ -1065,7 +1087,7 @@ def _read_into(f, entry, data_start, target, file, name):
 class PaliGemmaProcessor:
     """Turns images and prompts into model inputs the way transformers' PaliGemmaProcessor does.
 
-    Image: convert to RGB, resize to S x S with bicubic filtering, scale to [0, 1], normalise with
+    Image: convert to RGB, resize to I x I with bicubic filtering, scale to [0, 1], normalise with
     mean = std = 0.5, i.e. to [-1, 1]; channels first.
     Prompt: "<image>" * N + "<bos>" + prefix + "\\n" is the prefix (token type 0); for training,
     suffix + "<eos>" follows as the suffix (token type 1) and becomes the labels. The newline ends
@@ -1074,7 +1096,7 @@ class PaliGemmaProcessor:
 
     IMAGE_TOKEN = "<image>"
 
-    def __init__(self, tokenizer, config: PaliGemmaConfig):
+    def __init__(self, tokenizer: Any, config: PaliGemmaConfig):
         self.tokenizer, self.config = tokenizer, config
         image_id = tokenizer.convert_tokens_to_ids(self.IMAGE_TOKEN)
         if image_id != config.image_token_index:
@@ -1082,7 +1104,7 @@ class PaliGemmaProcessor:
                              f"{config.image_token_index}")
 
     @classmethod
-    def from_pretrained(cls, path, config=None):
+    def from_pretrained(cls, path: str | Path, config: PaliGemmaConfig | None = None) -> PaliGemmaProcessor:
         path = Path(path)
         if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
             raise FileNotFoundError(f"no tokenizer in {path} (tokenizer.json / tokenizer.model): copy the "
@@ -1091,8 +1113,8 @@ class PaliGemmaProcessor:
         from transformers import AutoTokenizer
         return cls(AutoTokenizer.from_pretrained(str(path)), config or read_config(path))
 
-    def preprocess_image(self, image):
-        """PIL image or (H, W, 3) uint8 array -> (3, S, S) float32 in [-1, 1]."""
+    def preprocess_image(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        """PIL image or (height, width, 3) uint8 array -> (3, I, I) float32 in [-1, 1]."""
         v = self.config.vision
         if not isinstance(image, Image.Image):
             array = np.asarray(image)
@@ -1101,12 +1123,13 @@ class PaliGemmaProcessor:
                                  f"got an array of shape {array.shape}")
             image = Image.fromarray(array.astype(np.uint8))
         image = image.convert("RGB").resize((v.image_size, v.image_size), Image.Resampling.BICUBIC)
-        x = np.asarray(image, dtype=np.float64) / 255.0                                # (S, S, C) in [0, 1]
+        x = np.asarray(image, dtype=np.float64) / 255.0                                # (I, I, C) in [0, 1]
         # x <- (x - mean) / std with mean = std = 0.5
         x = (x - 0.5) / 0.5
-        return torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1)                # (C, S, S)
+        return torch.from_numpy(x.astype(np.float32)).permute(2, 0, 1)                # (C, I, I)
 
-    def __call__(self, images, prompts, suffixes=None):
+    def __call__(self, images: list[Image.Image | np.ndarray], prompts: list[str],
+                 suffixes: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Returns input_ids, attention_mask, token_type_ids, pixel_values (and labels with suffixes)."""
         if len(images) != len(prompts) or (suffixes is not None and len(suffixes) != len(prompts)):
             raise ValueError(f"one image per prompt: got {len(images)} images, {len(prompts)} prompts"
@@ -1134,7 +1157,7 @@ class PaliGemmaProcessor:
             batch["labels"] = suffix_labels(input_ids, token_type_ids, attention_mask)
         return batch
 
-    def decode(self, token_ids):
+    def decode(self, token_ids: torch.Tensor) -> list[str]:
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
 
 
@@ -1147,7 +1170,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(clip_pick_device(name))
 
 
-def draw_mask(mask, labels):
+def draw_mask(mask: torch.Tensor, labels: list[str]) -> str:
     """ASCII picture of one (T, S) boolean mask: '#' = may attend."""
     width = max(len(s) for s in labels)
     lines = [" " * (width + 1) + " ".join(f"{s[:3]:>3}" for s in labels)]
@@ -1156,7 +1179,7 @@ def draw_mask(mask, labels):
     return "\n".join(lines)
 
 
-def demo(args, device):
+def demo(args: argparse.Namespace, device: torch.device) -> None:
     """Follow a forward pass of a tiny random PaliGemma, then decode with the KV cache."""
     torch.manual_seed(args.seed)
     config = PaliGemmaConfig.tiny(connector=args.connector)
@@ -1179,7 +1202,7 @@ def demo(args, device):
         x = model.embed_inputs(input_ids, pixel_values)
         out = model(input_ids, pixel_values, token_type_ids=token_type_ids,
                     labels=suffix_labels(input_ids, token_type_ids))
-    print(f"pixel_values {tuple(pixel_values.shape)} (B, C, S, S) -> patch conv {tuple(patches.shape)} "
+    print(f"pixel_values {tuple(pixel_values.shape)} (B, C, I, I) -> patch conv {tuple(patches.shape)} "
           f"-> SigLIP {tuple(z.shape)} (B, N, Dv) -> projector {tuple(u.shape)} (B, N, D)")
     print(f"input_ids {tuple(input_ids.shape)} = {N} <image> + {len(prompt)} prompt + {len(answer)} answer "
           f"-> decoder input {tuple(x.shape)} -> logits {tuple(out.logits.shape)} (B, T, V)")
@@ -1210,7 +1233,7 @@ def demo(args, device):
     print(f"saved to {out_dir} and reloaded: max |logit diff| = {(again - out.logits).abs().max():.1e}")
 
 
-def answer(args, device):
+def answer(args: argparse.Namespace, device: torch.device) -> None:
     dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     model = PaliGemma.from_pretrained(args.model, dtype=dtypes[args.dtype], device=device,
                                       load_in_4bit=args.load_in_4bit, adapter=args.adapter)
@@ -1226,9 +1249,12 @@ def answer(args, device):
     print(processor.decode(out.tokens)[0])
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="paligemma.py", description="PaliGemma: answer a prompt about an image, or follow a tiny "
-                                                 "random model's forward pass (no --model).")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="paligemma.py", description="PaliGemma: answer a prompt about an image, or follow a tiny random "
+                                         "model's forward pass (no --model).",
+        epilog="No --train, --resume or --tiny: paligemma.py is the forward pass (vlm_train.py trains it), and "
+               "its demo always builds the tiny preset.")
     parser.add_argument("--model", type=str, default=None, help="folder with config.json, *.safetensors, tokenizer")
     parser.add_argument("--image", type=str, default=None)
     parser.add_argument("--prompt", type=str, default="caption en")
@@ -1241,9 +1267,13 @@ def main(argv=None):
     parser.add_argument("--adapter", type=str, default=None, help="a LoRA adapter folder in peft's format (lora.py)")
     parser.add_argument("--connector", type=str, default="linear", choices=["linear", "dense"],
                         help="demo only: the projector's input")
-    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=str, default="runs/paligemma/tiny", help="demo: where the tiny checkpoint goes")
+    # the shared flags, in clip.py's words (tests/test_plumbing.py checks every file's --help says the same)
+    parser.add_argument("--out", type=str, default="runs/paligemma/tiny",
+                        help="demo: the folder its tiny checkpoint is saved to and reloaded from "
+                             "(default runs/paligemma/tiny)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", type=str, default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     try:
         device = pick_device(args.device)

@@ -11,7 +11,7 @@ vectors (Q = 32 in the paper) and, optionally, a caption. In every layer
     queries / text  --feed-forward, SEPARATE weights for each-->         (B, Q+T, D)
 
 and every sub-layer is BERT's post-norm residual, x <- LayerNorm(x + Sublayer(x)). Whatever the image
-encoder's size (N patches of width D_img), the Q-Former hands on Q vectors: a fixed-size summary.
+encoder's size (N patches of width Dv), the Q-Former hands on Q vectors: a fixed-size summary.
 
 Stage 1 (section 3.2) trains the queries to pull out the image information that text needs, with
 three objectives that share ALL weights and differ only in the self-attention mask:
@@ -23,10 +23,14 @@ three objectives that share ALL weights and differ only in the self-attention ma
     ITG  image-grounded generation queries see queries, text sees queries + earlier text
          L = -sum_t log p(w_t | queries, w_<t);  the caption starts with a [DEC] token
 
-Retrieval ranks by ITC and re-ranks the top k by ITM, as BLIP-2 does; the re-ranking score adds the
-two models' log-probabilities, log p_ITM(match) + s / temp (LAVIS adds the raw ITM logit and the
-raw cosine; `rerank_top_k` says why we do not). For stage 2 a linear layer maps the Q outputs to a language
-model's width (`language_projection`); vlm_train.py prepends them to the LM's input as a soft prompt.
+`temp` is tau itself (learned from 0.07, clamped to [0.001, 0.5] as LAVIS does); clip.py learns the
+other parameterisation, t = ln(1/tau), so temp here is exp(-t) there.
+
+Retrieval ranks by ITC and re-ranks the top k by ITM, as BLIP-2 does, by log p_ITM(match) + s / temp
+(`rerank_top_k` says why not LAVIS's raw ITM logit plus raw cosine). For stage 2 `language_projection`
+maps the Q outputs to a language model's width; vlm_train.py prepends them to its input as a soft prompt.
+
+Flamingo's Perceiver Resampler, ViLBERT's co-attention and MiniGPT-4 compared: the comment after `QFormerLayer`.
 
 Conventions: text is right-padded, position 0 holds [CLS] (ITC, ITM) or [DEC] (ITG), and
 attention_mask is 1 for real tokens. Module names equal the keys of transformers'
@@ -40,13 +44,17 @@ beam search (captions are greedy), and the BERT initialisation of the paper (we 
     python qformer.py            # seconds: a tiny Q-Former on random features, three losses fall
     python qformer.py --train    # minutes: align the ViT of `clip.py --train` with shapes captions
 """
+from __future__ import annotations
+
 import argparse
 import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn as nn
@@ -74,20 +82,18 @@ class QFormerConfig:
     embed_dim: int = 256               # ITC space (transformers: image_text_hidden_size)
     lm_hidden_size: int = 0            # width of the language model fed by language_projection; 0 = none
     layer_norm_eps: float = 1e-12      # BERT's
-    # BERT draws weights from N(0, 0.02^2): 0.02 = 0.55 / sqrt(768). A narrow model trained from scratch
-    # needs the same ratio, about 1 / sqrt(D); with 0.02 at D = 32 the attention outputs start at 1% of
-    # the residual stream and ITM sits on its 1/3-vs-2/3 plateau (loss 0.636) for hundreds of steps.
-    initializer_range: float = 0.02
+    initializer_range: float = 0.02    # BERT's; a narrow model needs about D^-0.5 (`_init_weights`)
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     label_smoothing: float = 0.1       # BLIP-2 smooths the ITC and ITG targets
-    temp_init: float = 0.07            # ITC temperature, learned, clamped to [0.001, 0.5]
+    # ITC temperature tau itself (LAVIS: 0.07, learned, clamped to [0.001, 0.5]); clip.py learns t = ln(1/tau)
+    temp_init: float = 0.07
     pad_token_id: int = 0              # BERT's [PAD], [CLS], [SEP]; [DEC] is the added token
     cls_token_id: int = 101
     sep_token_id: int = 102
     dec_token_id: int = 30522
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
                              f"num_attention_heads={self.num_attention_heads}")
@@ -96,7 +102,7 @@ class QFormerConfig:
         self.head_dim = self.hidden_size // self.num_attention_heads   # d = D / H
 
     @classmethod
-    def tiny(cls, **overrides):
+    def tiny(cls, **overrides) -> QFormerConfig:
         """A Q-Former of a few hundred thousand weights: tests and the seconds-long demo."""
         sizes = dict(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=16, num_query_tokens=4,
@@ -105,7 +111,7 @@ class QFormerConfig:
                      initializer_range=32 ** -0.5)
         return cls(**{**sizes, **overrides})
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
@@ -132,26 +138,25 @@ class QFormerConfig:
 MASK_KINDS = ("itc", "itm", "itg")
 
 
-def build_attention_mask(kind, num_queries, text_attention_mask):
+def build_attention_mask(kind: str, num_queries: int, text_attention_mask: torch.Tensor) -> torch.Tensor:
     """Self-attention mask over [queries; text]: (B, T) 0/1 -> (B, Q+T, Q+T) bool."""
     if kind not in MASK_KINDS:
         raise ValueError(f"mask kind must be one of {MASK_KINDS}, got {kind!r}")
     B, T = text_attention_mask.shape
     device = text_attention_mask.device
-    S = num_queries + T
-    position = torch.arange(S, device=device)
-    is_query = position < num_queries                                   # (S,)
-    row_query, col_query = is_query[:, None], is_query[None, :]         # (S, 1), (1, S)
+    position = torch.arange(num_queries + T, device=device)            # (Q+T,)
+    is_query = position < num_queries                                   # (Q+T,)
+    row_query, col_query = is_query[:, None], is_query[None, :]         # (Q+T, 1), (1, Q+T)
     if kind == "itm":
-        allowed = torch.ones(S, S, dtype=torch.bool, device=device)
+        allowed = torch.ones(num_queries + T, num_queries + T, dtype=torch.bool, device=device)
     elif kind == "itc":
         allowed = row_query == col_query                                # same modality only
     else:
         causal = position[None, :] <= position[:, None]                 # column j <= row i
         allowed = torch.where(row_query, col_query, col_query | causal)
     visible = torch.cat([torch.ones(B, num_queries, dtype=torch.bool, device=device),
-                         text_attention_mask.bool()], dim=1)            # (B, S): real tokens
-    return allowed[None] & visible[:, None, :]                          # (B, S, S)
+                         text_attention_mask.bool()], dim=1)            # (B, Q+T): real tokens
+    return allowed[None] & visible[:, None, :]                          # (B, Q+T, Q+T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,65 +166,70 @@ def build_attention_mask(kind, num_queries, text_attention_mask):
 class AddNorm(nn.Module):
     """BERT's post-norm residual: x <- LayerNorm(x + Dropout(W h + b))."""
 
-    def __init__(self, in_features, config):
+    def __init__(self, in_features: int, config: QFormerConfig):
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, h, x):
+    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(x + self.dropout(self.dense(h)))
 
 
 class MultiHeadAttention(nn.Module):
-    """softmax(Q K^T / sqrt(d) + M) V per head; keys and values come from `context`."""
+    """softmax(Q K^T / sqrt(d) + M) V per head; keys and values come from `context`.
 
-    def __init__(self, config, context_width):
+    x (B, T_x, D) attends to context (B, T_c, D_c). In self-attention both are [queries; text]
+    (T_x = T_c = Q+T, or Q, or T, D_c = D); in the cross-attention x is the queries (T_x = Q) and the
+    context the frozen image features (T_c = N, D_c = Dv).
+    """
+
+    def __init__(self, config: QFormerConfig, context_width: int):
         super().__init__()
         self.num_heads, self.p = config.num_attention_heads, config.attention_dropout
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(context_width, config.hidden_size)     # context_width = D_img for the
+        self.key = nn.Linear(context_width, config.hidden_size)     # context_width = D_c: Dv for the
         self.value = nn.Linear(context_width, config.hidden_size)   # cross-attention to the image
 
-    def forward(self, x, context, mask=None):
-        B, S, D = x.shape
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T_x, D = x.shape
         split = lambda t: t.view(B, t.shape[1], self.num_heads, -1).transpose(1, 2)
-        q = split(self.query(x))                                    # (B, S, D) -> (B, H, S, d)
-        k, v = split(self.key(context)), split(self.value(context))  # (B, H, S', d)
-        mask = None if mask is None else mask[:, None]              # (B, S, S') -> (B, 1, S, S')
+        q = split(self.query(x))                                    # (B, T_x, D) -> (B, H, T_x, d)
+        k, v = split(self.key(context)), split(self.value(context))  # (B, T_c, D_c) -> (B, H, T_c, d)
+        mask = None if mask is None else mask[:, None]              # (B, T_x, T_c) -> (B, 1, T_x, T_c)
         # softmax(q k^T / sqrt(d) + M) v, M = 0 where mask is True and -inf where it is False
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.p if self.training else 0.0)
-        return h.transpose(1, 2).reshape(B, S, D)                   # (B, H, S, d) -> (B, S, D)
+        return h.transpose(1, 2).reshape(B, T_x, D)                 # (B, H, T_x, d) -> (B, T_x, D)
 
 
 class Attention(nn.Module):
     """Attention sub-layer: LayerNorm(x + W_o MultiHead(x, context))."""
 
-    def __init__(self, config, context_width):
+    def __init__(self, config: QFormerConfig, context_width: int):
         super().__init__()
         self.attention = MultiHeadAttention(config, context_width)
         self.output = AddNorm(config.hidden_size, config)
 
-    def forward(self, x, context, mask=None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.output(self.attention(x, context, mask), x)
 
 
 class Intermediate(nn.Module):
     """First half of the feed-forward sub-layer: GELU(W_1 x + b_1), D -> F."""
 
-    def __init__(self, config):
+    def __init__(self, config: QFormerConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x):
-        return F.gelu(self.dense(x))                                # (B, S, D) -> (B, S, F)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))                                # (B, Q or T, D) -> (B, Q or T, F)
 
 
 class QFormerLayer(nn.Module):
     """One Q-Former layer: shared self-attention, queries-only cross-attention, two FFNs."""
 
-    def __init__(self, config, index):
+    def __init__(self, config: QFormerConfig, index: int):
         super().__init__()
         self.attention = Attention(config, config.hidden_size)
         # BLIP-2 section 3.1: "cross-attention layers inserted every other transformer block"
@@ -229,7 +239,8 @@ class QFormerLayer(nn.Module):
         self.intermediate_query = Intermediate(config)
         self.output_query = AddNorm(config.intermediate_size, config)
 
-    def forward(self, x, mask, image_embeds, num_queries):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, image_embeds: torch.Tensor | None,
+                num_queries: int) -> torch.Tensor:
         x = self.attention(x, x, mask)                              # (B, Q+T, D), queries and text mix
         queries, text = x[:, :num_queries], x[:, num_queries:]      # (B, Q, D), (B, T, D)
         if self.crossattention is not None and num_queries > 0:
@@ -240,8 +251,38 @@ class QFormerLayer(nn.Module):
         return torch.cat([queries, text], dim=1)                    # (B, Q+T, D)
 
 
+# ----------------------------------------------------------------------------------------------
+# The Q-Former beside its neighbours (what the lecture compares it with)
+# ----------------------------------------------------------------------------------------------
+#
+# The layer above is where the Q-Former differs from the bridges a lecture puts beside it.
+#
+# Flamingo (Alayrac et al. 2022, sections 2.1-2.2) bridges a frozen vision encoder and a frozen LM in two parts.
+#   - Its Perceiver Resampler, like the Q-Former, turns any number of frozen image features into a fixed
+#     number of learned latents (64) by cross-attention. But only vision takes part: the latents attend
+#     to [image features; latents], no text ever enters, and it has no loss of its own (it learns only
+#     through the language model's next-token loss). vlm_train.py's `perceiver` connector is one.
+#   - Its output does not enter the LM as input tokens: new GATED XATTN-DENSE layers are inserted between
+#     the frozen LM's layers, in which the text cross-attends to the visual tokens, each new layer's
+#     output scaled by tanh(alpha), alpha learned and initialised at 0, so that at the start the model
+#     computes exactly the frozen LM.
+#   The Q-Former instead lets queries and text share self-attention (the masks above), is pre-trained
+#   with its own ITC / ITM / ITG losses (stage 1), and hands the LM a soft prompt at its input, leaving
+#   the LM's layers as they are.
+#
+# ViLBERT (Lu et al. 2019): two streams, one over image regions and one over words, each its own
+#   transformer, joined by co-attention layers in which each stream's queries attend to the OTHER stream's
+#   keys and values, so image and text update each other. In the Q-Former the image features are frozen
+#   and only read: the queries cross-attend to them, nothing attends back, and text sees the image only
+#   through the queries.
+#
+# MiniGPT-4 (Zhu et al. 2023) keeps BLIP-2's ViT and Q-Former frozen as well as its Vicuna LM, and trains
+#   a single linear projection from the 32 query outputs to Vicuna's width (our `language_projection`);
+#   BLIP-2's own stage 2 trains the Q-Former together with that layer.
+
+
 class LayerStack(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config: QFormerConfig):
         super().__init__()
         self.layer = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_hidden_layers))
 
@@ -249,13 +290,14 @@ class LayerStack(nn.Module):
 class QFormerEncoder(nn.Module):
     """LayerNorm on the input embeddings (queries and words alike), then the L layers."""
 
-    def __init__(self, config):
+    def __init__(self, config: QFormerConfig):
         super().__init__()
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.encoder = LayerStack(config)
 
-    def forward(self, x, mask, image_embeds, num_queries):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, image_embeds: torch.Tensor | None,
+                num_queries: int) -> torch.Tensor:
         x = self.dropout(self.layernorm(x))
         for layer in self.encoder.layer:
             x = layer(x, mask, image_embeds, num_queries)
@@ -265,12 +307,12 @@ class QFormerEncoder(nn.Module):
 class TextEmbeddings(nn.Module):
     """e(w_t) + p(t): word plus learned absolute position, positions counted from the first word."""
 
-    def __init__(self, config):
+    def __init__(self, config: QFormerConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         return self.word_embeddings(input_ids) + self.position_embeddings(positions)  # (B, T, D)
 
@@ -278,13 +320,13 @@ class TextEmbeddings(nn.Module):
 class ITGHead(nn.Module):
     """BERT's LM head: logits = LayerNorm(GELU(W h)) E^T + b, decoder tied to the word embeddings E."""
 
-    def __init__(self, config):
+    def __init__(self, config: QFormerConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, h, word_embeddings):
+    def forward(self, h: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         h = self.LayerNorm(F.gelu(self.dense(h)))
         return h @ word_embeddings.t() + self.bias                  # (B, T, D) -> (B, T, V)
 
@@ -293,21 +335,22 @@ class ITGHead(nn.Module):
 # The three losses and the hard-negative sampler, as pure functions
 # ----------------------------------------------------------------------------------------------
 
-def itc_similarity(image_feats, text_feats):
+def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
     """s(I_i, T_j) = max_q <z_iq, t_j>, both unit length: (B_img, Q, E), (B_txt, E) -> (B_img, B_txt)."""
     per_query = torch.einsum("iqe,te->iqt", image_feats, text_feats)    # (B_img, Q, B_txt)
     # BLIP-2 section 3.2: "select the one that has the highest similarity as the image-text similarity"
     return per_query.max(dim=1).values                                  # (B_img, Q, B_txt) -> (B_img, B_txt)
 
 
-def itc_loss(similarity, temp, label_smoothing=0.0):
+def itc_loss(similarity: torch.Tensor, temp: torch.Tensor | float, label_smoothing: float = 0.0) -> torch.Tensor:
     """Symmetric InfoNCE on a square (B, B) similarity matrix; pair i is the diagonal."""
     logits = similarity / temp                                          # (B, B)
     # L = (CE over rows (image -> text) + CE over columns (text -> image)) / 2: CLIP's InfoNCE
     return clip.symmetric_cross_entropy(logits, label_smoothing)
 
 
-def sample_hard_negatives(similarity, temp, forbidden=None, generator=None):
+def sample_hard_negatives(similarity: torch.Tensor, temp: torch.Tensor | float, forbidden: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
     """For each row i pick a column j != i with probability softmax_j(s_ij / temp) (BLIP-2 sec. 3.2).
 
     `forbidden` (B, B) bool marks further pairs that are not negatives (e.g. identical captions);
@@ -324,12 +367,13 @@ def sample_hard_negatives(similarity, temp, forbidden=None, generator=None):
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)   # (B, B) -> (B,)
 
 
-def itm_loss(logits, labels):
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy of the ITM head: (B, 2) logits, labels 1 = matched, 0 = not."""
     return F.cross_entropy(logits, labels)
 
 
-def itg_loss(logits, input_ids, attention_mask, label_smoothing=0.0):
+def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             label_smoothing: float = 0.0) -> torch.Tensor:
     """Next-token cross-entropy: position t predicts token t+1; padding is not a target."""
     targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)   # (B, T-1)
     # L = -1/n sum_t log p(w_{t+1} | queries, w_<=t)
@@ -349,7 +393,7 @@ class QFormer(nn.Module):
     stage-1 parts that checkpoint leaves out, `language_projection` is Blip2ForConditionalGeneration's.
     """
 
-    def __init__(self, config):
+    def __init__(self, config: QFormerConfig):
         super().__init__()
         self.config = c = config
         self.query_tokens = nn.Parameter(torch.zeros(1, c.num_query_tokens, c.hidden_size))  # (1, Q, D)
@@ -365,8 +409,14 @@ class QFormer(nn.Module):
         # LAVIS draws the queries like every other weight
         nn.init.normal_(self.query_tokens, std=c.initializer_range)
 
-    def _init_weights(self, module):
-        """BERT's initialisation: N(0, initializer_range^2) weights, zero biases, LayerNorm = identity."""
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT's initialisation: N(0, initializer_range^2) weights, zero biases, LayerNorm = identity.
+
+        BERT's 0.02 is 0.55 / sqrt(768). A narrow model trained from scratch needs the same ratio, about
+        1 / sqrt(D); with 0.02 at D = 32 the attention outputs start at 1% of the residual stream and ITM
+        sits on its 1/3-vs-2/3 plateau (loss 0.636) for hundreds of steps (hence `tiny` and
+        `shapes_qformer_config` set D^-0.5).
+        """
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
         if isinstance(module, nn.Linear) and module.bias is not None:
@@ -376,20 +426,20 @@ class QFormer(nn.Module):
 
     # -- input checks: a user's mistake gets a sentence, not a shape error from deep inside torch --
 
-    def _check_image(self, image_embeds):
+    def _check_image(self, image_embeds: torch.Tensor) -> None:
         width = self.config.encoder_hidden_size
         if image_embeds.dim() != 3 or image_embeds.shape[-1] != width:
             raise ValueError(f"image_embeds must be frozen image features of shape (B, N, {width}) "
                              f"(encoder_hidden_size={width}); got {tuple(image_embeds.shape)}")
 
-    def _check_generation_tokens(self):
+    def _check_generation_tokens(self) -> None:
         """ITG needs [DEC] and [SEP]; transformers' checkpoints do not record them (BERT's are defaults)."""
         c = self.config
         if not (0 <= c.dec_token_id < c.vocab_size and 0 <= c.sep_token_id < c.vocab_size):
             raise ValueError(f"dec_token_id={c.dec_token_id} and sep_token_id={c.sep_token_id} must lie in "
                              f"[0, vocab_size={c.vocab_size}); set your tokenizer's ids in QFormerConfig")
 
-    def _check_text(self, input_ids, attention_mask):
+    def _check_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         c = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T) token ids; got shape {tuple(input_ids.shape)}")
@@ -410,7 +460,8 @@ class QFormer(nn.Module):
 
     # -- the one forward pass every objective uses --
 
-    def forward(self, image_embeds=None, input_ids=None, attention_mask=None, mask_kind="itm"):
+    def forward(self, image_embeds: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, mask_kind: str = "itm") -> torch.Tensor:
         """Hidden states of [queries; text]: (B, Q+T, D). Queries come with image_embeds, text with
         input_ids; either may be absent (ITC's two uni-modal passes). mask_kind picks the mask."""
         parts, num_queries, mask = [], 0, None
@@ -431,34 +482,37 @@ class QFormer(nn.Module):
 
     # -- features and logits --
 
-    def image_features(self, image_embeds):
-        """z_q = normalize(W_v h_q) for every query: (B, N, D_img) -> (B, Q, E)."""
+    def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """z_q = normalize(W_v h_q) for every query: (B, N, Dv) -> (B, Q, E)."""
         return F.normalize(self.vision_projection(self(image_embeds)), dim=-1)
 
-    def text_features(self, input_ids, attention_mask=None):
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """t = normalize(W_t h_[CLS]): (B, T) -> (B, E). BLIP-2 uses the first token's output."""
         h = self(input_ids=input_ids, attention_mask=attention_mask)
         return F.normalize(self.text_projection(h[:, 0]), dim=-1)
 
-    def itc_logits(self, image_embeds, input_ids, attention_mask=None):
+    def itc_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """max_q cos(z_q, t) for every image and text: (B_img, B_txt). Like transformers' logits_per_image
         this is the raw cosine; the ITC loss divides by the learned temperature."""
         return itc_similarity(self.image_features(image_embeds), self.text_features(input_ids, attention_mask))
 
-    def itm_logits(self, image_embeds, input_ids, attention_mask=None):
+    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Match / no-match logits of image i with text i: (B, 2), class 1 = match."""
         Q = self.config.num_query_tokens
         h = self(image_embeds, input_ids, attention_mask, mask_kind="itm")  # (B, Q+T, D)
         # BLIP-2 sec. 3.2: "average the logits across all queries as the output matching score"
         return self.itm_head(h[:, :Q]).mean(dim=1)                          # (B, Q, 2) -> (B, 2)
 
-    def itg_logits(self, image_embeds, decoder_input_ids, attention_mask=None):
+    def itg_logits(self, image_embeds: torch.Tensor, decoder_input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits of a caption that starts with [DEC]: (B, T) -> (B, T, V)."""
         Q = self.config.num_query_tokens
         h = self(image_embeds, decoder_input_ids, attention_mask, mask_kind="itg")
         return self.itg_head(h[:, Q:], self.embeddings.word_embeddings.weight)
 
-    def language_model_inputs(self, image_embeds):
+    def language_model_inputs(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """Stage 2: the Q query outputs mapped to the LM's width, a soft visual prompt: (B, Q, D_lm)."""
         if self.language_projection is None:
             raise ValueError("this Q-Former has no language_projection; build it with lm_hidden_size > 0")
@@ -466,16 +520,18 @@ class QFormer(nn.Module):
 
     # -- checkpoints (the functions live with the other checkpoint code below) --
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory: str | Path) -> None:
         save_qformer(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory, lm_hidden_size=0):
+    def from_pretrained(cls, directory: str | Path, lm_hidden_size: int = 0) -> QFormer:
         return load_qformer(directory, lm_hidden_size)
 
     # -- stage-1 training: the three losses on one batch of matched (image, caption) pairs --
 
-    def losses(self, image_embeds, input_ids, attention_mask, matches=None, generator=None):
+    def losses(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               matches: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """{'itc', 'itm', 'itg'} losses of B matched pairs (BLIP-2 section 3.2).
 
         matches: optional (B, B) bool, True where caption j also describes image i (a synthetic data
@@ -494,7 +550,7 @@ class QFormer(nn.Module):
             matches = (input_ids[:, None] == input_ids[None]).all(-1)                # (B, B)
         hard_text = sample_hard_negatives(similarity, self.temp, matches, generator)       # image i -> text
         hard_image = sample_hard_negatives(similarity.t(), self.temp, matches.t(), generator)  # text i -> image
-        images = torch.cat([image_embeds, image_embeds, image_embeds[hard_image]])   # (3B, N, D_img)
+        images = torch.cat([image_embeds, image_embeds, image_embeds[hard_image]])   # (3B, N, Dv)
         texts = torch.cat([input_ids, input_ids[hard_text], input_ids])              # (3B, T)
         masks = torch.cat([attention_mask, attention_mask[hard_text], attention_mask])
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(input_ids.device)
@@ -509,8 +565,8 @@ class QFormer(nn.Module):
         return {"itc": loss_itc, "itm": loss_itm, "itg": loss_itg}
 
     @torch.no_grad()
-    def generate(self, image_embeds, max_new_tokens=20):
-        """Greedy captions: start from [DEC], append argmax until [SEP]. (B, N, D_img) -> (B, T)."""
+    def generate(self, image_embeds: torch.Tensor, max_new_tokens: int = 20) -> torch.Tensor:
+        """Greedy captions: start from [DEC], append argmax until [SEP]. (B, N, Dv) -> (B, T)."""
         c = self.config
         self._check_generation_tokens()
         max_new_tokens = min(max_new_tokens, c.max_position_embeddings - 1)
@@ -531,11 +587,14 @@ class QFormer(nn.Module):
 # Retrieval: rank everything by ITC, re-rank each query's top k by ITM (LAVIS compute_sim_matrix)
 # ----------------------------------------------------------------------------------------------
 
-def rerank_top_k(similarity, k, match_logprob, temp, chunk=256):
+def rerank_top_k(similarity: torch.Tensor, k: int, match_logprob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 temp: float, chunk: int = 256) -> torch.Tensor:
     """score_ij = log p_ITM(match | i, j) + s_ij / temp for the k best j of each row, -inf elsewhere.
 
-    similarity: (R, C) ITC cosines of R queries against C candidates; match_logprob(rows, cols) gives
-    the ITM log-probability of "match" for each (query, candidate) pair named by two (P,) tensors.
+    similarity: ITC cosines, rows the retrieval queries and columns the candidates: (B_img, B_txt) for
+    image -> text, its transpose for text -> image (shapes below: image -> text). match_logprob(rows,
+    cols) gives the ITM log-probability of "match" of each (query, candidate) pair named by two equally
+    long index tensors.
     Both terms are log-probabilities (s / temp is ITC's logit, its log-softmax up to a per-row
     constant), so the score multiplies the two models' beliefs. LAVIS adds the raw ITM logit and the
     raw cosine instead; the cosine (at most 1) then hardly counts beside logits that span several
@@ -543,17 +602,18 @@ def rerank_top_k(similarity, k, match_logprob, temp, chunk=256):
     minutes, which still errs where ITC is right.
     """
     k = min(k, similarity.shape[1])
-    top_sim, top_idx = similarity.topk(k, dim=1)                          # (R, k)
+    top_sim, top_idx = similarity.topk(k, dim=1)                          # (B_img, k)
     rows = torch.arange(similarity.shape[0], device=similarity.device)[:, None].expand(-1, k).flatten()
-    cols = top_idx.flatten()                                              # (R k,)
+    cols = top_idx.flatten()                                              # (B_img k,)
     logprob = torch.cat([match_logprob(rows[s:s + chunk], cols[s:s + chunk])
-                         for s in range(0, rows.numel(), chunk)])         # (R k,)
+                         for s in range(0, rows.numel(), chunk)])         # (B_img k,)
     scores = torch.full_like(similarity, float("-inf"))
-    return scores.scatter(1, top_idx, logprob.view(-1, k) + top_sim / temp)   # (R, C)
+    return scores.scatter(1, top_idx, logprob.view(-1, k) + top_sim / temp)   # (B_img, B_txt)
 
 
 @torch.no_grad()
-def retrieval_scores(model, image_embeds, input_ids, attention_mask, k=8):
+def retrieval_scores(model: QFormer, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     k: int = 8) -> dict[str, torch.Tensor]:
     """ITC similarities and the ITM re-ranked image->text (B_img, B_txt) and text->image (B_txt, B_img) scores."""
     sim = model.itc_logits(image_embeds, input_ids, attention_mask)      # (B_img, B_txt)
     temp = model.temp.item()
@@ -564,10 +624,11 @@ def retrieval_scores(model, image_embeds, input_ids, attention_mask, k=8):
             "t2i": rerank_top_k(sim.t(), k, lambda t, i: match(i, t), temp)}
 
 
-def recall_at_k(scores, correct, ks=(1, 5, 10)):
-    """Fraction of rows whose top K candidates hold a correct one: (R, C) scores, (R, C) bool."""
-    order = scores.argsort(dim=1, descending=True)                        # (R, C)
-    hits = correct.gather(1, order)                                       # (R, C), sorted by score
+def recall_at_k(scores: torch.Tensor, correct: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """Fraction of rows whose top K candidates hold a correct one: {K: fraction}. scores and correct (bool)
+    are (B_img, B_txt) for image -> text retrieval, their transposes for text -> image."""
+    order = scores.argsort(dim=1, descending=True)                        # (B_img, B_txt)
+    hits = correct.gather(1, order)                                       # (B_img, B_txt), sorted by score
     return {K: hits[:, :K].any(dim=1).float().mean().item() for K in ks}
 
 
@@ -591,7 +652,7 @@ class TrainConfig:
     log_every: int = 100        # off a terminal (no progress bar): one line of mean losses per this many steps
 
     @classmethod
-    def tiny(cls, **overrides):
+    def tiny(cls, **overrides) -> TrainConfig:
         small = dict(steps=300, batch_size=32, lr=3e-3, warmup=10, n_train=256, n_eval=64, rerank_k=8)
         return cls(**{**small, **overrides})
 
@@ -600,7 +661,7 @@ class TrainConfig:
 get_lr = clip.lr_at
 
 
-def make_optimizer(model, cfg):
+def make_optimizer(model: QFormer, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases, LayerNorms, embeddings' rows of queries, or the temperature."""
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n != "query_tokens"]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and n != "query_tokens")]
@@ -608,7 +669,8 @@ def make_optimizer(model, cfg):
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
 
 
-def train_step(model, optimizer, batch, lr, generator=None):
+def train_step(model: QFormer, optimizer: torch.optim.Optimizer, batch: Sequence[torch.Tensor], lr: float,
+               generator: torch.Generator | None = None) -> dict[str, float]:
     """One AdamW step on L = L_itc + L_itm + L_itg (BLIP-2 weighs the three equally)."""
     model.train()
     for group in optimizer.param_groups:
@@ -618,11 +680,14 @@ def train_step(model, optimizer, batch, lr, generator=None):
     sum(losses.values()).backward()
     optimizer.step()
     with torch.no_grad():
-        model.temp.clamp_(0.001, 0.5)   # LAVIS keeps the temperature in [0.001, 0.5]
+        # LAVIS keeps tau in [0.001, 0.5], logits at most 1000 x cosine; clip.py clamps exp(t) = 1/tau to [1, 100]
+        model.temp.clamp_(0.001, 0.5)
     return {k: v.item() for k, v in losses.items()}
 
 
-def train(model, optimizer, sample_batch, cfg, start_step=0, generator=None, on_step=None):
+def train(model: QFormer, optimizer: torch.optim.Optimizer, sample_batch: Callable[[int], Sequence[torch.Tensor]],
+          cfg: TrainConfig, start_step: int = 0, generator: torch.Generator | None = None,
+          on_step: Callable[[int, list[dict[str, float]]], object] | None = None) -> list[dict[str, float]]:
     """Run steps start_step .. cfg.steps - 1; sample_batch(step) gives (image_embeds, ids, mask). A NaN or
     infinite loss stops it (clip.NonFiniteLossError) before on_step could save that step."""
     from tqdm import tqdm
@@ -644,7 +709,7 @@ def train(model, optimizer, sample_batch, cfg, start_step=0, generator=None, on_
     return history
 
 
-def mean_losses(history):
+def mean_losses(history: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: sum(h[k] for h in history) / len(history) for k in history[0]}
 
 
@@ -653,7 +718,9 @@ def mean_losses(history):
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, image_embeds, input_ids, attention_mask, correct, k=16, ks=(1, 5, 10), true_of=None):
+def evaluate(model: QFormer, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             correct: torch.Tensor, k: int = 16, ks: Sequence[int] = (1, 5, 10),
+             true_of: torch.Tensor | None = None) -> dict:
     """correct[i, j]: caption j describes image i. Returns recalls and ITM accuracy (a dict). true_of (same
     shape), if given: caption j is true of image i, though perhaps not its description (a partial caption
     such as "a red shape" is true of many scenes); the same scores are then also judged by it, under
@@ -666,7 +733,8 @@ def evaluate(model, image_embeds, input_ids, attention_mask, correct, k=16, ks=(
     return result
 
 
-def judge(model, scores, image_embeds, input_ids, attention_mask, correct, ks=(1, 5, 10)):
+def judge(model: QFormer, scores: dict[str, torch.Tensor], image_embeds: torch.Tensor, input_ids: torch.Tensor,
+          attention_mask: torch.Tensor, correct: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict:
     """Recalls of retrieval `scores` and ITM accuracy, with correct[i, j] saying which pairs are right."""
     result = {"itc_i2t": recall_at_k(scores["itc"], correct, ks),
               "itc_t2i": recall_at_k(scores["itc"].t(), correct.t(), ks),
@@ -681,13 +749,13 @@ def judge(model, scores, image_embeds, input_ids, attention_mask, correct, ks=(1
     return result
 
 
-def loss_table(first, last):
+def loss_table(first: dict[str, float], last: dict[str, float]) -> str:
     """Markdown: the three losses over the first and the last steps."""
     lines = ["| loss | first steps | last steps |", "|---|---|---|"]
     return "\n".join(lines + [f"| {k.upper()} | {first[k]:.3f} | {last[k]:.3f} |" for k in first])
 
 
-def retrieval_table(result):
+def retrieval_table(result: dict) -> str:
     """Markdown: recall@K by ITC alone and after ITM re-ranking, both directions; ITM accuracy."""
     ks = list(result["itc_t2i"])
     lines = ["| retrieval | " + " | ".join(f"R@{K}" for K in ks) + " |", "|---" * (len(ks) + 1) + "|"]
@@ -711,9 +779,11 @@ TOY_WORDS = ("[PAD]", "[CLS]", "[SEP]", "[DEC]", "red", "green", "blue", "yellow
              "circle", "square", "triangle", "diamond", "small", "large")
 
 
-def toy_data(config, n, generator):
-    """n (image_embeds, caption) pairs of a toy world. Caption [CLS] (size) colour shape [SEP], ids
-    into TOY_WORDS; the "frozen features" put a prototype of each attribute on its own patch, plus noise."""
+def toy_data(config: QFormerConfig, n: int,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B = n (image_embeds, caption) pairs of a toy world. Caption [CLS] (size) colour shape [SEP], ids
+    into TOY_WORDS; the "frozen features" put a prototype of each attribute on its own patch (N = 6
+    patches), plus noise. Returns image_embeds (B, N, Dv), input_ids and attention_mask (B, 5)."""
     g = torch.Generator().manual_seed(1234)                     # the same world for every seed
     protos = torch.randn(14, config.encoder_hidden_size, generator=g)
     colour = torch.randint(4, 8, (n,), generator=generator)
@@ -723,17 +793,17 @@ def toy_data(config, n, generator):
     ids = torch.zeros(n, 5, dtype=torch.long)
     ids[:, 0] = config.cls_token_id
     ids[has_size, 1] = size[has_size]
-    words = torch.stack([colour, shape], 1)                     # (n, 2)
+    words = torch.stack([colour, shape], 1)                     # (B, 2)
     ids[has_size, 2:4], ids[~has_size, 1:3] = words[has_size], words[~has_size]
     ids[has_size, 4], ids[~has_size, 3] = config.sep_token_id, config.sep_token_id
-    feats = 0.5 * torch.randn(n, 6, config.encoder_hidden_size, generator=generator)   # (n, N, D_img)
+    feats = 0.5 * torch.randn(n, 6, config.encoder_hidden_size, generator=generator)   # (B, N, Dv)
     feats[:, 0] += protos[colour]
     feats[:, 1] += protos[shape]
     feats[has_size, 2] += protos[size[has_size]]
     return feats, ids, (ids != config.pad_token_id).long()
 
 
-def run_demo(args, device):
+def run_demo(args: argparse.Namespace, device: torch.device | str) -> dict:
     """Seconds: the tiny Q-Former learns the toy world; losses, recalls, ITM accuracy, captions."""
     torch.manual_seed(args.seed)
     config, cfg = QFormerConfig.tiny(), TrainConfig.tiny(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
@@ -763,7 +833,7 @@ def run_demo(args, device):
 # --train: align the frozen ViT of clip.py with captions of the shapes data set
 # ----------------------------------------------------------------------------------------------
 
-def shapes_qformer_config(tokenizer, image_width, tiny=False):
+def shapes_qformer_config(tokenizer: clip.ShapesTokenizer, image_width: int, tiny: bool = False) -> QFormerConfig:
     """A Q-Former sized for a 2-core CPU, speaking clip.py's word-level shapes vocabulary.
 
     The tokenizer's start-of-text plays [CLS], end-of-text [SEP]; [DEC] is one new id after its words.
@@ -782,16 +852,17 @@ def shapes_qformer_config(tokenizer, image_width, tiny=False):
 
 
 @torch.no_grad()
-def frozen_image_features(vit, pixel_values, device, batch_size=256):
+def frozen_image_features(vit: clip.VisionTransformer, pixel_values: torch.Tensor, device: torch.device | str,
+                          batch_size: int = 256) -> torch.Tensor:
     """BLIP-2's frozen image side: every ViT token through the ViT's final LayerNorm (what
-    transformers' Blip2VisionModel returns as last_hidden_state): (n, C, S, S) -> (n, 1+N, D_img)."""
+    transformers' Blip2VisionModel returns as last_hidden_state): (B, C, I, I) -> (B, 1+N, Dv)."""
     vit.eval()
     chunks = [vit.post_layernorm(vit(pixel_values[s:s + batch_size].to(device)))
               for s in range(0, len(pixel_values), batch_size)]
     return torch.cat(chunks)
 
 
-def true_captions(clip, scene):
+def true_captions(clip: ModuleType, scene: clip.Scene) -> set[str]:
     """Every caption the shapes grammar can write that is true of `scene`, without its prefix: each level of
     detail, and the shapes named in any order (two shapes: the relation read from the first; three or
     more: a list, which says nothing about their order)."""
@@ -800,12 +871,13 @@ def true_captions(clip, scene):
     return {clip.caption(clip.Scene(order), "", detail) for order in orders for detail in clip.DETAILS}
 
 
-def caption_is_true(clip, text, truths):
+def caption_is_true(clip: ModuleType, text: str, truths: set[str]) -> bool:
     """Is `text` (with any of the data set's prefixes) one of `truths` (a scene's `true_captions`)?"""
     return any(text.startswith(p) and text[len(p):] in truths for p in clip.CAPTION_PREFIXES)
 
 
-def shapes_split(clip, vit, tokenizer, split, n, seed, device, judge_truth=False):
+def shapes_split(clip: ModuleType, vit: clip.VisionTransformer, tokenizer: clip.ShapesTokenizer, split: str, n: int,
+                 seed: int, device: torch.device | str, judge_truth: bool = False) -> dict:
     """Frozen features, token ids, masks and the "same description" matrix of n rendered scenes;
     judge_truth=True (evaluation splits) adds the "caption true of the scene" matrix, n^2 string tests."""
     data = clip.ShapesDataset(n, split=split, seed=seed, image_size=vit.cfg.image_size)
@@ -814,7 +886,7 @@ def shapes_split(clip, vit, tokenizer, split, n, seed, device, judge_truth=False
     # two scenes with the same description (ignoring "a photo of") are equally right for either caption
     described = [clip.caption(scene) for scene in scenes]
     index = {d: k for k, d in enumerate(dict.fromkeys(described))}
-    description = torch.tensor([index[d] for d in described], device=device)       # (n,)
+    description = torch.tensor([index[d] for d in described], device=device)       # (B,)
     # the fairer judge: caption j is right for scene i whenever it is true of it ("a red shape" of any scene
     # with a red shape), whether or not it is scene i's own description
     true_of = None
@@ -826,7 +898,7 @@ def shapes_split(clip, vit, tokenizer, split, n, seed, device, judge_truth=False
             "correct": description[:, None] == description[None], "true_of": true_of, "captions": captions}
 
 
-def load_frozen_clip(args, device):
+def load_frozen_clip(args: argparse.Namespace, device: torch.device | str) -> tuple[ModuleType, clip.VisionTransformer]:
     """clip.py's trained model, frozen: --clip-dir (a checkpoint or run folder), or clip.py's default run
     folder, checked to be a finished `clip.py --train` checkpoint (trained or resumed first if absent)."""
     if args.clip_dir and not Path(args.clip_dir).is_dir():
@@ -837,7 +909,8 @@ def load_frozen_clip(args, device):
     return clip, model.vision_model
 
 
-def train_shapes(cfg, config, train_set, out, device, resume=False):
+def train_shapes(cfg: TrainConfig, config: QFormerConfig, train_set: dict[str, torch.Tensor], out: str | Path,
+                 device: torch.device | str, resume: bool = False) -> tuple[QFormer, list[dict[str, float]]]:
     """Stage 1 on precomputed frozen features: (model, losses of this process's steps). train_set holds
     image_embeds, input_ids, attention_mask and description (scenes with equal ids are equally right).
     Checkpoints every cfg.save_every steps and at the end; resume=True continues from the latest."""
@@ -865,7 +938,7 @@ def train_shapes(cfg, config, train_set, out, device, resume=False):
     return model, train(model, optimizer, sample_batch, cfg, start, g, on_step=checkpoint)
 
 
-def run_shapes(args, device):
+def run_shapes(args: argparse.Namespace, device: torch.device | str) -> dict:
     """Minutes: stage-1 training of a Q-Former on the frozen ViT of clip.py, then retrieval and captions."""
     cfg = (TrainConfig.tiny if args.tiny else TrainConfig)(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
     out = Path(args.out)
@@ -920,12 +993,12 @@ OUTSIDE_QFORMER = ("vision_model.", "embeddings.position_ids")
 _atomic_write = clip.atomic_write           # unique temporary name, fsync, rename
 
 
-def _list(names, limit=8):
+def _list(names: Iterable[str], limit: int = 8) -> str:
     names = sorted(names)
     return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def _read_tensors(directory, keep):
+def _read_tensors(directory: Path, keep: Callable[[str], bool]) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Tensors named by `keep(name)` from model.safetensors or a sharded index, read by the safetensors
     package and checked to be finite (clip.read_safetensors); returns (tensors, their names)."""
     index = directory / "model.safetensors.index.json"
@@ -944,7 +1017,7 @@ def _read_tensors(directory, keep):
     return tensors, set(tensors)
 
 
-def config_from_blip2(hf, lm_hidden_size=0):
+def config_from_blip2(hf: dict, lm_hidden_size: int = 0) -> QFormerConfig:
     """Our QFormerConfig from a transformers Blip2Config dict (its defaults where a field is absent)."""
     q, v = hf.get("qformer_config") or {}, hf.get("vision_config") or {}
     if not q.get("use_qformer_text_input", False):
@@ -967,7 +1040,8 @@ def config_from_blip2(hf, lm_hidden_size=0):
         attention_dropout=q.get("attention_probs_dropout_prob", 0.1), pad_token_id=q.get("pad_token_id", 0) or 0)
 
 
-def load_strict(model, tensors, source, fresh=()):
+def load_strict(model: QFormer, tensors: dict[str, torch.Tensor], source: str | Path,
+                fresh: tuple[str, ...] = ()) -> QFormer:
     """Copy tensors into model; any missing, unexpected or mis-shaped tensor is an error listing them.
     Names starting with a prefix in `fresh` are expected to be absent and keep their initial values."""
     own = model.state_dict()
@@ -988,7 +1062,7 @@ def load_strict(model, tensors, source, fresh=()):
     return model
 
 
-def save_qformer(model, directory):
+def save_qformer(model: QFormer, directory: str | Path) -> None:
     """config.json (our fields + model_type 'qformer') and model.safetensors, each written atomically."""
     from safetensors.torch import save_file
     directory = Path(directory)
@@ -999,7 +1073,7 @@ def save_qformer(model, directory):
     _atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
 
 
-def config_from_dict(raw, source):
+def config_from_dict(raw: dict, source: str | Path) -> QFormerConfig:
     """QFormerConfig from our config.json's fields; a value of the wrong kind is a CheckpointError."""
     names = {f.name for f in fields(QFormerConfig)}
     try:
@@ -1008,7 +1082,7 @@ def config_from_dict(raw, source):
         raise CheckpointError(f"{source} does not describe a Q-Former ({e})") from None
 
 
-def load_qformer(directory, lm_hidden_size=0):
+def load_qformer(directory: str | Path, lm_hidden_size: int = 0) -> QFormer:
     """A QFormer from our own directory or a transformers Blip2ForImageTextRetrieval one.
 
     From transformers we take query_tokens, embeddings, qformer, vision_projection, text_projection
@@ -1048,7 +1122,8 @@ def load_qformer(directory, lm_hidden_size=0):
 # Training checkpoints of --train: clip.py's layout (out/step-<k>/, then out/latest), no pickle
 # ----------------------------------------------------------------------------------------------
 
-def save_trainer(out, model, optimizer, step, generator, cfg=None):
+def save_trainer(out: str | Path, model: QFormer, optimizer: torch.optim.Optimizer, step: int,
+                 generator: torch.Generator, cfg: TrainConfig | None = None) -> Path:
     """One checkpoint (clip.py's layout: out/step-<k>/ then out/latest): the model (config.json +
     model.safetensors) and what --resume needs, step, optimizer moments and RNG states, with no pickle."""
     tensors, groups = clip.optimizer_state(optimizer)
@@ -1060,7 +1135,8 @@ def save_trainer(out, model, optimizer, step, generator, cfg=None):
                                             **clip.trainer_files(step, tensors, info)})
 
 
-def resume_trainer(out, model, optimizer, generator, cfg):
+def resume_trainer(out: str | Path, model: QFormer, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                   cfg: TrainConfig) -> int:
     """Load out's latest checkpoint into model, optimizer and RNGs; returns its step. A checkpoint of another
     configuration is refused, with the differing fields listed."""
     folder = clip.checkpoint_to_resume(out)
@@ -1085,12 +1161,12 @@ def resume_trainer(out, model, optimizer, generator, cfg):
 # Entry point
 # ----------------------------------------------------------------------------------------------
 
-def pick_device(name):
+def pick_device(name: str) -> torch.device:
     """--device auto|cpu|cuda|cuda:N as a torch.device (clip.pick_device checks that a CUDA device exists)."""
     return torch.device(clip.pick_device(name))
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(prog="qformer.py", description=__doc__.splitlines()[0])
     clip.add_common_arguments(parser, "run folder of --train: checkpoints step-<k>/ (default runs/qformer)",
                               train_help="align the ViT of `clip.py --train` with shapes captions (minutes)")

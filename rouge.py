@@ -6,6 +6,8 @@ is a pair (recall R, precision P) over some unit of overlap, combined as F = 2 P
 
     ROUGE-N    R = sum_g min(c_ref(g), c_pred(g)) / sum_g c_ref(g)     g: n-grams     (Lin 2004, eq. 1)
                P = the same numerator / sum_g c_pred(g)
+               c(g): how often n-gram g occurs; the min clips the counts (Lin's Count_match), so
+               a predicted n-gram matches at most as often as the reference has it
     ROUGE-L    R = LCS(ref, pred) / |ref|,  P = LCS(ref, pred) / |pred|               (section 3.1)
     ROUGE-Lsum R = sum_i |union_j LCS(ref_i, pred_j)| / |ref|, over sentences i, j    (section 3.2)
     ROUGE-W    LCS weighted by f(k) = k^1.2, so that consecutive matches count more   (section 4)
@@ -51,7 +53,9 @@ import re
 import sys
 import tempfile
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -71,7 +75,7 @@ class RougeConfig:
     seed: int = 0
 
     @classmethod
-    def tiny(cls, **overrides):
+    def tiny(cls, **overrides: object) -> "RougeConfig":
         """Fewer resamples for tests: same numbers for scores, coarser intervals."""
         return cls(**{"n_samples": 100, **overrides})
 
@@ -90,7 +94,7 @@ class AggregateScore(NamedTuple):
     high: Score
 
 
-def fmeasure(precision, recall):
+def fmeasure(precision: float, recall: float) -> float:
     """F1 = 2 P R / (P + R), 0 when both are 0 (rouge-score's formula; ROUGE-1.5.5 with alpha=0.5)."""
     if precision + recall > 0:
         return 2 * precision * recall / (precision + recall)
@@ -123,7 +127,7 @@ IRREGULAR_FORMS = {
 }
 
 
-def consonant_flags(word):
+def consonant_flags(word: str) -> list[bool]:
     """True where word[i] is a consonant: not a, e, i, o, u, and 'y' only first or after a vowel."""
     flags = []
     for i, ch in enumerate(word):
@@ -137,23 +141,23 @@ def consonant_flags(word):
     return flags
 
 
-def measure(stem):
+def measure(stem: str) -> int:
     """m in [C](VC)^m[V]: the number of vowel -> consonant transitions ("trouble" 1, "oaten" 2)."""
     flags = consonant_flags(stem)
     return sum(1 for a, b in zip(flags, flags[1:]) if not a and b)
 
 
-def contains_vowel(stem):
+def contains_vowel(stem: str) -> bool:
     """Porter's condition *v*."""
     return not all(consonant_flags(stem))
 
 
-def ends_double_consonant(word):
+def ends_double_consonant(word: str) -> bool:
     """Porter's condition *d: two equal consonants at the end ("hopp", "fall")."""
     return len(word) >= 2 and word[-1] == word[-2] and consonant_flags(word)[-1]
 
 
-def ends_cvc(word):
+def ends_cvc(word: str) -> bool:
     """Porter's condition *o: ends consonant-vowel-consonant, the last not w, x or y ("hop").
 
     nltk: a two-letter word vowel-consonant counts too ("ow" of "owed"), without the w/x/y test.
@@ -164,7 +168,7 @@ def ends_cvc(word):
     return len(word) == 2 and not flags[0] and flags[1]
 
 
-def apply_rules(word, rules):
+def apply_rules(word: str, rules: list[tuple[str, str, Callable[[str], bool]]]) -> str:
     """The first rule whose suffix matches decides: if its condition holds the suffix is replaced,
     otherwise the word is returned unchanged; later rules are never tried (Porter 1980)."""
     for suffix, replacement, condition in rules:
@@ -174,15 +178,15 @@ def apply_rules(word, rules):
     return word
 
 
-def m_gt0(stem):
+def m_gt0(stem: str) -> bool:
     return measure(stem) > 0
 
 
-def m_gt1(stem):
+def m_gt1(stem: str) -> bool:
     return measure(stem) > 1
 
 
-def always(stem):
+def always(stem: str) -> bool:
     return True
 
 
@@ -206,14 +210,14 @@ STEP4 = ([(suffix, "", m_gt1) for suffix in
          + [(suffix, "", m_gt1) for suffix in ("ou", "ism", "ate", "iti", "ous", "ive", "ize")])
 
 
-def step1a(word):
+def step1a(word: str) -> str:
     """Plurals: caresses -> caress, ponies -> poni, cats -> cat."""
     if word.endswith("ies") and len(word) == 4:                 # nltk: "dies" -> "die"
         return word[:-1]
     return apply_rules(word, STEP1A)
 
 
-def step1b(word):
+def step1b(word: str) -> str:
     """-ed and -ing: agreed -> agree, plastered -> plaster, hopping -> hop, filing -> file."""
     if word.endswith("ied"):                                    # nltk: "died" -> "die", "spied" -> "spi"
         return word[:-3] + ("ie" if len(word) == 4 else "i")
@@ -234,14 +238,14 @@ def step1b(word):
     return stem
 
 
-def step1c(word):
+def step1c(word: str) -> str:
     """Y -> I. nltk: only after a consonant that is not the first letter (happy -> happi, but "by")."""
     if word.endswith("y") and len(word) > 2 and consonant_flags(word)[-2]:
         return word[:-1] + "i"
     return word
 
 
-def step2(word):
+def step2(word: str) -> str:
     """Double suffixes to single ones: relational -> relate, hopefulness -> hopeful."""
     # nltk: ALLI -> AL is tried first and, when it fires, step 2 runs again on the result
     if word.endswith("alli") and m_gt0(word[:-4]):
@@ -249,7 +253,7 @@ def step2(word):
     return apply_rules(word, STEP2)
 
 
-def step5a(word):
+def step5a(word: str) -> str:
     """(m>1) E -> ;  (m=1 and not *o) E -> .  Both conditions are tried (not a first-match list)."""
     if word.endswith("e"):
         stem = word[:-1]
@@ -259,14 +263,14 @@ def step5a(word):
     return word
 
 
-def step5b(word):
+def step5b(word: str) -> str:
     """(m>1 and *d and *L) -> single letter: controll -> control. nltk measures the word minus one l."""
     if word.endswith("ll") and m_gt1(word[:-1]):
         return word[:-1]
     return word
 
 
-def porter_stem(word):
+def porter_stem(word: str) -> str:
     """Stem one word exactly as nltk 3.10's PorterStemmer().stem(word) (checked on ~1M words)."""
     lower = word.lower()
     if lower in IRREGULAR_FORMS:
@@ -281,10 +285,10 @@ def porter_stem(word):
 class PorterStemmer:
     """nltk-compatible `.stem(word)`, memoised: a corpus repeats its words, Porter's rules are slow."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._cache = {}
 
-    def stem(self, word):
+    def stem(self, word: str) -> str:
         stem = self._cache.get(word)
         if stem is None:
             stem = self._cache[word] = porter_stem(word)
@@ -299,7 +303,7 @@ ASCII_WORD = re.compile(r"[a-z0-9]+")
 TO_SPACE = bytes(c if chr(c) in "abcdefghijklmnopqrstuvwxyz0123456789\n" else 32 for c in range(256))
 
 
-def ascii_words(text):
+def ascii_words(text: str) -> str:
     """text.lower() with every character outside [a-z0-9] and "\n" turned into a space.
 
     rouge-score does re.sub("[^a-z0-9]+", " ", text.lower()); the same in C and twice as fast: each
@@ -309,7 +313,7 @@ def ascii_words(text):
     return text.lower().encode("ascii", "replace").translate(TO_SPACE).decode("ascii")
 
 
-def tokenize(text, stemmer=None):
+def tokenize(text: str, stemmer: PorterStemmer | None = None) -> list[str]:
     """rouge-score's tokenizer: lower-case, every character outside [a-z0-9] becomes a space, split,
     then stem words longer than 3 characters. Non-ASCII letters vanish ("café" -> "caf")."""
     words = ascii_words(text).split()
@@ -324,7 +328,7 @@ class Tokenizer(abc.ABC):
     tokenize method; subclassing states the contract and fails early if tokenize is missing."""
 
     @abc.abstractmethod
-    def tokenize(self, text):
+    def tokenize(self, text: str) -> list[str]:
         raise NotImplementedError("Tokenizer must override tokenize() method")
 
 
@@ -333,14 +337,14 @@ class DefaultTokenizer(Tokenizer):
     single lookup. A Porter stem of a word of more than 3 letters is never empty, so rouge-score's
     final "drop empty tokens" filter never fires and is left out."""
 
-    def __init__(self, use_stemmer=False):
+    def __init__(self, use_stemmer: bool = False):
         self.use_stemmer = use_stemmer
         self._token_of = _StemTable() if use_stemmer else None
 
-    def tokenize(self, text):
+    def tokenize(self, text: str) -> list[str]:
         return self._tokens(ascii_words(text).split())
 
-    def tokenize_lines(self, text):
+    def tokenize_lines(self, text: str) -> list[list[str]]:
         """The tokens of each non-empty line (rougeLsum's sentences), in one pass over the text."""
         return [self._tokens(line.split()) for line in ascii_words(text).split("\n") if line]
 
@@ -355,7 +359,7 @@ class _StemTable(dict):
     """word -> token: the Porter stem for words of more than 3 characters, the word itself otherwise.
     Grows by one entry per distinct word (a few hundred thousand for a large corpus)."""
 
-    def __missing__(self, word):
+    def __missing__(self, word: str) -> str:
         token = self[word] = porter_stem(word) if len(word) > 3 else word
         return token
 
@@ -376,11 +380,11 @@ class UnicodeTokenizer(Tokenizer):
     texts score 0 against each other; this one does not. It is not rouge-score's: report it as such.
     """
 
-    def __init__(self, use_stemmer=False):
+    def __init__(self, use_stemmer: bool = False):
         self.use_stemmer = use_stemmer
         self._stems = _StemTable() if use_stemmer else None
 
-    def tokenize(self, text):
+    def tokenize(self, text: str) -> list[str]:
         text = unicodedata.normalize("NFKC", text).casefold()
         tokens, word = [], []
         for ch in text:
@@ -418,7 +422,7 @@ SENTENCE_END = re.compile(r"[.!?]+[\"')\]\u2019\u201d]*$")    # at the end of a 
 OPENERS = "\"'([\u2018\u201c"
 
 
-def split_sentences(text):
+def split_sentences(text: str) -> list[str]:
     """Split text into sentences with the rules above; returns stripped, non-empty sentences."""
     words = list(re.finditer(r"\S+", text))
     sentences, start = [], 0
@@ -438,7 +442,7 @@ def split_sentences(text):
     return [s for s in sentences if s]
 
 
-def get_sentences(text, split_summaries=False):
+def get_sentences(text: str, split_summaries: bool = False) -> list[str]:
     """rouge-score's rougeLsum sentences: lines (split on "\n" only), or split_sentences; no empties."""
     sentences = split_sentences(text) if split_summaries else text.split("\n")
     return [s for s in sentences if s]
@@ -447,12 +451,12 @@ def get_sentences(text, split_summaries=False):
 # ---------------------------------------------------------------------------------------------------
 # ROUGE-N: clipped n-gram overlap (Lin 2004, section 2)
 # ---------------------------------------------------------------------------------------------------
-def ngram_counts(tokens, n):
+def ngram_counts(tokens: list[str], n: int) -> collections.Counter:
     """Counter of the n-grams of a token list: tuples, or the tokens themselves for n = 1."""
     return collections.Counter(tokens if n == 1 else zip(*(tokens[i:] for i in range(n))))
 
 
-def score_ngrams(target_counts, prediction_counts):
+def score_ngrams(target_counts: collections.Counter, prediction_counts: collections.Counter) -> Score:
     """ROUGE-N from two n-gram Counters.
 
     Clipping: a predicted n-gram matches at most as often as the reference has it, so "the the the"
@@ -481,7 +485,7 @@ def score_ngrams(target_counts, prediction_counts):
 # rows only for one reference sentence against a bounded group of predicted sentences: memory
 # grows linearly with the text.
 
-def lcs_table(a, b):
+def lcs_table(a: list[str], b: list[str]) -> list[list[int]]:
     """The full LCS dynamic-programming table (for teaching, the demo and the tests)."""
     table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
     for i in range(1, len(a) + 1):
@@ -493,7 +497,7 @@ def lcs_table(a, b):
     return table
 
 
-def lcs_path(table, a, b):
+def lcs_path(table: list[list[int]], a: list[str], b: list[str]) -> list[int]:
     """Positions in a of the LCS read out of a full table by rouge-score's walk (_backtrack_norec):
     from (|a|, |b|), diagonal on a match, else left when L[i][j-1] > L[i-1][j], else up."""
     i, j, path = len(a), len(b), []
@@ -520,7 +524,7 @@ def lcs_path(table, a, b):
 # and L[i][j] = j - popcount(V_i & (2^j - 1)). Python's integers are arbitrarily long, so a row
 # of any length is O(1) interpreter steps: O(|a|) steps instead of O(|a| |b|).
 
-def match_masks(b, offset=0, masks=None):
+def match_masks(b: list[str], offset: int = 0, masks: dict[str, int] | None = None) -> dict[str, int]:
     """M[x] = bitmask of the positions j with b[j] == x (bits shifted up by offset)."""
     masks = {} if masks is None else masks
     for j, token in enumerate(b, offset):
@@ -528,7 +532,7 @@ def match_masks(b, offset=0, masks=None):
     return masks
 
 
-def lcs_rows(a, masks, full, v=None):
+def lcs_rows(a: list[str], masks: "dict[str, int] | PositionMasks", full: int, v: int | None = None) -> list[int]:
     """The bit rows V_0 .. V_|a| of the LCS table of a against the positions set in full
     (V_0 = v, all flat by default)."""
     v = full if v is None else v
@@ -551,7 +555,7 @@ def lcs_rows(a, masks, full, v=None):
 STRIP_BITS = 1 << 14
 
 
-def lcs_length(a, b):
+def lcs_length(a: list[str], b: list[str]) -> int:
     """|LCS(a, b)|, bit-parallel, keeping one row: O(|a| + |b|) memory (equal to
     lcs_table(a, b)[-1][-1], which would need (|a|+1)(|b|+1) cells)."""
     if not a or not b:
@@ -590,7 +594,7 @@ ROW_BUDGET_BITS = 1 << 28                       # 32 MiB of rows
 class CheckpointedRows:
     """rows[i] = V_i of lcs_rows(a, masks, full), with O(sqrt(|a|)) rows in memory."""
 
-    def __init__(self, a, masks, full, block=None):
+    def __init__(self, a: list[str], masks: "dict[str, int] | PositionMasks", full: int, block: int | None = None):
         self.a, self.masks, self.full = a, masks, full
         self.block = block or max(1, int(len(a) ** 0.5) + 1)
         self.checkpoints, v = [full], full      # checkpoints[k] = V_{k * block}
@@ -601,7 +605,7 @@ class CheckpointedRows:
                 self.checkpoints.append(v)
         self.cache = {}
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int) -> int:
         k, offset = divmod(i, self.block)
         if k not in self.cache:
             for old in [old for old in self.cache if old > k + 1]:
@@ -623,7 +627,7 @@ class PositionMasks:
     """M[x] of a long sequence b, built on demand from the positions of x: O(|b|) memory instead
     of |b| bits per distinct word. Reads like the dict of match_masks (get, [])."""
 
-    def __init__(self, b):
+    def __init__(self, b: list[str]):
         self.positions = {}
         for j, token in enumerate(b):
             if token not in self.positions:
@@ -632,7 +636,7 @@ class PositionMasks:
         self.n_bytes = (len(b) + 7) // 8
         self.cache, self.cached_bits = {}, 0
 
-    def get(self, token, default=0):
+    def get(self, token: str, default: int = 0) -> int:
         mask = self.cache.get(token)
         if mask is None:
             if token not in self.positions:
@@ -647,23 +651,24 @@ class PositionMasks:
             self.cached_bits += 8 * self.n_bytes
         return mask
 
-    def __getitem__(self, token):
+    def __getitem__(self, token: str) -> int:
         return self.get(token)
 
 
-def masks_of(b):
+def masks_of(b: list[str]) -> dict[str, int] | PositionMasks:
     """match_masks(b) for a sequence up to a strip long, PositionMasks(b) beyond."""
     return match_masks(b) if len(b) <= STRIP_BITS else PositionMasks(b)
 
 
-def bit_rows(a, masks, full):
+def bit_rows(a: list[str], masks: dict[str, int] | PositionMasks, full: int) -> list[int] | CheckpointedRows:
     """All rows when they fit ROW_BUDGET_BITS, otherwise CheckpointedRows (same values)."""
     if (len(a) + 1) * full.bit_length() > ROW_BUDGET_BITS:
         return CheckpointedRows(a, masks, full)
     return lcs_rows(a, masks, full)
 
 
-def backtrack(a, b, rows, masks, offset=0):
+def backtrack(a: list[str], b: list[str], rows: list[int] | CheckpointedRows, masks: dict[str, int] | PositionMasks,
+              offset: int = 0) -> list[int]:
     """Positions in a of the LCS that rouge-score's _backtrack_norec reads out of the table.
 
     rouge-score walks back from (|a|, |b|): diagonal when a[i-1] == b[j-1]; else left when
@@ -690,7 +695,7 @@ def backtrack(a, b, rows, masks, offset=0):
     return path
 
 
-def lcs_indices(a, b):
+def lcs_indices(a: list[str], b: list[str]) -> list[int]:
     """Positions in a of one LCS of a and b: the one rouge-score's lcs_ind picks.
 
     Which LCS is part of the metric: rougeLsum takes the union of these positions over sentences,
@@ -711,7 +716,8 @@ def lcs_indices(a, b):
 GROUP_BITS = 1 << 11
 
 
-def side_by_side(sentences, group_bits=None):
+def side_by_side(sentences: list[list[str]], group_bits: int | None = None
+                 ) -> list[tuple[dict[str, int] | PositionMasks, list[tuple[int, list[str]]], int]]:
     """Lay sentences side by side in bit vectors of at most group_bits positions, each sentence
     followed by a guard bit that stays 0: a carry leaving one sentence stops at its guard and is
     masked away, exactly as "& full" drops it for a lone sentence. One bit-parallel pass per
@@ -737,7 +743,8 @@ def side_by_side(sentences, group_bits=None):
     return groups
 
 
-def union_lcs(a, layout):
+def union_lcs(a: list[str], layout: list[tuple[dict[str, int] | PositionMasks, list[tuple[int, list[str]]], int]]
+              ) -> list[int]:
     """Sorted positions in a covered by its LCS with any of the sentences laid out by
     side_by_side (the union LCS of Lin 2004, section 3.2)."""
     union = set()
@@ -749,17 +756,17 @@ def union_lcs(a, layout):
     return sorted(union)
 
 
-def find_union(position_lists):
+def find_union(position_lists: list[list[int]]) -> list[int]:
     """Sorted union of lists of positions (rouge-score's _find_union)."""
     return sorted(set().union(*position_lists))
 
 
-def union_lcs_words(a, sentences):
+def union_lcs_words(a: list[str], sentences: list[list[str]]) -> list[str]:
     """The words of a on its union LCS with the sentences, in order (rouge-score's _union_lcs)."""
     return [a[i] for i in union_lcs(a, side_by_side(sentences))]
 
 
-def score_lcs(target_tokens, prediction_tokens):
+def score_lcs(target_tokens: list[str], prediction_tokens: list[str]) -> Score:
     """rougeL: one LCS over the whole texts, newlines ignored (section 3.1, sentence level)."""
     if not target_tokens or not prediction_tokens:
         return ZERO
@@ -774,11 +781,11 @@ class WordBudget:
     occurs in the whole reference and in the whole prediction, whichever is fewer. Without it a
     predicted sentence could be credited once for every reference sentence it overlaps."""
 
-    def __init__(self, target_sentences, prediction_sentences):
+    def __init__(self, target_sentences: list[list[str]], prediction_sentences: list[list[str]]):
         self.target_left = collections.Counter(t for s in target_sentences for t in s)
         self.prediction_left = collections.Counter(t for s in prediction_sentences for t in s)
 
-    def take(self, token):
+    def take(self, token: str) -> bool:
         """Spend one occurrence of token on both sides if both have one left; say whether it did."""
         if self.target_left[token] > 0 and self.prediction_left[token] > 0:
             self.target_left[token] -= 1
@@ -787,7 +794,7 @@ class WordBudget:
         return False
 
 
-def summary_level_lcs(target_sentences, prediction_sentences):
+def summary_level_lcs(target_sentences: list[list[str]], prediction_sentences: list[list[str]]) -> Score:
     """rougeLsum (section 3.2): for each reference sentence r_i, the union of its LCS positions with
     every predicted sentence; each covered word is a hit if WordBudget still allows it.
 
@@ -814,7 +821,7 @@ def summary_level_lcs(target_sentences, prediction_sentences):
 #     k = run length ending at (i-1, j-1);  c[i][j] = c[i-1][j-1] + f(k+1) - f(k)  on a match
 # so one run of 4 is worth f(4) = 5.28 (w = 1.2) and four runs of 1 are worth 4.
 
-def wlcs_table(a, b, weight=1.2):
+def wlcs_table(a: list[str], b: list[str], weight: float = 1.2) -> tuple[list[list[float]], list[list[str]]]:
     """WLCS dynamic programming (ROUGE-1.5.5's wlcs_inner): score table c and move table
     ('d' diagonal, 'u' up, 'l' left; ties between up and left go up)."""
     c = [[0.0] * (len(b) + 1) for _ in range(len(a) + 1)]
@@ -834,12 +841,12 @@ def wlcs_table(a, b, weight=1.2):
     return c, move
 
 
-def wlcs(a, b, weight=1.2):
+def wlcs(a: list[str], b: list[str], weight: float = 1.2) -> float:
     """WLCS(a, b), the weighted score of Lin 2004 section 4 (e.g. 16 vs 4 for his example, w = 2)."""
     return wlcs_table(a, b, weight)[0][-1][-1] if a and b else 0.0
 
 
-def wlcs_indices(a, b, weight=1.2):
+def wlcs_indices(a: list[str], b: list[str], weight: float = 1.2) -> list[int]:
     """Positions in a on the WLCS path (ROUGE-1.5.5's markLCS)."""
     _, move = wlcs_table(a, b, weight)
     i, j, path = len(a), len(b), []
@@ -851,7 +858,8 @@ def wlcs_indices(a, b, weight=1.2):
     return path[::-1]
 
 
-def summary_level_wlcs(target_sentences, prediction_sentences, weight=1.2):
+def summary_level_wlcs(target_sentences: list[list[str]], prediction_sentences: list[list[str]],
+                       weight: float = 1.2) -> Score:
     """rougeW as ROUGE-1.5.5 computes ROUGE-W-1.2 (its sub wlcs):
         hit = sum over runs of consecutive marked positions in each reference sentence of f(run)
         R = f^-1(hit / f(sum_i f(|r_i|))),   P = f^-1(hit / f(|prediction|)),   f^-1(x) = x^(1/w)
@@ -896,7 +904,7 @@ def summary_level_wlcs(target_sentences, prediction_sentences, weight=1.2):
 # -2 d); ROUGE-SU adds unigrams, so a prediction with the right words in the wrong order still
 # scores above 0.
 
-def skip_bigram_counts(tokens, max_gap=None, unigrams=False):
+def skip_bigram_counts(tokens: list[str], max_gap: int | None = None, unigrams: bool = False) -> collections.Counter:
     """Counter of skip-bigrams (pairs at most max_gap words apart; None = any gap), plus unigrams.
 
     ROUGE-1.5.5 (createSkipBigram) loops i over all words but the last, so with unigrams the LAST
@@ -924,7 +932,7 @@ class UnknownRougeType(ValueError):
     pass
 
 
-def parse_rouge_type(name):
+def parse_rouge_type(name: str) -> tuple[str, int | float | tuple[int | None, bool] | None]:
     """Name -> (kind, parameter): ('n', 2), ('L', None), ('Lsum', None), ('W', 1.2), ('S', (4, True))."""
     if not isinstance(name, str):
         raise TypeError(f"a ROUGE type must be a str such as 'rouge1', got {type(name).__name__}")
@@ -962,7 +970,8 @@ class RougeScorer:
     Unlike rouge-score, an unknown type fails here, when the scorer is built, not at the first score.
     """
 
-    def __init__(self, rouge_types, use_stemmer=False, split_summaries=False, tokenizer=None):
+    def __init__(self, rouge_types: list[str] | tuple[str, ...], use_stemmer: bool = False,
+                 split_summaries: bool = False, tokenizer: Tokenizer | None = None):
         if isinstance(rouge_types, str):
             raise TypeError(f"rouge_types must be a list such as ['{rouge_types}'], got the str {rouge_types!r}")
         self.rouge_types = list(rouge_types)
@@ -1006,13 +1015,13 @@ class RougeScorer:
                                             skip_bigram_counts(prediction.tokens, *param))
         return result
 
-    def score(self, target, prediction):
+    def score(self, target: str, prediction: str) -> dict[str, Score]:
         """{rouge_type: Score(precision, recall, fmeasure)} of one prediction against one target."""
         _check_text("target", target)
         _check_text("prediction", prediction)
         return self._score_prepared(self._prepare(target), self._prepare(prediction))
 
-    def score_multi(self, targets, prediction):
+    def score_multi(self, targets: list[str], prediction: str) -> dict[str, Score]:
         """Score against each target and keep, per type, the target with the best F-measure (the
         first one on a tie, like numpy.argmax in rouge-score)."""
         if isinstance(targets, (str, bytes)) or not hasattr(targets, "__iter__"):
@@ -1043,7 +1052,7 @@ class BootstrapAggregator:
     numpy.random.seed(seed). None draws from numpy's global generator, as rouge-score does.
     """
 
-    def __init__(self, confidence_interval=0.95, n_samples=1000, seed=0):
+    def __init__(self, confidence_interval: float = 0.95, n_samples: int = 1000, seed: int | None = 0):
         if not 0 <= confidence_interval <= 1:
             raise ValueError(f"confidence_interval must be in [0, 1], got {confidence_interval}")
         if n_samples <= 0:
@@ -1053,12 +1062,12 @@ class BootstrapAggregator:
         self._seed = seed
         self._scores = collections.defaultdict(list)
 
-    def add_scores(self, scores):
+    def add_scores(self, scores: dict[str, Score]) -> None:
         """Add one example's {rouge_type: Score}."""
         for rouge_type, score in scores.items():
             self._scores[rouge_type].append(score)
 
-    def aggregate(self):
+    def aggregate(self) -> dict[str, AggregateScore]:
         """{rouge_type: AggregateScore(low, mid, high)}, each a Score."""
         rng = np.random if self._seed is None else np.random.RandomState(self._seed)
         result = {}
@@ -1082,7 +1091,7 @@ class BootstrapAggregator:
 # ---------------------------------------------------------------------------------------------------
 # Plumbing: files in and out (ours, and rouge-score's io with its CSV), the command line, the demo
 # ---------------------------------------------------------------------------------------------------
-def read_examples(path):
+def read_examples(path: str) -> list[str]:
     """One example per line; a literal backslash-n inside a line is a sentence break."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -1096,7 +1105,7 @@ def read_examples(path):
     return [line.rstrip("\r").replace("\\n", "\n") for line in lines]
 
 
-def read_corpus(reference_paths, prediction_path):
+def read_corpus(reference_paths: list[str], prediction_path: str) -> tuple[list[list[str]], list[str]]:
     """(one list of texts per reference file, predictions); every file must have as many lines."""
     predictions = read_examples(prediction_path)
     if not predictions:
@@ -1110,7 +1119,8 @@ def read_corpus(reference_paths, prediction_path):
     return references, predictions
 
 
-def evaluate(references, predictions, config):
+def evaluate(references: list[list[str]], predictions: list[str], config: RougeConfig
+             ) -> tuple[list[dict[str, Score]], dict[str, AggregateScore]]:
     """Score each prediction against its references (best F of several), then bootstrap.
     references: one list of texts per reference file. Returns (per-example scores, intervals)."""
     tokenizer = UnicodeTokenizer(config.use_stemmer) if config.unicode else None
@@ -1124,7 +1134,7 @@ def evaluate(references, predictions, config):
     return per_example, aggregator.aggregate()
 
 
-def format_table(intervals, n_examples, confidence):
+def format_table(intervals: dict[str, AggregateScore], n_examples: int, confidence: float) -> str:
     """Markdown table: mid [low, high] in percent for P, R and F of each type."""
     pct = round(100 * confidence)
     lines = [f"ROUGE over {n_examples} examples, mid [{pct}% interval] in percent",
@@ -1136,7 +1146,8 @@ def format_table(intervals, n_examples, confidence):
     return "\n".join(lines)
 
 
-def write_json(path, config, per_example, intervals):
+def write_json(path: str, config: RougeConfig, per_example: list[dict[str, Score]],
+               intervals: dict[str, AggregateScore]) -> None:
     """Aggregates and per-example scores as JSON, written atomically (temp file, then rename)."""
     payload = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(config).items()},
@@ -1148,26 +1159,49 @@ def write_json(path, config, per_example, intervals):
     atomic_write_text(path, json.dumps(payload, indent=1))
 
 
-def atomic_write_text(path, text):
-    """Write text to path through a temp file in the same folder and a rename, so a crash never
-    leaves a half-written file under the final name."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+def atomic_write_text(path: str, text: str) -> None:
+    """Write text to path through atomic_write (a unique temp file in the same folder, fsync, rename),
+    so a crash never leaves a half-written file under the final name."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+# fsync_path and atomic_write are clip.py's canonical text, copied byte for byte (rouge.py stands
+# alone; tests/test_plumbing.py fails if a copy drifts).
+
+def fsync_path(path: str | Path) -> None:
+    """Ask the OS to put a file, or a folder's list of names, on disk now. A rename survives a power cut
+    only once its folder is synced; Windows cannot open a folder for this, and needs it less."""
+    if os.name == "nt" and Path(path).is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
+    """write(tmp_path), fsync, then rename over `path`: a crash leaves the old file or the new, never half.
+    The temporary name is unique (mkstemp) and removed if write fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        fsync_path(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # rouge-score's io module and command line (rouge_score/io.py, rouge_score/rouge.py), same names,
 # arguments and CSV bytes: a file pattern each for targets and predictions, files paired in sorted
 # order, records split by a delimiter ("\n": one example per line), and either the bootstrap
 # low / mid / high of every type or one row of scores per example.
-def glob_files(pattern, what):
+def glob_files(pattern: str, what: str) -> list[str]:
     """Sorted files matching a glob pattern; none is an error that names the pattern."""
     files = sorted(glob.glob(pattern))
     if not files:
@@ -1175,7 +1209,7 @@ def glob_files(pattern, what):
     return files
 
 
-def read_records(path, delimiter="\n"):
+def read_records(path: str, delimiter: str = "\n") -> list[str]:
     """The records of a file split by delimiter. As in rouge-score, a final delimiter ends the last
     record; without one the last record still counts, with a warning."""
     try:
@@ -1190,8 +1224,9 @@ def read_records(path, delimiter="\n"):
     return records
 
 
-def compute_scores_and_write_to_csv(target_filepattern, prediction_filepattern, output_filename,
-                                    scorer, aggregator, delimiter="\n"):
+def compute_scores_and_write_to_csv(target_filepattern: str, prediction_filepattern: str, output_filename: str,
+                                    scorer: RougeScorer, aggregator: BootstrapAggregator | None,
+                                    delimiter: str = "\n") -> dict[str, AggregateScore] | list[dict[str, Score]]:
     """rouge-score's io.compute_scores_and_write_to_csv: score every record of the target files
     against the same record of the prediction files, then write the aggregator's low / mid / high
     as CSV, or with aggregator=None one CSV row of P, R, F per example."""
@@ -1221,7 +1256,7 @@ def compute_scores_and_write_to_csv(target_filepattern, prediction_filepattern, 
     return aggregates
 
 
-def aggregates_csv(aggregates):
+def aggregates_csv(aggregates: dict[str, AggregateScore]) -> str:
     """rouge-score's aggregate CSV: "score_type,low,mid,high", then <type>-R, -P, -F rows."""
     lines = ["score_type,low,mid,high"]
     for name, agg in sorted(aggregates.items()):
@@ -1231,7 +1266,7 @@ def aggregates_csv(aggregates):
     return "\n".join(lines) + "\n"
 
 
-def scores_csv(scores):
+def scores_csv(scores: list[dict[str, Score]]) -> str:
     """rouge-score's per-example CSV: "id,<type>-P,<type>-R,<type>-F,..." and one row per example."""
     names = sorted(scores[0])
     lines = ["id" + "".join(",{t}-P,{t}-R,{t}-F".format(t=name) for name in names)]
@@ -1272,7 +1307,7 @@ def _explain_lcs(ref, pred):
     print(f"  R = {_fraction(len(lcs), len(ref))}, P = {_fraction(len(lcs), len(pred))}, F = {score.fmeasure:.4f}")
 
 
-def demo():
+def demo() -> None:
     """The worked example `python rouge.py` prints, step by step."""
     reference = "The cat sat on the mat."
     prediction = "The cat was sitting on the mat!"
@@ -1321,7 +1356,7 @@ def demo():
           f"ROUGE-1.5.5:\n  9 units each, 'killed' and 'the' shared: R = {su.recall:.4f} = 2/9")
 
 
-def absl_bool(text):
+def absl_bool(text: str) -> bool:
     """A value of an absl boolean flag, as in --use_stemmer=false."""
     value = text.lower()
     if value in ("true", "t", "1", "yes"):
@@ -1331,7 +1366,8 @@ def absl_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def add_switch(parser, flag, help, aliases=(), default=False):
+def add_switch(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, help: str,
+               aliases: tuple[str, ...] = (), default: bool = False) -> None:
     """A switch spelled the absl way, so rouge-score's command lines run unchanged: --flag,
     --flag=true|false and --noflag (a store_true could not take rouge-score's --aggregate=false)."""
     name = flag.lstrip("-")
@@ -1343,13 +1379,16 @@ def add_switch(parser, flag, help, aliases=(), default=False):
 FILE_PATTERN_FLAGS = ("target_filepattern", "prediction_filepattern", "output_filename")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rouge.py",
         description="ROUGE scores of predictions against references (rouge-score compatible). "
                     "Files come either as --references/--predictions (a table, optional JSON) or as "
                     "rouge-score's --target_filepattern/--prediction_filepattern/--output_filename "
-                    "(its CSV). Without files: a worked example, step by step.")
+                    "(its CSV). Without files: a worked example, step by step. --seed seeds the bootstrap; "
+                    "--tiny is RougeConfig.tiny(), 100 resamples.",
+        epilog="No --train, --resume, --out or --device: ROUGE trains nothing, runs in pure Python on the CPU, "
+               "and writes only the files --json or --output_filename name.")
     parser.add_argument("--references", type=str, nargs="+", metavar="FILE",
                         help="reference file(s), one example per line; several files = several references "
                              "per example (best F counts); a literal \\n in a line is a sentence break")
@@ -1362,9 +1401,10 @@ def build_parser():
                         help="Unicode-aware tokenizer (keeps non-ASCII words; not rouge-score's numbers)")
     parser.add_argument("--samples", type=int, default=RougeConfig.n_samples, help="bootstrap resamples")
     parser.add_argument("--confidence", type=float, default=RougeConfig.confidence_interval)
-    parser.add_argument("--seed", type=int, default=RougeConfig.seed, help="bootstrap seed")
+    # the shared flags, in clip.py's words (tests/test_plumbing.py checks every file's --help says the same)
+    parser.add_argument("--seed", type=int, default=RougeConfig.seed, help="random seed (default 0)")
     parser.add_argument("--json", type=str, metavar="OUT", help="also write scores to this JSON file")
-    parser.add_argument("--tiny", action="store_true", help="RougeConfig.tiny(): 100 resamples (tests)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny preset (seconds): tests and quick checks")
     rs = parser.add_argument_group("rouge-score's command line (python -m rouge_score.rouge)")
     rs.add_argument("--target_filepattern", type=str, help="glob of files of target records")
     rs.add_argument("--prediction_filepattern", type=str,
@@ -1378,7 +1418,7 @@ def build_parser():
     return parser
 
 
-def config_from_args(args, rouge_types):
+def config_from_args(args: argparse.Namespace, rouge_types: list[str]) -> RougeConfig:
     make = RougeConfig.tiny if args.tiny else RougeConfig
     overrides = {} if args.tiny else {"n_samples": args.samples}
     return make(rouge_types=tuple(rouge_types), use_stemmer=args.use_stemmer, unicode=args.unicode,
@@ -1386,7 +1426,8 @@ def config_from_args(args, rouge_types):
                 seed=args.seed, **overrides)
 
 
-def main_file_patterns(parser, args):
+def main_file_patterns(parser: argparse.ArgumentParser, args: argparse.Namespace
+                       ) -> dict[str, AggregateScore] | list[dict[str, Score]]:
     """rouge-score's command line: score the files matching the patterns, write its CSV."""
     missing = [f"--{name}" for name in FILE_PATTERN_FLAGS if getattr(args, name) is None]
     if missing:
@@ -1412,7 +1453,7 @@ def main_file_patterns(parser, args):
     return result
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict[str, AggregateScore] | list[dict[str, Score]] | None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if any(getattr(args, name) is not None for name in FILE_PATTERN_FLAGS):

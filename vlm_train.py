@@ -10,7 +10,7 @@ Beyer et al. 2024, sec. 3):
     L = -(1/|A|) sum_{t in A} log p(x_{t+1} | x_{<=t})      answer tokens A only (paligemma.suffix_loss)
 
 with paligemma.py's prefix-LM mask: image + prompt attend to each other in full, the answer causally.
-The connector is what the lecture compares; five of them, each a function (B, K, N, Dv) -> (B, M, D):
+The connector is what the lecture compares; five of them, each a function (B, Lk, 1+N, Dv) -> (B, M, D):
 
     linear     u = W z_L + b                                  LLaVA-1 (Liu et al. 2023), PaliGemma
     mlp        u = W2 gelu(W1 z_L + b1) + b2                  LLaVA-1.5 (Liu et al. 2024, sec. 3.2)
@@ -46,7 +46,7 @@ stage 1 and after stage 2; retrieval R@1/5 of the Q-Former's ITC features after 
 
 Conventions: paligemma.py's, text left-padded; token_type_ids 0 = prefix, 1 = suffix; labels -100
 where no loss is taken. Shapes: B batch, T tokens, N image patches (+ class token), M image tokens
-given to the LM (N/m^2 after merging m x m patches, or Q), Q learned queries/latents, K kept vision layers, D LM width, Dv vision width, V vocab.
+given to the LM (N/m^2 after merging m x m patches, or Q), Q learned queries/latents, Lk vision layers kept, D LM width, Dv vision width, V vocab.
 
 Data on disk (`--data clevr:DIR | captions:DIR | img2dataset:DIR`) and torchrun / DDP live in the
 plumbing at the end of the file: they change where rows come from and which rank computes them, not
@@ -244,7 +244,7 @@ def synthetic_captions(n, seed=0, split="train", image_size=48):
 
 @dataclass
 class VQAData:
-    """What every stage consumes: images (n, S, S, C) uint8, and rows pointing into them.
+    """What every stage consumes: images (n, I, I, C) uint8, and rows pointing into them.
 
     qa: (image index, question, answer, kind); captions: (image index, caption). Build it from any
     iterables of (image, question, answer) and (image, caption) with `from_iterables`.
@@ -254,7 +254,7 @@ class VQAData:
     captions: list
     skipped: int = 0                   # unreadable images
     malformed: int = 0                 # unusable lines of an annotation file (load_data)
-    features: torch.Tensor = None      # (n, K, 1+N, Dv) frozen vision features, when cached
+    features: torch.Tensor = None      # (n, Lk, 1+N, Dv) frozen vision features, when cached
 
     def image_inputs(self, vlm, index):
         """What the model reads for these images: cached features, or pixels from the processor."""
@@ -387,7 +387,7 @@ class WordProcessor:
         return prefix_suffix_batch(prefixes, suffixes, t.pad_token_id)
 
     def pixels(self, images):
-        """(B, S, S, C) uint8 -> (B, C, S, S) with CLIP's normalisation (what the shapes ViT was trained on)."""
+        """(B, I, I, C) uint8 -> (B, C, I, I) with CLIP's normalisation (what the shapes ViT was trained on)."""
         return clip.normalize(images)
 
     def decode(self, tokens):
@@ -399,10 +399,10 @@ class WordProcessor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Connectors: (B, K, N, Dv) frozen vision features -> (B, M, D) image tokens for the LM
+# Connectors: (B, Lk, 1+N, Dv) frozen vision features -> (B, M, D) image tokens for the LM
 # ----------------------------------------------------------------------------------------------
-# K is the number of vision layers kept: 1 (the last, after the ViT's final LayerNorm) for every
-# connector but `dense`, which also gets the hidden states h_0 .. h_{L-1} (K = L + 1, last at -1).
+# Lk is the number of vision layers kept: 1 (the last, after the ViT's final LayerNorm) for every
+# connector but `dense`, which also gets the hidden states h_0 .. h_{L-1} (Lk = L + 1, last at -1).
 
 def merge_patches(z, m):
     """(B, 1+N, Dv) grid features -> (B, N/m^2, m^2 Dv): the class token dropped and each m x m block
@@ -562,7 +562,7 @@ class LMConfig(pg.PaliGemmaConfig):
 
 
 class FrozenViT(nn.Module):
-    """clip.py's shapes ViT, frozen: pixels (B, C, S, S) -> features (B, K, 1+N, Dv).
+    """clip.py's shapes ViT, frozen: pixels (B, C, I, I) -> features (B, Lk, 1+N, Dv).
 
     Frozen means its output never changes, so training computes it once per image (`cache_features`)
     and passes the features in place of the pixels; they go through unchanged.
@@ -586,7 +586,7 @@ class FrozenViT(nn.Module):
         hidden = self.vit(pixel_values, output_hidden_states=True)                    # L+1 x (B, 1+N, Dv)
         last = self.vit.post_layernorm(hidden[-1])                                    # qformer's frozen features
         kept = hidden[:-1] + [last] if self.all_layers else [last]
-        return torch.stack(kept, dim=1)                                               # (B, K, 1+N, Dv)
+        return torch.stack(kept, dim=1)                                               # (B, Lk, 1+N, Dv)
 
 
 class ShapesVLM(pg.PaliGemma):
@@ -1774,14 +1774,10 @@ def configs_from_args(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="vlm_train.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--train", action="store_true", help="both stages on the embedded data (~4 min on 2 CPU cores)")
-    parser.add_argument("--out", type=str, default="runs/vlm_train", help="where everything of the run is written")
+    clip.add_common_arguments(parser, "where everything of the run is written (default runs/vlm_train)",
+                              train_help="both stages on the embedded data (~4 min on 2 CPU cores)")
     parser.add_argument("--cache", type=str, default=None, help="where the ViT, data and text-only LM are cached "
                         "(default: --out); share it between runs")
-    parser.add_argument("--resume", action="store_true", help="continue stages 1 and 2 from --out's checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--tiny", action="store_true", help="the tiny configuration (tests, demo)")
     parser.add_argument("--connector", type=str, default=None, choices=CONNECTORS, help="default mlp")
     parser.add_argument("--stage2", type=str, default=None, choices=STAGE2_MODES, help="default lora")
     parser.add_argument("--preset", type=str, default=None, choices=sorted(PRESETS))
@@ -1795,6 +1791,7 @@ def main(argv=None):
     parser.add_argument("--figure", type=str, default=None, help="also write the answers grid PNG here "
                         "(e.g. assets/vlm_train_answers.png); without --train, from --out's trained model")
     args = parser.parse_args(argv)
+    args.out = args.out or "runs/vlm_train"
     try:
         device = setup_distributed(pick_device(args.device))       # torchrun: join its process group
         vcfg, tcfg = configs_from_args(args)

@@ -28,7 +28,9 @@ def one_run(connector, mode, args):
     """Stage 1 (shared per connector), stage 2, evaluation; returns the row of the table."""
     import lora
     torch.set_num_threads(args.threads)
-    lora.return_freed_memory_to_the_os()
+    # no lora.return_freed_memory_to_the_os() here: its fixed mmap threshold sends every block over
+    # 128 KiB through mmap / munmap and doubled the stage-2 time (half of it in the kernel). So the
+    # peak RSS below includes glibc's slack; `vlm_train.py --memory-report` measures memory exactly.
     start_rss = lora.peak_rss_bytes()
     vcfg = (vt.VLMConfig.tiny if args.tiny else vt.VLMConfig)(connector=connector)
     tcfg = (vt.TrainConfig.tiny if args.tiny else vt.TrainConfig)(stage2=mode, seed=args.seed)

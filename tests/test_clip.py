@@ -1,7 +1,9 @@
 """clip.py against the lecture's pseudo-code, transformers' CLIPModel, hand-made matrices and the data."""
+import inspect
 import json
 import math
 import random
+import typing
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ---------------------------------------------------------------------------------------------
 
 def pseudo_code_loss(I_f, T_f, t):
-    """Radford et al. 2021, Figure 3, in numpy, line by line (t is the log temperature)."""
+    """Radford et al. 2021, Figure 3, in numpy, line by line (t = ln(1/tau), the log of the logit scale)."""
     I_e = I_f / np.linalg.norm(I_f, axis=1, keepdims=True)
     T_e = T_f / np.linalg.norm(T_f, axis=1, keepdims=True)
     logits = I_e @ T_e.T * np.exp(t)
@@ -52,6 +54,18 @@ def test_clip_loss_is_log_n_for_uninformative_and_zero_for_aligned_features():
     assert abs(clip.clip_loss(same, same, 14.3).item() - math.log(n)) < 1e-6
     aligned = torch.eye(n)                        # orthogonal unit vectors, each caption equal to its image
     assert clip.clip_loss(aligned, aligned, 100.0).item() < 1e-30 + 6 * math.exp(-100) * 2
+
+
+def test_logit_scale_t_is_log_of_one_over_tau_starts_at_tau_0_07_and_is_clamped_to_0_ln100():
+    model = clip.CLIP(clip.CLIPConfig.tiny())
+    t = model.logit_scale
+    assert abs(t.item() - 2.6593) < 1e-4                      # ln(1/0.07) = ln 100 - ln 7
+    assert abs(math.exp(-t.item()) - 0.07) < 1e-7             # tau = exp(-t); qformer's temp_init is tau
+    for start, clamped in ((10.0, math.log(100)), (-3.0, 0.0), (1.0, 1.0)):
+        with torch.no_grad():
+            t.fill_(start)
+        model.clamp_logit_scale_()
+        assert abs(t.item() - clamped) < 1e-6                 # 1 <= exp(t) <= 100, i.e. 0.01 <= tau <= 1
 
 
 def test_siglip_loss_equals_the_pairwise_sum():
@@ -170,7 +184,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
         a, _ = ours(pixels, ids, mask)
         b = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image
     assert (a - b).abs().max() < 1e-4
-    again = clip.CLIP.load(tmp_path)
+    again = clip.CLIP.from_pretrained(tmp_path)
     assert all(torch.equal(x, y) for x, y in zip(again.state_dict().values(), ours.state_dict().values()))
 
 
@@ -598,3 +612,45 @@ def test_pick_device_refuses_cuda_that_is_not_there():
         clip.pick_device("cuda:99")
     with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
         clip.pick_device("gpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# One notation: type hints on every public function and method
+# ---------------------------------------------------------------------------------------------
+
+def unannotated(module, exempt=()):
+    """Public functions and methods defined in `module` with a parameter (self, cls, *args and **kwargs
+    aside) or a return value (__init__ aside) that has no type hint."""
+    missing = []
+
+    def check(name, fn):
+        fn = inspect.unwrap(fn)
+        if name in exempt or fn.__code__.co_filename != module.__file__:    # dataclass-made, or imported
+            return
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.name not in ("self", "cls")
+                  and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if (any(p.annotation is p.empty for p in params)
+                or (sig.return_annotation is sig.empty and not name.endswith("__init__"))):
+            missing.append(name)
+        else:
+            typing.get_type_hints(fn)                                       # every hint names something real
+
+    private = lambda name: name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+    for name, obj in vars(module).items():
+        if private(name):
+            continue
+        if inspect.isfunction(obj):
+            check(name, obj)
+        elif inspect.isclass(obj) and obj.__module__ == module.__name__:
+            for attr, member in vars(obj).items():
+                member = getattr(member, "__func__", getattr(member, "fget", member))   # class/static, property
+                if not private(attr) and inspect.isfunction(member):
+                    check(f"{name}.{attr}", member)
+    return missing
+
+
+def test_every_public_function_has_type_hints():
+    # pick_device must stay byte-identical to its copies in flow_matching.py and nf4.py (test_plumbing.py),
+    # so it gains hints only together with them
+    assert unannotated(clip, exempt={"pick_device"}) == []

@@ -295,6 +295,23 @@ def test_adapter_of_some_layers_only_saves_their_full_names(tmp_path):
     assert torch.equal(logits(theirs), logits(ours))
 
 
+def test_adapter_file_with_nan_or_a_broken_header_is_refused_naming_the_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ours = lora.apply_lora(tiny_llama(), ["q_proj", "v_proj"], r=2, alpha=4)
+    lora.save_adapter(ours, str(tmp_path))
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, str(weights))
+    with pytest.raises(nf4.CheckpointError, match=rf"adapter_model\.safetensors holds non-finite .*{key}"):
+        lora.load_adapter(tiny_llama(), str(tmp_path))
+    weights.write_bytes(weights.read_bytes()[:20])
+    with pytest.raises(nf4.CheckpointError, match=r"adapter_model\.safetensors is not a readable safetensors file"):
+        lora.load_adapter(tiny_llama(), str(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------
 # QLoRA
 # ---------------------------------------------------------------------------------------------

@@ -340,6 +340,32 @@ def test_safetensors_reader_equals_the_safetensors_library(tmp_path):
         nf4.SafetensorsWeights(str(tmp_path / "nowhere"))
 
 
+def test_safetensors_reader_refuses_non_finite_truncated_and_corrupt_files_naming_them(tmp_path):
+    """A weight file with a NaN, cut short or with a broken header: an error naming the file (and tensor)."""
+    from safetensors.torch import save_file
+
+    good, bad = torch.randn(4, 4), torch.randn(4, 4)
+    bad[1, 2] = float("nan")
+    path = tmp_path / "model.safetensors"
+    save_file({"good.weight": good, "bad.weight": bad}, str(path))
+    weights = nf4.SafetensorsWeights(str(tmp_path))
+    assert torch.equal(weights["good.weight"], good)
+    with pytest.raises(nf4.CheckpointError, match=r"model\.safetensors holds non-finite .*'bad\.weight'"):
+        weights["bad.weight"]
+    save_file({"0.weight": bad}, str(tmp_path / "layer.safetensors"))    # loading straight into NF4 meets it too
+    with pytest.raises(nf4.CheckpointError, match=r"layer\.safetensors holds non-finite .*'0\.weight'"):
+        nf4.quantize_model(nn.Sequential(nn.Linear(4, 4, bias=False)), skip=(),
+                           weights=nf4.SafetensorsWeights(str(tmp_path / "layer.safetensors")))
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])                                         # the last tensor is cut short
+    last = max(nf4.SafetensorsWeights(str(tmp_path))._index.items(), key=lambda kv: kv[1][3])[0]
+    with pytest.raises(nf4.CheckpointError, match=rf"model\.safetensors: tensor '{last}' is truncated"):
+        nf4.SafetensorsWeights(str(tmp_path))[last]
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(nf4.CheckpointError, match=r"model\.safetensors is not a readable safetensors file"):
+        nf4.SafetensorsWeights(str(tmp_path))
+
+
 def transformers_4bit(path, quantize=True):
     """A transformers Llama in bitsandbytes 4-bit: quantized while loading, or read pre-quantized."""
     from transformers import BitsAndBytesConfig, LlamaForCausalLM

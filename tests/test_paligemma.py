@@ -500,6 +500,19 @@ def test_corrupt_config_and_weight_files_are_named_in_the_error(tmp_path, mqa):
         pg.PaliGemma.from_pretrained(tmp_path)
 
 
+def test_a_weight_file_with_nan_is_refused_naming_the_file_and_the_tensor(tmp_path, mqa):
+    """A valid header over random bytes loads without complaint unless the values are checked: NaN or inf
+    in any tensor is an error naming the file and the tensor, in the full-precision and the 4-bit load."""
+    tensors = load_file(str(mqa[0] / "model.safetensors"))
+    bad = "language_model.model.layers.0.self_attn.q_proj.weight"
+    tensors[bad][0, 0] = float("nan")
+    (tmp_path / "config.json").write_text((mqa[0] / "config.json").read_text())
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    for four_bit in (False, True):
+        with pytest.raises(pg.CheckpointError, match=rf"model\.safetensors holds non-finite values .*{bad}"):
+            pg.PaliGemma.from_pretrained(tmp_path, load_in_4bit=four_bit)
+
+
 def test_device_names_are_checked():
     assert pg.pick_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):

@@ -1,9 +1,15 @@
 """The contract every root file keeps with its user, checked across the repository.
 
 1. No pickle is loaded anywhere: a checkpoint or data file placed in a run folder must never run code.
-2. A run writes only under its --out: no tracked file changes, nothing appears outside the folder.
+2. A run writes only under its --out: no tracked file changes, nothing appears outside the folder, and
+   progress bars appear only on a terminal.
+3. One command-line grammar: the shared flags (--train, --out, --resume, --seed, --device, --tiny) say
+   the same words in every file's --help; a file without one of them says so in its --help.
+4. One text of each shared helper: files that may not import clip.py keep byte-identical copies.
 """
 import ast
+import importlib
+import re
 import subprocess
 from pathlib import Path
 
@@ -115,14 +121,159 @@ def test_runs_write_only_under_their_out(tmp_path, monkeypatch, capsys):
     assert torch.isfinite(qformer.QFormer.from_pretrained(q_run).query_tokens).all()
 
 
-def test_shared_helpers_are_byte_identical_copies():
-    """Where the import graph lets a file import a helper, it does (qformer.py and paligemma.py use
-    clip.pick_device); the stand-alone files keep a copy, and the copies must not drift apart."""
-    def source_of(file, name):
-        text = (ROOT / file).read_text()
-        node = next(n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == name)
-        return "".join(text.splitlines(keepends=True)[node.lineno - 1:node.end_lineno])
+# Helpers every file needs. clip.py holds the canonical text; a file the import graph lets import
+# clip.py uses it (qformer.py, paligemma.py; lora.py uses nf4.py's), the stand-alone ones copy it.
+SHARED_HELPERS = ("pick_device", "CheckpointError", "check_finite", "fsync_path", "atomic_write")
+COPIES = {"flow_matching.py": SHARED_HELPERS, "nf4.py": SHARED_HELPERS, "rouge.py": ("fsync_path", "atomic_write")}
 
-    canonical = source_of("clip.py", "pick_device")
-    for file in ("flow_matching.py", "nf4.py"):
-        assert source_of(file, "pick_device") == canonical, f"{file}'s pick_device differs from clip.py's"
+
+def source_of(file, name):
+    """The text of the top-level function or class `name` in a root file, or None."""
+    text = (ROOT / file).read_text()
+    node = next((n for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name),
+                None)
+    return None if node is None else "".join(text.splitlines(keepends=True)[node.lineno - 1:node.end_lineno])
+
+
+@pytest.mark.parametrize("file", sorted(COPIES))
+def test_shared_helpers_are_byte_identical_copies(file):
+    """The stand-alone files keep a copy of each helper, and the copies must not drift apart."""
+    for name in COPIES[file]:
+        canonical = source_of("clip.py", name)
+        assert canonical is not None, f"clip.py no longer defines {name}"
+        assert source_of(file, name) == canonical, f"{file}'s {name} differs from clip.py's (copy it again)"
+
+
+def test_files_that_may_import_the_helpers_do_not_copy_them():
+    import lora
+    import nf4
+    import paligemma
+    for name in ("CheckpointError", "check_finite", "atomic_write"):
+        assert getattr(paligemma, name) is getattr(clip, name), f"paligemma.py should use clip.{name}"
+        assert source_of("lora.py", name) is None, f"lora.py should use nf4.{name}, not a copy"
+    assert lora.nf4.CheckpointError is nf4.CheckpointError
+    assert source_of("paligemma.py", "CheckpointError") is None and source_of("qformer.py", "CheckpointError") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Every root file's main(): only under --out, and no progress bar off a terminal
+# ---------------------------------------------------------------------------------------------
+
+def write_rouge_files(tmp):
+    (tmp / "refs.txt").write_text("the cat sat on the mat\npolice killed the gunman\n")
+    (tmp / "preds.txt").write_text("the cat was on the mat\nthe gunman was killed\n")
+    return tmp / "refs.txt", tmp / "preds.txt"
+
+
+def run_rouge(out):
+    import rouge
+    refs, preds = write_rouge_files(out)
+    rouge.main([])                                                         # the worked example
+    rouge.main(["--references", str(refs), "--predictions", str(preds), "--tiny", "--json", str(out / "s.json")])
+    rouge.main(["--target_filepattern", str(refs), "--prediction_filepattern", str(preds),
+                "--output_filename", str(out / "s.csv")])
+
+
+# each file's tiny or fastest mode, seconds each; clip.py and qformer.py are run by the test above
+RUNS = {
+    "lora": lambda out: importlib.import_module("lora").main(["--tiny", "--steps", "3", "--out", str(out),
+                                                                "--device", "cpu"]),
+    "nf4": lambda out: importlib.import_module("nf4").main(["--tiny", "--device", "cpu"]),
+    "paligemma": lambda out: importlib.import_module("paligemma").main(["--out", str(out), "--device", "cpu"]),
+    "rouge": run_rouge,
+    "flow_matching": lambda out: importlib.import_module("flow_matching").main(
+        ["--train", "--tiny", "--steps", "20", "--out", str(out), "--device", "cpu"]),
+    "vlm_train": lambda out: importlib.import_module("vlm_train").main(["--out", str(out), "--device", "cpu"]),
+}
+# what each run must have written under its --out (proof that the run used the folder it was given)
+WRITES = {"lora": "lora/adapter_model.safetensors", "paligemma": "model.safetensors", "rouge": "s.csv",
+          "flow_matching": "latest", "vlm_train": "metrics.json"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_every_main_writes_only_under_its_out_and_draws_no_bar_off_a_terminal(name, tmp_path, monkeypatch, capsys):
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    monkeypatch.chdir(ROOT)                     # where a user runs the files: relative paths land here
+    threads = torch.get_num_threads()           # flow_matching.main sets one thread on CPU; restore it after
+    before = repository_state()
+    out = tmp_path / "out"
+    out.mkdir()
+    try:
+        RUNS[name](out)
+    finally:
+        torch.set_num_threads(threads)
+    assert repository_state() == before, f"{name}.py changed the repository outside --out"
+    if name in WRITES:
+        assert (out / WRITES[name]).exists(), f"{name}.py did not write {WRITES[name]} under --out"
+    captured = capsys.readouterr()
+    # pytest's capture is not a terminal: a tqdm bar there (carriage returns) would flood logs and CI
+    assert "\r" not in captured.out + captured.err, f"{name}.py drew a progress bar off a terminal"
+
+
+def test_every_progress_bar_is_off_when_not_on_a_terminal():
+    """tqdm(disable=None) draws only on a terminal; a call without `disable` would draw in logs and CI."""
+    found = []
+    for path in sorted(ROOT.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and (dotted(node.func) or "").split(".")[-1] == "tqdm":
+                if not any(k.arg == "disable" for k in node.keywords):
+                    found.append(f"{path.name}:{node.lineno}")
+    assert not found, "tqdm without disable=None (a bar in every log):\n" + "\n".join(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# One command-line grammar
+# ---------------------------------------------------------------------------------------------
+
+GRAMMAR = ("--train", "--out", "--resume", "--seed", "--device", "--tiny")
+SAME_HELP = ("--resume", "--seed", "--device", "--tiny")   # --train and --out say what this file trains and writes
+ROOT_FILES = ["clip", "qformer", "lora", "nf4", "paligemma", "vlm_train", "flow_matching", "rouge"]
+
+
+def help_of(name, monkeypatch, capsys):
+    """({flag: (invocation, help)}, the --help text outside usage and option entries) of `python name.py --help`."""
+    monkeypatch.setenv("COLUMNS", "1000")                                  # one line per help string
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0
+    options, prose, entry = {}, [], None
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("usage:"):
+            continue
+        if re.match(r"  -", line):                                         # an option: invocation, then help
+            parts = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+            invocation, help_text = parts[0], parts[1] if len(parts) > 1 else ""
+            entry = [invocation, help_text]
+            for flag in re.findall(r"--[\w-]+", invocation):
+                options[flag] = entry
+        elif entry is not None and line.startswith("   "):                  # the help on the next line
+            entry[1] = (entry[1] + " " + line.strip()).strip()
+        else:
+            entry = None
+            prose.append(line)
+    return {k: tuple(v) for k, v in options.items()}, "\n".join(prose)
+
+
+@pytest.mark.parametrize("name", ROOT_FILES)
+def test_every_help_speaks_the_shared_grammar_in_clip_words(name, monkeypatch, capsys):
+    canonical, _ = help_of("clip", monkeypatch, capsys)
+    options, prose = help_of(name, monkeypatch, capsys)
+    for flag in GRAMMAR:
+        if flag not in options:
+            assert re.search(rf"{flag}(?![\w-])", prose), \
+                f"{name}.py has no {flag} and its --help does not say why"
+            continue
+        assert options[flag][0] == canonical[flag][0], f"{name}.py writes {options[flag][0]!r}, clip.py {canonical[flag][0]!r}"
+        if flag in SAME_HELP:
+            assert options[flag][1] == canonical[flag][1], \
+                f"{name}.py --help says {flag}: {options[flag][1]!r}; clip.py says {canonical[flag][1]!r}"
+
+
+@pytest.mark.parametrize("name", [n for n in ROOT_FILES if n != "rouge"])   # rouge.py has no --device
+def test_a_cuda_device_that_is_not_there_is_a_clear_error(name, capsys):
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(name).main(["--device", "cuda:99"])
+    assert done.value.code == 2 and "--device cuda:99 was asked for, but torch sees" in capsys.readouterr().err

@@ -154,6 +154,22 @@ def test_itc_loss_by_hand():
     assert torch.allclose(qformer.itc_loss(sim, temp), (rows + cols) / 2)
 
 
+def test_temp_is_tau_itself_clips_t_is_its_log_inverse_and_training_clamps_it_as_lavis():
+    import clip
+    model = QFormer(QFormerConfig.tiny())
+    assert abs(model.temp.item() - 0.07) < 1e-7                   # tau itself; clip.py starts t = ln(1/0.07)
+    s = torch.randn(6, 6)
+    t = torch.log(1 / model.temp.detach())                        # clip.py's parameter for the same tau
+    assert torch.allclose(qformer.itc_loss(s, model.temp.detach()), clip.symmetric_cross_entropy(t.exp() * s))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)       # no update: only the clamp acts
+    batch = qformer.toy_data(model.config, 4, torch.Generator().manual_seed(0))
+    for start, clamped in ((5.0, 0.5), (1e-6, 0.001), (0.2, 0.2)):
+        with torch.no_grad():
+            model.temp.fill_(start)
+        qformer.train_step(model, optimizer, batch, lr=0.0)
+        assert abs(model.temp.item() - clamped) < 1e-7           # tau in [0.001, 0.5]: logits <= 1000 x cosine
+
+
 def test_itg_loss_predicts_the_next_token_and_skips_padding():
     V = 5
     logits = torch.randn(2, 4, V)
@@ -459,3 +475,8 @@ def test_a_caption_is_right_for_every_scene_it_is_true_of():
     same = torch.tensor([[a == b for b in described] for a in described])
     assert true_of.diagonal().all() and (true_of | ~same).all()
     assert true_of.sum() > same.sum()                       # partial captions are true of more scenes
+
+
+def test_every_public_function_has_type_hints():
+    from test_clip import unannotated                             # one checker for both files
+    assert unannotated(qformer) == []
