@@ -1286,14 +1286,12 @@ def load_data(spec, split, n, image_size, cache):
 # -- torchrun: DistributedDataParallel, each rank on its slice of every batch ------------------------
 
 def setup_distributed(device):
-    """Join torchrun's process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1; each rank then
-    uses cuda:LOCAL_RANK. Returns the device."""
+    """clip.setup_distributed (torchrun's process group: gloo on CPU, nccl on CUDA), then cuda:LOCAL_RANK
+    as this rank's device. Returns the device."""
     import torch.distributed as dist
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    clip.setup_distributed(str(device))
     if dist.is_initialized() and device.type == "cuda":
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-        torch.cuda.set_device(device)
     return device
 
 
