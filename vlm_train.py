@@ -941,28 +941,14 @@ class VLM:
 # Plumbing: checkpoints, the pipeline, --init paligemma:DIR, memory report, pictures, command line
 # ----------------------------------------------------------------------------------------------
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be used; the message says why."""
+CheckpointError = clip.CheckpointError          # a checkpoint that cannot be used; the message says why
 
 
 def atomic_write(path, write):
-    """write(tmp) in the same folder, fsync, rename over path, fsync the folder: old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """clip.atomic_write (write a temporary file, fsync, rename over path: old or new, never half),
+    creating the folder first."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    clip.atomic_write(path, write)
 
 
 def write_json(path, obj):
