@@ -1078,18 +1078,25 @@ def load_or_train_vit(cache, tiny, device, seed=0, progress=True):
     return clip.CLIP.from_pretrained(folder).vision_model.to(device)
 
 
-def cached_data(cache, n, seed, split, image_size, all_questions):
-    """shapes_data, rendered once and kept as cache/data/NAME.safetensors (images) + NAME.json (texts)."""
-    name = f"{split}-{seed}-{n}-{image_size}-{'all' if all_questions else 'one'}"
+def cached(cache, name, build):
+    """VQAData kept as cache/data/NAME.safetensors (images) + NAME.json (texts, skip counts): read from
+    there, or built by build() once and written there."""
     folder = Path(cache) / "data"
     if (folder / f"{name}.json").exists():
-        texts = json.loads((folder / f"{name}.json").read_text())
-        images = load_tensors(folder / f"{name}.safetensors")["images"]
-        return VQAData(images, [tuple(x) for x in texts["qa"]], [tuple(x) for x in texts["captions"]])
-    data = shapes_data(n, seed, split, image_size, all_questions)
+        meta = json.loads((folder / f"{name}.json").read_text())
+        return VQAData(load_tensors(folder / f"{name}.safetensors")["images"], [tuple(x) for x in meta["qa"]],
+                       [tuple(x) for x in meta["captions"]], meta.get("skipped", 0), meta.get("malformed", 0))
+    data = build()
     save_tensors(folder / f"{name}.safetensors", {"images": data.images})
-    write_json(folder / f"{name}.json", {"qa": data.qa, "captions": data.captions})
+    write_json(folder / f"{name}.json", {"qa": data.qa, "captions": data.captions, "skipped": data.skipped,
+                                         "malformed": data.malformed})
     return data
+
+
+def cached_data(cache, n, seed, split, image_size, all_questions):
+    """shapes_data, rendered once and kept in the cache (`cached`)."""
+    name = f"{split}-{seed}-{n}-{image_size}-{'all' if all_questions else 'one'}"
+    return cached(cache, name, lambda: shapes_data(n, seed, split, image_size, all_questions))
 
 
 def build_shapes_vlm(vcfg, tcfg, cache, device, progress=True):
@@ -1247,11 +1254,12 @@ def load_data(spec, split, n, image_size, cache):
     caption. Evaluation keeps one question per image, as for the shapes data."""
     kind, _, path = spec.partition(":")
     name = f"{kind}-{hash_str(str(Path(path).resolve())):x}-{split}-{n}-{image_size}"
-    folder = Path(cache) / "data"
-    if (folder / f"{name}.json").exists():
-        meta = json.loads((folder / f"{name}.json").read_text())
-        return VQAData(load_tensors(folder / f"{name}.safetensors")["images"], [tuple(x) for x in meta["qa"]],
-                       [tuple(x) for x in meta["captions"]], meta["skipped"], meta["malformed"])
+    return cached(cache, name, lambda: read_and_resize(spec, split, n, image_size))
+
+
+def read_and_resize(spec, split, n, image_size):
+    """load_data's work when nothing is cached: read the folder's rows, resize their images."""
+    path = spec.partition(":")[2]
     vqa, caps, malformed = read_folder(spec, split, n)
     try:
         data = VQAData.from_iterables(vqa, caps, image_size)
@@ -1263,9 +1271,6 @@ def load_data(spec, split, n, image_size, cache):
     if split != "train":
         first = {}
         data.qa = list(first.setdefault(row[0], row) for row in data.qa if row[0] not in first)
-    save_tensors(folder / f"{name}.safetensors", {"images": data.images})
-    write_json(folder / f"{name}.json", {"qa": data.qa, "captions": data.captions, "skipped": data.skipped,
-                                         "malformed": data.malformed})
     return data
 
 
