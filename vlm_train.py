@@ -48,13 +48,17 @@ Conventions: paligemma.py's, text left-padded; token_type_ids 0 = prefix, 1 = su
 where no loss is taken. Shapes: B batch, T tokens, N image patches (+ class token), M image tokens
 given to the LM (N/m^2 after merging m x m patches, or Q), Q learned queries/latents, Lk vision layers kept, D LM width, Dv vision width, V vocab.
 
-Data on disk (`--data clevr:DIR | captions:DIR | img2dataset:DIR`) and torchrun / DDP live in the
-plumbing at the end of the file: they change where rows come from and which rank computes them, not
-what a stage computes.
+Data on disk (`--data clevr:DIR | captions:DIR | img2dataset:DIR`), transformers models from local
+folders (`--lm hf:DIR`, any causal LM with its tokenizer, LLaVA-style causal attention; `--vision
+hf:DIR`, a CLIP or SigLIP tower) and torchrun / DDP live in the plumbing at the end of the file: they
+change where rows, weights and tokens come from and which rank computes them, not what a stage
+computes. `--preset smolvlm` is the course's Q-Former tutorial recipe (see PRESETS).
 
-Left out: several images per prompt (Flamingo's gated cross-attention and its time embeddings),
-transformers LMs and vision towers from local folders (next issue), and unfreezing the vision encoder.
+Left out: several images per prompt (Flamingo's gated cross-attention and its time embeddings), and
+unfreezing the vision encoder.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import math
@@ -85,6 +89,161 @@ KINDS = ("count", "colour", "shape", "size", "position", "existence")
 
 
 # ----------------------------------------------------------------------------------------------
+# Connectors: (B, Lk, 1+N, Dv) frozen vision features -> (B, M, D) image tokens for the LM
+# ----------------------------------------------------------------------------------------------
+# Lk is the number of vision layers kept: 1 (the last, after the ViT's final LayerNorm) for every
+# connector but `dense`, which also gets the hidden states h_0 .. h_{L-1} (Lk = L + 1, last at -1).
+
+def merge_patches(z, m):
+    """(B, 1+N, Dv) grid features -> (B, N/m^2, m^2 Dv): the class token dropped and each m x m block
+    of neighbouring patches concatenated channel-wise, blocks in raster order.
+
+    Neighbouring patches mostly show the same object, so one token per block loses no pixels' worth
+    of information (the channels keep all m^2 patches) while the LM reads m^2 times fewer image
+    tokens, and its attention and MLPs cost about m^2 times less per image. Qwen2-VL merges 2 x 2
+    blocks this way before its MLP connector (Wang et al. 2024, sec. 2.1), InternVL calls it pixel
+    shuffle. m = 1 is one token per patch, as LLaVA and PaliGemma give it; the class token is dropped
+    in both cases, as LLaVA does (it feeds the grid features only, Liu et al. 2023, sec. 4.1).
+    """
+    x = z[:, 1:]                                                                      # (B, N, Dv)
+    B, N, C = x.shape
+    g = math.isqrt(N)                                                                 # patches per side
+    x = x.reshape(B, g // m, m, g // m, m, C)               # (B, block row, row in block, block col, col in block, Dv)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, (g // m) ** 2, m * m * C)
+
+
+class LinearConnector(nn.Module):
+    """u = W z + b on the last layer (LLaVA-1, PaliGemma's projector), after `merge_patches`."""
+
+    def __init__(self, vision_width, width, merge=1):
+        super().__init__()
+        self.merge = merge
+        self.linear = nn.Linear(merge * merge * vision_width, width)
+
+    def forward(self, feats):
+        return self.linear(merge_patches(feats[:, -1], self.merge))                 # (B, M, m^2 Dv) -> (B, M, D)
+
+
+class MLPConnector(nn.Module):
+    """u = W2 GELU(W1 z + b1) + b2 (LLaVA-1.5, sec. 3.2: "a two-layer MLP" instead of one linear map),
+    after `merge_patches` (Qwen2-VL's merger is this MLP on 2 x 2 merged patches)."""
+
+    def __init__(self, vision_width, width, merge=1):
+        super().__init__()
+        self.merge = merge
+        self.fc1, self.fc2 = nn.Linear(merge * merge * vision_width, width), nn.Linear(width, width)
+
+    def forward(self, feats):
+        return self.fc2(F.gelu(self.fc1(merge_patches(feats[:, -1], self.merge))))  # (B, M, D)
+
+    @staticmethod
+    def mlp(in_width, width):
+        """The same two layers as a module of its own (the Q-Former's MLP adapter)."""
+        return nn.Sequential(nn.Linear(in_width, width), nn.GELU(), nn.Linear(width, width))
+
+
+class DenseConnector(nn.Module):
+    """u = W [z_L ; mean(group 1) ; ... ; mean(group G)] (Yao et al. 2024, Dense Channel Integration),
+    with paligemma.dense_channel_integration doing the grouping, then `merge_patches`."""
+
+    def __init__(self, vision_width, width, groups, merge=1):
+        super().__init__()
+        self.groups, self.merge = groups, merge
+        self.linear = nn.Linear(merge * merge * (groups + 1) * vision_width, width)
+
+    def forward(self, feats):
+        dense = pg.dense_channel_integration(list(feats[:, :-1].unbind(1)), feats[:, -1], self.groups)
+        return self.linear(merge_patches(dense, self.merge))                         # (B, M, m^2 (G+1) Dv) -> (B, M, D)
+
+
+class QFormerConnector(nn.Module):
+    """qformer.QFormer's Q query outputs through its language_projection (BLIP-2 sec. 3.3), or, with
+    head="mlp", through an MLP adapter u = W2 GELU(W1 q + b1) + b2 (the course's Q-Former tutorial)."""
+
+    def __init__(self, vision_width, width, num_queries, tiny, head="linear"):
+        super().__init__()
+        config = qformer.shapes_qformer_config(clip.ShapesTokenizer(), vision_width, tiny=tiny)
+        self.qformer = qformer.QFormer(replace(config, num_query_tokens=num_queries,
+                                               lm_hidden_size=width if head == "linear" else 0))
+        self.head = MLPConnector.mlp(config.hidden_size, width) if head == "mlp" else None
+
+    def forward(self, feats):
+        if self.head is None:
+            return self.qformer.language_model_inputs(feats[:, -1])                  # (B, N, Dv) -> (B, Q, D)
+        return self.head(self.qformer(feats[:, -1]))                                 # (B, Q, Dq) -> (B, Q, D)
+
+
+class PerceiverLayer(nn.Module):
+    """One Perceiver Resampler block (Alayrac et al. 2022, Fig. 4 and appendix A.1.1):
+
+        kv = [x_f ; latents]                    the latents attend to the image AND to themselves
+        latents <- latents + Attn(q = LN(latents), k = v = LN(kv))
+        latents <- latents + FFW(LN(latents))   FFW = W2 GELU(W1 .), 4x wide, no biases
+    """
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm_media, self.norm_latents = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, bias=False, batch_first=True)
+        self.ffw = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width, bias=False), nn.GELU(),
+                                 nn.Linear(4 * width, width, bias=False))
+
+    def forward(self, x, latents):
+        q = self.norm_latents(latents)                                                # (B, Q, Dv)
+        kv = torch.cat([self.norm_media(x), q], dim=1)                                # (B, N + Q, Dv)
+        latents = latents + self.attn(q, kv, kv, need_weights=False)[0]               # (B, Q, Dv)
+        return latents + self.ffw(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """Q learned latents read a variable number of image features into a fixed Q tokens (Flamingo sec. 2.1).
+
+    Simplified: one image, so Flamingo's learned time embeddings (added per frame, then the frames
+    flattened) are left out; the ViT's position embeddings already mark where each patch is. Then a
+    final LayerNorm and a linear map to the LM's width (Flamingo feeds its cross-attention instead).
+    """
+
+    def __init__(self, vision_width, width, num_latents, layers, heads=4):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, vision_width) * vision_width ** -0.5)   # (Q, Dv)
+        self.layers = nn.ModuleList(PerceiverLayer(vision_width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(vision_width)
+        self.linear = nn.Linear(vision_width, width)
+
+    def forward(self, feats):
+        x = feats[:, -1]                                                              # (B, N, Dv)
+        latents = self.latents.expand(x.shape[0], -1, -1)                             # (B, Q, Dv)
+        for layer in self.layers:
+            latents = layer(x, latents)
+        return self.linear(self.norm(latents))                                        # (B, Q, Dv) -> (B, Q, D)
+
+
+def make_connector(cfg: VLMConfig, vision_width, vision_layers, num_patches, lm_width):
+    """The connector of cfg and M, the number of image tokens it gives the LM."""
+    width = cfg.connector_width or lm_width
+    if width != lm_width:
+        raise ConfigError(f"the connector emits {width}-wide image tokens but the LM reads {lm_width}-wide "
+                          f"embeddings; image tokens enter the decoder as they are, so they must match "
+                          f"(set connector_width to {lm_width} or 0)")
+    if cfg.patch_merge < 1:
+        raise ConfigError(f"patch_merge must be 1 (one token per patch) or more, got {cfg.patch_merge}")
+    g = math.isqrt(num_patches)
+    if g * g != num_patches or g % cfg.patch_merge:
+        raise ConfigError(f"patch_merge {cfg.patch_merge} needs a square grid of patches whose side is a multiple "
+                          f"of {cfg.patch_merge}; the vision encoder gives {num_patches} patches")
+    M = num_patches // cfg.patch_merge ** 2
+    if cfg.connector == "linear":
+        return LinearConnector(vision_width, width, cfg.patch_merge), M
+    if cfg.connector == "mlp":
+        return MLPConnector(vision_width, width, cfg.patch_merge), M
+    if cfg.connector == "dense":
+        return DenseConnector(vision_width, width, min(cfg.dense_groups, vision_layers), cfg.patch_merge), M
+    if cfg.connector == "qformer":
+        return QFormerConnector(vision_width, width, cfg.num_queries, cfg.tiny_vision, cfg.qformer_head), cfg.num_queries
+    return PerceiverResampler(vision_width, width, cfg.num_queries, cfg.perceiver_layers), cfg.num_queries
+
+
+# ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
 
@@ -92,6 +251,8 @@ KINDS = ("count", "colour", "shape", "size", "position", "existence")
 class VLMConfig:
     """The model: which connector, how big the LM, how LoRA is set."""
     connector: str = "mlp"
+    lm: str = ""                       # "" = the small Gemma decoder below; "hf:DIR" = a transformers causal LM
+    vision: str = ""                   # "" = clip.py's shapes ViT; "hf:DIR" = a transformers CLIP / SigLIP tower
     # the Gemma decoder (paligemma.TextConfig), sized so `--train` takes about 4 minutes on 2 CPU cores
     lm_width: int = 64                 # D
     lm_layers: int = 4                 # L
@@ -100,6 +261,7 @@ class VLMConfig:
     lm_mlp: int = 256                  # F
     lm_init_std: float = 0.05
     num_queries: int = 16              # Q of the Q-Former and the Perceiver's latents
+    qformer_head: str = "linear"       # after the Q-Former: "linear" (BLIP-2's projection) or "mlp" (an MLP adapter)
     perceiver_layers: int = 2
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
@@ -112,6 +274,12 @@ class VLMConfig:
     def __post_init__(self):
         if self.connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
+        if self.qformer_head not in ("linear", "mlp"):
+            raise ValueError(f"qformer_head must be 'linear' or 'mlp', got {self.qformer_head!r}")
+        for what in ("lm", "vision"):
+            spec = getattr(self, what)
+            if spec and not (spec.startswith("hf:") and len(spec) > 3):
+                raise ValueError(f"--{what} expects hf:DIR (a transformers model saved with save_pretrained), got {spec!r}")
         self.lora_targets = tuple(self.lora_targets)
 
     @classmethod
@@ -132,10 +300,13 @@ class TrainConfig:
     pretrain_lr: float = 3e-3
     itc_steps: int = 300               # stage 1a (qformer only): ITC + ITM + ITG
     itc_lr: float = 1e-3
+    qformer_lr_scale: float = 1.0      # stage 1: lr x this on the Q-Former's cross-attention and query tokens
     stage1_steps: int = 300
     stage1_lr: float = 2e-3
     stage2_steps: int = 4000
     stage2_lr: float = 2e-3
+    stage2_qformer: bool = True        # stage 2 also tunes the Q-Former (False: only its head, plus the LM)
+    caption_prompt: str = "caption"    # the prompt of stage 1's captions
     warmup: float = 0.03               # fraction of each stage's steps (LLaVA-1.5's warm-up ratio)
     weight_decay: float = 0.0          # LLaVA uses none
     clip_norm: float = 1.0
@@ -175,7 +346,343 @@ PRESETS = {
     "paligemma-homework": (dict(connector="linear", lora_r=8, lora_alpha=8),
                            dict(stage2="lora", stage2_lr=2e-5, batch_size=4, grad_accum=4, warmup=2,
                                 weight_decay=1e-6)),
+    # The course's Q-Former VLM tutorial (a SmolVLM-like model: BLIP-2's Q-Former in front of a small
+    # SmolLM-style LM): 32 queries; stage 1 trains the Q-Former (ITC + ITM + ITG here, then captions
+    # through the frozen LM) at lr 1e-4 with 10x on its cross-attention and query tokens, the parts
+    # that are new to a BERT-initialised Q-Former; stage 2 freezes it and trains an MLP adapter on its
+    # outputs plus LoRA r = 64, alpha = 128 on every linear layer of the LM at lr 5e-4, batch 8 x 4
+    # accumulation steps, bf16 autocast where the device has it, prompt "Describe this image".
+    # Meant for --lm hf:DIR (a pretrained SmolLM); on the default from-scratch decoder it runs as well.
+    "smolvlm": (dict(connector="qformer", num_queries=32, qformer_head="mlp", lora_r=64, lora_alpha=128),
+                dict(stage2="lora", itc_lr=1e-4, stage1_lr=1e-4, qformer_lr_scale=10.0, stage2_qformer=False,
+                     stage2_lr=5e-4, batch_size=32, grad_accum=4, bf16=True, caption_prompt="Describe this image")),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: paligemma.py's PaliGemma with clip.py's ViT and one of the connectors in front
+# ----------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what was expected and what was given."""
+
+
+@dataclass
+class LMConfig(pg.PaliGemmaConfig):
+    """paligemma.PaliGemmaConfig whose image-token count is the connector's M, not a patch grid."""
+    image_tokens: int = 0
+
+    @property
+    def num_image_tokens(self):
+        return self.image_tokens
+
+
+class FrozenViT(nn.Module):
+    """clip.py's shapes ViT, frozen: pixels (B, C, I, I) -> features (B, Lk, 1+N, Dv).
+
+    Frozen means its output never changes, so training computes it once per image (`cache_features`)
+    and passes the features in place of the pixels; they go through unchanged.
+    """
+
+    def __init__(self, vit: "clip.VisionTransformer", all_layers):
+        super().__init__()
+        self.vit, self.all_layers = vit.requires_grad_(False).eval(), all_layers
+        c = vit.cfg
+        self.width, self.layers, self.num_patches, self.image_size = c.vision_width, c.vision_layers, c.num_patches, c.image_size
+
+    def normalize(self, images):
+        """(B, I, I, C) uint8 -> (B, C, I, I) with CLIP's normalisation (what the shapes ViT was trained on)."""
+        return clip.normalize(images)
+
+    def train(self, mode=True):      # frozen means no dropout or batch statistics either, ever
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, pixel_values):
+        if tuple(pixel_values.shape[-2:]) == (self.num_patches + 1, self.width):
+            return pixel_values            # already the features (computed once for the whole data set)
+        hidden = self.vit(pixel_values, output_hidden_states=True)                    # L+1 x (B, 1+N, Dv)
+        last = self.vit.post_layernorm(hidden[-1])                                    # qformer's frozen features
+        kept = hidden[:-1] + [last] if self.all_layers else [last]
+        return torch.stack(kept, dim=1)                                               # (B, Lk, 1+N, Dv)
+
+
+class ShapesVLM(pg.PaliGemma):
+    """Frozen vision encoder -> connector -> Gemma decoder. Forward, masks, loss and KV-cache generation
+    are PaliGemma's own; only `image_features` changes (PaliGemma's is SigLIP + linear projector).
+    vision: FrozenViT (or FrozenHFVision, --vision hf:DIR): pixels -> (B, Lk, 1+N, Dv)."""
+
+    def __init__(self, cfg: VLMConfig, vision, vocab_size):
+        nn.Module.__init__(self)
+        D = cfg.lm_width
+        text = pg.TextConfig(vocab_size=vocab_size, hidden_size=D, intermediate_size=cfg.lm_mlp,
+                             num_hidden_layers=cfg.lm_layers, num_attention_heads=cfg.lm_heads,
+                             num_key_value_heads=cfg.lm_kv_heads, head_dim=D // cfg.lm_heads,
+                             max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        self.vision = vision
+        self.connector, m = make_connector(cfg, vision.width, vision.layers, vision.num_patches, D)
+        self.config = LMConfig(text=text, image_token_index=WordTokenizer.image_token_id, projection_dim=D,
+                               image_tokens=m)
+        self.language_model = pg.GemmaForCausalLM(text)
+        pg.PaliGemma.init_weights(self.language_model, cfg.lm_init_std)
+
+    def image_features(self, pixel_values):
+        return self.connector(self.vision(pixel_values))                              # (B, M, D)
+
+
+def trainable_parts(model):
+    """(vision, connector, language model) modules of any of the model kinds."""
+    if hasattr(model, "connector"):
+        return model.vision, model.connector, model.language_model
+    return model.vision_tower, model.multi_modal_projector, model.language_model
+
+
+def set_stage(model, stage, mode="full", cfg: VLMConfig = None, train_qformer=True):
+    """Freeze and unfreeze for a stage; returns the trainable parameters.
+
+    stage 0: the LM alone (text). Stage 1: the connector alone. Stage 2: the connector plus the LM
+    (mode "full"), or plus LoRA adapters on the LM's linear layers ("lora"), on an NF4 base ("qlora");
+    train_qformer=False keeps a Q-Former connector's Q-Former frozen there (only its head trains).
+    The vision encoder is frozen in every stage.
+    """
+    vision, connector, lm = trainable_parts(model)
+    model.requires_grad_(False)
+    if stage == 0:
+        lm.requires_grad_(True)
+    elif stage == 1:
+        connector.requires_grad_(True)
+    else:
+        if mode == "full":
+            lm.requires_grad_(True)
+        elif not lora.lora_layers(lm):
+            if mode == "qlora":
+                # kept to save the model as full-precision base + adapter (QLoRA never changes the base)
+                model.lm_before_nf4 = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+                nf4.quantize_model(lm, skip=("lm_head",))                            # W -> NF4, frozen
+            lora.apply_lora(lm, list(cfg.lora_targets), cfg.lora_r, cfg.lora_alpha)  # only A, B train
+        else:
+            for layer in lora.lora_layers(lm).values():
+                layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
+        connector.requires_grad_(True)
+        if not train_qformer and hasattr(connector, "qformer"):
+            connector.qformer.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# -- the same model on transformers parts (--vision hf:DIR, --lm hf:DIR; loaded in the plumbing) --
+
+class FrozenHFVision(nn.Module):
+    """A transformers CLIP or SigLIP vision tower, frozen: pixels (B, C, I, I) -> (B, Lk, 1+N, Dv), the
+    same layout as FrozenViT: hidden states h_0 .. h_{L-1} (dense only), then the last layer after
+    the final LayerNorm. SigLIP has no class token: the mean of its patches fills that slot (the
+    per-patch connectors drop it; the Q-Former and the Perceiver read it as one more feature)."""
+
+    def __init__(self, model, all_layers, mean, std):
+        super().__init__()
+        self.model, self.all_layers = model.requires_grad_(False).eval(), all_layers
+        c = model.config
+        self.width, self.layers, self.image_size = c.hidden_size, c.num_hidden_layers, c.image_size
+        self.num_patches = (c.image_size // c.patch_size) ** 2
+        self.has_class_token = c.model_type.startswith("clip")
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def normalize(self, images):
+        """(B, I, I, C) uint8 -> (B, C, I, I) with the tower's own mean and std."""
+        return clip.normalize(images, self.mean, self.std)
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, pixel_values):
+        if tuple(pixel_values.shape[-2:]) == (self.num_patches + 1, self.width):
+            return pixel_values                                                       # cached features
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        last = out.last_hidden_state
+        if self.has_class_token:                  # CLIP normalises only its pooled token; SigLIP all of them
+            last = self.model.post_layernorm(last)
+        kept = list(out.hidden_states[:-1]) + [last] if self.all_layers else [last]
+        if not self.has_class_token:
+            kept = [torch.cat([h.mean(1, keepdim=True), h], dim=1) for h in kept]
+        return torch.stack(kept, dim=1)                                               # (B, Lk, 1+N, Dv)
+
+
+class HFVLM(nn.Module):
+    """Frozen vision -> connector -> a transformers causal LM (Llama, Gemma, SmolLM, ...), LLaVA's way:
+    the M image tokens replace M placeholder ids at the front of the prompt, and the LM attends
+    causally throughout (its own mask; PaliGemma's prefix-LM mask is Gemma-in-PaliGemma's). The loss
+    is the same answer-only suffix loss; `forward` and `generate` take what ShapesVLM's take."""
+
+    IMAGE = -1                                     # the placeholder id (never a real token)
+
+    def __init__(self, vision, connector, lm, num_image_tokens):
+        super().__init__()
+        self.vision, self.connector, self.language_model = vision, connector, lm
+        self.num_image_tokens = num_image_tokens
+
+    @property
+    def device(self):
+        return self.language_model.get_input_embeddings().weight.device
+
+    def image_features(self, pixel_values):
+        return self.connector(self.vision(pixel_values))                              # (B, M, D)
+
+    def embed_inputs(self, input_ids, pixel_values):
+        is_image = input_ids == self.IMAGE                                            # (B, T)
+        x = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))        # (B, T, D)
+        if pixel_values is not None:
+            counts = is_image.sum(-1)
+            if bool((counts != self.num_image_tokens).any()):
+                raise ValueError(f"each prompt needs exactly {self.num_image_tokens} image placeholders, got {counts.tolist()}")
+            u = self.image_features(pixel_values)                                     # (B, M, D)
+            x = x.masked_scatter(is_image[..., None], u.to(x.dtype))
+        return x
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None, labels=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)              # left padding moves nothing
+        logits = self.language_model(inputs_embeds=self.embed_inputs(input_ids, pixel_values),
+                                     attention_mask=attention_mask, position_ids=positions).logits
+        return pg.Output(logits, None if labels is None else pg.suffix_loss(logits, labels))
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, eos_token_id=None):
+        """Greedy decoding with the LM's own KV cache (past_key_values); rows padded after their EOS."""
+        lm = self.language_model
+        eos = lm.config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+        pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else int(eos[0])
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = lm(inputs_embeds=self.embed_inputs(input_ids, pixel_values), attention_mask=mask,
+                 position_ids=positions, use_cache=True)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tokens = []
+        for step in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1).masked_fill(done, pad)                 # (B,)
+            tokens.append(nxt)
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                     past_key_values=out.past_key_values, use_cache=True)
+        return pg.GenerateOutput(torch.stack(tokens, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the losses of each stage, one optimizer step, the schedule
+# ----------------------------------------------------------------------------------------------
+
+def vlm_loss(model, batch):
+    """Answer-only next-token loss of a batch of (image, prefix, suffix) sequences (paligemma.suffix_loss).
+    Under torchrun, times this rank's `token_share` (see there), so that DDP's mean gives one process's loss."""
+    loss = model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
+                 batch["token_type_ids"], batch["labels"]).loss
+    return loss * batch["token_share"] if "token_share" in batch else loss
+
+
+def itc_itm_itg_loss(model, batch):
+    """BLIP-2 stage 1 (sec. 3.2): L_itc + L_itm + L_itg of the Q-Former on the frozen image features."""
+    q = model.connector.qformer
+    losses = q.losses(model.vision(batch["pixel_values"])[:, -1], batch["qf_ids"], batch["qf_mask"],
+                      batch["matches"], batch.get("generator"))
+    return sum(losses.values())
+
+
+def schedule(step, lr, steps, warmup):
+    """Linear warm-up, then cosine decay to 0 (clip.lr_at). warmup < 1 is a fraction of the steps."""
+    w = max(1, round(warmup * steps)) if warmup < 1 else int(warmup)
+    return clip.lr_at(step, SimpleNamespace(lr=lr, warmup=w, steps=steps))
+
+
+def make_optimizer(params, lr, weight_decay, scaled=(), scale=1.0):
+    """AdamW; weight decay on matrices only (not on biases, norms or the Perceiver's latents' scale).
+    Parameters in `scaled` get lr x scale (each group's "lr_scale", applied by train_step)."""
+    scaled = {id(p) for p in scaled} if scale != 1.0 else set()
+    groups = [{"params": [p for p in params if (p.dim() >= 2) == big and (id(p) in scaled) == fast],
+               "weight_decay": weight_decay if big else 0.0, "lr_scale": scale if fast else 1.0}
+              for fast in (False, True) for big in (True, False)]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+class NonFiniteLoss(ValueError):
+    """The loss became NaN or inf; training stops before the update, the last checkpoint is kept."""
+
+
+def autocast(device, enabled):
+    """bf16 autocast on CUDA devices that support it; a no-op elsewhere (CPU bf16 is slower here)."""
+    use = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def train_step(model, optimizer, params, micro_batches, loss_fn, lr, clip_norm, device, bf16=True):
+    """One optimizer step: gradients accumulated over the micro-batches, clipped, then AdamW.
+    Under DDP (`model` wrapped by `distributed`) the ranks' gradients are averaged once, at the last one."""
+    import contextlib
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for k, batch in enumerate(micro_batches):
+        quiet = k < len(micro_batches) - 1 and hasattr(model, "no_sync")
+        with model.no_sync() if quiet else contextlib.nullcontext():
+            with autocast(device, bf16):
+                loss = loss_fn(model, batch) / len(micro_batches)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"the loss is {loss.item()} at lr {lr:.2e}; stopping before the update "
+                                    f"(the last checkpoint is kept). Lower the learning rate.")
+            loss.backward()
+        total += loss.item()
+    # g <- g min(1, c / ||g||): one global norm over all trainable parameters
+    torch.nn.utils.clip_grad_norm_(params, clip_norm)
+    optimizer.step()
+    return total
+
+
+def batch_rows(n_rows, batch_size, seed, phase, step, weights=None):
+    """The rows of `step`: drawn from a generator seeded by (seed, phase, step) alone, so a resumed run
+    draws exactly what the uninterrupted run drew (the data position is the step)."""
+    g = torch.Generator().manual_seed(hash_str(f"{seed}-{phase}-{step}"))
+    if weights is not None:
+        return torch.multinomial(weights, batch_size, replacement=True, generator=g)
+    return torch.randint(0, n_rows, (batch_size,), generator=g)
+
+
+def hash_str(text):
+    import hashlib
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+
+
+def kind_weights(qa):
+    """Sampling weights 1 / (questions of its kind): every kind is drawn equally often."""
+    counts = {}
+    for row in qa:
+        counts[row[3]] = counts.get(row[3], 0) + 1
+    return torch.tensor([1.0 / counts[row[3]] for row in qa])
+
+
+def make_batch(vlm, data: VQAData, rows, phase, device):
+    """Rows of the data -> the model's tensors. phase: "text_qa"/"text_cap" (stage 0), "caption"
+    (stage 1), "itc" (stage 1a), "vqa" (stage 2)."""
+    if phase in ("vqa", "text_qa"):
+        items = [data.qa[i] for i in rows]
+        prompts, answers, index = [x[1] for x in items], [x[2] for x in items], [x[0] for x in items]
+    else:
+        items = [data.captions[i] for i in rows]
+        prompts, answers, index = [vlm.caption_prompt] * len(items), [x[1] for x in items], [x[0] for x in items]
+    text_only = phase.startswith("text")
+    batch = vlm.processor(prompts if phase != "itc" else [""] * len(prompts), answers, images=not text_only)
+    if not text_only:
+        batch["pixel_values"] = data.image_inputs(vlm, index)
+    if phase == "itc":
+        ids, mask = clip.ShapesTokenizer().encode(answers)
+        T = int(mask.sum(1).max())
+        batch.update(qf_ids=ids[:, :T], qf_mask=mask[:, :T],
+                     matches=torch.tensor([[a == b for b in answers] for a in answers]))
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,8 +883,9 @@ def prefix_suffix_batch(prefixes, suffixes, pad_id):
 class WordProcessor:
     """Prompts and answers of the default LM: [<image>] * M <bos> prompt <sep> | answer <eos>."""
 
-    def __init__(self, tokenizer: WordTokenizer, image_tokens, image_size):
+    def __init__(self, tokenizer: WordTokenizer, image_tokens, image_size, normalize=clip.normalize):
         self.tokenizer, self.image_tokens, self.image_size = tokenizer, image_tokens, image_size
+        self.normalize = normalize
 
     def __call__(self, prompts, answers=None, images=True):
         t = self.tokenizer
@@ -387,8 +895,8 @@ class WordProcessor:
         return prefix_suffix_batch(prefixes, suffixes, t.pad_token_id)
 
     def pixels(self, images):
-        """(B, I, I, C) uint8 -> (B, C, I, I) with CLIP's normalisation (what the shapes ViT was trained on)."""
-        return clip.normalize(images)
+        """(B, I, I, C) uint8 -> (B, C, I, I), normalised as the vision encoder was trained."""
+        return self.normalize(images)
 
     def decode(self, tokens):
         return [self.tokenizer.decode(row) for row in tokens.tolist()]
@@ -396,366 +904,6 @@ class WordProcessor:
     @property
     def eos_token_id(self):
         return self.tokenizer.eos_token_id
-
-
-# ----------------------------------------------------------------------------------------------
-# Connectors: (B, Lk, 1+N, Dv) frozen vision features -> (B, M, D) image tokens for the LM
-# ----------------------------------------------------------------------------------------------
-# Lk is the number of vision layers kept: 1 (the last, after the ViT's final LayerNorm) for every
-# connector but `dense`, which also gets the hidden states h_0 .. h_{L-1} (Lk = L + 1, last at -1).
-
-def merge_patches(z, m):
-    """(B, 1+N, Dv) grid features -> (B, N/m^2, m^2 Dv): the class token dropped and each m x m block
-    of neighbouring patches concatenated channel-wise, blocks in raster order.
-
-    Neighbouring patches mostly show the same object, so one token per block loses no pixels' worth
-    of information (the channels keep all m^2 patches) while the LM reads m^2 times fewer image
-    tokens, and its attention and MLPs cost about m^2 times less per image. Qwen2-VL merges 2 x 2
-    blocks this way before its MLP connector (Wang et al. 2024, sec. 2.1), InternVL calls it pixel
-    shuffle. m = 1 is one token per patch, as LLaVA and PaliGemma give it; the class token is dropped
-    in both cases, as LLaVA does (it feeds the grid features only, Liu et al. 2023, sec. 4.1).
-    """
-    x = z[:, 1:]                                                                      # (B, N, Dv)
-    B, N, C = x.shape
-    g = math.isqrt(N)                                                                 # patches per side
-    x = x.reshape(B, g // m, m, g // m, m, C)               # (B, block row, row in block, block col, col in block, Dv)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, (g // m) ** 2, m * m * C)
-
-
-class LinearConnector(nn.Module):
-    """u = W z + b on the last layer (LLaVA-1, PaliGemma's projector), after `merge_patches`."""
-
-    def __init__(self, vision_width, width, merge=1):
-        super().__init__()
-        self.merge = merge
-        self.linear = nn.Linear(merge * merge * vision_width, width)
-
-    def forward(self, feats):
-        return self.linear(merge_patches(feats[:, -1], self.merge))                 # (B, M, m^2 Dv) -> (B, M, D)
-
-
-class MLPConnector(nn.Module):
-    """u = W2 GELU(W1 z + b1) + b2 (LLaVA-1.5, sec. 3.2: "a two-layer MLP" instead of one linear map),
-    after `merge_patches` (Qwen2-VL's merger is this MLP on 2 x 2 merged patches)."""
-
-    def __init__(self, vision_width, width, merge=1):
-        super().__init__()
-        self.merge = merge
-        self.fc1, self.fc2 = nn.Linear(merge * merge * vision_width, width), nn.Linear(width, width)
-
-    def forward(self, feats):
-        return self.fc2(F.gelu(self.fc1(merge_patches(feats[:, -1], self.merge))))  # (B, M, D)
-
-
-class DenseConnector(nn.Module):
-    """u = W [z_L ; mean(group 1) ; ... ; mean(group G)] (Yao et al. 2024, Dense Channel Integration),
-    with paligemma.dense_channel_integration doing the grouping, then `merge_patches`."""
-
-    def __init__(self, vision_width, width, groups, merge=1):
-        super().__init__()
-        self.groups, self.merge = groups, merge
-        self.linear = nn.Linear(merge * merge * (groups + 1) * vision_width, width)
-
-    def forward(self, feats):
-        dense = pg.dense_channel_integration(list(feats[:, :-1].unbind(1)), feats[:, -1], self.groups)
-        return self.linear(merge_patches(dense, self.merge))                         # (B, M, m^2 (G+1) Dv) -> (B, M, D)
-
-
-class QFormerConnector(nn.Module):
-    """qformer.QFormer's Q query outputs through its language_projection (BLIP-2 sec. 3.3)."""
-
-    def __init__(self, vision_width, width, num_queries, tiny):
-        super().__init__()
-        config = qformer.shapes_qformer_config(clip.ShapesTokenizer(), vision_width, tiny=tiny)
-        self.qformer = qformer.QFormer(replace(config, num_query_tokens=num_queries, lm_hidden_size=width))
-
-    def forward(self, feats):
-        return self.qformer.language_model_inputs(feats[:, -1])                      # (B, N, Dv) -> (B, Q, D)
-
-
-class PerceiverLayer(nn.Module):
-    """One Perceiver Resampler block (Alayrac et al. 2022, Fig. 4 and appendix A.1.1):
-
-        kv = [x_f ; latents]                    the latents attend to the image AND to themselves
-        latents <- latents + Attn(q = LN(latents), k = v = LN(kv))
-        latents <- latents + FFW(LN(latents))   FFW = W2 GELU(W1 .), 4x wide, no biases
-    """
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.norm_media, self.norm_latents = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, heads, bias=False, batch_first=True)
-        self.ffw = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width, bias=False), nn.GELU(),
-                                 nn.Linear(4 * width, width, bias=False))
-
-    def forward(self, x, latents):
-        q = self.norm_latents(latents)                                                # (B, Q, Dv)
-        kv = torch.cat([self.norm_media(x), q], dim=1)                                # (B, N + Q, Dv)
-        latents = latents + self.attn(q, kv, kv, need_weights=False)[0]               # (B, Q, Dv)
-        return latents + self.ffw(latents)
-
-
-class PerceiverResampler(nn.Module):
-    """Q learned latents read a variable number of image features into a fixed Q tokens (Flamingo sec. 2.1).
-
-    Simplified: one image, so Flamingo's learned time embeddings (added per frame, then the frames
-    flattened) are left out; the ViT's position embeddings already mark where each patch is. Then a
-    final LayerNorm and a linear map to the LM's width (Flamingo feeds its cross-attention instead).
-    """
-
-    def __init__(self, vision_width, width, num_latents, layers, heads=4):
-        super().__init__()
-        self.latents = nn.Parameter(torch.randn(num_latents, vision_width) * vision_width ** -0.5)   # (Q, Dv)
-        self.layers = nn.ModuleList(PerceiverLayer(vision_width, heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(vision_width)
-        self.linear = nn.Linear(vision_width, width)
-
-    def forward(self, feats):
-        x = feats[:, -1]                                                              # (B, N, Dv)
-        latents = self.latents.expand(x.shape[0], -1, -1)                             # (B, Q, Dv)
-        for layer in self.layers:
-            latents = layer(x, latents)
-        return self.linear(self.norm(latents))                                        # (B, Q, Dv) -> (B, Q, D)
-
-
-def make_connector(cfg: VLMConfig, vision_width, vision_layers, num_patches, lm_width):
-    """The connector of cfg and M, the number of image tokens it gives the LM."""
-    width = cfg.connector_width or lm_width
-    if width != lm_width:
-        raise ConfigError(f"the connector emits {width}-wide image tokens but the LM reads {lm_width}-wide "
-                          f"embeddings; image tokens enter the decoder as they are, so they must match "
-                          f"(set connector_width to {lm_width} or 0)")
-    if cfg.patch_merge < 1:
-        raise ConfigError(f"patch_merge must be 1 (one token per patch) or more, got {cfg.patch_merge}")
-    g = math.isqrt(num_patches)
-    if g * g != num_patches or g % cfg.patch_merge:
-        raise ConfigError(f"patch_merge {cfg.patch_merge} needs a square grid of patches whose side is a multiple "
-                          f"of {cfg.patch_merge}; the vision encoder gives {num_patches} patches")
-    M = num_patches // cfg.patch_merge ** 2
-    if cfg.connector == "linear":
-        return LinearConnector(vision_width, width, cfg.patch_merge), M
-    if cfg.connector == "mlp":
-        return MLPConnector(vision_width, width, cfg.patch_merge), M
-    if cfg.connector == "dense":
-        return DenseConnector(vision_width, width, min(cfg.dense_groups, vision_layers), cfg.patch_merge), M
-    if cfg.connector == "qformer":
-        return QFormerConnector(vision_width, width, cfg.num_queries, cfg.tiny_vision), cfg.num_queries
-    return PerceiverResampler(vision_width, width, cfg.num_queries, cfg.perceiver_layers), cfg.num_queries
-
-
-# ----------------------------------------------------------------------------------------------
-# The model: paligemma.py's PaliGemma with clip.py's ViT and one of the connectors in front
-# ----------------------------------------------------------------------------------------------
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message says what was expected and what was given."""
-
-
-@dataclass
-class LMConfig(pg.PaliGemmaConfig):
-    """paligemma.PaliGemmaConfig whose image-token count is the connector's M, not a patch grid."""
-    image_tokens: int = 0
-
-    @property
-    def num_image_tokens(self):
-        return self.image_tokens
-
-
-class FrozenViT(nn.Module):
-    """clip.py's shapes ViT, frozen: pixels (B, C, I, I) -> features (B, Lk, 1+N, Dv).
-
-    Frozen means its output never changes, so training computes it once per image (`cache_features`)
-    and passes the features in place of the pixels; they go through unchanged.
-    """
-
-    def __init__(self, vit: "clip.VisionTransformer", all_layers):
-        super().__init__()
-        self.vit, self.all_layers = vit.requires_grad_(False).eval(), all_layers
-
-    @property
-    def width(self):
-        return self.vit.cfg.vision_width
-
-    def train(self, mode=True):      # frozen means no dropout or batch statistics either, ever
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, pixel_values):
-        if tuple(pixel_values.shape[-2:]) == (self.vit.cfg.num_patches + 1, self.width):
-            return pixel_values            # already the features (computed once for the whole data set)
-        hidden = self.vit(pixel_values, output_hidden_states=True)                    # L+1 x (B, 1+N, Dv)
-        last = self.vit.post_layernorm(hidden[-1])                                    # qformer's frozen features
-        kept = hidden[:-1] + [last] if self.all_layers else [last]
-        return torch.stack(kept, dim=1)                                               # (B, Lk, 1+N, Dv)
-
-
-class ShapesVLM(pg.PaliGemma):
-    """Frozen ViT -> connector -> Gemma decoder. Forward, masks, loss and KV-cache generation are
-    PaliGemma's own; only `image_features` changes (PaliGemma's is SigLIP + linear projector)."""
-
-    def __init__(self, cfg: VLMConfig, vit, vocab_size):
-        nn.Module.__init__(self)
-        D = cfg.lm_width
-        text = pg.TextConfig(vocab_size=vocab_size, hidden_size=D, intermediate_size=cfg.lm_mlp,
-                             num_hidden_layers=cfg.lm_layers, num_attention_heads=cfg.lm_heads,
-                             num_key_value_heads=cfg.lm_kv_heads, head_dim=D // cfg.lm_heads,
-                             max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-        self.vision = FrozenViT(vit, all_layers=cfg.connector == "dense")
-        self.connector, m = make_connector(cfg, self.vision.width, vit.cfg.vision_layers, vit.cfg.num_patches, D)
-        self.config = LMConfig(text=text, image_token_index=WordTokenizer.image_token_id, projection_dim=D,
-                               image_tokens=m)
-        self.language_model = pg.GemmaForCausalLM(text)
-        pg.PaliGemma.init_weights(self.language_model, cfg.lm_init_std)
-
-    def image_features(self, pixel_values):
-        return self.connector(self.vision(pixel_values))                              # (B, M, D)
-
-
-def trainable_parts(model):
-    """(vision, connector, language model) modules of either model kind."""
-    if isinstance(model, ShapesVLM):
-        return model.vision, model.connector, model.language_model
-    return model.vision_tower, model.multi_modal_projector, model.language_model
-
-
-def set_stage(model, stage, mode="full", cfg: VLMConfig = None):
-    """Freeze and unfreeze for a stage; returns the trainable parameters.
-
-    stage 0: the LM alone (text). Stage 1: the connector alone. Stage 2: the connector plus the LM
-    (mode "full"), or plus LoRA adapters on the LM's linear layers ("lora"), on an NF4 base ("qlora").
-    The vision encoder is frozen in every stage.
-    """
-    vision, connector, lm = trainable_parts(model)
-    model.requires_grad_(False)
-    if stage == 0:
-        lm.requires_grad_(True)
-    elif stage == 1:
-        connector.requires_grad_(True)
-    else:
-        if mode == "full":
-            lm.requires_grad_(True)
-        elif not lora.lora_layers(lm):
-            if mode == "qlora":
-                # kept to save the model as full-precision base + adapter (QLoRA never changes the base)
-                model.lm_before_nf4 = {k: v.detach().clone() for k, v in lm.state_dict().items()}
-                nf4.quantize_model(lm, skip=("lm_head",))                            # W -> NF4, frozen
-            lora.apply_lora(lm, list(cfg.lora_targets), cfg.lora_r, cfg.lora_alpha)  # only A, B train
-        else:
-            for layer in lora.lora_layers(lm).values():
-                layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
-        connector.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-# ----------------------------------------------------------------------------------------------
-# Training: the losses of each stage, one optimizer step, the schedule
-# ----------------------------------------------------------------------------------------------
-
-def vlm_loss(model, batch):
-    """Answer-only next-token loss of a batch of (image, prefix, suffix) sequences (paligemma.suffix_loss).
-    Under torchrun, times this rank's `token_share` (see there), so that DDP's mean gives one process's loss."""
-    loss = model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
-                 batch["token_type_ids"], batch["labels"]).loss
-    return loss * batch["token_share"] if "token_share" in batch else loss
-
-
-def itc_itm_itg_loss(model, batch):
-    """BLIP-2 stage 1 (sec. 3.2): L_itc + L_itm + L_itg of the Q-Former on the frozen image features."""
-    q = model.connector.qformer
-    losses = q.losses(model.vision(batch["pixel_values"])[:, -1], batch["qf_ids"], batch["qf_mask"],
-                      batch["matches"], batch.get("generator"))
-    return sum(losses.values())
-
-
-def schedule(step, lr, steps, warmup):
-    """Linear warm-up, then cosine decay to 0 (clip.lr_at). warmup < 1 is a fraction of the steps."""
-    w = max(1, round(warmup * steps)) if warmup < 1 else int(warmup)
-    return clip.lr_at(step, SimpleNamespace(lr=lr, warmup=w, steps=steps))
-
-
-def make_optimizer(params, lr, weight_decay):
-    """AdamW; weight decay on matrices only (not on biases, norms or the Perceiver's latents' scale)."""
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=lr)
-
-
-class NonFiniteLoss(ValueError):
-    """The loss became NaN or inf; training stops before the update, the last checkpoint is kept."""
-
-
-def autocast(device, enabled):
-    """bf16 autocast on CUDA devices that support it; a no-op elsewhere (CPU bf16 is slower here)."""
-    use = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
-
-
-def train_step(model, optimizer, params, micro_batches, loss_fn, lr, clip_norm, device, bf16=True):
-    """One optimizer step: gradients accumulated over the micro-batches, clipped, then AdamW.
-    Under DDP (`model` wrapped by `distributed`) the ranks' gradients are averaged once, at the last one."""
-    import contextlib
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for k, batch in enumerate(micro_batches):
-        quiet = k < len(micro_batches) - 1 and hasattr(model, "no_sync")
-        with model.no_sync() if quiet else contextlib.nullcontext():
-            with autocast(device, bf16):
-                loss = loss_fn(model, batch) / len(micro_batches)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"the loss is {loss.item()} at lr {lr:.2e}; stopping before the update "
-                                    f"(the last checkpoint is kept). Lower the learning rate.")
-            loss.backward()
-        total += loss.item()
-    # g <- g min(1, c / ||g||): one global norm over all trainable parameters
-    torch.nn.utils.clip_grad_norm_(params, clip_norm)
-    optimizer.step()
-    return total
-
-
-def batch_rows(n_rows, batch_size, seed, phase, step, weights=None):
-    """The rows of `step`: drawn from a generator seeded by (seed, phase, step) alone, so a resumed run
-    draws exactly what the uninterrupted run drew (the data position is the step)."""
-    g = torch.Generator().manual_seed(hash_str(f"{seed}-{phase}-{step}"))
-    if weights is not None:
-        return torch.multinomial(weights, batch_size, replacement=True, generator=g)
-    return torch.randint(0, n_rows, (batch_size,), generator=g)
-
-
-def hash_str(text):
-    import hashlib
-    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
-
-
-def kind_weights(qa):
-    """Sampling weights 1 / (questions of its kind): every kind is drawn equally often."""
-    counts = {}
-    for row in qa:
-        counts[row[3]] = counts.get(row[3], 0) + 1
-    return torch.tensor([1.0 / counts[row[3]] for row in qa])
-
-
-def make_batch(vlm, data: VQAData, rows, phase, device):
-    """Rows of the data -> the model's tensors. phase: "text_qa"/"text_cap" (stage 0), "caption"
-    (stage 1), "itc" (stage 1a), "vqa" (stage 2)."""
-    if phase in ("vqa", "text_qa"):
-        items = [data.qa[i] for i in rows]
-        prompts, answers, index = [x[1] for x in items], [x[2] for x in items], [x[0] for x in items]
-    else:
-        items = [data.captions[i] for i in rows]
-        prompts, answers, index = [vlm.caption_prompt] * len(items), [x[1] for x in items], [x[0] for x in items]
-    text_only = phase.startswith("text")
-    batch = vlm.processor(prompts if phase != "itc" else [""] * len(prompts), answers, images=not text_only)
-    if not text_only:
-        batch["pixel_values"] = data.image_inputs(vlm, index)
-    if phase == "itc":
-        ids, mask = clip.ShapesTokenizer().encode(answers)
-        T = int(mask.sum(1).max())
-        batch.update(qf_ids=ids[:, :T], qf_mask=mask[:, :T],
-                     matches=torch.tensor([[a == b for b in answers] for a in answers]))
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -825,7 +973,7 @@ class Killed(RuntimeError):
 
 
 def run_stage(vlm, phase, steps, lr, tcfg, folder, loss_fn, sample, params, config, resume, stop_after=None,
-              log=None, progress=True):
+              log=None, progress=True, scaled=()):
     """Steps 0 .. steps-1 of AdamW with warm-up + cosine; sample(step, k) gives micro-batch k of a step.
 
     Checkpoints go to folder/step-XXXXXX with a `latest` pointer; resume=True continues from it and
@@ -836,7 +984,7 @@ def run_stage(vlm, phase, steps, lr, tcfg, folder, loss_fn, sample, params, conf
     from tqdm import tqdm
     model, device = vlm.model, vlm.model.device
     rank0 = clip.dist_info()[0] == 0
-    optimizer = make_optimizer(params, lr, tcfg.weight_decay)
+    optimizer = make_optimizer(params, lr, tcfg.weight_decay, scaled, tcfg.qformer_lr_scale)
     start, history = 0, []
     torch.manual_seed(hash_str(f"{tcfg.seed}-{phase}-torch"))
     if resume and (Path(folder) / "latest").exists():
@@ -860,7 +1008,7 @@ def run_stage(vlm, phase, steps, lr, tcfg, folder, loss_fn, sample, params, conf
     return history
 
 
-STAGE2_ONLY = ("stage2", "stage2_steps", "stage2_lr", "lora_r", "lora_alpha", "lora_targets")
+STAGE2_ONLY = ("stage2", "stage2_steps", "stage2_lr", "stage2_qformer", "lora_r", "lora_alpha", "lora_targets")
 
 
 def stage_config(vcfg, tcfg, phase):
@@ -897,19 +1045,21 @@ def stage1_align(vlm, data, vcfg, tcfg, folder, resume, progress=True, log=None,
     Data without captions (CLEVR) aligns on its questions and answers instead."""
     device, histories = vlm.model.device, {}
     params = set_stage(vlm.model, 1)
+    # the Q-Former's parts that read the image and have no pretrained counterpart: lr x qformer_lr_scale
+    scaled = [p for n, p in trainable_parts(vlm.model)[1].named_parameters() if "crossattention" in n or "query_tokens" in n]
     if vcfg.connector == "qformer" and tcfg.itc_steps and data.captions:
         histories["stage1a"] = run_stage(vlm, "stage1a", tcfg.itc_steps, tcfg.itc_lr, tcfg, Path(folder) / "itc",
                                          itc_itm_itg_loss, sampler(vlm, data, "itc", tcfg, device), params,
-                                         stage_config(vcfg, tcfg, "stage1a"), resume, None, log, progress)
+                                         stage_config(vcfg, tcfg, "stage1a"), resume, None, log, progress, scaled)
     histories["stage1"] = run_stage(vlm, "stage1", tcfg.stage1_steps, tcfg.stage1_lr, tcfg, folder, vlm_loss,
                                     sampler(vlm, data, "caption" if data.captions else "vqa", tcfg, device), params,
-                                    stage_config(vcfg, tcfg, "stage1"), resume, stop_after, log, progress)
+                                    stage_config(vcfg, tcfg, "stage1"), resume, stop_after, log, progress, scaled)
     return histories
 
 
 def stage2_vqa(vlm, data, vcfg, tcfg, folder, resume, progress=True, log=None, stop_after=None):
     """Connector + LM (full, LoRA or QLoRA) on questions, loss on the answer only, kinds balanced."""
-    params = set_stage(vlm.model, 2, tcfg.stage2, vcfg)
+    params = set_stage(vlm.model, 2, tcfg.stage2, vcfg, tcfg.stage2_qformer)
     sample = sampler(vlm, data, "vqa", tcfg, vlm.model.device, kind_weights(data.qa))
     return run_stage(vlm, "stage2", tcfg.stage2_steps, tcfg.stage2_lr, tcfg, folder, vlm_loss, sample, params,
                      stage_config(vcfg, tcfg, "stage2"), resume, stop_after, log, progress)
@@ -1099,18 +1249,30 @@ def cached_data(cache, n, seed, split, image_size, all_questions):
     return cached(cache, name, lambda: shapes_data(n, seed, split, image_size, all_questions))
 
 
-def build_shapes_vlm(vcfg, tcfg, cache, device, progress=True):
-    """The default VLM: frozen shapes ViT + connector + a Gemma decoder over the corpus' words."""
-    vit = load_or_train_vit(cache, vcfg.tiny_vision, device, tcfg.seed, progress)
-    size = vit.cfg.image_size
+def frozen_vision(vcfg, cache, device, seed=0, progress=True):
+    """The frozen vision encoder: clip.py's shapes ViT (FrozenViT) or --vision hf:DIR (FrozenHFVision)."""
+    dense = vcfg.connector == "dense"
+    if vcfg.vision:
+        return load_hf_vision(vcfg.vision, dense).to(device)
+    return FrozenViT(load_or_train_vit(cache, vcfg.tiny_vision, device, seed, progress), dense)
+
+
+def build_vlm(vcfg, tcfg, cache, device, progress=True):
+    """Frozen vision + connector + LM, and the training data: the default LM is a Gemma decoder over
+    the corpus' words (ShapesVLM); --lm hf:DIR a transformers LM with its own tokenizer (HFVLM)."""
+    vision = frozen_vision(vcfg, cache, device, tcfg.seed, progress)
+    size = vision.image_size
     train = (load_data(tcfg.data, "train", tcfg.n_train, size, cache) if tcfg.data else
              cached_data(cache, tcfg.n_train, tcfg.seed, "train", size, True))
-    tokenizer = WordTokenizer.from_texts([c for _, c in train.captions] + [q + " " + a for _, q, a, _ in train.qa]
-                                         + ["caption"])
     torch.manual_seed(tcfg.seed)
-    model = ShapesVLM(vcfg, vit, len(tokenizer)).to(device)
-    processor = WordProcessor(tokenizer, model.config.num_image_tokens, size)
-    return VLM(model, processor, vcfg), train
+    if vcfg.lm:
+        model, processor = build_hf_vlm(vcfg, vision, *load_hf_lm(vcfg.lm))
+        return VLM(model.to(device), processor, vcfg, tcfg.caption_prompt), train
+    tokenizer = WordTokenizer.from_texts([c for _, c in train.captions] + [q + " " + a for _, q, a, _ in train.qa]
+                                         + [tcfg.caption_prompt])
+    model = ShapesVLM(vcfg, vision, len(tokenizer)).to(device)
+    processor = WordProcessor(tokenizer, model.config.num_image_tokens, size, vision.normalize)
+    return VLM(model, processor, vcfg, tcfg.caption_prompt), train
 
 
 def eval_sets(cache, tcfg, size):
@@ -1123,8 +1285,8 @@ def eval_sets(cache, tcfg, size):
 
 @torch.no_grad()
 def cache_features(vlm, data, batch_size=500):
-    """The frozen ViT's features of every image, once (default model only; a checkpoint's tower runs live)."""
-    if isinstance(vlm.model, ShapesVLM):
+    """The frozen vision encoder's features of every image, once (a PaliGemma checkpoint's tower runs live)."""
+    if hasattr(vlm.model, "vision"):
         device = vlm.model.device
         data.features = torch.cat([vlm.model.vision(vlm.processor.pixels(data.images[s:s + batch_size]).to(device))
                                    for s in range(0, len(data.images), batch_size)])
@@ -1370,12 +1532,12 @@ def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, 
         if init is not None:
             vlm, train = build_init_vlm(init, vcfg, tcfg, cache, device)
         else:
-            vlm, train = build_shapes_vlm(vcfg, tcfg, cache, device, progress)
-            h0 = pretrained_lm(vlm, train, vcfg, tcfg, cache, progress, log, kill.get("stage0"))
+            vlm, train = build_vlm(vcfg, tcfg, cache, device, progress)
+            h0 = [] if vcfg.lm else pretrained_lm(vlm, train, vcfg, tcfg, cache, progress, log, kill.get("stage0"))
         metrics = {"config": {"model": asdict(vcfg), "train": asdict(tcfg)}, "skipped_images": train.skipped,
                    "malformed_lines": train.malformed, "processes": clip.dist_info()[1],
                    "seconds": {"setup and stage 0": time.time() - t0}, "history": {}}
-        if init is None:
+        if init is None and h0:
             metrics["history"]["stage0"] = h0
         t1 = time.time()
         h1 = stage1_align(vlm, train, vcfg, tcfg, Path(stage1_dir or out / "stage1"), resume or stage1_dir is not None,
@@ -1387,7 +1549,7 @@ def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, 
         metrics["malformed_lines"] += sum(d.malformed for d in evals.values())
         if evaluate and evaluate_stage1:
             metrics["after stage 1"] = {s: evaluate_vqa(vlm, d, vlm.question_prefix)[0] for s, d in evals.items()}
-            if vcfg.connector == "qformer" and init is None:
+            if vcfg.connector == "qformer" and init is None and evals["test"].captions:
                 metrics["retrieval after stage 1"] = qformer_retrieval(vlm, evals["test"])
         t2 = time.time()
         h2 = stage2_vqa(vlm, train, vcfg, tcfg, out / "stage2", resume, progress, log, kill.get("stage2"))
@@ -1415,6 +1577,8 @@ def save_vlm(vlm, folder, mode, init=None):
     folder = Path(folder)
     if init is not None:
         return save_init_vlm(vlm, folder, mode, init)
+    if vlm.config.lm or vlm.config.vision:
+        return save_hf_parts(vlm, folder, mode)
     state = base_state(vlm.model, mode)
     save_tensors(folder / "model.safetensors", state)
     write_json(folder / "vlm.json", {"model": asdict(vlm.config), "stage2": mode,
@@ -1447,15 +1611,24 @@ def load_vlm(out_dir, device="cpu"):
         raise CheckpointError(f"{folder} has no vlm.json: expected the `model` folder a vlm_train.py run writes")
     meta = json.loads((folder / "vlm.json").read_text())
     vcfg = VLMConfig(**meta["model"])
+    # the transformers parts from the copies in the folder, not from where they were trained
+    local = replace(vcfg, lm=f"hf:{folder / 'lm'}" if vcfg.lm else "", vision=f"hf:{folder / 'vision'}" if vcfg.vision else "")
     cfg = clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()
-    tokenizer = WordTokenizer(meta["vocab"])
-    model = ShapesVLM(vcfg, clip.CLIP(cfg).vision_model, len(tokenizer))
-    clip.load_strict(model, load_tensors(folder / "model.safetensors"), folder)
+    vision = (load_hf_vision(local.vision, vcfg.connector == "dense") if vcfg.vision else
+              FrozenViT(clip.CLIP(cfg).vision_model, vcfg.connector == "dense"))
+    if vcfg.lm:
+        model, processor = build_hf_vlm(vcfg, vision, *load_hf_lm(local.lm))
+    else:
+        tokenizer = WordTokenizer(meta["vocab"])
+        model = ShapesVLM(vcfg, vision, len(tokenizer))
+        processor = WordProcessor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
+    saved = load_tensors(folder / "model.safetensors")
+    skip = (("language_model.",) if vcfg.lm else ()) + (("vision.",) if vcfg.vision else ())
+    clip.load_strict(model, {**saved, **{k: v for k, v in model.state_dict().items() if k.startswith(skip)}}, folder)
     if meta["stage2"] != "full":
         set_stage(model, 2, meta["stage2"], vcfg)
-        lora.load_adapter(model, str(folder / "adapter"))
-    model = model.to(device).eval()
-    return VLM(model, WordProcessor(tokenizer, model.config.num_image_tokens, cfg.image_size), vcfg)
+        lora.load_adapter(model.language_model if vcfg.lm else model, str(folder / "adapter"))
+    return VLM(model.to(device).eval(), processor, vcfg)
 
 
 # -- --init paligemma:DIR: a whole PaliGemma checkpoint (its tower, projector, decoder, tokenizer) ---
@@ -1573,6 +1746,134 @@ def load_init_vlm(folder, device="cpu"):
     return VLM(model.eval(), CheckpointProcessor(folder / "base", model.config), vcfg, "caption en", "answer en ")
 
 
+# -- --lm hf:DIR and --vision hf:DIR: transformers models from local folders -------------------------
+# transformers is imported here only, inside the functions: the default run needs none of it.
+
+class HFFolderError(FileNotFoundError):
+    """--lm / --vision points at a folder that is not a usable transformers checkpoint."""
+
+
+def hf_folder(spec, what, needs_tokenizer=False):
+    """'hf:DIR' -> DIR, checked: config.json, safetensors weights and (for an LM) a tokenizer."""
+    folder = Path(spec[3:])
+    layout = "config.json, model.safetensors (or sharded)" + (", tokenizer.json or tokenizer.model" if needs_tokenizer else "")
+    if not folder.is_dir():
+        raise HFFolderError(f"--{what} {spec}: {folder} is not a folder; expected a transformers save_pretrained "
+                            f"folder ({layout})")
+    missing = [name for name, ok in (
+        ("config.json", (folder / "config.json").is_file()),
+        ("*.safetensors weights", any(folder.glob("*.safetensors"))),
+        ("tokenizer.json or tokenizer.model", not needs_tokenizer or (folder / "tokenizer.json").is_file()
+         or (folder / "tokenizer.model").is_file())) if not ok]
+    if missing:
+        raise HFFolderError(f"--{what} {spec}: {folder} is missing " + ", ".join(missing) + f" (expected {layout})")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFFolderError(f"--{what} {spec}: {folder / 'config.json'} is not valid JSON ({e})") from None
+    return folder, config
+
+
+def quiet_transformers():
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")                # local folders only, never the hub
+
+
+def load_hf_vision(spec, all_layers):
+    """--vision hf:DIR: CLIPVisionModel or SiglipVisionModel (a whole CLIP / SigLIP folder works too)."""
+    quiet_transformers()
+    from transformers import CLIPVisionModel, SiglipVisionModel
+    folder, config = hf_folder(spec, "vision")
+    kind = config.get("model_type", "")
+    towers = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel, "siglip": SiglipVisionModel,
+              "siglip_vision_model": SiglipVisionModel}
+    if kind not in towers:
+        raise ConfigError(f"--vision {spec}: expected a CLIP or SigLIP checkpoint (model_type one of "
+                          f"{sorted(towers)}), got model_type {kind!r}")
+    model = towers[kind].from_pretrained(folder, dtype=torch.float32)
+    pre = folder / "preprocessor_config.json"
+    norm = json.loads(pre.read_text()) if pre.is_file() else {}
+    default = (clip.CLIP_MEAN, clip.CLIP_STD) if kind.startswith("clip") else ((0.5,) * 3, (0.5,) * 3)
+    return FrozenHFVision(model, all_layers, norm.get("image_mean", default[0]), norm.get("image_std", default[1]))
+
+
+class HFProcessor:
+    """Prompts and answers for a transformers LM, with its own tokenizer:
+    [IMAGE] * M <bos> prompt \n | answer <eos>, left-padded (prefix_suffix_batch)."""
+
+    def __init__(self, tokenizer, image_tokens, image_size, normalize):
+        self.tokenizer, self.image_tokens, self.image_size, self.normalize = tokenizer, image_tokens, image_size, normalize
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def __call__(self, prompts, answers=None, images=True):
+        tok = self.tokenizer
+        start = ([HFVLM.IMAGE] * self.image_tokens if images else []) + ([tok.bos_token_id] if tok.bos_token_id is not None else [])
+        prefixes = [start + tok(p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
+        suffixes = ([[] for _ in prompts] if answers is None else
+                    [tok(a, add_special_tokens=False)["input_ids"] + [self.eos_token_id] for a in answers])
+        return prefix_suffix_batch(prefixes, suffixes, self.pad_token_id)
+
+    def pixels(self, images):
+        return self.normalize(images)
+
+    def decode(self, tokens):
+        out = []
+        for row in tokens.tolist():
+            row = row[:row.index(self.eos_token_id)] if self.eos_token_id in row else row
+            out.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return out
+
+
+def load_hf_lm(spec):
+    """--lm hf:DIR: AutoModelForCausalLM in fp32 and its tokenizer."""
+    quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, config = hf_folder(spec, "lm", needs_tokenizer=True)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except ValueError as e:                    # transformers: a config it has no causal LM for
+        raise ConfigError(f"--lm {spec}: not a causal LM checkpoint ({e})") from None
+    return lm, AutoTokenizer.from_pretrained(folder)
+
+
+def build_hf_vlm(vcfg, vision, lm, tokenizer):
+    """vision + connector sized from the LM's config + the LM, and its processor."""
+    connector, m = make_connector(vcfg, vision.width, vision.layers, vision.num_patches, lm.config.hidden_size)
+    model = HFVLM(vision, connector, lm, m)
+    return model, HFProcessor(tokenizer, m, vision.image_size, vision.normalize)
+
+
+def save_hf_parts(vlm, folder, mode):
+    """out/model for a run with --lm / --vision hf:DIR: the trained non-transformers parts in
+    model.safetensors, the LM in lm/ (save_pretrained after full tuning, else the unchanged source
+    folder) with its tokenizer, the LoRA adapter in peft's format for that LM in adapter/ (what
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm/), adapter/) reads), the
+    vision tower's source folder in vision/."""
+    import shutil
+    model, vcfg = vlm.model, vlm.config
+    skip = (("language_model.",) if vcfg.lm else ()) + (("vision.",) if vcfg.vision else ())
+    state = {k: v for k, v in base_state(model, mode).items() if not k.startswith(skip)}
+    save_tensors(folder / "model.safetensors", state)
+    meta = {"model": asdict(vcfg), "stage2": mode}
+    if vcfg.lm:
+        if mode == "full":
+            model.language_model.save_pretrained(folder / "lm")
+            vlm.processor.tokenizer.save_pretrained(folder / "lm")
+        else:
+            shutil.copytree(vcfg.lm[3:], folder / "lm", dirs_exist_ok=True)
+            lora.save_adapter(model.language_model, str(folder / "adapter"))
+    else:
+        meta["vocab"] = vlm.processor.tokenizer.itos
+        if mode != "full":
+            lora.save_adapter(model, str(folder / "adapter"))
+    if vcfg.vision:
+        shutil.copytree(vcfg.vision[3:], folder / "vision", dirs_exist_ok=True)
+    write_json(folder / "vlm.json", meta)
+
+
 # -- memory: full vs LoRA vs QLoRA, one stage-2 step each in a fresh process --------------------
 
 def memory_child(mode, vcfg_dict, batch_size, vocab_size):
@@ -1583,7 +1884,7 @@ def memory_child(mode, vcfg_dict, batch_size, vocab_size):
     vcfg = VLMConfig(**vcfg_dict)
     torch.manual_seed(0)
     vit = clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model
-    model = ShapesVLM(vcfg, vit, vocab_size)
+    model = ShapesVLM(vcfg, FrozenViT(vit, vcfg.connector == "dense"), vocab_size)
     tokenizer = WordTokenizer([f"w{i}" for i in range(vocab_size - len(SPECIALS))])
     processor = WordProcessor(tokenizer, model.config.num_image_tokens, vit.cfg.image_size)
     data = shapes_data(batch_size, 0, "train", vit.cfg.image_size, all_questions=False)
@@ -1747,7 +2048,8 @@ def parse_setting(item):
 
 def configs_from_args(args):
     vcfg_over, tcfg_over = PRESETS.get(args.preset, ({}, {})) if args.preset else ({}, {})
-    vcfg_over = {**vcfg_over, **({"connector": args.connector} if args.connector else {})}
+    vcfg_over = {**vcfg_over, **({"connector": args.connector} if args.connector else {}),
+                 **{k: getattr(args, k) for k in ("lm", "vision") if getattr(args, k, None)}}
     tcfg_over = {**tcfg_over, "seed": args.seed, **({"stage2": args.stage2} if args.stage2 else {}),
                  **({"data": args.data} if getattr(args, "data", None) else {})}   # a hand-made Namespace may lack it
     if args.steps is not None:
@@ -1771,6 +2073,10 @@ def main(argv=None):
     parser.add_argument("--stage2", type=str, default=None, choices=STAGE2_MODES, help="default lora")
     parser.add_argument("--preset", type=str, default=None, choices=sorted(PRESETS))
     parser.add_argument("--init", type=str, default=None, help="paligemma:DIR, a whole PaliGemma checkpoint folder")
+    parser.add_argument("--lm", type=str, default=None, help="hf:DIR, a transformers causal LM folder with its "
+                        "tokenizer (default: a small Gemma decoder trained here)")
+    parser.add_argument("--vision", type=str, default=None, help="hf:DIR, a transformers CLIP or SigLIP folder "
+                        "(default: clip.py's shapes ViT)")
     parser.add_argument("--data", type=str, default=None, help="clevr:DIR, captions:DIR or img2dataset:DIR "
                         "(default: the embedded shapes data)")
     parser.add_argument("--steps", type=int, default=None, help="stage-2 steps (default: the configuration's)")
@@ -1807,8 +2113,9 @@ def main(argv=None):
 
 def run_demo(vcfg, tcfg, args, device):
     """Seconds: both stages of a tiny VLM (random frozen tiny ViT), with the numbers a reader checks."""
-    print(f"tiny VLM: random frozen ViT -> {vcfg.connector} connector -> Gemma decoder "
-          f"({vcfg.lm_layers} layer x {vcfg.lm_width}); stage 2 {tcfg.stage2}")
+    vision = f"frozen {vcfg.vision[3:]}" if vcfg.vision else "random frozen ViT"
+    lm = f"{vcfg.lm[3:]}" if vcfg.lm else f"Gemma decoder ({vcfg.lm_layers} layer x {vcfg.lm_width})"
+    print(f"tiny VLM: {vision} -> {vcfg.connector} connector -> {lm}; stage 2 {tcfg.stage2}")
     metrics, vlm = train_vlm(vcfg, tcfg, args.out, device, args.resume, args.cache, progress=False, init=args.init)
     for phase, (first, last) in metrics["loss"].items():
         print(f"  {phase}: loss {first:.3f} (first step) -> {last:.3f} (step {tcfg.stage2_steps if phase == 'stage2' else tcfg.stage1_steps})")

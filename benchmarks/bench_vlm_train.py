@@ -61,7 +61,7 @@ def fill_cache(args):
     if args.n_eval is not None:
         tcfg = replace(tcfg, n_eval=args.n_eval)
     cache = Path(args.out) / "cache"
-    vlm, train = vt.build_shapes_vlm(vcfg, tcfg, cache, torch.device(args.device), progress=False)
+    vlm, train = vt.build_vlm(vcfg, tcfg, cache, torch.device(args.device), progress=False)
     vt.pretrained_lm(vlm, train, vcfg, tcfg, cache, progress=False)
     vt.eval_sets(cache, tcfg, vlm.processor.image_size)
 

@@ -37,7 +37,7 @@ def cache(tmp_path_factory):
 
 def build(connector, cache, **train):
     vcfg, tcfg = tiny(connector, **train)
-    vlm, data = vt.build_shapes_vlm(vcfg, tcfg, cache, CPU, progress=False)
+    vlm, data = vt.build_vlm(vcfg, tcfg, cache, CPU, progress=False)
     return vlm, data, vcfg, tcfg
 
 
@@ -327,7 +327,7 @@ def test_an_incomplete_init_folder_lists_what_is_missing(tmp_path, capsys):
 
 def test_a_connector_width_that_does_not_fit_the_lm_is_refused(cache):
     with pytest.raises(vt.ConfigError, match="emits 40-wide image tokens but the LM reads 32-wide"):
-        vt.build_shapes_vlm(vt.VLMConfig.tiny(connector_width=40), vt.TrainConfig.tiny(), cache, CPU, progress=False)
+        vt.build_vlm(vt.VLMConfig.tiny(connector_width=40), vt.TrainConfig.tiny(), cache, CPU, progress=False)
 
 
 # --- --init paligemma:DIR on a tiny random PaliGemma that transformers saves ---------------------------
