@@ -318,7 +318,7 @@ def suffix_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy on the suffix only (Beyer et al. 2024, sec. 3: no loss on the prefix).
 
     labels: (B, T) with -100 wherever no loss is taken (image, prompt, padding).
-    L = -(1 / |S|) sum_{t in S} log p(x_{t+1} | x_{<=t}), S = positions whose next label is kept.
+    L = -(1 / |A|) sum_{t in A} log p(x_{t+1} | x_{<=t}), A = positions whose next label is kept (the answer).
     """
     V = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -528,7 +528,7 @@ class KVCache:
 
     def __init__(self, t: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         shape = (t.num_hidden_layers, batch, t.num_key_value_heads, max_len, t.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)   # (L, B, K, S_max, d)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)   # (L, B, K, max_len, d)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0          # keys written so far
         self.groups = torch.zeros(batch, 0, dtype=torch.long, device=device)
@@ -554,8 +554,8 @@ class Output:
 
 @dataclass
 class GenerateOutput:
-    tokens: torch.Tensor                 # (B, T_new), pad_token_id after a row's EOS
-    scores: torch.Tensor | None = None   # (B, T_new, V) logits each token was chosen from
+    tokens: torch.Tensor                 # (B, new tokens), at most max_new_tokens; pad_token_id after a row's EOS
+    scores: torch.Tensor | None = None   # (B, new tokens, V) logits each token was chosen from
 
 
 # ----------------------------------------------------------------------------------------------

@@ -179,28 +179,29 @@ class AddNorm(nn.Module):
 class MultiHeadAttention(nn.Module):
     """softmax(Q K^T / sqrt(d) + M) V per head; keys and values come from `context`.
 
-    x (B, T_x, D) attends to context (B, T_c, D_c). In self-attention both are [queries; text]
-    (T_x = T_c = Q+T, or Q, or T, D_c = D); in the cross-attention x is the queries (T_x = Q) and the
-    context the frozen image features (T_c = N, D_c = Dv).
+    x (B, T, D) attends to context (B, S, D or Dv): T and S are the README's queries and keys of
+    attention. In self-attention x and context are one sequence of width D: [queries; text] (Q + T
+    long), the queries alone or the text alone; in the cross-attention x is the queries (T = Q) and the
+    context the frozen image features (S = N, width Dv).
     """
 
     def __init__(self, config: QFormerConfig, context_width: int):
         super().__init__()
         self.num_heads, self.p = config.num_attention_heads, config.attention_dropout
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(context_width, config.hidden_size)     # context_width = D_c: Dv for the
+        self.key = nn.Linear(context_width, config.hidden_size)     # context_width: D, or Dv for the
         self.value = nn.Linear(context_width, config.hidden_size)   # cross-attention to the image
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, T_x, D = x.shape
+        B, T, D = x.shape
         split = lambda t: t.view(B, t.shape[1], self.num_heads, -1).transpose(1, 2)
-        q = split(self.query(x))                                    # (B, T_x, D) -> (B, H, T_x, d)
-        k, v = split(self.key(context)), split(self.value(context))  # (B, T_c, D_c) -> (B, H, T_c, d)
-        mask = None if mask is None else mask[:, None]              # (B, T_x, T_c) -> (B, 1, T_x, T_c)
+        q = split(self.query(x))                                    # (B, T, D) -> (B, H, T, d)
+        k, v = split(self.key(context)), split(self.value(context))  # (B, S, D or Dv) -> (B, H, S, d)
+        mask = None if mask is None else mask[:, None]              # (B, T, S) -> (B, 1, T, S)
         # softmax(q k^T / sqrt(d) + M) v, M = 0 where mask is True and -inf where it is False
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.p if self.training else 0.0)
-        return h.transpose(1, 2).reshape(B, T_x, D)                 # (B, H, T_x, d) -> (B, T_x, D)
+        return h.transpose(1, 2).reshape(B, T, D)                   # (B, H, T, d) -> (B, T, D)
 
 
 class Attention(nn.Module):
@@ -513,7 +514,7 @@ class QFormer(nn.Module):
         return self.itg_head(h[:, Q:], self.embeddings.word_embeddings.weight)
 
     def language_model_inputs(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Stage 2: the Q query outputs mapped to the LM's width, a soft visual prompt: (B, Q, D_lm)."""
+        """Stage 2: the Q query outputs mapped to the LM's width, a soft visual prompt: (B, Q, lm_hidden_size)."""
         if self.language_projection is None:
             raise ValueError("this Q-Former has no language_projection; build it with lm_hidden_size > 0")
         return self.language_projection(self(image_embeds))
