@@ -116,6 +116,57 @@ class QFormerConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+# The three losses and the hard-negative sampler, as pure functions of the features and logits that
+# the QFormer below computes: the docstring's ITC / ITM / ITG equations
+# ----------------------------------------------------------------------------------------------
+
+def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """s(I_i, T_j) = max_q <z_iq, t_j>, both unit length: (B_img, Q, E), (B_txt, E) -> (B_img, B_txt)."""
+    per_query = torch.einsum("iqe,te->iqt", image_feats, text_feats)    # (B_img, Q, B_txt)
+    # BLIP-2 section 3.2: "select the one that has the highest similarity as the image-text similarity"
+    return per_query.max(dim=1).values                                  # (B_img, Q, B_txt) -> (B_img, B_txt)
+
+
+def itc_loss(similarity: torch.Tensor, temp: torch.Tensor | float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Symmetric InfoNCE on a square (B, B) similarity matrix; pair i is the diagonal."""
+    logits = similarity / temp                                          # (B, B)
+    # L = (CE over rows (image -> text) + CE over columns (text -> image)) / 2: CLIP's InfoNCE
+    return clip.symmetric_cross_entropy(logits, label_smoothing)
+
+
+def sample_hard_negatives(similarity: torch.Tensor, temp: torch.Tensor | float, forbidden: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row i pick a column j != i with probability softmax_j(s_ij / temp) (BLIP-2 sec. 3.2).
+
+    `forbidden` (B, B) bool marks further pairs that are not negatives (e.g. identical captions);
+    the diagonal is always forbidden. A row whose every column is forbidden falls back to the
+    off-diagonal ones. Returns (B,) column indices; never the positive i.
+    """
+    B = similarity.shape[0]
+    if B < 2:
+        raise ValueError(f"hard negatives need a batch of at least 2 pairs, got {B}")
+    eye = torch.eye(B, dtype=torch.bool, device=similarity.device)
+    blocked = eye if forbidden is None else eye | forbidden.to(similarity.device)
+    blocked = torch.where(blocked.all(dim=1, keepdim=True), eye, blocked)  # nothing left: any other
+    weights = torch.softmax((similarity.detach() / temp).masked_fill(blocked, float("-inf")), dim=1)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)   # (B, B) -> (B,)
+
+
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the ITM head: (B, 2) logits, labels 1 = matched, 0 = not."""
+    return F.cross_entropy(logits, labels)
+
+
+def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts token t+1; padding is not a target."""
+    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)   # (B, T-1)
+    # L = -1/n sum_t log p(w_{t+1} | queries, w_<=t)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
+                           ignore_index=-100, label_smoothing=label_smoothing)
+
+
+# ----------------------------------------------------------------------------------------------
 # The three self-attention masks (BLIP-2 Figure 2, right). True = the row may attend to the column.
 # ----------------------------------------------------------------------------------------------
 #
@@ -330,56 +381,6 @@ class ITGHead(nn.Module):
     def forward(self, h: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         h = self.LayerNorm(F.gelu(self.dense(h)))
         return h @ word_embeddings.t() + self.bias                  # (B, T, D) -> (B, T, V)
-
-
-# ----------------------------------------------------------------------------------------------
-# The three losses and the hard-negative sampler, as pure functions
-# ----------------------------------------------------------------------------------------------
-
-def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-    """s(I_i, T_j) = max_q <z_iq, t_j>, both unit length: (B_img, Q, E), (B_txt, E) -> (B_img, B_txt)."""
-    per_query = torch.einsum("iqe,te->iqt", image_feats, text_feats)    # (B_img, Q, B_txt)
-    # BLIP-2 section 3.2: "select the one that has the highest similarity as the image-text similarity"
-    return per_query.max(dim=1).values                                  # (B_img, Q, B_txt) -> (B_img, B_txt)
-
-
-def itc_loss(similarity: torch.Tensor, temp: torch.Tensor | float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Symmetric InfoNCE on a square (B, B) similarity matrix; pair i is the diagonal."""
-    logits = similarity / temp                                          # (B, B)
-    # L = (CE over rows (image -> text) + CE over columns (text -> image)) / 2: CLIP's InfoNCE
-    return clip.symmetric_cross_entropy(logits, label_smoothing)
-
-
-def sample_hard_negatives(similarity: torch.Tensor, temp: torch.Tensor | float, forbidden: torch.Tensor | None = None,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each row i pick a column j != i with probability softmax_j(s_ij / temp) (BLIP-2 sec. 3.2).
-
-    `forbidden` (B, B) bool marks further pairs that are not negatives (e.g. identical captions);
-    the diagonal is always forbidden. A row whose every column is forbidden falls back to the
-    off-diagonal ones. Returns (B,) column indices; never the positive i.
-    """
-    B = similarity.shape[0]
-    if B < 2:
-        raise ValueError(f"hard negatives need a batch of at least 2 pairs, got {B}")
-    eye = torch.eye(B, dtype=torch.bool, device=similarity.device)
-    blocked = eye if forbidden is None else eye | forbidden.to(similarity.device)
-    blocked = torch.where(blocked.all(dim=1, keepdim=True), eye, blocked)  # nothing left: any other
-    weights = torch.softmax((similarity.detach() / temp).masked_fill(blocked, float("-inf")), dim=1)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)   # (B, B) -> (B,)
-
-
-def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of the ITM head: (B, 2) logits, labels 1 = matched, 0 = not."""
-    return F.cross_entropy(logits, labels)
-
-
-def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             label_smoothing: float = 0.0) -> torch.Tensor:
-    """Next-token cross-entropy: position t predicts token t+1; padding is not a target."""
-    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)   # (B, T-1)
-    # L = -1/n sum_t log p(w_{t+1} | queries, w_<=t)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
-                           ignore_index=-100, label_smoothing=label_smoothing)
 
 
 # ----------------------------------------------------------------------------------------------
