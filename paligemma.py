@@ -80,6 +80,37 @@ from clip import pick_device as clip_pick_device
 
 
 # ----------------------------------------------------------------------------------------------
+# The prefix-LM mask drawn above, first: what makes the decoder read image + prompt as one prefix
+# ----------------------------------------------------------------------------------------------
+
+def prefix_lm_mask(groups: torch.Tensor, key_ok: torch.Tensor, query_start: int, window: int | None = None,
+                   is_prefix: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Which keys each query may attend to; True = attend. Returns (B, 1, T, S) or None if all True.
+
+    groups: (B, S) cumulative sum of the token types (0 prefix, 1 suffix) over the whole sequence,
+    as big_vision's make_attn_mask: prefix tokens share group 0, each suffix token opens its own
+    group, and query i sees key j iff group[j] <= group[i]. That is full attention inside the prefix
+    and causal attention from the suffix on (see the picture in the module docstring). All-suffix
+    token types give a plain causal mask.
+    key_ok: (B, S) False at padding. The queries are positions query_start .. S-1.
+    window: Gemma 2's local layers also drop keys more than `window - 1` positions back, except
+    that prefix tokens keep seeing each other (transformers ORs the prefix block back in).
+    """
+    S = groups.shape[1]
+    q_idx = torch.arange(query_start, S, device=groups.device)                         # (T,)
+    k_idx = torch.arange(S, device=groups.device)                                      # (S,)
+    allowed = (groups[:, None, :] <= groups[:, query_start:, None]) & key_ok[:, None, :]   # (B, T, S)
+    if window is not None:
+        near = (q_idx[:, None] - k_idx[None, :]) < window                               # (T, S)
+        both_prefix = is_prefix[:, query_start:, None] & is_prefix[:, None, :]          # (B, T, S)
+        allowed &= near | both_prefix
+    # A query always sees itself, so a padding query never has an empty row (softmax of nothing is
+    # NaN, and a NaN value vector poisons every later layer through 0 * NaN).
+    allowed |= q_idx[:, None] == k_idx[None, :]
+    return None if bool(allowed.all()) else allowed[:, None]                          # (B, 1, T, S)
+
+
+# ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
 
@@ -255,33 +286,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Gemma 2's soft capping: cap * tanh(x / cap), smooth and bounded by +-cap."""
     return x if cap is None else torch.tanh(x / cap) * cap
-
-
-def prefix_lm_mask(groups: torch.Tensor, key_ok: torch.Tensor, query_start: int, window: int | None = None,
-                   is_prefix: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Which keys each query may attend to; True = attend. Returns (B, 1, T, S) or None if all True.
-
-    groups: (B, S) cumulative sum of the token types (0 prefix, 1 suffix) over the whole sequence,
-    as big_vision's make_attn_mask: prefix tokens share group 0, each suffix token opens its own
-    group, and query i sees key j iff group[j] <= group[i]. That is full attention inside the prefix
-    and causal attention from the suffix on (see the picture in the module docstring). All-suffix
-    token types give a plain causal mask.
-    key_ok: (B, S) False at padding. The queries are positions query_start .. S-1.
-    window: Gemma 2's local layers also drop keys more than `window - 1` positions back, except
-    that prefix tokens keep seeing each other (transformers ORs the prefix block back in).
-    """
-    S = groups.shape[1]
-    q_idx = torch.arange(query_start, S, device=groups.device)                         # (T,)
-    k_idx = torch.arange(S, device=groups.device)                                      # (S,)
-    allowed = (groups[:, None, :] <= groups[:, query_start:, None]) & key_ok[:, None, :]   # (B, T, S)
-    if window is not None:
-        near = (q_idx[:, None] - k_idx[None, :]) < window                               # (T, S)
-        both_prefix = is_prefix[:, query_start:, None] & is_prefix[:, None, :]          # (B, T, S)
-        allowed &= near | both_prefix
-    # A query always sees itself, so a padding query never has an empty row (softmax of nothing is
-    # NaN, and a NaN value vector poisons every later layer through 0 * NaN).
-    allowed |= q_idx[:, None] == k_idx[None, :]
-    return None if bool(allowed.all()) else allowed[:, None]                          # (B, 1, T, S)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
