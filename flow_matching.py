@@ -726,7 +726,7 @@ def dist_info() -> tuple[int, int]:
 
 
 def gather_global(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's (b, 2) shard in rank order: (b, 2) -> (world * b, 2)."""
+    """Concatenate every rank's (b, 2) shard in rank order: (b, 2) -> (W b, 2) = (B, 2)."""
     rank, world = dist_info()
     if world == 1:
         return x
@@ -1265,7 +1265,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def draw_figure(columns: list, path: str | Path, size: int = 340) -> Path:
     """columns: list of (title, panels); each panel (caption, target (n, 2) or None, points (n, 2), paths
-    (T, m, 2) or None).  One column per method, one row per panel, saved as a PNG at `path`."""
+    (len(times), n, 2) or None).  One column per method, one row per panel, saved as a PNG at `path`."""
     from PIL import Image, ImageDraw
     rows = max(len(panels) for _, panels in columns)
     head, caption_h, gap = 28, 24, 6
@@ -1296,7 +1296,7 @@ def draw_figure(columns: list, path: str | Path, size: int = 340) -> Path:
             if target is not None:
                 dots(draw, target, (170, 170, 170, 140))
             if paths is not None:
-                for line in paths.transpose(0, 1):    # (times, n, 2) -> n polylines, a point per solver time
+                for line in paths.transpose(0, 1):    # (len(times), n, 2) -> n polylines, a point per solver time
                     draw.line([tuple(p) for p in to_px(line)], fill=(128, 128, 0, 90), width=1)
                 dots(draw, paths[0], (0, 0, 0, 200))
             dots(draw, points, (31, 119, 180, 170))

@@ -90,7 +90,7 @@ class NF4Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# The two codes: NF4 (4 bits, for weights) and the dynamic map (8 bits, for the absmax constants)
+# The NF4 code (4 bits, for weights)
 # ----------------------------------------------------------------------------------------------
 
 def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
@@ -114,6 +114,69 @@ def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
     # normalise into [-1, 1]: both halves start at p = offset, so the levels end at -1 and 1 exactly
     return code / code.max()
 
+
+# computed once at import; quantize_nf4 stores a copy in each state
+NF4_CODE = nf4_code()
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantize and dequantize: the docstring's two equations. The steps they call come next: the 8-bit
+# map, blockwise absmax, double quantization and the state that holds the constants.
+# ----------------------------------------------------------------------------------------------
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64,
+                 double_quant: bool = True) -> tuple[torch.Tensor, NF4State]:
+    """Quantize a float tensor of any shape to NF4: (packed (ceil(n / 2), 1) uint8, state).
+
+    The packed bytes equal bitsandbytes.functional.quantize_4bit(w, blocksize=blocksize,
+    quant_type="nf4") on CPU, for float32 / float16 / bfloat16 and any shape.
+    """
+    check_float(w)
+    check_blocksize(blocksize)
+    code = NF4_CODE.to(w.device)
+    absmax, scaled = blockwise_absmax(w, blocksize)                 # (n_blocks,), (n,)
+    if scaled.numel() % 2:
+        # an odd count is padded with a 0.0 *before* rounding, so the spare nibble holds the code
+        # of zero (7), exactly as bitsandbytes does
+        scaled = F.pad(scaled, (0, 1))
+    # q_i = argmin_j |w_i / c_b - code_j|
+    packed = pack_nibbles(round_to_code(scaled, code))              # (ceil(n / 2), 1)
+    state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, code=code.clone())
+    if double_quant:
+        state.absmax, state.nested_absmax, state.offset = quantize_absmax(absmax)
+        state.nested_code = DYNAMIC_MAP.to(w.device, copy=True)
+    return packed, state
+
+
+def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Undo `quantize_nf4`: w_i ~= code[q_i] * c_b, in the original shape and dtype (or `dtype`).
+
+    Unpacking and looking up are one step: the byte table pairs[b] = (code[b >> 4], code[b & 15])
+    turns both nibbles of a byte (high nibble first) into their two values with a single lookup. Products are fp32 and rounded once to the output dtype, which
+    is what bitsandbytes' kernels do, so the values agree bit for bit.
+    """
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8, got {packed.dtype}")
+    expected = (state.numel + 1) // 2
+    if packed.numel() != expected:
+        raise ValueError(f"packed has {packed.numel()} bytes, the state's shape {tuple(state.shape)} needs {expected}")
+    code = state.code.to(packed.device, torch.float32)
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)   # (256, 2)
+    # each pair of fp32 values is fetched as one 8-byte word: one lookup per byte, not per nibble
+    words = pairs.view(torch.int64).view(-1).index_select(0, packed.reshape(-1).int())  # (n / 2,)
+    values = words.view(torch.float32)[: state.numel]                          # (n,)
+    w = scale_blocks(values, state.absmax_fp32(), state.blocksize)
+    return w.view(state.shape).to(dtype or state.dtype)
+
+
+def bits_per_parameter(packed: torch.Tensor, state: NF4State) -> float:
+    """Measured storage of one quantized tensor: codes + constants (code tables are shared)."""
+    return 8 * (packed.nbytes + state.nbytes()) / state.numel
+
+
+# ----------------------------------------------------------------------------------------------
+# The 8-bit dynamic map (for the absmax constants) and FP4 (an error baseline only)
+# ----------------------------------------------------------------------------------------------
 
 def dynamic_map() -> torch.Tensor:
     """The signed 8-bit dynamic map (Dettmers 2015, "8-bit approximations"), 256 sorted values.
@@ -142,8 +205,7 @@ def fp4_code() -> torch.Tensor:
     return torch.cat([-magnitudes[1:], magnitudes]).sort().values  # (15,): +0 and -0 are one level
 
 
-# computed once at import; quantize_nf4 stores copies of them in each state
-NF4_CODE = nf4_code()
+# computed once at import; quantize_nf4 stores a copy in each double-quantized state
 DYNAMIC_MAP = dynamic_map()
 
 
@@ -292,7 +354,7 @@ def dequantize_absmax(q8: torch.Tensor, scales: torch.Tensor, code8: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------
-# The quantization state and the two public functions
+# The quantization state: everything dequantize_nf4 needs besides the packed codes
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -374,56 +436,6 @@ class NF4State:
                    offset=torch.tensor(float(meta["nested_offset"]), device=absmax.device) if nested else None,
                    nested_absmax=tensors["nested_absmax"] if nested else None,
                    nested_code=tensors["nested_quant_map"] if nested else None)
-
-
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64,
-                 double_quant: bool = True) -> tuple[torch.Tensor, NF4State]:
-    """Quantize a float tensor of any shape to NF4: (packed (ceil(n / 2), 1) uint8, state).
-
-    The packed bytes equal bitsandbytes.functional.quantize_4bit(w, blocksize=blocksize,
-    quant_type="nf4") on CPU, for float32 / float16 / bfloat16 and any shape.
-    """
-    check_float(w)
-    check_blocksize(blocksize)
-    code = NF4_CODE.to(w.device)
-    absmax, scaled = blockwise_absmax(w, blocksize)                 # (n_blocks,), (n,)
-    if scaled.numel() % 2:
-        # an odd count is padded with a 0.0 *before* rounding, so the spare nibble holds the code
-        # of zero (7), exactly as bitsandbytes does
-        scaled = F.pad(scaled, (0, 1))
-    # q_i = argmin_j |w_i / c_b - code_j|
-    packed = pack_nibbles(round_to_code(scaled, code))              # (ceil(n / 2), 1)
-    state = NF4State(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize, code=code.clone())
-    if double_quant:
-        state.absmax, state.nested_absmax, state.offset = quantize_absmax(absmax)
-        state.nested_code = DYNAMIC_MAP.to(w.device, copy=True)
-    return packed, state
-
-
-def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Undo `quantize_nf4`: w_i ~= code[q_i] * c_b, in the original shape and dtype (or `dtype`).
-
-    Unpacking and looking up are one step: the byte table pairs[b] = (code[b >> 4], code[b & 15])
-    turns both nibbles of a byte (high nibble first) into their two values with a single lookup. Products are fp32 and rounded once to the output dtype, which
-    is what bitsandbytes' kernels do, so the values agree bit for bit.
-    """
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"packed must be uint8, got {packed.dtype}")
-    expected = (state.numel + 1) // 2
-    if packed.numel() != expected:
-        raise ValueError(f"packed has {packed.numel()} bytes, the state's shape {tuple(state.shape)} needs {expected}")
-    code = state.code.to(packed.device, torch.float32)
-    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)   # (256, 2)
-    # each pair of fp32 values is fetched as one 8-byte word: one lookup per byte, not per nibble
-    words = pairs.view(torch.int64).view(-1).index_select(0, packed.reshape(-1).int())  # (n / 2,)
-    values = words.view(torch.float32)[: state.numel]                          # (n,)
-    w = scale_blocks(values, state.absmax_fp32(), state.blocksize)
-    return w.view(state.shape).to(dtype or state.dtype)
-
-
-def bits_per_parameter(packed: torch.Tensor, state: NF4State) -> float:
-    """Measured storage of one quantized tensor: codes + constants (code tables are shared)."""
-    return 8 * (packed.nbytes + state.nbytes()) / state.numel
 
 
 # ----------------------------------------------------------------------------------------------

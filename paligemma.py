@@ -80,6 +80,37 @@ from clip import pick_device as clip_pick_device
 
 
 # ----------------------------------------------------------------------------------------------
+# The prefix-LM mask drawn above, first: what makes the decoder read image + prompt as one prefix
+# ----------------------------------------------------------------------------------------------
+
+def prefix_lm_mask(groups: torch.Tensor, key_ok: torch.Tensor, query_start: int, window: int | None = None,
+                   is_prefix: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Which keys each query may attend to; True = attend. Returns (B, 1, T, S) or None if all True.
+
+    groups: (B, S) cumulative sum of the token types (0 prefix, 1 suffix) over the whole sequence,
+    as big_vision's make_attn_mask: prefix tokens share group 0, each suffix token opens its own
+    group, and query i sees key j iff group[j] <= group[i]. That is full attention inside the prefix
+    and causal attention from the suffix on (see the picture in the module docstring). All-suffix
+    token types give a plain causal mask.
+    key_ok: (B, S) False at padding. The queries are positions query_start .. S-1.
+    window: Gemma 2's local layers also drop keys more than `window - 1` positions back, except
+    that prefix tokens keep seeing each other (transformers ORs the prefix block back in).
+    """
+    S = groups.shape[1]
+    q_idx = torch.arange(query_start, S, device=groups.device)                         # (T,)
+    k_idx = torch.arange(S, device=groups.device)                                      # (S,)
+    allowed = (groups[:, None, :] <= groups[:, query_start:, None]) & key_ok[:, None, :]   # (B, T, S)
+    if window is not None:
+        near = (q_idx[:, None] - k_idx[None, :]) < window                               # (T, S)
+        both_prefix = is_prefix[:, query_start:, None] & is_prefix[:, None, :]          # (B, T, S)
+        allowed &= near | both_prefix
+    # A query always sees itself, so a padding query never has an empty row (softmax of nothing is
+    # NaN, and a NaN value vector poisons every later layer through 0 * NaN).
+    allowed |= q_idx[:, None] == k_idx[None, :]
+    return None if bool(allowed.all()) else allowed[:, None]                          # (B, 1, T, S)
+
+
+# ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
 
@@ -257,33 +288,6 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else torch.tanh(x / cap) * cap
 
 
-def prefix_lm_mask(groups: torch.Tensor, key_ok: torch.Tensor, query_start: int, window: int | None = None,
-                   is_prefix: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Which keys each query may attend to; True = attend. Returns (B, 1, T, S) or None if all True.
-
-    groups: (B, S) cumulative sum of the token types (0 prefix, 1 suffix) over the whole sequence,
-    as big_vision's make_attn_mask: prefix tokens share group 0, each suffix token opens its own
-    group, and query i sees key j iff group[j] <= group[i]. That is full attention inside the prefix
-    and causal attention from the suffix on (see the picture in the module docstring). All-suffix
-    token types give a plain causal mask.
-    key_ok: (B, S) False at padding. The queries are positions query_start .. S-1.
-    window: Gemma 2's local layers also drop keys more than `window - 1` positions back, except
-    that prefix tokens keep seeing each other (transformers ORs the prefix block back in).
-    """
-    S = groups.shape[1]
-    q_idx = torch.arange(query_start, S, device=groups.device)                         # (T,)
-    k_idx = torch.arange(S, device=groups.device)                                      # (S,)
-    allowed = (groups[:, None, :] <= groups[:, query_start:, None]) & key_ok[:, None, :]   # (B, T, S)
-    if window is not None:
-        near = (q_idx[:, None] - k_idx[None, :]) < window                               # (T, S)
-        both_prefix = is_prefix[:, query_start:, None] & is_prefix[:, None, :]          # (B, T, S)
-        allowed &= near | both_prefix
-    # A query always sees itself, so a padding query never has an empty row (softmax of nothing is
-    # NaN, and a NaN value vector poisons every later layer through 0 * NaN).
-    allowed |= q_idx[:, None] == k_idx[None, :]
-    return None if bool(allowed.all()) else allowed[:, None]                          # (B, 1, T, S)
-
-
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                       cap: float | None = None) -> torch.Tensor:
     """Softmax attention where K key/value heads serve H query heads, H/K query heads each.
@@ -318,7 +322,7 @@ def suffix_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy on the suffix only (Beyer et al. 2024, sec. 3: no loss on the prefix).
 
     labels: (B, T) with -100 wherever no loss is taken (image, prompt, padding).
-    L = -(1 / |S|) sum_{t in S} log p(x_{t+1} | x_{<=t}), S = positions whose next label is kept.
+    L = -(1 / |A|) sum_{t in A} log p(x_{t+1} | x_{<=t}), A = positions whose next label is kept (the answer).
     """
     V = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -528,7 +532,7 @@ class KVCache:
 
     def __init__(self, t: TextConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
         shape = (t.num_hidden_layers, batch, t.num_key_value_heads, max_len, t.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)   # (L, B, K, S_max, d)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)   # (L, B, K, max_len, d)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0          # keys written so far
         self.groups = torch.zeros(batch, 0, dtype=torch.long, device=device)
@@ -554,8 +558,8 @@ class Output:
 
 @dataclass
 class GenerateOutput:
-    tokens: torch.Tensor                 # (B, T_new), pad_token_id after a row's EOS
-    scores: torch.Tensor | None = None   # (B, T_new, V) logits each token was chosen from
+    tokens: torch.Tensor                 # (B, new tokens), at most max_new_tokens; pad_token_id after a row's EOS
+    scores: torch.Tensor | None = None   # (B, new tokens, V) logits each token was chosen from
 
 
 # ----------------------------------------------------------------------------------------------

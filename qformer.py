@@ -116,6 +116,57 @@ class QFormerConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+# The three losses and the hard-negative sampler, as pure functions of the features and logits that
+# the QFormer below computes: the docstring's ITC / ITM / ITG equations
+# ----------------------------------------------------------------------------------------------
+
+def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """s(I_i, T_j) = max_q <z_iq, t_j>, both unit length: (B_img, Q, E), (B_txt, E) -> (B_img, B_txt)."""
+    per_query = torch.einsum("iqe,te->iqt", image_feats, text_feats)    # (B_img, Q, B_txt)
+    # BLIP-2 section 3.2: "select the one that has the highest similarity as the image-text similarity"
+    return per_query.max(dim=1).values                                  # (B_img, Q, B_txt) -> (B_img, B_txt)
+
+
+def itc_loss(similarity: torch.Tensor, temp: torch.Tensor | float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Symmetric InfoNCE on a square (B, B) similarity matrix; pair i is the diagonal."""
+    logits = similarity / temp                                          # (B, B)
+    # L = (CE over rows (image -> text) + CE over columns (text -> image)) / 2: CLIP's InfoNCE
+    return clip.symmetric_cross_entropy(logits, label_smoothing)
+
+
+def sample_hard_negatives(similarity: torch.Tensor, temp: torch.Tensor | float, forbidden: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row i pick a column j != i with probability softmax_j(s_ij / temp) (BLIP-2 sec. 3.2).
+
+    `forbidden` (B, B) bool marks further pairs that are not negatives (e.g. identical captions);
+    the diagonal is always forbidden. A row whose every column is forbidden falls back to the
+    off-diagonal ones. Returns (B,) column indices; never the positive i.
+    """
+    B = similarity.shape[0]
+    if B < 2:
+        raise ValueError(f"hard negatives need a batch of at least 2 pairs, got {B}")
+    eye = torch.eye(B, dtype=torch.bool, device=similarity.device)
+    blocked = eye if forbidden is None else eye | forbidden.to(similarity.device)
+    blocked = torch.where(blocked.all(dim=1, keepdim=True), eye, blocked)  # nothing left: any other
+    weights = torch.softmax((similarity.detach() / temp).masked_fill(blocked, float("-inf")), dim=1)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)   # (B, B) -> (B,)
+
+
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the ITM head: (B, 2) logits, labels 1 = matched, 0 = not."""
+    return F.cross_entropy(logits, labels)
+
+
+def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts token t+1; padding is not a target."""
+    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)   # (B, T-1)
+    # L = -1/n sum_t log p(w_{t+1} | queries, w_<=t)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
+                           ignore_index=-100, label_smoothing=label_smoothing)
+
+
+# ----------------------------------------------------------------------------------------------
 # The three self-attention masks (BLIP-2 Figure 2, right). True = the row may attend to the column.
 # ----------------------------------------------------------------------------------------------
 #
@@ -179,28 +230,29 @@ class AddNorm(nn.Module):
 class MultiHeadAttention(nn.Module):
     """softmax(Q K^T / sqrt(d) + M) V per head; keys and values come from `context`.
 
-    x (B, T_x, D) attends to context (B, T_c, D_c). In self-attention both are [queries; text]
-    (T_x = T_c = Q+T, or Q, or T, D_c = D); in the cross-attention x is the queries (T_x = Q) and the
-    context the frozen image features (T_c = N, D_c = Dv).
+    x (B, T, D) attends to context (B, S, D or Dv): T and S are the README's queries and keys of
+    attention. In self-attention x and context are one sequence of width D: [queries; text] (Q + T
+    long), the queries alone or the text alone; in the cross-attention x is the queries (T = Q) and the
+    context the frozen image features (S = N, width Dv).
     """
 
     def __init__(self, config: QFormerConfig, context_width: int):
         super().__init__()
         self.num_heads, self.p = config.num_attention_heads, config.attention_dropout
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(context_width, config.hidden_size)     # context_width = D_c: Dv for the
+        self.key = nn.Linear(context_width, config.hidden_size)     # context_width: D, or Dv for the
         self.value = nn.Linear(context_width, config.hidden_size)   # cross-attention to the image
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, T_x, D = x.shape
+        B, T, D = x.shape
         split = lambda t: t.view(B, t.shape[1], self.num_heads, -1).transpose(1, 2)
-        q = split(self.query(x))                                    # (B, T_x, D) -> (B, H, T_x, d)
-        k, v = split(self.key(context)), split(self.value(context))  # (B, T_c, D_c) -> (B, H, T_c, d)
-        mask = None if mask is None else mask[:, None]              # (B, T_x, T_c) -> (B, 1, T_x, T_c)
+        q = split(self.query(x))                                    # (B, T, D) -> (B, H, T, d)
+        k, v = split(self.key(context)), split(self.value(context))  # (B, S, D or Dv) -> (B, H, S, d)
+        mask = None if mask is None else mask[:, None]              # (B, T, S) -> (B, 1, T, S)
         # softmax(q k^T / sqrt(d) + M) v, M = 0 where mask is True and -inf where it is False
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.p if self.training else 0.0)
-        return h.transpose(1, 2).reshape(B, T_x, D)                 # (B, H, T_x, d) -> (B, T_x, D)
+        return h.transpose(1, 2).reshape(B, T, D)                   # (B, H, T, d) -> (B, T, D)
 
 
 class Attention(nn.Module):
@@ -329,56 +381,6 @@ class ITGHead(nn.Module):
     def forward(self, h: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
         h = self.LayerNorm(F.gelu(self.dense(h)))
         return h @ word_embeddings.t() + self.bias                  # (B, T, D) -> (B, T, V)
-
-
-# ----------------------------------------------------------------------------------------------
-# The three losses and the hard-negative sampler, as pure functions
-# ----------------------------------------------------------------------------------------------
-
-def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
-    """s(I_i, T_j) = max_q <z_iq, t_j>, both unit length: (B_img, Q, E), (B_txt, E) -> (B_img, B_txt)."""
-    per_query = torch.einsum("iqe,te->iqt", image_feats, text_feats)    # (B_img, Q, B_txt)
-    # BLIP-2 section 3.2: "select the one that has the highest similarity as the image-text similarity"
-    return per_query.max(dim=1).values                                  # (B_img, Q, B_txt) -> (B_img, B_txt)
-
-
-def itc_loss(similarity: torch.Tensor, temp: torch.Tensor | float, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Symmetric InfoNCE on a square (B, B) similarity matrix; pair i is the diagonal."""
-    logits = similarity / temp                                          # (B, B)
-    # L = (CE over rows (image -> text) + CE over columns (text -> image)) / 2: CLIP's InfoNCE
-    return clip.symmetric_cross_entropy(logits, label_smoothing)
-
-
-def sample_hard_negatives(similarity: torch.Tensor, temp: torch.Tensor | float, forbidden: torch.Tensor | None = None,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each row i pick a column j != i with probability softmax_j(s_ij / temp) (BLIP-2 sec. 3.2).
-
-    `forbidden` (B, B) bool marks further pairs that are not negatives (e.g. identical captions);
-    the diagonal is always forbidden. A row whose every column is forbidden falls back to the
-    off-diagonal ones. Returns (B,) column indices; never the positive i.
-    """
-    B = similarity.shape[0]
-    if B < 2:
-        raise ValueError(f"hard negatives need a batch of at least 2 pairs, got {B}")
-    eye = torch.eye(B, dtype=torch.bool, device=similarity.device)
-    blocked = eye if forbidden is None else eye | forbidden.to(similarity.device)
-    blocked = torch.where(blocked.all(dim=1, keepdim=True), eye, blocked)  # nothing left: any other
-    weights = torch.softmax((similarity.detach() / temp).masked_fill(blocked, float("-inf")), dim=1)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)   # (B, B) -> (B,)
-
-
-def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of the ITM head: (B, 2) logits, labels 1 = matched, 0 = not."""
-    return F.cross_entropy(logits, labels)
-
-
-def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             label_smoothing: float = 0.0) -> torch.Tensor:
-    """Next-token cross-entropy: position t predicts token t+1; padding is not a target."""
-    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)   # (B, T-1)
-    # L = -1/n sum_t log p(w_{t+1} | queries, w_<=t)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
-                           ignore_index=-100, label_smoothing=label_smoothing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,7 +515,7 @@ class QFormer(nn.Module):
         return self.itg_head(h[:, Q:], self.embeddings.word_embeddings.weight)
 
     def language_model_inputs(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Stage 2: the Q query outputs mapped to the LM's width, a soft visual prompt: (B, Q, D_lm)."""
+        """Stage 2: the Q query outputs mapped to the LM's width, a soft visual prompt: (B, Q, lm_hidden_size)."""
         if self.language_projection is None:
             raise ValueError("this Q-Former has no language_projection; build it with lm_hidden_size > 0")
         return self.language_projection(self(image_embeds))

@@ -105,350 +105,6 @@ ZERO = Score(0.0, 0.0, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Porter stemmer (Porter 1980) in nltk's NLTK_EXTENSIONS mode: rouge-score's use_stemmer=True
-# ---------------------------------------------------------------------------------------------------
-# Why stem: "jumps", "jumped" and "jumping" all become "jump", so a paraphrase that changes a
-# word's ending still matches. ROUGE with and without stemming are different numbers (stemming
-# usually adds a point or two): compare papers only when both say which one they used.
-#
-# Porter reads a word as consonants (c) and vowels (v). Collapsing runs gives [C](VC)^m[V]; m, the
-# "measure", counts vowel-consonant transitions, and a rule like "(m>0) ATIONAL -> ATE" strips a
-# suffix only if at least one VC is left in front of it. Five steps of such rules run in order.
-# nltk's default mode adds an irregular-forms table and a few extra rules, marked "nltk:" below.
-
-VOWELS = frozenset("aeiou")
-
-# nltk: irregular forms, mapped straight to their stem before any rule runs.
-IRREGULAR_FORMS = {
-    "skies": "sky", "sky": "sky", "dying": "die", "lying": "lie", "tying": "tie", "news": "news",
-    "innings": "inning", "inning": "inning", "outings": "outing", "outing": "outing",
-    "cannings": "canning", "canning": "canning", "howe": "howe", "proceed": "proceed",
-    "exceed": "exceed", "succeed": "succeed",
-}
-
-
-def consonant_flags(word: str) -> list[bool]:
-    """True where word[i] is a consonant: not a, e, i, o, u, and 'y' only first or after a vowel."""
-    flags = []
-    for i, ch in enumerate(word):
-        if ch in VOWELS:
-            flags.append(False)
-        elif ch == "y":
-            # 'y' is a vowel after a consonant ("happy") and a consonant otherwise ("yes", "toy")
-            flags.append(i == 0 or not flags[i - 1])
-        else:
-            flags.append(True)
-    return flags
-
-
-def measure(stem: str) -> int:
-    """m in [C](VC)^m[V]: the number of vowel -> consonant transitions ("trouble" 1, "oaten" 2)."""
-    flags = consonant_flags(stem)
-    return sum(1 for a, b in zip(flags, flags[1:]) if not a and b)
-
-
-def contains_vowel(stem: str) -> bool:
-    """Porter's condition *v*."""
-    return not all(consonant_flags(stem))
-
-
-def ends_double_consonant(word: str) -> bool:
-    """Porter's condition *d: two equal consonants at the end ("hopp", "fall")."""
-    return len(word) >= 2 and word[-1] == word[-2] and consonant_flags(word)[-1]
-
-
-def ends_cvc(word: str) -> bool:
-    """Porter's condition *o: ends consonant-vowel-consonant, the last not w, x or y ("hop").
-
-    nltk: a two-letter word vowel-consonant counts too ("ow" of "owed"), without the w/x/y test.
-    """
-    flags = consonant_flags(word)
-    if len(word) >= 3:
-        return flags[-3] and not flags[-2] and flags[-1] and word[-1] not in "wxy"
-    return len(word) == 2 and not flags[0] and flags[1]
-
-
-def apply_rules(word: str, rules: list[tuple[str, str, Callable[[str], bool]]]) -> str:
-    """The first rule whose suffix matches decides: if its condition holds the suffix is replaced,
-    otherwise the word is returned unchanged; later rules are never tried (Porter 1980)."""
-    for suffix, replacement, condition in rules:
-        if word.endswith(suffix):
-            stem = word[: len(word) - len(suffix)]
-            return stem + replacement if condition(stem) else word
-    return word
-
-
-def m_gt0(stem: str) -> bool:
-    return measure(stem) > 0
-
-
-def m_gt1(stem: str) -> bool:
-    return measure(stem) > 1
-
-
-def always(stem: str) -> bool:
-    return True
-
-
-STEP1A = [("sses", "ss", always), ("ies", "i", always), ("ss", "ss", always), ("s", "", always)]
-STEP2 = [
-    ("ational", "ate", m_gt0), ("tional", "tion", m_gt0), ("enci", "ence", m_gt0),
-    ("anci", "ance", m_gt0), ("izer", "ize", m_gt0), ("bli", "ble", m_gt0), ("alli", "al", m_gt0),
-    ("entli", "ent", m_gt0), ("eli", "e", m_gt0), ("ousli", "ous", m_gt0), ("ization", "ize", m_gt0),
-    ("ation", "ate", m_gt0), ("ator", "ate", m_gt0), ("alism", "al", m_gt0),
-    ("iveness", "ive", m_gt0), ("fulness", "ful", m_gt0), ("ousness", "ous", m_gt0),
-    ("aliti", "al", m_gt0), ("iviti", "ive", m_gt0), ("biliti", "ble", m_gt0),
-    ("fulli", "ful", m_gt0),                                                     # nltk
-    # nltk: the 'l' of "logi" stays with the stem for the test, so "geologi" -> "geolog"
-    ("logi", "log", lambda stem: measure(stem + "l") > 0),
-]
-STEP3 = [("icate", "ic", m_gt0), ("ative", "", m_gt0), ("alize", "al", m_gt0),
-         ("iciti", "ic", m_gt0), ("ical", "ic", m_gt0), ("ful", "", m_gt0), ("ness", "", m_gt0)]
-STEP4 = ([(suffix, "", m_gt1) for suffix in
-          ("al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent")]
-         + [("ion", "", lambda stem: measure(stem) > 1 and stem[-1] in "st")]   # (m>1 and (*S or *T))
-         + [(suffix, "", m_gt1) for suffix in ("ou", "ism", "ate", "iti", "ous", "ive", "ize")])
-
-
-def step1a(word: str) -> str:
-    """Plurals: caresses -> caress, ponies -> poni, cats -> cat."""
-    if word.endswith("ies") and len(word) == 4:                 # nltk: "dies" -> "die"
-        return word[:-1]
-    return apply_rules(word, STEP1A)
-
-
-def step1b(word: str) -> str:
-    """-ed and -ing: agreed -> agree, plastered -> plaster, hopping -> hop, filing -> file."""
-    if word.endswith("ied"):                                    # nltk: "died" -> "die", "spied" -> "spi"
-        return word[:-3] + ("ie" if len(word) == 4 else "i")
-    if word.endswith("eed"):                                    # (m>0) EED -> EE
-        return word[:-1] if m_gt0(word[:-3]) else word
-    for suffix in ("ed", "ing"):                                # (*v*) ED -> , (*v*) ING ->
-        if word.endswith(suffix) and contains_vowel(word[: -len(suffix)]):
-            stem = word[: -len(suffix)]
-            break
-    else:
-        return word
-    if stem.endswith(("at", "bl", "iz")):                       # AT -> ATE, BL -> BLE, IZ -> IZE
-        return stem + "e"
-    if ends_double_consonant(stem):                             # hopp -> hop; fall, hiss, fizz stay
-        return stem if stem[-1] in "lsz" else stem[:-1]
-    if measure(stem) == 1 and ends_cvc(stem):                   # (m=1 and *o) -> E: fil -> file
-        return stem + "e"
-    return stem
-
-
-def step1c(word: str) -> str:
-    """Y -> I. nltk: only after a consonant that is not the first letter (happy -> happi, but "by")."""
-    if word.endswith("y") and len(word) > 2 and consonant_flags(word)[-2]:
-        return word[:-1] + "i"
-    return word
-
-
-def step2(word: str) -> str:
-    """Double suffixes to single ones: relational -> relate, hopefulness -> hopeful."""
-    # nltk: ALLI -> AL is tried first and, when it fires, step 2 runs again on the result
-    if word.endswith("alli") and m_gt0(word[:-4]):
-        return step2(word[:-2])
-    return apply_rules(word, STEP2)
-
-
-def step5a(word: str) -> str:
-    """(m>1) E -> ;  (m=1 and not *o) E -> .  Both conditions are tried (not a first-match list)."""
-    if word.endswith("e"):
-        stem = word[:-1]
-        m = measure(stem)
-        if m > 1 or (m == 1 and not ends_cvc(stem)):
-            return stem
-    return word
-
-
-def step5b(word: str) -> str:
-    """(m>1 and *d and *L) -> single letter: controll -> control. nltk measures the word minus one l."""
-    if word.endswith("ll") and m_gt1(word[:-1]):
-        return word[:-1]
-    return word
-
-
-def porter_stem(word: str) -> str:
-    """Stem one word exactly as nltk 3.10's PorterStemmer().stem(word) (checked on ~1M words)."""
-    lower = word.lower()
-    if lower in IRREGULAR_FORMS:
-        return IRREGULAR_FORMS[lower]
-    if len(word) <= 2:                                          # nltk: 1-2 letter words pass through
-        return lower
-    stem = step1c(step1b(step1a(lower)))
-    stem = apply_rules(apply_rules(step2(stem), STEP3), STEP4)
-    return step5b(step5a(stem))
-
-
-class PorterStemmer:
-    """nltk-compatible `.stem(word)`, memoised: a corpus repeats its words, Porter's rules are slow."""
-
-    def __init__(self) -> None:
-        self._cache = {}
-
-    def stem(self, word: str) -> str:
-        stem = self._cache.get(word)
-        if stem is None:
-            stem = self._cache[word] = porter_stem(word)
-        return stem
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tokenizers
-# ---------------------------------------------------------------------------------------------------
-ASCII_WORD = re.compile(r"[a-z0-9]+")
-# byte -> itself for [a-z0-9] and "\n" (kept so that lines survive), a space for every other byte
-TO_SPACE = bytes(c if chr(c) in "abcdefghijklmnopqrstuvwxyz0123456789\n" else 32 for c in range(256))
-
-
-def ascii_words(text: str) -> str:
-    """text.lower() with every character outside [a-z0-9] and "\n" turned into a space.
-
-    rouge-score does re.sub("[^a-z0-9]+", " ", text.lower()); the same in C and twice as fast: each
-    non-ASCII character becomes "?" (one per code point), then every byte outside [a-z0-9] a space.
-    Lower-casing first matters: the Kelvin sign K lower-cases to an ASCII "k".
-    """
-    return text.lower().encode("ascii", "replace").translate(TO_SPACE).decode("ascii")
-
-
-def tokenize(text: str, stemmer: PorterStemmer | None = None) -> list[str]:
-    """rouge-score's tokenizer: lower-case, every character outside [a-z0-9] becomes a space, split,
-    then stem words longer than 3 characters. Non-ASCII letters vanish ("café" -> "caf")."""
-    words = ascii_words(text).split()
-    if stemmer is None:
-        return words
-    return [stemmer.stem(w) if len(w) > 3 else w for w in words]
-
-
-class Tokenizer(abc.ABC):
-    """Base class of tokenizers (rouge-score's tokenizers.Tokenizer): a custom tokenizer subclasses
-    it and overrides tokenize(text) -> list of str. RougeScorer accepts any object with a
-    tokenize method; subclassing states the contract and fails early if tokenize is missing."""
-
-    @abc.abstractmethod
-    def tokenize(self, text: str) -> list[str]:
-        raise NotImplementedError("Tokenizer must override tokenize() method")
-
-
-class DefaultTokenizer(Tokenizer):
-    """rouge-score's DefaultTokenizer, with one dict from word to token so a repeated word costs a
-    single lookup. A Porter stem of a word of more than 3 letters is never empty, so rouge-score's
-    final "drop empty tokens" filter never fires and is left out."""
-
-    def __init__(self, use_stemmer: bool = False):
-        self.use_stemmer = use_stemmer
-        self._token_of = _StemTable() if use_stemmer else None
-
-    def tokenize(self, text: str) -> list[str]:
-        return self._tokens(ascii_words(text).split())
-
-    def tokenize_lines(self, text: str) -> list[list[str]]:
-        """The tokens of each non-empty line (rougeLsum's sentences), in one pass over the text."""
-        return [self._tokens(line.split()) for line in ascii_words(text).split("\n") if line]
-
-    def _tokens(self, words):
-        if self._token_of is None:
-            return words
-        token_of = self._token_of
-        return [token_of[w] for w in words]
-
-
-class _StemTable(dict):
-    """word -> token: the Porter stem for words of more than 3 characters, the word itself otherwise.
-    Grows by one entry per distinct word (a few hundred thousand for a large corpus)."""
-
-    def __missing__(self, word: str) -> str:
-        token = self[word] = porter_stem(word) if len(word) > 3 else word
-        return token
-
-
-# Scripts written without spaces between words: one token per character (a crude but common
-# choice for ROUGE on Chinese or Japanese; Thai, Lao, Khmer and Myanmar really need a segmenter).
-NO_SPACE_SCRIPTS = re.compile(
-    "[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
-    "\uf900-\ufaff\U00020000-\U0002ffff]")
-
-
-class UnicodeTokenizer(Tokenizer):
-    """Opt-in tokenizer that keeps every script: NFKC-normalise, case-fold, keep runs of letters,
-    marks and digits (Unicode categories L, M, N), one token per character in scripts without
-    spaces. English ASCII words are Porter-stemmed as by the default tokenizer.
-
-    rouge-score's tokenizer deletes everything outside [a-z0-9], so two German, Hindi or Chinese
-    texts score 0 against each other; this one does not. It is not rouge-score's: report it as such.
-    """
-
-    def __init__(self, use_stemmer: bool = False):
-        self.use_stemmer = use_stemmer
-        self._stems = _StemTable() if use_stemmer else None
-
-    def tokenize(self, text: str) -> list[str]:
-        text = unicodedata.normalize("NFKC", text).casefold()
-        tokens, word = [], []
-        for ch in text:
-            if NO_SPACE_SCRIPTS.match(ch):
-                tokens += ["".join(word), ch] if word else [ch]
-                word = []
-            elif unicodedata.category(ch)[0] in "LMN":
-                word.append(ch)
-            elif word:
-                tokens.append("".join(word))
-                word = []
-        if word:
-            tokens.append("".join(word))
-        if self._stems is not None:
-            tokens = [self._stems[t] if ASCII_WORD.fullmatch(t) else t for t in tokens]
-        return tokens
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sentence splitting, for rougeLsum and rougeW
-# ---------------------------------------------------------------------------------------------------
-# rouge-score splits on "\n", or with split_summaries=True calls nltk.sent_tokenize (punkt), whose
-# English model is downloaded data we cannot install. split_sentences is a rule-based stand-in:
-#   a sentence ends at '.', '!' or '?' (and any closing quotes or brackets) followed by whitespace,
-#   except after a known abbreviation ("Dr.", "e.g."), a single-letter initial ("J. Smith"), or an
-#   ellipsis ("...") followed by a lower-case word.
-# It can differ from punkt where punkt learned something from its training corpus: abbreviations
-# not in the list below ("approx.", "Calif."), collocations such as "Jan. 5", initials and ordinal
-# numbers judged by the case of the next word, and an ellipsis followed by a capital.
-# Newlines are ordinary whitespace here, as they are for punkt.
-ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st mt vs cf e.g i.e et al fig figs eq eqs no nos vol pp ed eds "
-    "u.s u.k inc ltd co corp dept gen gov sen rep rev jan feb mar apr jun jul aug sep sept oct nov dec".split())
-SENTENCE_END = re.compile(r"[.!?]+[\"')\]\u2019\u201d]*$")    # at the end of a whitespace-free word
-OPENERS = "\"'([\u2018\u201c"
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split text into sentences with the rules above; returns stripped, non-empty sentences."""
-    words = list(re.finditer(r"\S+", text))
-    sentences, start = [], 0
-    for word, following in zip(words, words[1:]):
-        end = SENTENCE_END.search(word.group())
-        if end is None:
-            continue
-        punct = end.group().rstrip(OPENERS + ")]\u2019\u201d")
-        core = word.group()[: end.start()].lstrip(OPENERS).lower()
-        if punct == "." and (core in ABBREVIATIONS or (len(core) == 1 and core.isalpha())):
-            continue                                    # "Dr. Smith", "J. Smith": not an end
-        if punct.startswith("..") and following.group().lstrip(OPENERS)[:1].islower():
-            continue                                    # "and so... we left": one sentence
-        sentences.append(text[start:word.end()].strip())
-        start = word.end()
-    sentences.append(text[start:].strip())
-    return [s for s in sentences if s]
-
-
-def get_sentences(text: str, split_summaries: bool = False) -> list[str]:
-    """rouge-score's rougeLsum sentences: lines (split on "\n" only), or split_sentences; no empties."""
-    sentences = split_sentences(text) if split_summaries else text.split("\n")
-    return [s for s in sentences if s]
-
-
-# ---------------------------------------------------------------------------------------------------
 # ROUGE-N: clipped n-gram overlap (Lin 2004, section 2)
 # ---------------------------------------------------------------------------------------------------
 def ngram_counts(tokens: list[str], n: int) -> collections.Counter:
@@ -919,6 +575,350 @@ def skip_bigram_counts(tokens: list[str], max_gap: int | None = None, unigrams: 
         for j in range(i + 1, stop):
             counts[(tokens[i], tokens[j])] += 1
     return counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Porter stemmer (Porter 1980) in nltk's NLTK_EXTENSIONS mode: rouge-score's use_stemmer=True
+# ---------------------------------------------------------------------------------------------------
+# Why stem: "jumps", "jumped" and "jumping" all become "jump", so a paraphrase that changes a
+# word's ending still matches. ROUGE with and without stemming are different numbers (stemming
+# usually adds a point or two): compare papers only when both say which one they used.
+#
+# Porter reads a word as consonants (c) and vowels (v). Collapsing runs gives [C](VC)^m[V]; m, the
+# "measure", counts vowel-consonant transitions, and a rule like "(m>0) ATIONAL -> ATE" strips a
+# suffix only if at least one VC is left in front of it. Five steps of such rules run in order.
+# nltk's default mode adds an irregular-forms table and a few extra rules, marked "nltk:" below.
+
+VOWELS = frozenset("aeiou")
+
+# nltk: irregular forms, mapped straight to their stem before any rule runs.
+IRREGULAR_FORMS = {
+    "skies": "sky", "sky": "sky", "dying": "die", "lying": "lie", "tying": "tie", "news": "news",
+    "innings": "inning", "inning": "inning", "outings": "outing", "outing": "outing",
+    "cannings": "canning", "canning": "canning", "howe": "howe", "proceed": "proceed",
+    "exceed": "exceed", "succeed": "succeed",
+}
+
+
+def consonant_flags(word: str) -> list[bool]:
+    """True where word[i] is a consonant: not a, e, i, o, u, and 'y' only first or after a vowel."""
+    flags = []
+    for i, ch in enumerate(word):
+        if ch in VOWELS:
+            flags.append(False)
+        elif ch == "y":
+            # 'y' is a vowel after a consonant ("happy") and a consonant otherwise ("yes", "toy")
+            flags.append(i == 0 or not flags[i - 1])
+        else:
+            flags.append(True)
+    return flags
+
+
+def measure(stem: str) -> int:
+    """m in [C](VC)^m[V]: the number of vowel -> consonant transitions ("trouble" 1, "oaten" 2)."""
+    flags = consonant_flags(stem)
+    return sum(1 for a, b in zip(flags, flags[1:]) if not a and b)
+
+
+def contains_vowel(stem: str) -> bool:
+    """Porter's condition *v*."""
+    return not all(consonant_flags(stem))
+
+
+def ends_double_consonant(word: str) -> bool:
+    """Porter's condition *d: two equal consonants at the end ("hopp", "fall")."""
+    return len(word) >= 2 and word[-1] == word[-2] and consonant_flags(word)[-1]
+
+
+def ends_cvc(word: str) -> bool:
+    """Porter's condition *o: ends consonant-vowel-consonant, the last not w, x or y ("hop").
+
+    nltk: a two-letter word vowel-consonant counts too ("ow" of "owed"), without the w/x/y test.
+    """
+    flags = consonant_flags(word)
+    if len(word) >= 3:
+        return flags[-3] and not flags[-2] and flags[-1] and word[-1] not in "wxy"
+    return len(word) == 2 and not flags[0] and flags[1]
+
+
+def apply_rules(word: str, rules: list[tuple[str, str, Callable[[str], bool]]]) -> str:
+    """The first rule whose suffix matches decides: if its condition holds the suffix is replaced,
+    otherwise the word is returned unchanged; later rules are never tried (Porter 1980)."""
+    for suffix, replacement, condition in rules:
+        if word.endswith(suffix):
+            stem = word[: len(word) - len(suffix)]
+            return stem + replacement if condition(stem) else word
+    return word
+
+
+def m_gt0(stem: str) -> bool:
+    return measure(stem) > 0
+
+
+def m_gt1(stem: str) -> bool:
+    return measure(stem) > 1
+
+
+def always(stem: str) -> bool:
+    return True
+
+
+STEP1A = [("sses", "ss", always), ("ies", "i", always), ("ss", "ss", always), ("s", "", always)]
+STEP2 = [
+    ("ational", "ate", m_gt0), ("tional", "tion", m_gt0), ("enci", "ence", m_gt0),
+    ("anci", "ance", m_gt0), ("izer", "ize", m_gt0), ("bli", "ble", m_gt0), ("alli", "al", m_gt0),
+    ("entli", "ent", m_gt0), ("eli", "e", m_gt0), ("ousli", "ous", m_gt0), ("ization", "ize", m_gt0),
+    ("ation", "ate", m_gt0), ("ator", "ate", m_gt0), ("alism", "al", m_gt0),
+    ("iveness", "ive", m_gt0), ("fulness", "ful", m_gt0), ("ousness", "ous", m_gt0),
+    ("aliti", "al", m_gt0), ("iviti", "ive", m_gt0), ("biliti", "ble", m_gt0),
+    ("fulli", "ful", m_gt0),                                                     # nltk
+    # nltk: the 'l' of "logi" stays with the stem for the test, so "geologi" -> "geolog"
+    ("logi", "log", lambda stem: measure(stem + "l") > 0),
+]
+STEP3 = [("icate", "ic", m_gt0), ("ative", "", m_gt0), ("alize", "al", m_gt0),
+         ("iciti", "ic", m_gt0), ("ical", "ic", m_gt0), ("ful", "", m_gt0), ("ness", "", m_gt0)]
+STEP4 = ([(suffix, "", m_gt1) for suffix in
+          ("al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent")]
+         + [("ion", "", lambda stem: measure(stem) > 1 and stem[-1] in "st")]   # (m>1 and (*S or *T))
+         + [(suffix, "", m_gt1) for suffix in ("ou", "ism", "ate", "iti", "ous", "ive", "ize")])
+
+
+def step1a(word: str) -> str:
+    """Plurals: caresses -> caress, ponies -> poni, cats -> cat."""
+    if word.endswith("ies") and len(word) == 4:                 # nltk: "dies" -> "die"
+        return word[:-1]
+    return apply_rules(word, STEP1A)
+
+
+def step1b(word: str) -> str:
+    """-ed and -ing: agreed -> agree, plastered -> plaster, hopping -> hop, filing -> file."""
+    if word.endswith("ied"):                                    # nltk: "died" -> "die", "spied" -> "spi"
+        return word[:-3] + ("ie" if len(word) == 4 else "i")
+    if word.endswith("eed"):                                    # (m>0) EED -> EE
+        return word[:-1] if m_gt0(word[:-3]) else word
+    for suffix in ("ed", "ing"):                                # (*v*) ED -> , (*v*) ING ->
+        if word.endswith(suffix) and contains_vowel(word[: -len(suffix)]):
+            stem = word[: -len(suffix)]
+            break
+    else:
+        return word
+    if stem.endswith(("at", "bl", "iz")):                       # AT -> ATE, BL -> BLE, IZ -> IZE
+        return stem + "e"
+    if ends_double_consonant(stem):                             # hopp -> hop; fall, hiss, fizz stay
+        return stem if stem[-1] in "lsz" else stem[:-1]
+    if measure(stem) == 1 and ends_cvc(stem):                   # (m=1 and *o) -> E: fil -> file
+        return stem + "e"
+    return stem
+
+
+def step1c(word: str) -> str:
+    """Y -> I. nltk: only after a consonant that is not the first letter (happy -> happi, but "by")."""
+    if word.endswith("y") and len(word) > 2 and consonant_flags(word)[-2]:
+        return word[:-1] + "i"
+    return word
+
+
+def step2(word: str) -> str:
+    """Double suffixes to single ones: relational -> relate, hopefulness -> hopeful."""
+    # nltk: ALLI -> AL is tried first and, when it fires, step 2 runs again on the result
+    if word.endswith("alli") and m_gt0(word[:-4]):
+        return step2(word[:-2])
+    return apply_rules(word, STEP2)
+
+
+def step5a(word: str) -> str:
+    """(m>1) E -> ;  (m=1 and not *o) E -> .  Both conditions are tried (not a first-match list)."""
+    if word.endswith("e"):
+        stem = word[:-1]
+        m = measure(stem)
+        if m > 1 or (m == 1 and not ends_cvc(stem)):
+            return stem
+    return word
+
+
+def step5b(word: str) -> str:
+    """(m>1 and *d and *L) -> single letter: controll -> control. nltk measures the word minus one l."""
+    if word.endswith("ll") and m_gt1(word[:-1]):
+        return word[:-1]
+    return word
+
+
+def porter_stem(word: str) -> str:
+    """Stem one word exactly as nltk 3.10's PorterStemmer().stem(word) (checked on ~1M words)."""
+    lower = word.lower()
+    if lower in IRREGULAR_FORMS:
+        return IRREGULAR_FORMS[lower]
+    if len(word) <= 2:                                          # nltk: 1-2 letter words pass through
+        return lower
+    stem = step1c(step1b(step1a(lower)))
+    stem = apply_rules(apply_rules(step2(stem), STEP3), STEP4)
+    return step5b(step5a(stem))
+
+
+class PorterStemmer:
+    """nltk-compatible `.stem(word)`, memoised: a corpus repeats its words, Porter's rules are slow."""
+
+    def __init__(self) -> None:
+        self._cache = {}
+
+    def stem(self, word: str) -> str:
+        stem = self._cache.get(word)
+        if stem is None:
+            stem = self._cache[word] = porter_stem(word)
+        return stem
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------------
+ASCII_WORD = re.compile(r"[a-z0-9]+")
+# byte -> itself for [a-z0-9] and "\n" (kept so that lines survive), a space for every other byte
+TO_SPACE = bytes(c if chr(c) in "abcdefghijklmnopqrstuvwxyz0123456789\n" else 32 for c in range(256))
+
+
+def ascii_words(text: str) -> str:
+    """text.lower() with every character outside [a-z0-9] and "\n" turned into a space.
+
+    rouge-score does re.sub("[^a-z0-9]+", " ", text.lower()); the same in C and twice as fast: each
+    non-ASCII character becomes "?" (one per code point), then every byte outside [a-z0-9] a space.
+    Lower-casing first matters: the Kelvin sign K lower-cases to an ASCII "k".
+    """
+    return text.lower().encode("ascii", "replace").translate(TO_SPACE).decode("ascii")
+
+
+def tokenize(text: str, stemmer: PorterStemmer | None = None) -> list[str]:
+    """rouge-score's tokenizer: lower-case, every character outside [a-z0-9] becomes a space, split,
+    then stem words longer than 3 characters. Non-ASCII letters vanish ("café" -> "caf")."""
+    words = ascii_words(text).split()
+    if stemmer is None:
+        return words
+    return [stemmer.stem(w) if len(w) > 3 else w for w in words]
+
+
+class Tokenizer(abc.ABC):
+    """Base class of tokenizers (rouge-score's tokenizers.Tokenizer): a custom tokenizer subclasses
+    it and overrides tokenize(text) -> list of str. RougeScorer accepts any object with a
+    tokenize method; subclassing states the contract and fails early if tokenize is missing."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[str]:
+        raise NotImplementedError("Tokenizer must override tokenize() method")
+
+
+class DefaultTokenizer(Tokenizer):
+    """rouge-score's DefaultTokenizer, with one dict from word to token so a repeated word costs a
+    single lookup. A Porter stem of a word of more than 3 letters is never empty, so rouge-score's
+    final "drop empty tokens" filter never fires and is left out."""
+
+    def __init__(self, use_stemmer: bool = False):
+        self.use_stemmer = use_stemmer
+        self._token_of = _StemTable() if use_stemmer else None
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._tokens(ascii_words(text).split())
+
+    def tokenize_lines(self, text: str) -> list[list[str]]:
+        """The tokens of each non-empty line (rougeLsum's sentences), in one pass over the text."""
+        return [self._tokens(line.split()) for line in ascii_words(text).split("\n") if line]
+
+    def _tokens(self, words):
+        if self._token_of is None:
+            return words
+        token_of = self._token_of
+        return [token_of[w] for w in words]
+
+
+class _StemTable(dict):
+    """word -> token: the Porter stem for words of more than 3 characters, the word itself otherwise.
+    Grows by one entry per distinct word (a few hundred thousand for a large corpus)."""
+
+    def __missing__(self, word: str) -> str:
+        token = self[word] = porter_stem(word) if len(word) > 3 else word
+        return token
+
+
+# Scripts written without spaces between words: one token per character (a crude but common
+# choice for ROUGE on Chinese or Japanese; Thai, Lao, Khmer and Myanmar really need a segmenter).
+NO_SPACE_SCRIPTS = re.compile(
+    "[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+    "\uf900-\ufaff\U00020000-\U0002ffff]")
+
+
+class UnicodeTokenizer(Tokenizer):
+    """Opt-in tokenizer that keeps every script: NFKC-normalise, case-fold, keep runs of letters,
+    marks and digits (Unicode categories L, M, N), one token per character in scripts without
+    spaces. English ASCII words are Porter-stemmed as by the default tokenizer.
+
+    rouge-score's tokenizer deletes everything outside [a-z0-9], so two German, Hindi or Chinese
+    texts score 0 against each other; this one does not. It is not rouge-score's: report it as such.
+    """
+
+    def __init__(self, use_stemmer: bool = False):
+        self.use_stemmer = use_stemmer
+        self._stems = _StemTable() if use_stemmer else None
+
+    def tokenize(self, text: str) -> list[str]:
+        text = unicodedata.normalize("NFKC", text).casefold()
+        tokens, word = [], []
+        for ch in text:
+            if NO_SPACE_SCRIPTS.match(ch):
+                tokens += ["".join(word), ch] if word else [ch]
+                word = []
+            elif unicodedata.category(ch)[0] in "LMN":
+                word.append(ch)
+            elif word:
+                tokens.append("".join(word))
+                word = []
+        if word:
+            tokens.append("".join(word))
+        if self._stems is not None:
+            tokens = [self._stems[t] if ASCII_WORD.fullmatch(t) else t for t in tokens]
+        return tokens
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sentence splitting, for rougeLsum and rougeW
+# ---------------------------------------------------------------------------------------------------
+# rouge-score splits on "\n", or with split_summaries=True calls nltk.sent_tokenize (punkt), whose
+# English model is downloaded data we cannot install. split_sentences is a rule-based stand-in:
+#   a sentence ends at '.', '!' or '?' (and any closing quotes or brackets) followed by whitespace,
+#   except after a known abbreviation ("Dr.", "e.g."), a single-letter initial ("J. Smith"), or an
+#   ellipsis ("...") followed by a lower-case word.
+# It can differ from punkt where punkt learned something from its training corpus: abbreviations
+# not in the list below ("approx.", "Calif."), collocations such as "Jan. 5", initials and ordinal
+# numbers judged by the case of the next word, and an ellipsis followed by a capital.
+# Newlines are ordinary whitespace here, as they are for punkt.
+ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st mt vs cf e.g i.e et al fig figs eq eqs no nos vol pp ed eds "
+    "u.s u.k inc ltd co corp dept gen gov sen rep rev jan feb mar apr jun jul aug sep sept oct nov dec".split())
+SENTENCE_END = re.compile(r"[.!?]+[\"')\]\u2019\u201d]*$")    # at the end of a whitespace-free word
+OPENERS = "\"'([\u2018\u201c"
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split text into sentences with the rules above; returns stripped, non-empty sentences."""
+    words = list(re.finditer(r"\S+", text))
+    sentences, start = [], 0
+    for word, following in zip(words, words[1:]):
+        end = SENTENCE_END.search(word.group())
+        if end is None:
+            continue
+        punct = end.group().rstrip(OPENERS + ")]\u2019\u201d")
+        core = word.group()[: end.start()].lstrip(OPENERS).lower()
+        if punct == "." and (core in ABBREVIATIONS or (len(core) == 1 and core.isalpha())):
+            continue                                    # "Dr. Smith", "J. Smith": not an end
+        if punct.startswith("..") and following.group().lstrip(OPENERS)[:1].islower():
+            continue                                    # "and so... we left": one sentence
+        sentences.append(text[start:word.end()].strip())
+        start = word.end()
+    sentences.append(text[start:].strip())
+    return [s for s in sentences if s]
+
+
+def get_sentences(text: str, split_summaries: bool = False) -> list[str]:
+    """rouge-score's rougeLsum sentences: lines (split on "\n" only), or split_sentences; no empties."""
+    sentences = split_sentences(text) if split_summaries else text.split("\n")
+    return [s for s in sentences if s]
 
 
 # ---------------------------------------------------------------------------------------------------
