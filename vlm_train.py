@@ -106,10 +106,10 @@ def merge_patches(z, m):
     in both cases, as LLaVA does (it feeds the grid features only, Liu et al. 2023, sec. 4.1).
     """
     x = z[:, 1:]                                                                      # (B, N, Dv)
-    B, N, C = x.shape
+    B, N, Dv = x.shape
     g = math.isqrt(N)                                                                 # patches per side
-    x = x.reshape(B, g // m, m, g // m, m, C)               # (B, block row, row in block, block col, col in block, Dv)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, (g // m) ** 2, m * m * C)
+    x = x.reshape(B, g // m, m, g // m, m, Dv)              # (B, block row, row in block, block col, col in block, Dv)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, (g // m) ** 2, m * m * Dv)
 
 
 class LinearConnector(nn.Module):
@@ -912,7 +912,7 @@ class WordProcessor:
 
 @torch.no_grad()
 def generate_answers(vlm, images, prompts, max_new_tokens=4, batch_size=128, features=None):
-    """Greedy answers (paligemma's KV-cache generation) to prompts about (B, S, S, C) uint8 images
+    """Greedy answers (paligemma's KV-cache generation) to prompts about (B, I, I, C) uint8 images
     (or about their cached vision features)."""
     model, out = vlm.model.eval(), []
     device = model.device

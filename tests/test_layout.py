@@ -125,8 +125,6 @@ CORE_EQUATION = {
     "vlm_train": "LinearConnector",   # u = W z + b, "the only new part" (the first of the five connectors)
 }
 CORE_LINE_LIMIT = 150
-# Files another branch is reordering; strict, so the mark must go when they pass.
-BEING_REORDERED = {"vlm_train"}
 
 
 def definition_line(path, dotted_name):
@@ -145,9 +143,7 @@ def test_every_concept_file_names_its_core_equation():
     assert set(CORE_EQUATION) == set(CONCEPTS)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="being reordered in another branch"))
-    if n in BEING_REORDERED else n for n in PRESENT])
+@pytest.mark.parametrize("name", PRESENT)
 def test_core_equation_within_150_lines(name):
     """Docstring, config, then the core math: the code of the docstring's main equation starts by line 150."""
     line = definition_line(ROOT / f"{name}.py", CORE_EQUATION[name])
