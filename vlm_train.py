@@ -66,9 +66,11 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,7 +96,7 @@ KINDS = ("count", "colour", "shape", "size", "position", "existence")
 # Lk is the number of vision layers kept: 1 (the last, after the ViT's final LayerNorm) for every
 # connector but `dense`, which also gets the hidden states h_0 .. h_{L-1} (Lk = L + 1, last at -1).
 
-def merge_patches(z, m):
+def merge_patches(z: torch.Tensor, m: int) -> torch.Tensor:
     """(B, 1+N, Dv) grid features -> (B, N/m^2, m^2 Dv): the class token dropped and each m x m block
     of neighbouring patches concatenated channel-wise, blocks in raster order.
 
@@ -115,12 +117,12 @@ def merge_patches(z, m):
 class LinearConnector(nn.Module):
     """u = W z + b on the last layer (LLaVA-1, PaliGemma's projector), after `merge_patches`."""
 
-    def __init__(self, vision_width, width, merge=1):
+    def __init__(self, vision_width: int, width: int, merge: int = 1):
         super().__init__()
         self.merge = merge
         self.linear = nn.Linear(merge * merge * vision_width, width)
 
-    def forward(self, feats):
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.linear(merge_patches(feats[:, -1], self.merge))                 # (B, M, m^2 Dv) -> (B, M, D)
 
 
@@ -128,16 +130,16 @@ class MLPConnector(nn.Module):
     """u = W2 GELU(W1 z + b1) + b2 (LLaVA-1.5, sec. 3.2: "a two-layer MLP" instead of one linear map),
     after `merge_patches` (Qwen2-VL's merger is this MLP on 2 x 2 merged patches)."""
 
-    def __init__(self, vision_width, width, merge=1):
+    def __init__(self, vision_width: int, width: int, merge: int = 1):
         super().__init__()
         self.merge = merge
         self.fc1, self.fc2 = nn.Linear(merge * merge * vision_width, width), nn.Linear(width, width)
 
-    def forward(self, feats):
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(merge_patches(feats[:, -1], self.merge))))  # (B, M, D)
 
     @staticmethod
-    def mlp(in_width, width):
+    def mlp(in_width: int, width: int) -> nn.Sequential:
         """The same two layers as a module of its own (the Q-Former's MLP adapter)."""
         return nn.Sequential(nn.Linear(in_width, width), nn.GELU(), nn.Linear(width, width))
 
@@ -146,12 +148,12 @@ class DenseConnector(nn.Module):
     """u = W [z_L ; mean(group 1) ; ... ; mean(group G)] (Yao et al. 2024, Dense Channel Integration),
     with paligemma.dense_channel_integration doing the grouping, then `merge_patches`."""
 
-    def __init__(self, vision_width, width, groups, merge=1):
+    def __init__(self, vision_width: int, width: int, groups: int, merge: int = 1):
         super().__init__()
         self.groups, self.merge = groups, merge
         self.linear = nn.Linear(merge * merge * (groups + 1) * vision_width, width)
 
-    def forward(self, feats):
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
         dense = pg.dense_channel_integration(list(feats[:, :-1].unbind(1)), feats[:, -1], self.groups)
         return self.linear(merge_patches(dense, self.merge))                         # (B, M, m^2 (G+1) Dv) -> (B, M, D)
 
@@ -160,14 +162,14 @@ class QFormerConnector(nn.Module):
     """qformer.QFormer's Q query outputs through its language_projection (BLIP-2 sec. 3.3), or, with
     head="mlp", through an MLP adapter u = W2 GELU(W1 q + b1) + b2 (the course's Q-Former tutorial)."""
 
-    def __init__(self, vision_width, width, num_queries, tiny, head="linear"):
+    def __init__(self, vision_width: int, width: int, num_queries: int, tiny: bool, head: str = "linear"):
         super().__init__()
         config = qformer.shapes_qformer_config(clip.ShapesTokenizer(), vision_width, tiny=tiny)
         self.qformer = qformer.QFormer(replace(config, num_query_tokens=num_queries,
                                                lm_hidden_size=width if head == "linear" else 0))
         self.head = MLPConnector.mlp(config.hidden_size, width) if head == "mlp" else None
 
-    def forward(self, feats):
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if self.head is None:
             return self.qformer.language_model_inputs(feats[:, -1])                  # (B, N, Dv) -> (B, Q, D)
         return self.head(self.qformer(feats[:, -1]))                                 # (B, Q, Dq) -> (B, Q, D)
@@ -181,14 +183,14 @@ class PerceiverLayer(nn.Module):
         latents <- latents + FFW(LN(latents))   FFW = W2 GELU(W1 .), 4x wide, no biases
     """
 
-    def __init__(self, width, heads):
+    def __init__(self, width: int, heads: int):
         super().__init__()
         self.norm_media, self.norm_latents = nn.LayerNorm(width), nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, bias=False, batch_first=True)
         self.ffw = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width, bias=False), nn.GELU(),
                                  nn.Linear(4 * width, width, bias=False))
 
-    def forward(self, x, latents):
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         q = self.norm_latents(latents)                                                # (B, Q, Dv)
         kv = torch.cat([self.norm_media(x), q], dim=1)                                # (B, N + Q, Dv)
         latents = latents + self.attn(q, kv, kv, need_weights=False)[0]               # (B, Q, Dv)
@@ -203,14 +205,14 @@ class PerceiverResampler(nn.Module):
     final LayerNorm and a linear map to the LM's width (Flamingo feeds its cross-attention instead).
     """
 
-    def __init__(self, vision_width, width, num_latents, layers, heads=4):
+    def __init__(self, vision_width: int, width: int, num_latents: int, layers: int, heads: int = 4):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, vision_width) * vision_width ** -0.5)   # (Q, Dv)
         self.layers = nn.ModuleList(PerceiverLayer(vision_width, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(vision_width)
         self.linear = nn.Linear(vision_width, width)
 
-    def forward(self, feats):
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
         x = feats[:, -1]                                                              # (B, N, Dv)
         latents = self.latents.expand(x.shape[0], -1, -1)                             # (B, Q, Dv)
         for layer in self.layers:
@@ -218,7 +220,8 @@ class PerceiverResampler(nn.Module):
         return self.linear(self.norm(latents))                                        # (B, Q, Dv) -> (B, Q, D)
 
 
-def make_connector(cfg: VLMConfig, vision_width, vision_layers, num_patches, lm_width):
+def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_patches: int,
+                   lm_width: int) -> tuple[nn.Module, int]:
     """The connector of cfg and M, the number of image tokens it gives the LM."""
     width = cfg.connector_width or lm_width
     if width != lm_width:
@@ -271,7 +274,7 @@ class VLMConfig:
     lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     tiny_vision: bool = False          # clip.CLIPConfig.tiny's ViT, random and frozen (demo and tests)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
         if self.qformer_head not in ("linear", "mlp"):
@@ -283,7 +286,7 @@ class VLMConfig:
         self.lora_targets = tuple(self.lora_targets)
 
     @classmethod
-    def tiny(cls, **overrides):
+    def tiny(cls, **overrides) -> VLMConfig:
         return cls(**{"lm_width": 32, "lm_layers": 1, "lm_heads": 2, "lm_mlp": 64, "num_queries": 4,
                       "perceiver_layers": 1, "lora_r": 4, "lora_alpha": 8, "tiny_vision": True, **overrides})
 
@@ -315,12 +318,12 @@ class TrainConfig:
     seed: int = 0
     data: str = ""                     # "" = the embedded shapes data; else KIND:PATH (see load_data)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.stage2 not in STAGE2_MODES:
             raise ValueError(f"stage 2 mode must be one of {STAGE2_MODES}, got {self.stage2!r}")
 
     @classmethod
-    def tiny(cls, **overrides):
+    def tiny(cls, **overrides) -> TrainConfig:
         # the demo and tests show LoRA, the homework's method (--train defaults to full: see README)
         return cls(**{"stage2": "lora", "n_train": 48, "n_eval": 16, "batch_size": 8, "pretrain_steps": 6, "itc_steps": 4,
                       "stage1_steps": 6, "stage2_steps": 6, "save_every": 3, "pretrain_lr": 1e-2,
@@ -373,7 +376,7 @@ class LMConfig(pg.PaliGemmaConfig):
     image_tokens: int = 0
 
     @property
-    def num_image_tokens(self):
+    def num_image_tokens(self) -> int:
         return self.image_tokens
 
 
@@ -384,21 +387,21 @@ class FrozenViT(nn.Module):
     and passes the features in place of the pixels; they go through unchanged.
     """
 
-    def __init__(self, vit: "clip.VisionTransformer", all_layers):
+    def __init__(self, vit: clip.VisionTransformer, all_layers: bool):
         super().__init__()
         self.vit, self.all_layers = vit.requires_grad_(False).eval(), all_layers
         c = vit.cfg
         self.width, self.layers, self.num_patches, self.image_size = c.vision_width, c.vision_layers, c.num_patches, c.image_size
 
-    def normalize(self, images):
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(B, I, I, C) uint8 -> (B, C, I, I) with CLIP's normalisation (what the shapes ViT was trained on)."""
         return clip.normalize(images)
 
-    def train(self, mode=True):      # frozen means no dropout or batch statistics either, ever
+    def train(self, mode: bool = True) -> FrozenViT:      # frozen means no dropout or batch statistics either, ever
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, pixel_values):
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if tuple(pixel_values.shape[-2:]) == (self.num_patches + 1, self.width):
             return pixel_values            # already the features (computed once for the whole data set)
         hidden = self.vit(pixel_values, output_hidden_states=True)                    # L+1 x (B, 1+N, Dv)
@@ -412,7 +415,7 @@ class ShapesVLM(pg.PaliGemma):
     are PaliGemma's own; only `image_features` changes (PaliGemma's is SigLIP + linear projector).
     vision: FrozenViT (or FrozenHFVision, --vision hf:DIR): pixels -> (B, Lk, 1+N, Dv)."""
 
-    def __init__(self, cfg: VLMConfig, vision, vocab_size):
+    def __init__(self, cfg: VLMConfig, vision: FrozenViT | FrozenHFVision, vocab_size: int):
         nn.Module.__init__(self)
         D = cfg.lm_width
         text = pg.TextConfig(vocab_size=vocab_size, hidden_size=D, intermediate_size=cfg.lm_mlp,
@@ -426,18 +429,19 @@ class ShapesVLM(pg.PaliGemma):
         self.language_model = pg.GemmaForCausalLM(text)
         pg.PaliGemma.init_weights(self.language_model, cfg.lm_init_std)
 
-    def image_features(self, pixel_values):
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.connector(self.vision(pixel_values))                              # (B, M, D)
 
 
-def trainable_parts(model):
+def trainable_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(vision, connector, language model) modules of any of the model kinds."""
     if hasattr(model, "connector"):
         return model.vision, model.connector, model.language_model
     return model.vision_tower, model.multi_modal_projector, model.language_model
 
 
-def set_stage(model, stage, mode="full", cfg: VLMConfig = None, train_qformer=True):
+def set_stage(model: nn.Module, stage: int, mode: str = "full", cfg: VLMConfig | None = None,
+              train_qformer: bool = True) -> list[nn.Parameter]:
     """Freeze and unfreeze for a stage; returns the trainable parameters.
 
     stage 0: the LM alone (text). Stage 1: the connector alone. Stage 2: the connector plus the LM
@@ -477,7 +481,7 @@ class FrozenHFVision(nn.Module):
     the final LayerNorm. SigLIP has no class token: the mean of its patches fills that slot (the
     per-patch connectors drop it; the Q-Former and the Perceiver read it as one more feature)."""
 
-    def __init__(self, model, all_layers, mean, std):
+    def __init__(self, model: nn.Module, all_layers: bool, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         self.model, self.all_layers = model.requires_grad_(False).eval(), all_layers
         c = model.config
@@ -486,15 +490,15 @@ class FrozenHFVision(nn.Module):
         self.has_class_token = c.model_type.startswith("clip")
         self.mean, self.std = tuple(mean), tuple(std)
 
-    def normalize(self, images):
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(B, I, I, C) uint8 -> (B, C, I, I) with the tower's own mean and std."""
         return clip.normalize(images, self.mean, self.std)
 
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> FrozenHFVision:
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, pixel_values):
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if tuple(pixel_values.shape[-2:]) == (self.num_patches + 1, self.width):
             return pixel_values                                                       # cached features
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
@@ -515,19 +519,19 @@ class HFVLM(nn.Module):
 
     IMAGE = -1                                     # the placeholder id (never a real token)
 
-    def __init__(self, vision, connector, lm, num_image_tokens):
+    def __init__(self, vision: FrozenViT | FrozenHFVision, connector: nn.Module, lm: nn.Module, num_image_tokens: int):
         super().__init__()
         self.vision, self.connector, self.language_model = vision, connector, lm
         self.num_image_tokens = num_image_tokens
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         return self.language_model.get_input_embeddings().weight.device
 
-    def image_features(self, pixel_values):
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.connector(self.vision(pixel_values))                              # (B, M, D)
 
-    def embed_inputs(self, input_ids, pixel_values):
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         is_image = input_ids == self.IMAGE                                            # (B, T)
         x = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))        # (B, T, D)
         if pixel_values is not None:
@@ -538,7 +542,9 @@ class HFVLM(nn.Module):
             x = x.masked_scatter(is_image[..., None], u.to(x.dtype))
         return x
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, token_type_ids=None, labels=None):
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> pg.Output:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)              # left padding moves nothing
@@ -547,7 +553,9 @@ class HFVLM(nn.Module):
         return pg.Output(logits, None if labels is None else pg.suffix_loss(logits, labels))
 
     @torch.no_grad()
-    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=32, eos_token_id=None):
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 eos_token_id: int | Sequence[int] | None = None) -> pg.GenerateOutput:
         """Greedy decoding with the LM's own KV cache (past_key_values); rows padded after their EOS."""
         lm = self.language_model
         eos = lm.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -576,7 +584,7 @@ class HFVLM(nn.Module):
 # Training: the losses of each stage, one optimizer step, the schedule
 # ----------------------------------------------------------------------------------------------
 
-def vlm_loss(model, batch):
+def vlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Answer-only next-token loss of a batch of (image, prefix, suffix) sequences (paligemma.suffix_loss).
     Under torchrun, times this rank's `token_share` (see there), so that DDP's mean gives one process's loss."""
     loss = model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
@@ -584,7 +592,7 @@ def vlm_loss(model, batch):
     return loss * batch["token_share"] if "token_share" in batch else loss
 
 
-def itc_itm_itg_loss(model, batch):
+def itc_itm_itg_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """BLIP-2 stage 1 (sec. 3.2): L_itc + L_itm + L_itg of the Q-Former on the frozen image features."""
     q = model.connector.qformer
     losses = q.losses(model.vision(batch["pixel_values"])[:, -1], batch["qf_ids"], batch["qf_mask"],
@@ -592,13 +600,14 @@ def itc_itm_itg_loss(model, batch):
     return sum(losses.values())
 
 
-def schedule(step, lr, steps, warmup):
+def schedule(step: int, lr: float, steps: int, warmup: float) -> float:
     """Linear warm-up, then cosine decay to 0 (clip.lr_at). warmup < 1 is a fraction of the steps."""
     w = max(1, round(warmup * steps)) if warmup < 1 else int(warmup)
     return clip.lr_at(step, SimpleNamespace(lr=lr, warmup=w, steps=steps))
 
 
-def make_optimizer(params, lr, weight_decay, scaled=(), scale=1.0):
+def make_optimizer(params: Sequence[nn.Parameter], lr: float, weight_decay: float, scaled: Iterable[nn.Parameter] = (),
+                   scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on biases, norms or the Perceiver's latents' scale).
     Parameters in `scaled` get lr x scale (each group's "lr_scale", applied by train_step)."""
     scaled = {id(p) for p in scaled} if scale != 1.0 else set()
@@ -612,13 +621,16 @@ class NonFiniteLoss(ValueError):
     """The loss became NaN or inf; training stops before the update, the last checkpoint is kept."""
 
 
-def autocast(device, enabled):
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast on CUDA devices that support it; a no-op elsewhere (CPU bf16 is slower here)."""
     use = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
 
 
-def train_step(model, optimizer, params, micro_batches, loss_fn, lr, clip_norm, device, bf16=True):
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
+               micro_batches: Sequence[dict[str, torch.Tensor]],
+               loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor], lr: float, clip_norm: float,
+               device: torch.device, bf16: bool = True) -> float:
     """One optimizer step: gradients accumulated over the micro-batches, clipped, then AdamW.
     Under DDP (`model` wrapped by `distributed`) the ranks' gradients are averaged once, at the last one."""
     import contextlib
@@ -642,7 +654,8 @@ def train_step(model, optimizer, params, micro_batches, loss_fn, lr, clip_norm, 
     return total
 
 
-def batch_rows(n_rows, batch_size, seed, phase, step, weights=None):
+def batch_rows(n_rows: int, batch_size: int, seed: int, phase: str, step: int,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
     """The rows of `step`: drawn from a generator seeded by (seed, phase, step) alone, so a resumed run
     draws exactly what the uninterrupted run drew (the data position is the step)."""
     g = torch.Generator().manual_seed(hash_str(f"{seed}-{phase}-{step}"))
@@ -651,12 +664,12 @@ def batch_rows(n_rows, batch_size, seed, phase, step, weights=None):
     return torch.randint(0, n_rows, (batch_size,), generator=g)
 
 
-def hash_str(text):
+def hash_str(text: str) -> int:
     import hashlib
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
-def kind_weights(qa):
+def kind_weights(qa: Sequence[tuple[int, str, str, str]]) -> torch.Tensor:
     """Sampling weights 1 / (questions of its kind): every kind is drawn equally often."""
     counts = {}
     for row in qa:
@@ -664,7 +677,8 @@ def kind_weights(qa):
     return torch.tensor([1.0 / counts[row[3]] for row in qa])
 
 
-def make_batch(vlm, data: VQAData, rows, phase, device):
+def make_batch(vlm: VLM, data: VQAData, rows: Sequence[int], phase: str,
+               device: torch.device | str) -> dict[str, torch.Tensor]:
     """Rows of the data -> the model's tensors. phase: "text_qa"/"text_cap" (stage 0), "caption"
     (stage 1), "itc" (stage 1a), "vqa" (stage 2)."""
     if phase in ("vqa", "text_qa"):
@@ -689,7 +703,7 @@ def make_batch(vlm, data: VQAData, rows, phase, device):
 # Data: CLEVR-style questions about clip.py's shapes scenes, behind a small interface
 # ----------------------------------------------------------------------------------------------
 
-def question_kind(question):
+def question_kind(question: str) -> str:
     """The kind of one of clip.questions()'s questions, from its opening words."""
     for opening, kind in (("how many", "count"), ("what colour", "colour"), ("what shape", "shape"),
                           ("what size", "size"), ("where", "position"), ("is there", "existence")):
@@ -698,7 +712,7 @@ def question_kind(question):
     raise ValueError(f"not a shapes question: {question!r}")
 
 
-def scene_questions(scene, rng, split):
+def scene_questions(scene: clip.Scene, rng: random.Random, split: str) -> list[tuple[str, str, str]]:
     """clip.questions(scene) with the two existence questions re-drawn at random.
 
     clip.questions asks "is there" about the first shape (yes) and the first absent pair in a fixed
@@ -716,14 +730,14 @@ def scene_questions(scene, rng, split):
     return [(q, a, question_kind(q)) for q, a in qa]
 
 
-def draw_scenes(n, seed, split):
+def draw_scenes(n: int, seed: int, split: str) -> tuple[list[clip.Scene], list[list[tuple[str, str, str]]]]:
     """n scenes of a split, each with its questions; deterministic in (seed, split)."""
     rng = random.Random(f"vlm_train-{seed}-{split}")        # a str seed is stable across runs
     scenes = [clip.random_scene(rng, split) for _ in range(n)]
     return scenes, [scene_questions(s, rng, split) for s in scenes]
 
 
-def pick_balanced(qas, rng):
+def pick_balanced(qas: Iterable[Sequence[tuple[str, str, str]]], rng: random.Random) -> list[tuple[str, str, str]]:
     """One question per scene, its kind drawn uniformly among the kinds the scene offers."""
     out = []
     for qa in qas:
@@ -732,7 +746,8 @@ def pick_balanced(qas, rng):
     return out
 
 
-def synthetic_vqa(n, seed=0, split="test", image_size=48):
+def synthetic_vqa(n: int, seed: int = 0, split: str = "test",
+                  image_size: int = 48) -> list[tuple[Image.Image, str, str]]:
     """n (PIL image, question, answer) triples: n scenes, one question each, kinds balanced.
 
     split "train" / "test": scenes without held-out colour-shape pairs; "heldout": each scene has one.
@@ -743,7 +758,8 @@ def synthetic_vqa(n, seed=0, split="test", image_size=48):
     return [(clip.render(s, image_size), q, a) for s, (q, a, _) in zip(scenes, picks)]
 
 
-def synthetic_captions(n, seed=0, split="train", image_size=48):
+def synthetic_captions(n: int, seed: int = 0, split: str = "train",
+                       image_size: int = 48) -> list[tuple[Image.Image, str]]:
     """n (PIL image, caption) pairs; captions name every attribute ("a large red circle above ...")."""
     scenes, _ = draw_scenes(n, seed, split)
     return [(clip.render(s, image_size), clip.caption(s)) for s in scenes]
@@ -763,12 +779,12 @@ class VQAData:
     malformed: int = 0                 # unusable lines of an annotation file (load_data)
     features: torch.Tensor = None      # (n, Lk, 1+N, Dv) frozen vision features, when cached
 
-    def image_inputs(self, vlm, index):
+    def image_inputs(self, vlm: VLM, index: Sequence[int]) -> torch.Tensor:
         """What the model reads for these images: cached features, or pixels from the processor."""
         return self.features[index] if self.features is not None else vlm.processor.pixels(self.images[index])
 
     @classmethod
-    def from_iterables(cls, vqa=(), captions=(), image_size=48):
+    def from_iterables(cls, vqa: Iterable[tuple] = (), captions: Iterable[tuple] = (), image_size: int = 48) -> VQAData:
         """Unreadable images are skipped and counted, never fatal."""
         images, qa, caps, index, skipped = [], [], [], {}, 0
 
@@ -795,7 +811,7 @@ class VQAData:
         return cls(torch.from_numpy(np.stack(images)), qa, caps, skipped)
 
 
-def load_image(image, size):
+def load_image(image: Image.Image | str | Path | bytes | bytearray, size: int) -> np.ndarray:
     """A PIL image, path or bytes -> (size, size, 3) uint8; ValueError if it cannot be read."""
     import io
     try:
@@ -813,7 +829,7 @@ def load_image(image, size):
         raise ValueError(f"unreadable image ({e})") from None
 
 
-def shapes_data(n, seed, split, image_size, all_questions=True):
+def shapes_data(n: int, seed: int, split: str, image_size: int, all_questions: bool = True) -> VQAData:
     """The embedded data: n scenes; every question of each (training) or one per scene (evaluation)."""
     scenes, qas = draw_scenes(n, seed, split)
     if not all_questions:
@@ -836,21 +852,21 @@ class WordTokenizer:
     """One id per word of the synthetic corpus; saved with the model as tokenizer.json."""
     pad_token_id, eos_token_id, bos_token_id, unk_token_id, image_token_id, sep_token_id = range(6)
 
-    def __init__(self, words):
+    def __init__(self, words: Iterable[str]):
         self.itos = list(SPECIALS) + sorted(set(words) - set(SPECIALS))
         self.stoi = {w: i for i, w in enumerate(self.itos)}
 
     @classmethod
-    def from_texts(cls, texts):
+    def from_texts(cls, texts: Iterable[str]) -> WordTokenizer:
         return cls({w for t in texts for w in clip.ShapesTokenizer.words(t)} | set(clip.ShapesTokenizer.WORDS))
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.itos)
 
-    def encode(self, text):
+    def encode(self, text: str) -> list[int]:
         return [self.stoi.get(w, self.unk_token_id) for w in clip.ShapesTokenizer.words(text)]
 
-    def decode(self, ids):
+    def decode(self, ids: Iterable[int]) -> str:
         out = []
         for i in ids:
             if i == self.eos_token_id:
@@ -860,7 +876,8 @@ class WordTokenizer:
         return " ".join(out)
 
 
-def prefix_suffix_batch(prefixes, suffixes, pad_id):
+def prefix_suffix_batch(prefixes: Sequence[list[int]], suffixes: Sequence[list[int]],
+                        pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded (prefix ids, suffix ids) rows -> input_ids, attention_mask, token_type_ids, labels.
 
     token type 0 = prefix (image + prompt, full attention), 1 = suffix (answer, causal, scored);
@@ -883,26 +900,28 @@ def prefix_suffix_batch(prefixes, suffixes, pad_id):
 class WordProcessor:
     """Prompts and answers of the default LM: [<image>] * M <bos> prompt <sep> | answer <eos>."""
 
-    def __init__(self, tokenizer: WordTokenizer, image_tokens, image_size, normalize=clip.normalize):
+    def __init__(self, tokenizer: WordTokenizer, image_tokens: int, image_size: int,
+                 normalize: Callable[[torch.Tensor], torch.Tensor] = clip.normalize):
         self.tokenizer, self.image_tokens, self.image_size = tokenizer, image_tokens, image_size
         self.normalize = normalize
 
-    def __call__(self, prompts, answers=None, images=True):
+    def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
+                 images: bool = True) -> dict[str, torch.Tensor]:
         t = self.tokenizer
         image = [t.image_token_id] * self.image_tokens if images else []
         prefixes = [image + [t.bos_token_id] + t.encode(p) + [t.sep_token_id] for p in prompts]
         suffixes = [[] for _ in prompts] if answers is None else [t.encode(a) + [t.eos_token_id] for a in answers]
         return prefix_suffix_batch(prefixes, suffixes, t.pad_token_id)
 
-    def pixels(self, images):
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """(B, I, I, C) uint8 -> (B, C, I, I), normalised as the vision encoder was trained."""
         return self.normalize(images)
 
-    def decode(self, tokens):
+    def decode(self, tokens: torch.Tensor) -> list[str]:
         return [self.tokenizer.decode(row) for row in tokens.tolist()]
 
     @property
-    def eos_token_id(self):
+    def eos_token_id(self) -> int:
         return self.tokenizer.eos_token_id
 
 
@@ -911,7 +930,8 @@ class WordProcessor:
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def generate_answers(vlm, images, prompts, max_new_tokens=4, batch_size=128, features=None):
+def generate_answers(vlm: VLM, images: torch.Tensor, prompts: Sequence[str], max_new_tokens: int = 4,
+                     batch_size: int = 128, features: torch.Tensor | None = None) -> list[str]:
     """Greedy answers (paligemma's KV-cache generation) to prompts about (B, I, I, C) uint8 images
     (or about their cached vision features)."""
     model, out = vlm.model.eval(), []
@@ -925,7 +945,8 @@ def generate_answers(vlm, images, prompts, max_new_tokens=4, batch_size=128, fea
     return out
 
 
-def score_answers(predictions, truths, kinds):
+def score_answers(predictions: Sequence[str], truths: Sequence[str],
+                  kinds: Sequence[str]) -> dict[str, dict[str, float]]:
     """Exact match (%) and ROUGE-1/2/L F (x100, rouge.py), overall and per kind."""
     scorer = rouge.RougeScorer(["rouge1", "rouge2", "rougeL"])
     rows = [(k, p == t, scorer.score(t, p)) for p, t, k in zip(predictions, truths, kinds)]
@@ -940,7 +961,7 @@ def score_answers(predictions, truths, kinds):
                                      if any(r[0] == k for r in rows)}}
 
 
-def evaluate_vqa(vlm, data: VQAData, prompt_prefix=""):
+def evaluate_vqa(vlm: VLM, data: VQAData, prompt_prefix: str = "") -> tuple[dict[str, dict[str, float]], list[str]]:
     """Score greedy answers on every question of `data`."""
     idx = [x[0] for x in data.qa]
     longest = max(len(x[2].split()) for x in data.qa) + 1           # words of the longest answer, + <eos>
@@ -950,7 +971,7 @@ def evaluate_vqa(vlm, data: VQAData, prompt_prefix=""):
 
 
 @torch.no_grad()
-def qformer_retrieval(vlm, data: VQAData, ks=(1, 5)):
+def qformer_retrieval(vlm: VLM, data: VQAData, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """R@K of the Q-Former's ITC features (BLIP-2 sec. 3.2): image -> caption and back; captions
     that describe two scenes alike count as right for both."""
     model = vlm.model.eval()
@@ -972,8 +993,12 @@ class Killed(RuntimeError):
     """Raised by `run_stage(stop_after=k)` right after step k's checkpoint: a `kill -9` for tests."""
 
 
-def run_stage(vlm, phase, steps, lr, tcfg, folder, loss_fn, sample, params, config, resume, stop_after=None,
-              log=None, progress=True, scaled=()):
+def run_stage(vlm: VLM, phase: str, steps: int, lr: float, tcfg: TrainConfig, folder: str | Path,
+              loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+              sample: Callable[[int, int], dict[str, torch.Tensor]],
+              params: Sequence[nn.Parameter], config: dict, resume: bool, stop_after: int | None = None,
+              log: Callable[[dict], None] | None = None, progress: bool = True,
+              scaled: Iterable[nn.Parameter] = ()) -> list[float]:
     """Steps 0 .. steps-1 of AdamW with warm-up + cosine; sample(step, k) gives micro-batch k of a step.
 
     Checkpoints go to folder/step-XXXXXX with a `latest` pointer; resume=True continues from it and
@@ -1011,7 +1036,7 @@ def run_stage(vlm, phase, steps, lr, tcfg, folder, loss_fn, sample, params, conf
 STAGE2_ONLY = ("stage2", "stage2_steps", "stage2_lr", "stage2_qformer", "lora_r", "lora_alpha", "lora_targets")
 
 
-def stage_config(vcfg, tcfg, phase):
+def stage_config(vcfg: VLMConfig, tcfg: TrainConfig, phase: str) -> dict:
     """What a checkpoint of `phase` must agree on to be resumed: the whole model and recipe (stage 1
     ignores the stage-2 settings, so runs that differ only there can share one stage 1)."""
     keep = lambda k: phase == "stage2" or k not in STAGE2_ONLY  # noqa: E731
@@ -1019,7 +1044,8 @@ def stage_config(vcfg, tcfg, phase):
             **{f"train.{k}": v for k, v in asdict(tcfg).items() if keep(k)}}
 
 
-def sampler(vlm, data, phase, tcfg, device, weights=None):
+def sampler(vlm: VLM, data: VQAData, phase: str, tcfg: TrainConfig, device: torch.device | str,
+            weights: torch.Tensor | None = None) -> Callable[[int, int], dict[str, torch.Tensor]]:
     rows = data.qa if phase in ("vqa", "text_qa") else data.captions
     b = tcfg.batch_size // tcfg.grad_accum
 
@@ -1030,7 +1056,9 @@ def sampler(vlm, data, phase, tcfg, device, weights=None):
     return sample
 
 
-def stage0_pretrain_lm(vlm, data, vcfg, tcfg, folder, progress=True, log=None, stop_after=None):
+def stage0_pretrain_lm(vlm: VLM, data: VQAData, vcfg: VLMConfig, tcfg: TrainConfig, folder: str | Path,
+                      progress: bool = True, log: Callable[[dict], None] | None = None,
+                      stop_after: int | None = None) -> list[float]:
     """The LM alone on the corpus' text: half the batches captions, half questions with answers."""
     params = set_stage(vlm.model, 0)
     qa, cap = sampler(vlm, data, "text_qa", tcfg, vlm.model.device), sampler(vlm, data, "text_cap", tcfg, vlm.model.device)
@@ -1040,7 +1068,9 @@ def stage0_pretrain_lm(vlm, data, vcfg, tcfg, folder, progress=True, log=None, s
                      stop_after=stop_after, log=log, progress=progress)
 
 
-def stage1_align(vlm, data, vcfg, tcfg, folder, resume, progress=True, log=None, stop_after=None):
+def stage1_align(vlm: VLM, data: VQAData, vcfg: VLMConfig, tcfg: TrainConfig, folder: str | Path, resume: bool,
+                 progress: bool = True, log: Callable[[dict], None] | None = None,
+                 stop_after: int | None = None) -> dict[str, list[float]]:
     """Connector only, LM frozen: (qformer: ITC + ITM + ITG first, then) the caption loss through the LM.
     Data without captions (CLEVR) aligns on its questions and answers instead."""
     device, histories = vlm.model.device, {}
@@ -1057,7 +1087,9 @@ def stage1_align(vlm, data, vcfg, tcfg, folder, resume, progress=True, log=None,
     return histories
 
 
-def stage2_vqa(vlm, data, vcfg, tcfg, folder, resume, progress=True, log=None, stop_after=None):
+def stage2_vqa(vlm: VLM, data: VQAData, vcfg: VLMConfig, tcfg: TrainConfig, folder: str | Path, resume: bool,
+               progress: bool = True, log: Callable[[dict], None] | None = None,
+               stop_after: int | None = None) -> list[float]:
     """Connector + LM (full, LoRA or QLoRA) on questions, loss on the answer only, kinds balanced."""
     params = set_stage(vlm.model, 2, tcfg.stage2, vcfg, tcfg.stage2_qformer)
     sample = sampler(vlm, data, "vqa", tcfg, vlm.model.device, kind_weights(data.qa))
@@ -1072,18 +1104,20 @@ def stage2_vqa(vlm, data, vcfg, tcfg, folder, resume, progress=True, log=None, s
 class VLM:
     """A model and the processor that turns images and questions into its inputs."""
 
-    def __init__(self, model, processor, vcfg: VLMConfig, caption_prompt="caption", question_prefix=""):
+    def __init__(self, model: nn.Module, processor: WordProcessor | HFProcessor | CheckpointProcessor, vcfg: VLMConfig,
+                 caption_prompt: str = "caption", question_prefix: str = ""):
         self.model, self.processor, self.config = model, processor, vcfg
         self.caption_prompt, self.question_prefix = caption_prompt, question_prefix
 
-    def answer_batch(self, images, questions, max_new_tokens=4):
+    def answer_batch(self, images: Sequence[Image.Image | str | Path | bytes], questions: Sequence[str],
+                     max_new_tokens: int = 4) -> list[str]:
         """Greedy answers to one question per image (PIL images, paths or bytes)."""
         if len(images) != len(questions):
             raise ValueError(f"one question per image: got {len(images)} images and {len(questions)} questions")
         pixels = torch.from_numpy(np.stack([load_image(im, self.processor.image_size) for im in images]))
         return generate_answers(self, pixels, [self.question_prefix + q for q in questions], max_new_tokens)
 
-    def answer(self, image, question, max_new_tokens=4):
+    def answer(self, image: Image.Image | str | Path | bytes, question: str, max_new_tokens: int = 4) -> str:
         return self.answer_batch([image], [question], max_new_tokens)[0]
 
 
@@ -1094,25 +1128,25 @@ class VLM:
 CheckpointError = clip.CheckpointError          # a checkpoint that cannot be used; the message says why
 
 
-def atomic_write(path, write):
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     """clip.atomic_write (write a temporary file, fsync, rename over path: old or new, never half),
     creating the folder first."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     clip.atomic_write(path, write)
 
 
-def write_json(path, obj):
+def write_json(path: str | Path, obj: object) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
 
 
-def save_tensors(path, tensors, step=None):
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], step: int | None = None) -> None:
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"format": "pt", **({} if step is None else {"step": str(step)})}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_tensors(path, expect_step=None):
+def load_tensors(path: str | Path, expect_step: int | None = None) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, all checked finite (and of the expected step)."""
     from safetensors import safe_open
     try:
@@ -1129,7 +1163,8 @@ def load_tensors(path, expect_step=None):
     return tensors
 
 
-def save_trainer(folder, model, optimizer, step, history, config):
+def save_trainer(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                 history: list[float], config: dict) -> None:
     """step-k/{trainer.safetensors, trainer.json} (parameters, AdamW moments, RNG; step, config, losses),
     then the `latest` pointer switched atomically, then older steps removed."""
     folder = Path(folder)
@@ -1151,12 +1186,13 @@ def save_trainer(folder, model, optimizer, step, history, config):
             old.rmdir()
 
 
-def differing_fields(saved, current):
+def differing_fields(saved: dict, current: dict) -> list[str]:
     return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in sorted(set(saved) | set(current))
             if saved.get(k) != current.get(k)]
 
 
-def restore_trainer(folder, model, optimizer, config):
+def restore_trainer(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    config: dict) -> tuple[int, list[float]]:
     """Read the `latest` checkpoint into model and optimizer; returns (step, history)."""
     folder = Path(folder)
     d = folder / (folder / "latest").read_text().strip()
@@ -1186,12 +1222,12 @@ def restore_trainer(folder, model, optimizer, config):
     return meta["step"], meta["history"]
 
 
-def finished(folder, steps):
+def finished(folder: str | Path, steps: int) -> bool:
     latest = Path(folder) / "latest"
     return latest.exists() and latest.read_text().strip() == f"step-{steps:06d}"
 
 
-def load_finished_weights(folder, model):
+def load_finished_weights(folder: str | Path, model: nn.Module) -> None:
     """Copy the parameters of a finished stage's last checkpoint into the model (the cache of stage 0)."""
     d = Path(folder) / (Path(folder) / "latest").read_text().strip()
     params = dict(model.named_parameters())
@@ -1201,7 +1237,7 @@ def load_finished_weights(folder, model):
                 params[key[6:]].copy_(value)
 
 
-def lm_fingerprint(vcfg, tcfg, vlm):
+def lm_fingerprint(vcfg: VLMConfig, tcfg: TrainConfig, vlm: VLM) -> dict:
     """Everything the text-only LM depends on: its sizes, the vocabulary and stage 0's recipe."""
     keys = ("lm_width", "lm_layers", "lm_heads", "lm_kv_heads", "lm_mlp", "lm_init_std")
     train = ("n_train", "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "warmup", "weight_decay",
@@ -1212,7 +1248,8 @@ def lm_fingerprint(vcfg, tcfg, vlm):
 
 # -- the frozen ViT and the data, cached -------------------------------------------------------
 
-def load_or_train_vit(cache, tiny, device, seed=0, progress=True):
+def load_or_train_vit(cache: str | Path, tiny: bool, device: torch.device | str, seed: int = 0,
+                      progress: bool = True) -> clip.VisionTransformer:
     """clip.py's shapes ViT (trained with `clip.py --train`'s settings into cache/vit on first use, in
     clip.py's own checkpoint layout; CLIP.from_pretrained follows its `latest`). tiny: a random
     frozen tiny ViT, for the seconds-long demo and the tests."""
@@ -1228,7 +1265,7 @@ def load_or_train_vit(cache, tiny, device, seed=0, progress=True):
     return clip.CLIP.from_pretrained(folder).vision_model.to(device)
 
 
-def cached(cache, name, build):
+def cached(cache: str | Path, name: str, build: Callable[[], VQAData]) -> VQAData:
     """VQAData kept as cache/data/NAME.safetensors (images) + NAME.json (texts, skip counts): read from
     there, or built by build() once and written there."""
     folder = Path(cache) / "data"
@@ -1243,13 +1280,14 @@ def cached(cache, name, build):
     return data
 
 
-def cached_data(cache, n, seed, split, image_size, all_questions):
+def cached_data(cache: str | Path, n: int, seed: int, split: str, image_size: int, all_questions: bool) -> VQAData:
     """shapes_data, rendered once and kept in the cache (`cached`)."""
     name = f"{split}-{seed}-{n}-{image_size}-{'all' if all_questions else 'one'}"
     return cached(cache, name, lambda: shapes_data(n, seed, split, image_size, all_questions))
 
 
-def frozen_vision(vcfg, cache, device, seed=0, progress=True):
+def frozen_vision(vcfg: VLMConfig, cache: str | Path, device: torch.device | str, seed: int = 0,
+                  progress: bool = True) -> FrozenViT | FrozenHFVision:
     """The frozen vision encoder: clip.py's shapes ViT (FrozenViT) or --vision hf:DIR (FrozenHFVision)."""
     dense = vcfg.connector == "dense"
     if vcfg.vision:
@@ -1257,7 +1295,8 @@ def frozen_vision(vcfg, cache, device, seed=0, progress=True):
     return FrozenViT(load_or_train_vit(cache, vcfg.tiny_vision, device, seed, progress), dense)
 
 
-def build_vlm(vcfg, tcfg, cache, device, progress=True):
+def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, cache: str | Path, device: torch.device | str,
+              progress: bool = True) -> tuple[VLM, VQAData]:
     """Frozen vision + connector + LM, and the training data: the default LM is a Gemma decoder over
     the corpus' words (ShapesVLM); --lm hf:DIR a transformers LM with its own tokenizer (HFVLM)."""
     vision = frozen_vision(vcfg, cache, device, tcfg.seed, progress)
@@ -1275,7 +1314,7 @@ def build_vlm(vcfg, tcfg, cache, device, progress=True):
     return VLM(model, processor, vcfg, tcfg.caption_prompt), train
 
 
-def eval_sets(cache, tcfg, size):
+def eval_sets(cache: str | Path, tcfg: TrainConfig, size: int) -> dict[str, VQAData]:
     """Fresh scenes (seed + 1) of seen pairs ("test") and of held-out pairs ("heldout"), one question each;
     with --data, the folder's evaluation split as "test"."""
     if tcfg.data:
@@ -1284,7 +1323,7 @@ def eval_sets(cache, tcfg, size):
 
 
 @torch.no_grad()
-def cache_features(vlm, data, batch_size=500):
+def cache_features(vlm: VLM, data: VQAData, batch_size: int = 500) -> VQAData:
     """The frozen vision encoder's features of every image, once (a PaliGemma checkpoint's tower runs live)."""
     if hasattr(vlm.model, "vision"):
         device = vlm.model.device
@@ -1293,7 +1332,9 @@ def cache_features(vlm, data, batch_size=500):
     return data
 
 
-def pretrained_lm(vlm, train, vcfg, tcfg, cache, progress=True, log=None, stop_after=None):
+def pretrained_lm(vlm: VLM, train: VQAData, vcfg: VLMConfig, tcfg: TrainConfig, cache: str | Path,
+                  progress: bool = True, log: Callable[[dict], None] | None = None,
+                  stop_after: int | None = None) -> list[float]:
     """Stage 0, cached: the text-only LM of these settings from cache/lm-HASH, trained there if absent.
     Also caches the training images' frozen features (`cache_features`). Returns stage 0's losses."""
     cache_features(vlm, train)
@@ -1318,7 +1359,7 @@ class DataFolderError(FileNotFoundError):
     """--data names a folder that does not exist or holds nothing usable; the message lists the layouts."""
 
 
-def clevr_kind(q):
+def clevr_kind(q: dict) -> str:
     """CLEVR's question type (Johnson et al. 2017, sec. 3: exist, count, compare integer, query attribute,
     compare attribute) from the last function of the question's program, or from the answer without one."""
     last = (q.get("program") or [{}])[-1]
@@ -1332,7 +1373,7 @@ def clevr_kind(q):
     return "count" if str(q["answer"]).isdigit() else "yes/no" if q["answer"] in ("yes", "no") else "query_attribute"
 
 
-def clevr_rows(root, split, bad):
+def clevr_rows(root: Path, split: str, bad: list[int]) -> Iterator[tuple[Path, str, str, str]]:
     """(image path, question, answer, kind) of CLEVR's train split (split "train") or val (evaluation)."""
     name = "train" if split == "train" else "val"
     path = root / "questions" / f"CLEVR_{name}_questions.json"
@@ -1347,7 +1388,7 @@ def clevr_rows(root, split, bad):
             bad[0] += 1                                              # test-split questions have no answer
 
 
-def caption_rows(root, split, bad):
+def caption_rows(root: Path, split: str, bad: list[int]) -> Iterator[tuple[Path, str] | tuple[Path, str, str]]:
     """(image path, caption) or (image path, question, answer) per line of captions.jsonl / captions.csv."""
     import csv
     jsonl = root / "captions.jsonl"
@@ -1364,7 +1405,7 @@ def caption_rows(root, split, bad):
                 bad[0] += 1
 
 
-def img2dataset_rows(root, split, bad):
+def img2dataset_rows(root: Path, split: str, bad: list[int]) -> Iterator[tuple[Path, str | None]]:
     """(image path, caption) pairs of img2dataset's shards, one folder listed and one caption read at a time."""
     for shard in sorted(p for p in root.iterdir() if p.is_dir()):
         for image in sorted(p for p in shard.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
@@ -1379,7 +1420,7 @@ READERS = {"clevr": (clevr_rows, lambda root: (root / "questions").is_dir()),
            "img2dataset": (img2dataset_rows, lambda root: any(p.is_dir() for p in root.iterdir()))}
 
 
-def read_folder(spec, split, n):
+def read_folder(spec: str, split: str, n: int) -> tuple[list[tuple[str, str, str, str]], list[tuple[str, str]], int]:
     """(vqa rows, caption rows, malformed lines) of at most n images of a split. CLEVR has its own val
     split; in the other layouts every 10th image (in file order) is held out for evaluation, and the
     malformed lines of their one annotation file are counted in the training split only."""
@@ -1409,7 +1450,7 @@ def read_folder(spec, split, n):
     return vqa, caps, bad[0] if kind == "clevr" or split == "train" else 0
 
 
-def load_data(spec, split, n, image_size, cache):
+def load_data(spec: str, split: str, n: int, image_size: int, cache: str | Path) -> VQAData:
     """VQAData of at most n images of a folder's split ("train" or "eval"), resized once and cached as
     cache/data/NAME.safetensors + NAME.json (delete them after changing the folder). Caption-only data
     gets one question per image, "caption", answered by its caption: stage 2 and the evaluation then
@@ -1419,7 +1460,7 @@ def load_data(spec, split, n, image_size, cache):
     return cached(cache, name, lambda: read_and_resize(spec, split, n, image_size))
 
 
-def read_and_resize(spec, split, n, image_size):
+def read_and_resize(spec: str, split: str, n: int, image_size: int) -> VQAData:
     """load_data's work when nothing is cached: read the folder's rows, resize their images."""
     path = spec.partition(":")[2]
     vqa, caps, malformed = read_folder(spec, split, n)
@@ -1438,7 +1479,7 @@ def read_and_resize(spec, split, n, image_size):
 
 # -- torchrun: DistributedDataParallel, each rank on its slice of every batch ------------------------
 
-def setup_distributed(device):
+def setup_distributed(device: torch.device) -> torch.device:
     """clip.setup_distributed (torchrun's process group: gloo on CPU, nccl on CUDA), then cuda:LOCAL_RANK
     as this rank's device. Returns the device."""
     import torch.distributed as dist
@@ -1448,7 +1489,7 @@ def setup_distributed(device):
     return device
 
 
-def rank_slice(rows):
+def rank_slice(rows: torch.Tensor) -> torch.Tensor:
     """This rank's contiguous part of a micro-batch's rows (DistributedSampler's split of the global
     batch, which batch_rows draws alike on every rank); all of them with one process."""
     rank, world = clip.dist_info()
@@ -1459,7 +1500,7 @@ def rank_slice(rows):
     return rows[rank * b:(rank + 1) * b]
 
 
-def with_token_share(batch):
+def with_token_share(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Adds token_share = W n_r / sum_r n_r (n_r: this rank's answer tokens). DDP averages the W ranks'
     gradients, and (1/W) sum_r (W n_r / N) mean_r = (1/N) sum of all token losses: one process's loss."""
     rank, world = clip.dist_info()
@@ -1475,15 +1516,16 @@ def with_token_share(batch):
 class StageLoss(nn.Module):
     """model + loss function as one module, so DDP sees every loss (the Q-Former's ITC too) as a forward."""
 
-    def __init__(self, model, loss_fn):
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
-    def forward(self, batch):
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.loss_fn(self.model, batch)
 
 
-def distributed(model, loss_fn):
+def distributed(model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+                ) -> tuple[nn.Module, Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]]:
     """(DDP(StageLoss), its loss) under torchrun, a new wrapper per stage because each stage trains
     other parameters; (model, loss_fn) with one process. The Q-Former leaves trainable parameters
     unused (ITC its projection, the caption loss its text side): DDP is told so, and their gradients
@@ -1497,7 +1539,7 @@ def distributed(model, loss_fn):
     return net, lambda net, batch: net(batch)
 
 
-def mean_over_ranks(value, device):
+def mean_over_ranks(value: float, device: torch.device) -> float:
     """A float averaged over the ranks (the value itself with one process)."""
     world = clip.dist_info()[1]
     if world == 1:
@@ -1510,8 +1552,10 @@ def mean_over_ranks(value, device):
 
 # -- the whole run -------------------------------------------------------------------------------
 
-def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, stop_after=None, init=None,
-              evaluate=True, evaluate_stage1=True, stage1_dir=None):
+def train_vlm(vcfg: VLMConfig, tcfg: TrainConfig, out: str | Path, device: torch.device | str, resume: bool = False,
+              cache: str | Path | None = None, progress: bool = True, stop_after: tuple[str, int] | None = None,
+              init: str | None = None, evaluate: bool = True, evaluate_stage1: bool = True,
+              stage1_dir: str | Path | None = None) -> tuple[dict, VLM]:
     """Stage 0 (cached), stage 1, evaluation, stage 2, evaluation; writes everything under `out`.
 
     stop_after=(phase, k) raises Killed after that stage's step k (tests of --resume). stage1_dir: a
@@ -1571,7 +1615,7 @@ def train_vlm(vcfg, tcfg, out, device, resume=False, cache=None, progress=True, 
         log_file.close()
 
 
-def save_vlm(vlm, folder, mode, init=None):
+def save_vlm(vlm: VLM, folder: str | Path, mode: str, init: str | None = None) -> None:
     """out/model: what load_vlm reads. Base weights (LoRA layers unwrapped, the LM before NF4) in
     safetensors, the adapter in peft's format, config and tokenizer in JSON."""
     folder = Path(folder)
@@ -1587,7 +1631,7 @@ def save_vlm(vlm, folder, mode, init=None):
         lora.save_adapter(vlm.model, str(folder / "adapter"))
 
 
-def base_state(model, mode):
+def base_state(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
     """The state dict without LoRA's A, B; `base_layer.` dropped from names; NF4 layers as the fp
     weights they were quantized from (kept in model.lm_before_nf4 by set_stage)."""
     state = {}
@@ -1601,7 +1645,7 @@ def base_state(model, mode):
     return state
 
 
-def load_vlm(out_dir, device="cpu"):
+def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
     """The trained VLM of a `--train` run (out_dir or out_dir/model), ready for answer()."""
     folder = Path(out_dir)
     folder = folder / "model" if (folder / "model").is_dir() else folder
@@ -1637,7 +1681,7 @@ class InitFolderError(FileNotFoundError):
     """--init points at a folder that is not a complete PaliGemma checkpoint."""
 
 
-def init_folder(spec):
+def init_folder(spec: str) -> Path:
     """'paligemma:DIR' -> DIR, checked: config.json, weights (single or sharded) and the tokenizer."""
     kind, _, path = spec.partition(":")
     if kind != "paligemma" or not path:
@@ -1662,13 +1706,14 @@ class CheckpointProcessor:
     """The checkpoint's own tokenizer and image preprocessing (paligemma.PaliGemmaProcessor), with
     the same sequence layout as WordProcessor: <image> * N <bos> prompt \\n | answer <eos>."""
 
-    def __init__(self, folder, config):
+    def __init__(self, folder: str | Path, config: pg.PaliGemmaConfig):
         self.processor, self.config = pg.PaliGemmaProcessor.from_pretrained(folder, config), config
         self.tokenizer = self.processor.tokenizer
         self.image_size = config.vision.image_size
         self.eos_token_id = self.tokenizer.eos_token_id
 
-    def __call__(self, prompts, answers=None, images=True):
+    def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
+                 images: bool = True) -> dict[str, torch.Tensor]:
         tok = self.tokenizer
         image = self.processor.IMAGE_TOKEN * self.config.num_image_tokens if images else ""
         prefixes = [tok(image + tok.bos_token + p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
@@ -1677,14 +1722,15 @@ class CheckpointProcessor:
         pad = tok.pad_token_id if tok.pad_token_id is not None else self.config.text.pad_token_id
         return prefix_suffix_batch(prefixes, suffixes, pad)
 
-    def pixels(self, images):
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack([self.processor.preprocess_image(Image.fromarray(x.numpy())) for x in images])
 
-    def decode(self, tokens):
+    def decode(self, tokens: torch.Tensor) -> list[str]:
         return self.processor.decode(tokens)
 
 
-def build_init_vlm(spec, vcfg, tcfg, cache, device):
+def build_init_vlm(spec: str, vcfg: VLMConfig, tcfg: TrainConfig, cache: str | Path,
+                   device: torch.device | str) -> tuple[VLM, VQAData]:
     """PaliGemma.from_pretrained(DIR) in fp32; its projector is the connector (linear, or dense)."""
     folder = init_folder(spec)
     if vcfg.connector not in ("linear", "dense"):
@@ -1697,7 +1743,7 @@ def build_init_vlm(spec, vcfg, tcfg, cache, device):
                  cached_data(cache, tcfg.n_train, tcfg.seed, "train", size, True))
 
 
-def transformers_adapter_key(key):
+def transformers_adapter_key(key: str) -> str:
     """Our module names -> transformers 5.23 PaliGemmaForConditionalGeneration's (what peft sees)."""
     prefix = lora.PEFT_PREFIX
     name = key.removeprefix(prefix)
@@ -1708,7 +1754,7 @@ def transformers_adapter_key(key):
     return key
 
 
-def save_init_vlm(vlm, folder, mode, init):
+def save_init_vlm(vlm: VLM, folder: Path, mode: str, init: str) -> None:
     """model/base: a transformers-format PaliGemma (trained projector, LM unchanged under LoRA) with the
     checkpoint's tokenizer; model/adapter: the LoRA adapter under transformers' module names, which
     peft's PeftModel.from_pretrained and paligemma.py's adapter= both read."""
@@ -1736,7 +1782,7 @@ def save_init_vlm(vlm, folder, mode, init):
     write_json(folder / "init.json", {"init": str(source), "stage2": mode, "model": asdict(vlm.config)})
 
 
-def load_init_vlm(folder, device="cpu"):
+def load_init_vlm(folder: Path, device: torch.device | str = "cpu") -> VLM:
     meta = json.loads((folder / "init.json").read_text())
     vcfg = VLMConfig(**meta["model"])
     model = pg.PaliGemma.from_pretrained(folder / "base", dtype=torch.float32, device=device)
@@ -1753,7 +1799,7 @@ class HFFolderError(FileNotFoundError):
     """--lm / --vision points at a folder that is not a usable transformers checkpoint."""
 
 
-def hf_folder(spec, what, needs_tokenizer=False):
+def hf_folder(spec: str, what: str, needs_tokenizer: bool = False) -> tuple[Path, dict]:
     """'hf:DIR' -> DIR, checked: config.json, safetensors weights and (for an LM) a tokenizer."""
     folder = Path(spec[3:])
     layout = "config.json, model.safetensors (or sharded)" + (", tokenizer.json or tokenizer.model" if needs_tokenizer else "")
@@ -1774,14 +1820,14 @@ def hf_folder(spec, what, needs_tokenizer=False):
     return folder, config
 
 
-def quiet_transformers():
+def quiet_transformers() -> None:
     import transformers
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")                # local folders only, never the hub
 
 
-def load_hf_vision(spec, all_layers):
+def load_hf_vision(spec: str, all_layers: bool) -> FrozenHFVision:
     """--vision hf:DIR: CLIPVisionModel or SiglipVisionModel (a whole CLIP / SigLIP folder works too)."""
     quiet_transformers()
     from transformers import CLIPVisionModel, SiglipVisionModel
@@ -1803,12 +1849,14 @@ class HFProcessor:
     """Prompts and answers for a transformers LM, with its own tokenizer:
     [IMAGE] * M <bos> prompt \n | answer <eos>, left-padded (prefix_suffix_batch)."""
 
-    def __init__(self, tokenizer, image_tokens, image_size, normalize):
+    def __init__(self, tokenizer: Any, image_tokens: int, image_size: int,
+                 normalize: Callable[[torch.Tensor], torch.Tensor]):
         self.tokenizer, self.image_tokens, self.image_size, self.normalize = tokenizer, image_tokens, image_size, normalize
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def __call__(self, prompts, answers=None, images=True):
+    def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
+                 images: bool = True) -> dict[str, torch.Tensor]:
         tok = self.tokenizer
         start = ([HFVLM.IMAGE] * self.image_tokens if images else []) + ([tok.bos_token_id] if tok.bos_token_id is not None else [])
         prefixes = [start + tok(p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
@@ -1816,10 +1864,10 @@ class HFProcessor:
                     [tok(a, add_special_tokens=False)["input_ids"] + [self.eos_token_id] for a in answers])
         return prefix_suffix_batch(prefixes, suffixes, self.pad_token_id)
 
-    def pixels(self, images):
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
         return self.normalize(images)
 
-    def decode(self, tokens):
+    def decode(self, tokens: torch.Tensor) -> list[str]:
         out = []
         for row in tokens.tolist():
             row = row[:row.index(self.eos_token_id)] if self.eos_token_id in row else row
@@ -1827,7 +1875,7 @@ class HFProcessor:
         return out
 
 
-def load_hf_lm(spec):
+def load_hf_lm(spec: str) -> tuple[nn.Module, Any]:
     """--lm hf:DIR: AutoModelForCausalLM in fp32 and its tokenizer."""
     quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1839,14 +1887,15 @@ def load_hf_lm(spec):
     return lm, AutoTokenizer.from_pretrained(folder)
 
 
-def build_hf_vlm(vcfg, vision, lm, tokenizer):
+def build_hf_vlm(vcfg: VLMConfig, vision: FrozenViT | FrozenHFVision, lm: nn.Module,
+                 tokenizer: Any) -> tuple[HFVLM, HFProcessor]:
     """vision + connector sized from the LM's config + the LM, and its processor."""
     connector, m = make_connector(vcfg, vision.width, vision.layers, vision.num_patches, lm.config.hidden_size)
     model = HFVLM(vision, connector, lm, m)
     return model, HFProcessor(tokenizer, m, vision.image_size, vision.normalize)
 
 
-def save_hf_parts(vlm, folder, mode):
+def save_hf_parts(vlm: VLM, folder: Path, mode: str) -> None:
     """out/model for a run with --lm / --vision hf:DIR: the trained non-transformers parts in
     model.safetensors, the LM in lm/ (save_pretrained after full tuning, else the unchanged source
     folder) with its tokenizer, the LoRA adapter in peft's format for that LM in adapter/ (what
@@ -1876,7 +1925,7 @@ def save_hf_parts(vlm, folder, mode):
 
 # -- memory: full vs LoRA vs QLoRA, one stage-2 step each in a fresh process --------------------
 
-def memory_child(mode, vcfg_dict, batch_size, vocab_size):
+def memory_child(mode: str, vcfg_dict: dict, batch_size: int, vocab_size: int) -> dict:
     """One stage-2 step of `mode` in this (fresh) process: bytes of weights, gradients, AdamW state,
     the tensors autograd saved for backward (activations), and the process's peak RSS."""
     lora.return_freed_memory_to_the_os()
@@ -1908,7 +1957,7 @@ def memory_child(mode, vcfg_dict, batch_size, vocab_size):
     return out
 
 
-def paligemma_3b_arithmetic(r=16):
+def paligemma_3b_arithmetic(r: int = 16) -> dict:
     """The same accounting for PaliGemma-3B's real sizes (counted on the meta device): bf16 weights and
     gradients, fp32 AdamW moments (8 bytes per trainable weight), NF4 at 4 + 0.127 bits per weight
     (64-weight blocks, fp8 absmax double-quantized in blocks of 256: Dettmers et al. 2023, sec. 3)."""
@@ -1928,7 +1977,7 @@ def paligemma_3b_arithmetic(r=16):
             "rows": {k: dict(zip(("weights", "grads", "optimizer"), v)) for k, v in rows.items()}}
 
 
-def memory_report(vcfg, batch_size, vocab_size=64):
+def memory_report(vcfg: VLMConfig, batch_size: int, vocab_size: int = 64) -> dict:
     """Measure each mode in a fresh spawned process; print the table and the 3B extrapolation."""
     import multiprocessing as mp
     # a fresh process per mode, forked from a server that has imported this file once (lora.py does the same)
@@ -1962,7 +2011,8 @@ def memory_report(vcfg, batch_size, vocab_size=64):
 
 # -- pictures ------------------------------------------------------------------------------------
 
-def answer_grid(vlm, data, predictions, path, n=8, cell=112):
+def answer_grid(vlm: VLM, data: VQAData, predictions: Sequence[str], path: str | Path, n: int = 8,
+                cell: int = 112) -> None:
     """PNG: n held-out images, each with its question, the generated answer and the truth."""
     from PIL import ImageFont
     font = ImageFont.load_default()
@@ -1985,7 +2035,7 @@ def answer_grid(vlm, data, predictions, path, n=8, cell=112):
 
 # -- printing ------------------------------------------------------------------------------------
 
-def results_table(metrics):
+def results_table(metrics: dict) -> str:
     """The before / after table: exact match and ROUGE-L, overall and per kind, both splits."""
     lines = ["| split | questions | kind | n | exact after stage 1 | exact after stage 2 | ROUGE-1 after 1 -> 2 "
              "| ROUGE-L after 1 -> 2 |", "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -2000,7 +2050,7 @@ def results_table(metrics):
     return "\n".join(lines)
 
 
-def print_summary(metrics, out):
+def print_summary(metrics: dict, out: str | Path) -> None:
     s = metrics["seconds"]
     print(f"\nloss (first -> last step): " + ", ".join(f"{k} {v[0]:.3f} -> {v[1]:.3f}" for k, v in metrics["loss"].items()))
     print(f"time: setup + stage 0 {s['setup and stage 0']:.0f} s, stage 1 {s['stage 1']:.0f} s, "
@@ -2018,7 +2068,7 @@ def print_summary(metrics, out):
 
 # -- command line ----------------------------------------------------------------------------------
 
-def pick_device(name):
+def pick_device(name: str) -> torch.device:
     """--device auto|cpu|cuda|cuda:N as a torch.device (clip.pick_device checks that a CUDA device exists)."""
     try:
         return torch.device(clip.pick_device(name))
@@ -2026,7 +2076,7 @@ def pick_device(name):
         raise ConfigError(str(err)) from None
 
 
-def parse_setting(item):
+def parse_setting(item: str) -> tuple[str, object]:
     """--set KEY=VALUE -> (key, value typed as the field's default), for any VLMConfig / TrainConfig field."""
     key, sep, text = item.partition("=")
     known = {f.name: f for cls in (VLMConfig, TrainConfig) for f in fields(cls)}
@@ -2046,7 +2096,7 @@ def parse_setting(item):
         raise ConfigError(f"--set {key}: expected a {type(default).__name__} like {default!r}, got {text!r}") from None
 
 
-def configs_from_args(args):
+def configs_from_args(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]:
     vcfg_over, tcfg_over = PRESETS.get(args.preset, ({}, {})) if args.preset else ({}, {})
     vcfg_over = {**vcfg_over, **({"connector": args.connector} if args.connector else {}),
                  **{k: getattr(args, k) for k in ("lm", "vision") if getattr(args, k, None)}}
@@ -2063,7 +2113,7 @@ def configs_from_args(args):
     return vcfg, tcfg
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(prog="vlm_train.py", description=__doc__.splitlines()[0])
     clip.add_common_arguments(parser, "where everything of the run is written (default runs/vlm_train)",
                               train_help="both stages on the embedded data (~4 min on 2 CPU cores)")
@@ -2111,7 +2161,7 @@ def main(argv=None):
         parser.error(str(e))
 
 
-def run_demo(vcfg, tcfg, args, device):
+def run_demo(vcfg: VLMConfig, tcfg: TrainConfig, args: argparse.Namespace, device: torch.device | str) -> dict:
     """Seconds: both stages of a tiny VLM (random frozen tiny ViT), with the numbers a reader checks."""
     vision = f"frozen {vcfg.vision[3:]}" if vcfg.vision else "random frozen ViT"
     lm = f"{vcfg.lm[3:]}" if vcfg.lm else f"Gemma decoder ({vcfg.lm_layers} layer x {vcfg.lm_width})"
