@@ -449,6 +449,9 @@ def set_stage(model: nn.Module, stage: int, mode: str = "full", cfg: VLMConfig |
     train_qformer=False keeps a Q-Former connector's Q-Former frozen there (only its head trains).
     The vision encoder is frozen in every stage.
     """
+    if stage == 2 and mode != "full" and cfg is None:
+        raise ConfigError(f"set_stage: stage 2 with {mode} needs cfg, the VLMConfig whose lora_r, lora_alpha and "
+                          f"lora_targets say where the adapters go")
     vision, connector, lm = trainable_parts(model)
     model.requires_grad_(False)
     if stage == 0:
@@ -593,10 +596,11 @@ def vlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def itc_itm_itg_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """BLIP-2 stage 1 (sec. 3.2): L_itc + L_itm + L_itg of the Q-Former on the frozen image features."""
+    """BLIP-2 stage 1 (sec. 3.2): L_itc + L_itm + L_itg of the Q-Former on the frozen image features.
+    ITM's hard negatives are drawn from torch's global generator, which run_stage seeds and checkpoints."""
     q = model.connector.qformer
     losses = q.losses(model.vision(batch["pixel_values"])[:, -1], batch["qf_ids"], batch["qf_mask"],
-                      batch["matches"], batch.get("generator"))
+                      batch["matches"], None)
     return sum(losses.values())
 
 
@@ -608,7 +612,7 @@ def schedule(step: int, lr: float, steps: int, warmup: float) -> float:
 
 def make_optimizer(params: Sequence[nn.Parameter], lr: float, weight_decay: float, scaled: Iterable[nn.Parameter] = (),
                    scale: float = 1.0) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on biases, norms or the Perceiver's latents' scale).
+    """AdamW; weight decay on matrices only (not on biases, norm weights or other vectors).
     Parameters in `scaled` get lr x scale (each group's "lr_scale", applied by train_step)."""
     scaled = {id(p) for p in scaled} if scale != 1.0 else set()
     groups = [{"params": [p for p in params if (p.dim() >= 2) == big and (id(p) in scaled) == fast],
@@ -1559,7 +1563,7 @@ def train_vlm(vcfg: VLMConfig, tcfg: TrainConfig, out: str | Path, device: torch
     """Stage 0 (cached), stage 1, evaluation, stage 2, evaluation; writes everything under `out`.
 
     stop_after=(phase, k) raises Killed after that stage's step k (tests of --resume). stage1_dir: a
-    stage-1 folder shared by runs that differ only in stage 2 (the benchmark). Returns metrics.
+    stage-1 folder shared by runs that differ only in stage 2 (the benchmark). Returns (metrics, vlm).
     """
     out, t0 = Path(out), time.time()
     cache = Path(cache or out)
@@ -1605,7 +1609,7 @@ def train_vlm(vcfg: VLMConfig, tcfg: TrainConfig, out: str | Path, device: torch
             after = {s: evaluate_vqa(vlm, d, vlm.question_prefix) for s, d in evals.items()}
             metrics["after stage 2"] = {s: r[0] for s, r in after.items()}
             if rank0:
-                answer_grid(vlm, evals["test"], after["test"][1], out / "answers.png")
+                answer_grid(evals["test"], after["test"][1], out / "answers.png")
         metrics["seconds"]["total"] = time.time() - t0
         if rank0:
             save_vlm(vlm, out / "model", tcfg.stage2, init)
@@ -2011,9 +2015,8 @@ def memory_report(vcfg: VLMConfig, batch_size: int, vocab_size: int = 64) -> dic
 
 # -- pictures ------------------------------------------------------------------------------------
 
-def answer_grid(vlm: VLM, data: VQAData, predictions: Sequence[str], path: str | Path, n: int = 8,
-                cell: int = 112) -> None:
-    """PNG: n held-out images, each with its question, the generated answer and the truth."""
+def answer_grid(data: VQAData, predictions: Sequence[str], path: str | Path, n: int = 8, cell: int = 112) -> None:
+    """PNG: the first n questions of an evaluation set, each with its image, the generated answer and the truth."""
     from PIL import ImageFont
     font = ImageFont.load_default()
     cols, text_h = 4, 64
@@ -2036,7 +2039,7 @@ def answer_grid(vlm: VLM, data: VQAData, predictions: Sequence[str], path: str |
 # -- printing ------------------------------------------------------------------------------------
 
 def results_table(metrics: dict) -> str:
-    """The before / after table: exact match and ROUGE-L, overall and per kind, both splits."""
+    """The before / after table: exact match, ROUGE-1 and ROUGE-L, overall and per kind, both splits."""
     lines = ["| split | questions | kind | n | exact after stage 1 | exact after stage 2 | ROUGE-1 after 1 -> 2 "
              "| ROUGE-L after 1 -> 2 |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for split, name in (("test", "unseen scenes"), ("heldout", "held-out colour-shape pairs")):
@@ -2120,7 +2123,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     parser.add_argument("--cache", type=str, default=None, help="where the ViT, data and text-only LM are cached "
                         "(default: --out); share it between runs")
     parser.add_argument("--connector", type=str, default=None, choices=CONNECTORS, help="default mlp")
-    parser.add_argument("--stage2", type=str, default=None, choices=STAGE2_MODES, help="default lora")
+    parser.add_argument("--stage2", type=str, default=None, choices=STAGE2_MODES,
+                        help="default full with --train, lora in the tiny demo")
     parser.add_argument("--preset", type=str, default=None, choices=sorted(PRESETS))
     parser.add_argument("--init", type=str, default=None, help="paligemma:DIR, a whole PaliGemma checkpoint folder")
     parser.add_argument("--lm", type=str, default=None, help="hf:DIR, a transformers causal LM folder with its "
@@ -2145,7 +2149,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         if args.figure and not args.train:
             vlm = load_vlm(args.out, device)
             data = eval_sets(args.cache or args.out, tcfg, vlm.processor.image_size)["test"]
-            answer_grid(vlm, data, evaluate_vqa(vlm, data, vlm.question_prefix)[1], args.figure)
+            answer_grid(data, evaluate_vqa(vlm, data, vlm.question_prefix)[1], args.figure)
             print(f"wrote {args.figure}")
             return None
         if not args.train:
@@ -2168,7 +2172,7 @@ def run_demo(vcfg: VLMConfig, tcfg: TrainConfig, args: argparse.Namespace, devic
     print(f"tiny VLM: {vision} -> {vcfg.connector} connector -> {lm}; stage 2 {tcfg.stage2}")
     metrics, vlm = train_vlm(vcfg, tcfg, args.out, device, args.resume, args.cache, progress=False, init=args.init)
     for phase, (first, last) in metrics["loss"].items():
-        print(f"  {phase}: loss {first:.3f} (first step) -> {last:.3f} (step {tcfg.stage2_steps if phase == 'stage2' else tcfg.stage1_steps})")
+        print(f"  {phase}: loss {first:.3f} (first step) -> {last:.3f} (step {len(metrics['history'][phase])})")
     a, b = metrics["after stage 1"]["test"]["all"], metrics["after stage 2"]["test"]["all"]
     print(f"  exact match on {b['n']} unseen questions: {a['exact']:.1f}% after stage 1 -> {b['exact']:.1f}% after stage 2 "
           f"(a tiny random ViT and {tcfg.stage2_steps} steps: the plumbing, not the accuracy; see --train)")
