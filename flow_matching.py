@@ -117,7 +117,7 @@ class FlowConfig:
     eval_n: int = 1000             # points per W2 estimate (exact assignment: cost grows like n^2..n^3)
     eval_repeats: int = 4          # independent draws averaged, because W2 of a finite sample is noisy
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_config(self)          # in the plumbing at the end of the file
 
     @classmethod

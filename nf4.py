@@ -451,14 +451,15 @@ class NF4Matmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
-                state: NF4State) -> torch.Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, packed: torch.Tensor,
+                bias: torch.Tensor | None, state: NF4State) -> torch.Tensor:
         ctx.state = state
         ctx.save_for_backward(packed)
         return F.linear(x, dequantize_nf4(packed, state, x.dtype), bias)
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
+    def backward(ctx: torch.autograd.function.FunctionCtx,
+                 grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
         (packed,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:

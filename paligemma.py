@@ -161,7 +161,7 @@ class TextConfig:
     sliding_window: int | None = None
     layer_types: list | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
@@ -180,7 +180,7 @@ class PaliGemmaConfig:
     connector: str = "linear"   # "linear" (PaliGemma) or "dense" (Yao et al. 2024)
     dense_groups: int = 2       # G groups of vision layers averaged by the dense connector
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.connector not in ("linear", "dense"):
             raise ValueError(f"connector must be 'linear' or 'dense', got {self.connector!r}")
         if self.projection_dim != self.text.hidden_size:

@@ -543,6 +543,8 @@ class HFVLM(nn.Module):
                 raise ValueError(f"each prompt needs exactly {self.num_image_tokens} image placeholders, got {counts.tolist()}")
             u = self.image_features(pixel_values)                                     # (B, M, D)
             x = x.masked_scatter(is_image[..., None], u.to(x.dtype))
+        elif bool(is_image.any()):
+            raise ValueError("the prompt has image placeholders but no pixel_values were given")
         return x
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
