@@ -345,13 +345,16 @@ class TextEmbeddings(nn.Module):
 
 def text_attention_mask(attention_mask: torch.Tensor | None, T: int, dtype: torch.dtype,
                         device: torch.device | str) -> torch.Tensor:
-    """Additive mask (B or 1, 1, T, T): token i sees tokens j <= i that are not padding.
+    """Additive mask (B, 1, T, T), or (T, T) without a padding mask: token i sees tokens j <= i that are
+    not padding.
 
     A large negative number instead of -inf keeps a fully masked row (a padding query with left
-    padding) finite instead of NaN; the rows that matter are unaffected.
+    padding) finite instead of NaN; the rows that matter are unaffected. The padding mask is applied
+    even when it is all ones: asking "is there any padding?" would read a value back from the device,
+    a GPU -> CPU sync on every call, to skip work that costs less than the wait.
     """
     allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()   # (T, T) causal
-    if attention_mask is not None and not bool(attention_mask.all()):
+    if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]     # (B, 1, T, T): hide padding keys
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
@@ -361,17 +364,14 @@ def pool_eos(hidden: torch.Tensor, input_ids: torch.Tensor, eos_token_id: int) -
 
     transformers' rule: configs with eos_token_id == 2 predate a fix and take the highest token id (in
     CLIP's BPE vocabulary that is end-of-text, 49407); newer configs take the first eos_token_id, which
-    stays right when padding uses the same id.
+    stays right when padding uses the same id. A row without that token would be read at position 0;
+    `CLIP.encode_text` refuses such rows (`check_input_ids` with values=True), not this function, which
+    runs inside every forward pass and so must not read values back from the device.
     """
     if eos_token_id == 2:
         index = input_ids.argmax(dim=-1)                                 # (B,)
     else:
-        is_eos = input_ids == eos_token_id                               # (B, T)
-        if not bool(is_eos.any(dim=-1).all()):
-            missing = (~is_eos.any(dim=-1)).nonzero().flatten().tolist()
-            raise ValueError(f"rows {missing} of input_ids have no end-of-text token (id {eos_token_id}); "
-                             "the text encoder reads each row out at that token")
-        index = is_eos.int().argmax(dim=-1)                              # (B,) first end-of-text
+        index = (input_ids == eos_token_id).int().argmax(dim=-1)         # (B, T) -> (B,) first end-of-text
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
@@ -392,16 +392,26 @@ class TextTransformer(nn.Module):
         return self.final_layer_norm(self.encoder(x, mask))             # (B, T, D)
 
 
-def check_input_ids(input_ids: torch.Tensor, cfg: CLIPConfig) -> None:
+def check_input_ids(input_ids: torch.Tensor, cfg: CLIPConfig, values: bool = False) -> None:
+    """Shape, dtype and length: tensor metadata, free on any device. values=True also checks what the ids
+    hold (each in [0, V), an end-of-text token in every row), which reads them back: on an accelerator
+    that is a GPU -> CPU sync, so only `CLIP.encode_text`, where ids come in from the user, asks for it."""
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
         raise ValueError(f"input_ids must be an integer tensor of shape (B, T); got {input_ids.dtype} "
                          f"of shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] > cfg.context_length:
         raise ValueError(f"text of {input_ids.shape[1]} tokens is longer than the context length "
                          f"{cfg.context_length}")
-    if input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < cfg.vocab_size):
+    if not values or not input_ids.numel():
+        return
+    if not (0 <= int(input_ids.min()) and int(input_ids.max()) < cfg.vocab_size):
         raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got [{int(input_ids.min())}, "
                          f"{int(input_ids.max())}]")
+    has_eos = (input_ids == cfg.eos_token_id).any(dim=-1)                # (B,)
+    if cfg.eos_token_id != 2 and not bool(has_eos.all()):               # id 2: read at the highest id (pool_eos)
+        missing = (~has_eos).nonzero().flatten().tolist()
+        raise ValueError(f"rows {missing} of input_ids have no end-of-text token (id {cfg.eos_token_id}); "
+                         "the text encoder reads each row out at that token")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,15 +444,22 @@ class CLIP(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     buckets: int = 4) -> torch.Tensor:
-        """(B, T) right-padded ids -> (B, E). Long batches run in `buckets` groups of similar length.
+        """(B, T) right-padded ids -> (B, E). Long batches on the CPU run in `buckets` groups of similar length.
 
         The mask is causal, so no token ever sees a later one: the padding after a caption cannot
         change its end-of-text output, and cutting a group's columns to its own longest caption gives
         the same embeddings for less work (a padded batch of captions of 5 to 39 tokens does about a
         third fewer token-layers). Left padding, or a short batch, runs as one group.
+
+        Ids and lengths are read (value checks, group lengths) only on the CPU and outside torch.compile.
+        On an accelerator each read is a GPU -> CPU sync that stalls the host every call, for checks the
+        tokenizers here never fail and for padded columns that cost the GPU less than the wait; there,
+        hand-made ids are the caller's to check (`check_input_ids(ids, cfg, values=True)`).
         """
+        on_host = input_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+        check_input_ids(input_ids, self.cfg, values=on_host)
         B = input_ids.shape[0]
-        if attention_mask is None or B < 8 * buckets:
+        if attention_mask is None or B < 8 * buckets or not on_host or attention_mask.device.type != "cpu":
             return self._encode_text(input_ids, attention_mask)
         lengths = attention_mask.sum(1)                                  # (B,)
         right_padded = attention_mask.bool() == (torch.arange(input_ids.shape[1], device=lengths.device) < lengths[:, None])
