@@ -32,15 +32,17 @@ Compositional generalisation, measured honestly. `--train` holds four colour-sha
 training (a red circle is never seen, though red things and circles are), then classifies scenes of
 those pairs zero-shot among all 24 pairs ("a photo of a red circle", ...): right means colour and kind
 both right. This is the compositional zero-shot test of Misra et al. (2017, "From red wine to red
-tomato"). Three choices let a two-minute CPU run pass it on four seeds of five (seed 3 reaches 89.8%;
-README, `benchmarks/bench_clip_seeds.py`), and the README measures each:
-  1. CLIP's initialisation (`init_weights`). With GPT-2's std 0.02 everywhere the small model is
-     still near its starting loss after 1000 steps (`--init gpt2`).
+tomato"). Four choices let a four-minute CPU run pass it on every seed of five (96.6% to 98.2% on
+seeds 0-4; README, `benchmarks/bench_clip_seeds.py`), and the README measures each:
+  1. CLIP's initialisation (`init_weights`). With GPT-2's std 0.02 everywhere the small model
+     learns far more slowly (`--init gpt2`).
   2. White outlines (`RIM`). A pure red circle's edge exists only in the R channel, so without an edge
      that looks alike in every colour the ViT learns shape detectors partly per colour, and the kind
      of a red circle, never seen, is read far less reliably (`--no-rim`).
   3. Many distinct scenes (`TrainConfig.n_train`), so that no scene is seen often enough to be
      memorised whole.
+  4. Enough steps (`TrainConfig.steps`, 2000). After 1000, the recipe before, seed 3 stopped at 89.8%,
+     reading a never-seen blue triangle as purple; the other four seeds reached 93-95%.
 Prompts that name one attribute show what is left of the binding failure Yuksekgonul et al. (2023,
 "When and why vision-language models behave like bags-of-words") measure in real CLIPs. "a photo of a
 circle" was only ever written under non-red images, so it leans away from red, and the kind of a red
@@ -528,8 +530,9 @@ def init_weights(model: CLIP, scheme: str = "clip") -> None:
     A linear map with std w^-1/2 keeps the size of its input, so every block's attention and MLP speak
     up from the first step (the 1/(2L) shares the residual stream among the 2L branches). GPT-2's rule
     of std 0.02 everywhere (scheme="gpt2", `--init gpt2`) makes the branches of a width-64 model eight
-    times quieter than that, and `--train` then sits near its starting loss for most of its 1000 steps
-    (README, "Training on shapes": 9.8% zero-shot on held-out pairs, against 93.2% with this one).
+    times quieter than that: after 1000 steps a run still sits near its starting loss (9.8% zero-shot
+    on held-out pairs, against 93.2% with this one), and after `--train`'s 2000 it reads the kind of a
+    shape from the kind prompts 28% of the time, against 96% (README, "Training on shapes").
     """
     if scheme not in ("clip", "gpt2"):
         raise ValueError(f"init scheme must be 'clip' or 'gpt2', got {scheme!r}")
@@ -928,7 +931,11 @@ def recall_at_k(similarity: torch.Tensor, correct: torch.Tensor | None = None,
 @dataclass
 class TrainConfig:
     """`python clip.py --train`: a few minutes on a 2-core CPU."""
-    steps: int = 1000
+    # 2000 steps, each scene seen about 8 times. 1000, the recipe before issue 20 section 5 (and what
+    # `TrainConfig(steps=1000)` still gives), left seed 3 at 89.8% on held-out pairs, below the 90% goal;
+    # 2000 steps give 96.6% to 98.2% on seeds 0-4, for 1.9 times the time (README, "On five seeds";
+    # benchmarks/bench_clip_seeds.py).
+    steps: int = 2000
     batch_size: int = 128          # global batch: every image is contrasted with 127 captions
     lr: float = 2e-3
     warmup: int = 100
@@ -1743,7 +1750,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(prog="clip.py", description=__doc__.splitlines()[0])
     add_common_arguments(parser, f"run folder: checkpoints step-<k>/ and pictures (default: --train {DEFAULT_OUT}, "
                                  "the demo runs/clip/demo)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 1000)")
+    parser.add_argument("--steps", type=int, default=None, help=f"training steps (default {TrainConfig.steps})")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default 128)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
     parser.add_argument("--no-rim", action="store_true", help="with --train: draw shapes without their thin white "
