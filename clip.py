@@ -531,7 +531,7 @@ def init_weights(model: CLIP, scheme: str = "clip") -> None:
     up from the first step (the 1/(2L) shares the residual stream among the 2L branches). GPT-2's rule
     of std 0.02 everywhere (scheme="gpt2", `--init gpt2`) makes the branches of a width-64 model eight
     times quieter than that: after 1000 steps a run still sits near its starting loss (9.8% zero-shot
-    on held-out pairs, against 93.2% with this one), and after `--train`'s 2000 it reads the kind of a
+    on held-out pairs, against 93.4% with this one), and after `--train`'s 2000 it reads the kind of a
     shape from the kind prompts 28% of the time, against 96% (README, "Training on shapes").
     """
     if scheme not in ("clip", "gpt2"):
