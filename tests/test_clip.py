@@ -430,6 +430,22 @@ def test_wrong_images_and_text_are_refused_clearly():
     no_eos = torch.tensor([[clip.ShapesTokenizer.sot_token_id, 5, 6]])
     with pytest.raises(ValueError, match="no end-of-text token"):
         model.encode_text(no_eos)
+    eos, V = clip.ShapesTokenizer.eos_token_id, model.cfg.vocab_size
+    with pytest.raises(ValueError, match=rf"must lie in \[0, {V}\); got \[3, {V}\]"):
+        model.encode_text(torch.tensor([[3, V, eos]]))
+
+
+def test_the_forward_pass_reads_no_tensor_values():
+    """No GPU -> CPU sync per call: on the meta device tensors have shapes but no values, so any bool(),
+    int() or .item() inside encode_image, encode_text or forward would raise here. The value checks run
+    only where ids come in on the CPU (the test above)."""
+    model = clip.CLIP(clip.CLIPConfig.tiny()).to("meta")
+    T = model.cfg.context_length
+    pixels = torch.empty(3, 3, 32, 32, device="meta")
+    ids = torch.empty(40, T, dtype=torch.long, device="meta")           # long enough to be bucketed on a CPU
+    mask = torch.empty(40, T, dtype=torch.long, device="meta")
+    per_image, per_text = model(pixels, ids, mask)
+    assert per_image.shape == (3, 40) and per_text.shape == (40, 3)
 
 
 def test_folders_that_are_not_clip_checkpoints(tmp_path, hf_dir):
