@@ -1662,7 +1662,7 @@ def classify_image(model_dir: str | Path, image_path: str | Path, labels: Sequen
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def pick_device(name):
+def pick_device(name: str) -> str:
     """--device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"; a CUDA device that is not
     there is a ValueError that says so. Returns the name, e.g. "cuda:0"."""
     if name == "auto":

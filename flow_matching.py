@@ -1103,7 +1103,7 @@ def resume_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.op
 
 # ---------------------------------------------------------------- command line
 
-def pick_device(name):
+def pick_device(name: str) -> str:
     """--device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"; a CUDA device that is not
     there is a ValueError that says so. Returns the name, e.g. "cuda:0"."""
     if name == "auto":

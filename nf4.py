@@ -922,7 +922,7 @@ def run_demo(cfg: NF4Config) -> dict:
     return results
 
 
-def pick_device(name):
+def pick_device(name: str) -> str:
     """--device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"; a CUDA device that is not
     there is a ValueError that says so. Returns the name, e.g. "cuda:0"."""
     if name == "auto":

@@ -667,6 +667,4 @@ def unannotated(module, exempt=()):
 
 
 def test_every_public_function_has_type_hints():
-    # pick_device must stay byte-identical to its copies in flow_matching.py and nf4.py (test_plumbing.py),
-    # so it gains hints only together with them
-    assert unannotated(clip, exempt={"pick_device"}) == []
+    assert unannotated(clip) == []

@@ -150,3 +150,13 @@ def test_core_equation_within_150_lines(name):
     assert line is not None, f"{name}.py has no def/class {CORE_EQUATION[name]}"
     assert line <= CORE_LINE_LIMIT, (f"{name}.py: {CORE_EQUATION[name]} starts at line {line}, "
                                      f"after line {CORE_LINE_LIMIT}")
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_every_public_function_of_every_file_has_type_hints(name):
+    """One style for the whole repo: every public function and method states its parameter and return
+    types, and every hint names something real (tests/test_clip.py's `unannotated`)."""
+    import importlib
+
+    from test_clip import unannotated
+    assert unannotated(importlib.import_module(name)) == []
