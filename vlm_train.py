@@ -683,6 +683,13 @@ def kind_weights(qa: Sequence[tuple[int, str, str, str]]) -> torch.Tensor:
     return torch.tensor([1.0 / counts[row[3]] for row in qa])
 
 
+def qformer_text(captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Q-Former's text side (ITC, ITM, ITG) reads clip.ShapesTokenizer's words, cut to its context
+    (24 tokens with start and end): longer captions of a --data folder keep their first 22 words."""
+    tok = clip.ShapesTokenizer()
+    return tok.encode([" ".join(tok.words(c)[:tok.context_length - 2]) for c in captions])
+
+
 def make_batch(vlm: VLM, data: VQAData, rows: Sequence[int], phase: str,
                device: torch.device | str) -> dict[str, torch.Tensor]:
     """Rows of the data -> the model's tensors. phase: "text_qa"/"text_cap" (stage 0), "caption"
@@ -698,7 +705,7 @@ def make_batch(vlm: VLM, data: VQAData, rows: Sequence[int], phase: str,
     if not text_only:
         batch["pixel_values"] = data.image_inputs(vlm, index)
     if phase == "itc":
-        ids, mask = clip.ShapesTokenizer().encode(answers)
+        ids, mask = qformer_text(answers)
         T = int(mask.sum(1).max())
         batch.update(qf_ids=ids[:, :T], qf_mask=mask[:, :T],
                      matches=torch.tensor([[a == b for b in answers] for a in answers]))
@@ -984,7 +991,7 @@ def qformer_retrieval(vlm: VLM, data: VQAData, ks: Sequence[int] = (1, 5)) -> di
     device = model.device
     captions = [c for _, c in data.captions]
     pixels = data.image_inputs(vlm, [i for i, _ in data.captions]).to(device)
-    ids, mask = clip.ShapesTokenizer().encode(captions)
+    ids, mask = qformer_text(captions)
     q = model.connector.qformer
     sim = q.itc_logits(model.vision(pixels)[:, -1], ids.to(device), mask.to(device)).cpu()   # (n, n)
     correct = torch.tensor([[a == b for b in captions] for a in captions])

@@ -204,6 +204,22 @@ def test_train_on_a_caption_folder_end_to_end(tmp_path, capsys):
     assert isinstance(vlm.answer(tmp_path / "data" / "img" / "001.jpg", "what colour is it?"), str)
 
 
+def test_the_qformer_recipe_trains_on_long_captions_of_a_folder(tmp_path):
+    """The Q-Former's text side has a 24-token context: captions of 40 words (most of them outside its
+    shapes vocabulary) keep their first 22 words there, and the smolvlm recipe runs through all stages."""
+    rows = caption_folder(tmp_path / "data", n=20)
+    long = " ".join(["a photograph showing"] + [f"word{i}" for i in range(36)] + ["at dusk"])
+    (tmp_path / "data" / "captions.jsonl").write_text("\n".join(json.dumps({**r, "caption": r["caption"] + " " + long})
+                                                                for r in rows) + "\n")
+    ids, mask = vt.qformer_text([rows[0]["caption"] + " " + long])
+    assert int(mask.sum()) == 24 and ids.shape == (1, 24)
+    metrics = vt.main(["--train", "--tiny", "--preset", "smolvlm", "--data", f"captions:{tmp_path / 'data'}",
+                       "--out", str(tmp_path / "run"), "--set", "itc_steps=2", "--set", "stage1_steps=2",
+                       "--set", "stage2_steps=2"])
+    assert {"stage1a", "stage1", "stage2"} <= set(metrics["history"])
+    assert all(v == v for losses in metrics["history"].values() for v in losses)
+
+
 # --- torchrun: 2 gloo processes == 1 process on the same global batch; resume under 2 processes -----------
 
 from conftest import run_gloo_workers  # noqa: E402
