@@ -1687,7 +1687,7 @@ def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
         model = ShapesVLM(vcfg, vision, len(tokenizer))
         processor = WordProcessor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
     saved = load_tensors(folder / "model.safetensors")
-    skip = (("language_model.",) if vcfg.lm else ()) + (("vision.",) if vcfg.vision else ())
+    skip = transformers_parts(vcfg)
     clip.load_strict(model, {**saved, **{k: v for k, v in model.state_dict().items() if k.startswith(skip)}}, folder)
     if meta["stage2"] != "full":
         set_stage(model, 2, meta["stage2"], vcfg)
@@ -1841,10 +1841,12 @@ def hf_folder(spec: str, what: str, needs_tokenizer: bool = False) -> tuple[Path
 
 
 def quiet_transformers() -> None:
+    """No hub and no progress bars: folders are local (HF_HUB_OFFLINE is read when huggingface_hub is
+    first imported, so it is set before transformers is)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")                # local folders only, never the hub
 
 
 def load_hf_vision(spec: str, all_layers: bool) -> FrozenHFVision:
@@ -1915,6 +1917,11 @@ def build_hf_vlm(vcfg: VLMConfig, vision: FrozenViT | FrozenHFVision, lm: nn.Mod
     return model, HFProcessor(tokenizer, m, vision.image_size, vision.normalize)
 
 
+def transformers_parts(vcfg: VLMConfig) -> tuple[str, ...]:
+    """State-dict prefixes of the parts that live in their own transformers folders (lm/, vision/)."""
+    return (("language_model.",) if vcfg.lm else ()) + (("vision.",) if vcfg.vision else ())
+
+
 def save_hf_parts(vlm: VLM, folder: Path, mode: str) -> None:
     """out/model for a run with --lm / --vision hf:DIR: the trained non-transformers parts in
     model.safetensors, the LM in lm/ (save_pretrained after full tuning, else the unchanged source
@@ -1923,7 +1930,7 @@ def save_hf_parts(vlm: VLM, folder: Path, mode: str) -> None:
     vision tower's source folder in vision/."""
     import shutil
     model, vcfg = vlm.model, vlm.config
-    skip = (("language_model.",) if vcfg.lm else ()) + (("vision.",) if vcfg.vision else ())
+    skip = transformers_parts(vcfg)
     state = {k: v for k, v in base_state(model, mode).items() if not k.startswith(skip)}
     save_tensors(folder / "model.safetensors", state)
     meta = {"model": asdict(vcfg), "stage2": mode}
