@@ -50,7 +50,6 @@ import json
 import logging
 import os
 import re
-import sys
 import tempfile
 import unicodedata
 from collections.abc import Callable

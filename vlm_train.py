@@ -67,7 +67,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -2078,7 +2078,7 @@ def results_table(metrics: dict) -> str:
 
 def print_summary(metrics: dict, out: str | Path) -> None:
     s = metrics["seconds"]
-    print(f"\nloss (first -> last step): " + ", ".join(f"{k} {v[0]:.3f} -> {v[1]:.3f}" for k, v in metrics["loss"].items()))
+    print("\nloss (first -> last step): " + ", ".join(f"{k} {v[0]:.3f} -> {v[1]:.3f}" for k, v in metrics["loss"].items()))
     print(f"time: setup + stage 0 {s['setup and stage 0']:.0f} s, stage 1 {s['stage 1']:.0f} s, "
           f"stage 2 {s['stage 2']:.0f} s, total {s['total']:.0f} s; trainable in stage 2: "
           f"{metrics['trainable parameters']:,}; processes: {metrics['processes']}; skipped: {metrics['skipped_images']} "

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import qformer
 from crash_hook import Crash, crash_after

@@ -9,8 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file
 
 import clip
@@ -211,7 +209,7 @@ def test_each_stage_lowers_its_loss(connector, cache, tmp_path):
 
 
 def test_demo_runs_on_the_tiny_preset(tmp_path, capsys):
-    metrics = vt.main(["--out", str(tmp_path), "--device", "cpu"])
+    vt.main(["--out", str(tmp_path), "--device", "cpu"])
     out = capsys.readouterr().out
     assert "stage1: loss" in out and "stage2: loss" in out and "exact match" in out
     for name in ("metrics.json", "metrics.jsonl", "answers.png", "model/vlm.json", "model/adapter/adapter_config.json"):
