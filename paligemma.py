@@ -73,6 +73,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image
 
 from clip import ACTIVATIONS, CheckpointError, Encoder, atomic_write, check_finite
@@ -492,19 +493,32 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class GemmaModel(nn.Module):
+    """The decoder stack. `gradient_checkpointing = True` trades compute for memory in training
+    (activation checkpointing, Chen et al. 2016): backward normally needs every layer's intermediate
+    tensors (attention scores, MLP hidden states: several (B, T, D)-sized tensors per layer); with it,
+    only each layer's input is kept and the layer is run a second time during backward to rebuild the
+    rest. One extra forward pass buys activations that no longer grow with the layer's insides. It
+    changes no number: the gradients are those of the plain forward (tests/test_paligemma.py)."""
+
     def __init__(self, t: TextConfig):
         super().__init__()
         self.config = t
         self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(t, i) for i in range(t.num_hidden_layers))
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, masks: dict[str, torch.Tensor | None],
                 cache: KVCache | None = None) -> torch.Tensor:
         """x: (B, T, D) input vectors (already scaled); masks: {"full": ..., "sliding": ...}."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        recompute = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, masks["sliding" if layer.sliding else "full"], cache)   # (B, T, D)
+            mask = masks["sliding" if layer.sliding else "full"]
+            if recompute:   # keep x only; backward re-runs the layer (non-reentrant: works with any autograd op)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)                                    # (B, T, D)
         return self.norm(x)
 
 
