@@ -41,13 +41,20 @@ field known to carry p_0 to p_1; only sampling solves the ODE.  The derivation, 
    1 - alpha_{1-t}^2, alpha_s = exp(-int_0^s beta / 2), in our time (t = 1 is data).  A diffusion model
    learns the score grad log p_t (or the noise eps) and samples by the reverse SDE or its probability-
    flow ODE; for a Gaussian path the two targets convert into each other, u_t(x | z) = mu_t' -
-   sigma_t' sigma_t grad_x log p_t(x | z), so the real difference is the path.  Each VP pair travels an
-   arc (alpha^2 + sigma^2 = 1, not a line) at a varying speed (alpha_{1-t} is 0.28 at t = 0.5 and 0.81
-   at t = 0.8), which Euler steps of equal size cut short.  FM's OT path moves each pair along a line
-   at constant speed, but with independent pairs the marginal paths still bend (step 6), and on 2-D
-   data that is the larger effect: `--compare-diffusion` (the README's table) finds FM's OT path no
-   better than the VP path at 1 to 8 Euler steps, and OT-CFM, whose marginal paths are straight as
-   well, within 1.5x of the noise floor from a single step.
+   sigma_t' sigma_t grad_x log p_t(x | z).  What still differs: the path, the loss's weighting over t
+   (an eps-loss is a velocity loss times a function of t) and the sampler (reverse SDE or ODE).  Each
+   VP pair travels an arc (alpha^2 + sigma^2 = 1) at a varying speed (alpha_{1-t} is 0.28 at t = 0.5,
+   0.81 at t = 0.8), which Euler steps of equal size cut short.  FM's OT path moves each pair along a
+   line at constant speed, but with independent pairs the marginal paths still bend (step 6), and on
+   2-D data that is the larger effect: `--compare-diffusion` (the README's table) finds FM's OT path no
+   better than the VP path at 1 to 8 Euler steps, and OT-CFM, whose marginal paths are nearly straight
+   (dopri5 still spends about 60 network calls on them), within 1.5x of the noise floor from 1 step.
+8. Likelihood: log p_1(x) = log p_0(x(0)) - int_0^1 div v(t, x(t)) dt, x(0) by solving the ODE backward
+   from x (Chen et al. 2018, eq. 4); Hutchinson's estimate of div for high dimension (FFJORD).
+9. Guidance: one network learns v(t, x, c) and, with labels dropped, v(t, x); sampling follows
+   v_w = (1 - w) v(t, x, empty) + w v(t, x, c)  (Ho & Salimans 2022; Zheng et al. 2023).
+10. Rectified flow = I-CFM with sigma = 0; reflow retrains it on the pairs (x0, Z_1(x0)) of its own ODE,
+   which straightens the paths (Liu et al. 2023).  Details at each section below.
 
 Exact OT on a minibatch.  With B source and B target points of equal weight the optimal plan is a
 permutation (Birkhoff), so it is a linear assignment, solved exactly by scipy (Crouse 2016) and warm-
@@ -55,9 +62,10 @@ started with Sinkhorn potentials (Cuturi 2013), which changes the speed, not the
 
 Conventions: t = 0 is the source (noise), t = 1 the target (data), as in Lipman et al. and torchcfm.
 Points are (B, 2) tensors.  The loss is F.mse_loss, the mean over the B points and their 2
-coordinates (as torchcfm's examples compute it): half of L_CFM's mean of |.|^2.  Left out: likelihoods
-(the instantaneous change of variables), SB-CFM's learned score term, image U-Nets and guidance.
-Try `python flow_matching.py` (a seeded demo in seconds), `--train`, `--compare`, `--compare-diffusion`.
+coordinates (as torchcfm's examples compute it): half of L_CFM's mean of |.|^2.  Left out: SB-CFM's
+learned score term, image U-Nets, guidance by a separate classifier, and training by likelihood.
+Try `python flow_matching.py` (a seeded demo in seconds), `--train`, `--compare`, `--compare-diffusion`,
+`--likelihood`, `--guidance`, `--reflow`.
 """
 from __future__ import annotations
 
@@ -688,10 +696,12 @@ def cmd_compare_diffusion(args: argparse.Namespace, device: str, out_dir: Path) 
 # Likelihood: the instantaneous change of variables (step 8 of the docstring)
 # ----------------------------------------------------------------------------------------------------
 
-# Read along a trajectory, the continuity equation of step 1 says how fast the density changes there:
+# A flow is an invertible map, so it has an exact density.  Read along a trajectory, the continuity
+# equation of step 1 says how fast the density changes there:
 #   d log p_t(x(t)) / dt = -div v(t, x(t))                         (Chen et al. 2018, Thm 1, eq. 4)
 # so  log p_1(x(1)) = log p_0(x(0)) - int_0^1 div v(t, x(t)) dt.  To score a data point x, solve the ODE
 # backward from x(1) = x to t = 0 and carry the integral along as a second state (FFJORD, sec. 2-3).
+# Flow matching never needs this to train (the regression has no log-determinant); it scores models.
 
 def divergence_exact(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """div v = sum_i d v_i / d x_i, one backward pass per coordinate: exact, and cheap for 2-D points.
@@ -772,6 +782,11 @@ def log_density(name: str, x: torch.Tensor) -> torch.Tensor:
 # Classifier-free guidance (step 9 of the docstring): one network, labels dropped at random
 # ----------------------------------------------------------------------------------------------------
 
+# Train one network on labelled pairs, each label replaced by an empty one with probability p (Ho &
+# Salimans 2022): it learns the conditional field v(t, x, c) and the unconditional v(t, x) together.
+# Sampling mixes them with a weight w (guided_velocity).  For w other than 0 and 1 the guided field is
+# the velocity of no path from p_0 to p(x | c): samples land in class c more often, but off its law.
+
 CLASSES = {"gaussian": 1, "8gaussians": 8, "moons": 2}   # the labelled targets: mixture components, moon arcs
 
 
@@ -851,6 +866,13 @@ def guided_velocity(model: ConditionalVelocityField, t: torch.Tensor, x: torch.T
 # ----------------------------------------------------------------------------------------------------
 # Rectified flow and reflow (step 10 of the docstring)
 # ----------------------------------------------------------------------------------------------------
+
+# Rectified flow (Liu et al. 2023) is I-CFM with sigma = 0: the straight interpolant between independent
+# pairs.  Its ODE defines a new, deterministic coupling x0 -> Z_1(x0) whose pairs, the ends of
+# trajectories that never cross, barely cross as segments; retraining on them ("reflow") gives the
+# 2-rectified flow, with straighter paths (Liu et al., Thm 3.7), so a few Euler steps suffice.  OT-CFM
+# gets its straight paths from an OT solve per minibatch instead; reflow needs a trained flow first and
+# pays for its ODE solves, but no OT solver.
 
 def reflow_pairs(model: Callable, source: str, n: int, seed: int,
                  device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
