@@ -1612,7 +1612,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Conditional and optimal-transport flow matching on 2-D data.  Without a mode flag: a "
                     "seeded demo of a few seconds.",
         epilog="examples:  python flow_matching.py --train | --train --resume | --compare --figure "
-               "assets/flow_matching_icfm_vs_otcfm.png | --compare-diffusion | "
+               "assets/flow_matching_icfm_vs_otcfm.png | --compare-diffusion | --likelihood | --guidance --figure "
+               "assets/flow_matching_guidance_moons.png | --reflow | "
                "torchrun --nproc_per_node 2 flow_matching.py --train")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--train", action="store_true", help="train one flow, evaluate it, draw it")
@@ -1630,7 +1631,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default=None, help="the matcher --train uses (default otcfm; "
                    "fm and vp start from N(0, I); sbcfm uses sigma 1, torchcfm's default)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="optimizer steps (default 5000; --tiny 300; --compare-diffusion 2000)")
+                   help="optimizer steps (default 5000; --tiny 300; --compare-diffusion, --likelihood, "
+                        "--guidance, --reflow 2000)")
     # the shared flags, in clip.py's words (tests/test_plumbing.py checks every file's --help says the same)
     p.add_argument("--tiny", action="store_true", help="the tiny preset (seconds): tests and quick checks")
     p.add_argument("--homework", action="store_true", help="the course's preset: lr 2e-4, batch 64, 100,000 steps")
@@ -1656,6 +1658,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--tiny and --homework are two presets; choose one")
         if args.resume and not args.train:
             raise ValueError("--resume continues a --train run")
+        if args.figure and (args.likelihood or args.reflow):
+            raise ValueError("--likelihood and --reflow print tables and draw no picture; drop --figure")
         device, created = setup_distributed(pick_device(args.device))
         if device == "cpu":
             # one intra-op thread per Python thread: the network's matrices are small, and the second
