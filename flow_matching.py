@@ -868,23 +868,24 @@ def guided_velocity(model: ConditionalVelocityField, t: torch.Tensor, x: torch.T
 # ----------------------------------------------------------------------------------------------------
 
 # Rectified flow (Liu et al. 2023) is I-CFM with sigma = 0: the straight interpolant between independent
-# pairs.  Its ODE defines a new, deterministic coupling x0 -> Z_1(x0) whose pairs, the ends of
-# trajectories that never cross, barely cross as segments; retraining on them ("reflow") gives the
-# 2-rectified flow, with straighter paths (Liu et al., Thm 3.7), so a few Euler steps suffice.  OT-CFM
-# gets its straight paths from an OT solve per minibatch instead; reflow needs a trained flow first and
-# pays for its ODE solves, but no OT solver.
+# pairs.  Its ODE defines a new, deterministic coupling x0 -> Z_1(x0), the ends of trajectories that
+# never cross, whose straight segments cross far less than independent pairs' do; retraining on them
+# ("reflow") gives the 2-rectified flow, with straighter paths (Liu et al. show that reflow drives
+# the straightness below toward 0), so a few Euler steps suffice.  OT-CFM gets its straight paths from
+# an OT solve per minibatch instead; reflow needs a trained flow first and pays for its ODE solves,
+# but no OT solver.
 
 def reflow_pairs(model: Callable, source: str, n: int, seed: int,
                  device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """The coupling a trained flow defines (Liu et al. 2023, sec. 2.3): x0 ~ p_0 drawn with `seed`, and
+    """The coupling a trained flow defines (Liu et al. 2023, "reflow"): x0 ~ p_0 drawn with `seed`, and
     x1 = Z_1, the end of its ODE from x0 (dopri5).  A deterministic map, so the same seed, same pairs."""
     x0 = sample_2d(source, n, step_generator(seed, 0, 7), device)
     return x0, sample(model, x0, "dopri5")
 
 
 def train_on_pairs(model: nn.Module, cfg: FlowConfig, x0: torch.Tensor, x1: torch.Tensor) -> nn.Module:
-    """Reflow's training: I-CFM's straight path with sigma = 0 (the rectified-flow loss, Liu et al. 2023,
-    eq. 1) on minibatches of fixed pairs (x0_i, x1_i), cfg.steps steps; returns the model."""
+    """Reflow's training: I-CFM's straight path with sigma = 0 (the rectified-flow loss of Liu et al. 2023)
+    on minibatches of fixed pairs (x0_i, x1_i), cfg.steps steps; returns the model."""
     optimizer, matcher = make_optimizer(model, cfg), ConditionalFlowMatcher(0.0)
     model.train()
     for step in range(cfg.steps):
@@ -896,7 +897,7 @@ def train_on_pairs(model: nn.Module, cfg: FlowConfig, x0: torch.Tensor, x1: torc
 
 
 def straightness(model: Callable, x0: torch.Tensor, points: int = 33) -> float:
-    """S = int_0^1 E |(Z_1 - Z_0) - v(t, Z_t)|^2 dt (Liu et al. 2023, sec. 2.2): 0 exactly for straight
+    """S = int_0^1 E |(Z_1 - Z_0) - v(t, Z_t)|^2 dt (Liu et al. 2023): 0 exactly for straight
     paths at constant speed.  Z_t from dopri5 at `points` equal times, the integral by the trapezoid rule."""
     times = torch.linspace(0, 1, points)
     zs, _ = integrate(model, x0, "dopri5", times=times)                           # (points, B, 2)

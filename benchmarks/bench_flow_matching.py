@@ -12,7 +12,7 @@ exact W2 against the same target samples, next to the noise floor.  The W2 compa
 `--seeds` training seeds (network initialisation and batches both change with the seed) and reported as
 mean, standard deviation, min and max over seeds: one run's gap says little when seeds differ by as much.
 
-    python benchmarks/bench_flow_matching.py                # timings, then W2 over 3 seeds: about 9 minutes of CPU
+    python benchmarks/bench_flow_matching.py                # timings, then W2 over 3 seeds: about 8 minutes of CPU
     python benchmarks/bench_flow_matching.py --no-timing    # the W2 comparison alone
     python benchmarks/bench_flow_matching.py --quick        # fewer steps, a smoke test
 """
