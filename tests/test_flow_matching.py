@@ -400,6 +400,10 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         expect_cli_error(capsys, ["--device", "cuda:1"], "--device cuda:1 was asked for, but torch sees no CUDA GPU")
     expect_cli_error(capsys, ["--resume"], "--resume continues a --train run")
+    expect_cli_error(capsys, ["--reflow", "--seeds", "0", "--out", str(tmp_path)], "--seeds must be a positive")
+    expect_cli_error(capsys, ["--likelihood", "--figure", str(tmp_path / "x.png")], "draw no picture")
+    with pytest.raises(ValueError, match="unknown labelled target 'checkerboard'"):
+        fm.train_guided(fm.FlowConfig.tiny(source="gaussian", target="checkerboard"))
     with pytest.raises(ValueError, match="source must be 'gaussian'"):
         fm.FlowConfig(method="fm", source="moons")
     with pytest.raises(ValueError, match="sbcfm needs sigma > 0"):
