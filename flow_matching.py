@@ -41,13 +41,20 @@ field known to carry p_0 to p_1; only sampling solves the ODE.  The derivation, 
    1 - alpha_{1-t}^2, alpha_s = exp(-int_0^s beta / 2), in our time (t = 1 is data).  A diffusion model
    learns the score grad log p_t (or the noise eps) and samples by the reverse SDE or its probability-
    flow ODE; for a Gaussian path the two targets convert into each other, u_t(x | z) = mu_t' -
-   sigma_t' sigma_t grad_x log p_t(x | z), so the real difference is the path.  Each VP pair travels an
-   arc (alpha^2 + sigma^2 = 1, not a line) at a varying speed (alpha_{1-t} is 0.28 at t = 0.5 and 0.81
-   at t = 0.8), which Euler steps of equal size cut short.  FM's OT path moves each pair along a line
-   at constant speed, but with independent pairs the marginal paths still bend (step 6), and on 2-D
-   data that is the larger effect: `--compare-diffusion` (the README's table) finds FM's OT path no
-   better than the VP path at 1 to 8 Euler steps, and OT-CFM, whose marginal paths are straight as
-   well, within 1.5x of the noise floor from a single step.
+   sigma_t' sigma_t grad_x log p_t(x | z).  What still differs: the path, the loss's weighting over t
+   (an eps-loss is a velocity loss times a function of t) and the sampler (reverse SDE or ODE).  Each
+   VP pair travels an arc (alpha^2 + sigma^2 = 1) at a varying speed (alpha_{1-t} is 0.28 at t = 0.5,
+   0.81 at t = 0.8), which Euler steps of equal size cut short.  FM's OT path moves each pair along a
+   line at constant speed, but with independent pairs the marginal paths still bend (step 6), and on
+   2-D data that is the larger effect: `--compare-diffusion` (the README's table) finds FM's OT path no
+   better than the VP path at 1 to 8 Euler steps, and OT-CFM, whose marginal paths are nearly straight
+   (dopri5 still spends about 60 network calls on them), within 1.5x of the noise floor from 1 step.
+8. Likelihood: log p_1(x) = log p_0(x(0)) - int_0^1 div v(t, x(t)) dt, x(0) by solving the ODE backward
+   from x (Chen et al. 2018, eq. 4); Hutchinson's estimate of div for high dimension (FFJORD).
+9. Guidance: one network learns v(t, x, c) and, with labels dropped, v(t, x); sampling follows
+   v_w = (1 - w) v(t, x, empty) + w v(t, x, c)  (Ho & Salimans 2022; Zheng et al. 2023).
+10. Rectified flow = I-CFM with sigma = 0; reflow retrains it on the pairs (x0, Z_1(x0)) of its own ODE,
+   which straightens the paths (Liu et al. 2023).  Details at each section below.
 
 Exact OT on a minibatch.  With B source and B target points of equal weight the optimal plan is a
 permutation (Birkhoff), so it is a linear assignment, solved exactly by scipy (Crouse 2016) and warm-
@@ -55,14 +62,16 @@ started with Sinkhorn potentials (Cuturi 2013), which changes the speed, not the
 
 Conventions: t = 0 is the source (noise), t = 1 the target (data), as in Lipman et al. and torchcfm.
 Points are (B, 2) tensors.  The loss is F.mse_loss, the mean over the B points and their 2
-coordinates (as torchcfm's examples compute it): half of L_CFM's mean of |.|^2.  Left out: likelihoods
-(the instantaneous change of variables), SB-CFM's learned score term, image U-Nets and guidance.
-Try `python flow_matching.py` (a seeded demo in seconds), `--train`, `--compare`, `--compare-diffusion`.
+coordinates (as torchcfm's examples compute it): half of L_CFM's mean of |.|^2.  Left out: SB-CFM's
+learned score term, image U-Nets, guidance by a separate classifier, and training by likelihood.
+Try `python flow_matching.py` (a seeded demo in seconds), `--train`, `--compare`, `--compare-diffusion`,
+`--likelihood`, `--guidance`, `--reflow`.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import math
 import os
@@ -485,21 +494,23 @@ class VelocityField(nn.Module):
     Called as model(t, x), the signature torchdiffeq's odeint expects.
     """
 
-    def __init__(self, width: int = 128, depth: int = 3, time_features: int = 8):
+    def __init__(self, width: int = 128, depth: int = 3, time_features: int = 8, extra_inputs: int = 0):
         super().__init__()
         # frequencies pi k: t in [0, 1] then spans k half-periods, so the net sees both slow and fast changes
         self.register_buffer("frequencies", math.pi * torch.arange(1, time_features + 1).float(), persistent=False)
-        dims = [2 + 2 * time_features] + [width] * depth
+        dims = [2 + 2 * time_features + extra_inputs] + [width] * depth     # extra_inputs: a label embedding
         layers = []
         for d_in, d_out in zip(dims[:-1], dims[1:]):
             layers += [nn.Linear(d_in, d_out), nn.SiLU()]
         self.net = nn.Sequential(*layers, nn.Linear(width, 2))
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.features(t, x))                                         # -> (B, D) ... -> (B, 2)
+
+    def features(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(len(x))   # () or (B,) -> (B,)
         angles = t[:, None] * self.frequencies                                       # (B, time_features)
-        features = torch.cat([x, angles.sin(), angles.cos()], 1)                     # (B, 2 + 2 time_features)
-        return self.net(features)                                                    # -> (B, D) ... -> (B, 2)
+        return torch.cat([x, angles.sin(), angles.cos()], 1)                         # (B, 2 + 2 time_features)
 
 
 def build_model(cfg: FlowConfig) -> VelocityField:
@@ -553,7 +564,7 @@ def make_optimizer(model: nn.Module, cfg: FlowConfig) -> torch.optim.Optimizer:
 # which moves little until t near 1 and then fast) needs h small where x'' is large.  Adaptive solvers
 # (dopri5) find those places themselves and pay for them in network calls (NFE).
 
-def integrate(model: nn.Module, x0: torch.Tensor, method: str = "dopri5", steps: int | None = None,
+def integrate(model: Callable, x0: torch.Tensor, method: str = "dopri5", steps: int | None = None,
               times: torch.Tensor | None = None, atol: float = 1e-5, rtol: float = 1e-5) -> tuple[torch.Tensor, int]:
     """Solve the flow ODE from x0; returns (x at each of `times`, (len(times), B, 2); NFE).
 
@@ -586,7 +597,7 @@ def integrate(model: nn.Module, x0: torch.Tensor, method: str = "dopri5", steps:
     return xs, nfe
 
 
-def sample(model: nn.Module, x0: torch.Tensor, method: str = "dopri5", steps: int | None = None) -> torch.Tensor:
+def sample(model: Callable, x0: torch.Tensor, method: str = "dopri5", steps: int | None = None) -> torch.Tensor:
     """The flow's end points x(1), (B, 2), for source points x0."""
     return integrate(model, x0, method, steps)[0][-1]
 
@@ -679,6 +690,234 @@ def cmd_compare_diffusion(args: argparse.Namespace, device: str, out_dir: Path) 
         print(f"\nN(0, I) -> {cfg.target}, same network, {cfg.steps} steps, batch {cfg.batch_size}, seed {cfg.seed} "
               f"({time.perf_counter() - t0:.0f} s):\n\n{results_table(results)}")
         write_json(out_dir / "metrics.json", results)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Likelihood: the instantaneous change of variables (step 8 of the docstring)
+# ----------------------------------------------------------------------------------------------------
+
+# A flow is an invertible map, so it has an exact density.  Read along a trajectory, the continuity
+# equation of step 1 says how fast the density changes there:
+#   d log p_t(x(t)) / dt = -div v(t, x(t))                         (Chen et al. 2018, Thm 1, eq. 4)
+# so  log p_1(x(1)) = log p_0(x(0)) - int_0^1 div v(t, x(t)) dt.  To score a data point x, solve the ODE
+# backward from x(1) = x to t = 0 and carry the integral along as a second state (FFJORD, sec. 2-3).
+# Flow matching never needs this to train (the regression has no log-determinant); it scores models.
+
+def divergence_exact(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """div v = sum_i d v_i / d x_i, one backward pass per coordinate: exact, and cheap for 2-D points.
+    v (B, d) must have been computed from x (B, d) with grad enabled; returns (B,)."""
+    columns = [torch.autograd.grad(v[:, i].sum(), x, retain_graph=True)[0][:, i] for i in range(x.shape[1])]
+    return torch.stack(columns, 1).sum(1)                                        # (B, d) -> (B,)
+
+
+def divergence_hutchinson(v: torch.Tensor, x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+    """Hutchinson's estimate e^T (dv/dx) e of the trace (FFJORD, Grathwohl et al. 2019, sec. 3.1), (B,).
+
+    Unbiased whenever E[e e^T] = I (Gaussian or Rademacher e), and one backward pass whatever the
+    dimension d, where the exact trace needs d: the option for images, a detour in 2-D.
+    """
+    # e^T J e = (e^T J) e: one vector-Jacobian product, e^T J = grad_x <v, e>
+    vjp = torch.autograd.grad((v * probe).sum(), x)[0]                           # (B, d)
+    return (vjp * probe).sum(1)
+
+
+def log_likelihood(model: Callable, x1: torch.Tensor, log_p0: Callable, exact: bool = True,
+                   generator: torch.Generator | None = None, atol: float = 1e-5,
+                   rtol: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """log p_1(x1) of the flow dx/dt = model(t, x), (B,); also its source points x(0), (B, 2), and the NFE.
+
+    dopri5 from t = 1 down to t = 0 on the state (x, l) with dl/dt = div v, so l(0) = -int_0^1 div v dt
+    and log p_1(x1) = log p_0(x(0)) + l(0).  exact=False uses one Rademacher probe per point, fixed for the
+    whole solve (an adaptive solver needs a deterministic field).
+    """
+    from torchdiffeq import odeint
+    probe = None if exact else (torch.randint(0, 2, x1.shape, generator=generator) * 2.0 - 1).to(x1)
+    nfe = 0
+
+    def field(t, state):
+        nonlocal nfe
+        nfe += 1
+        with torch.enable_grad():
+            x = state[0].detach().requires_grad_(True)
+            v = model(t, x)                                                      # (B, 2)
+            div = divergence_exact(v, x) if exact else divergence_hutchinson(v, x, probe)
+        return v.detach(), div.detach()
+
+    times = torch.tensor([1.0, 0.0]).to(x1)
+    xs, ls = odeint(field, (x1, torch.zeros(len(x1)).to(x1)), times, method="dopri5", atol=atol, rtol=rtol)
+    return xs[-1], log_p0(xs[-1]) + ls[-1], nfe
+
+
+def class_log_density(name: str, x: torch.Tensor, nodes: int = 1024) -> torch.Tensor:
+    """log p(x | class k) of a labelled 2-D distribution, (n, 2) -> (n, K), in closed form or by quadrature.
+
+    8gaussians: class k is N(c_k, 0.5^2 I).  moons: class k is an arc (upper, lower) blurred by N(0, 0.3^2 I),
+    p(x | k) = (1/pi) int_0^pi N(x; m_k(a), 0.3^2 I) da, by the midpoint rule on `nodes` angles (their
+    spacing, 3 pi / nodes, is 1/30 of the blur: the rule is then exact to many digits).  gaussian: one class.
+    """
+    check_choice("labelled dataset", name, CLASSES)
+    dtype, x = x.dtype, x.double()
+    if name == "gaussian":
+        return (-0.5 * x.square().sum(1) - math.log(2 * math.pi))[:, None].to(dtype)   # (n, 1)
+    if name == "8gaussians":
+        angle = torch.arange(8, dtype=x.dtype) * (math.pi / 4)
+        means, std = 5.0 * torch.stack([angle.cos(), angle.sin()], 1)[:, None], 0.5   # (8, 1, 2)
+    else:
+        a = (torch.arange(nodes, dtype=x.dtype) + 0.5) * (math.pi / nodes)
+        arcs = torch.stack([torch.stack([a.cos(), a.sin()], 1), torch.stack([1 - a.cos(), 0.5 - a.sin()], 1)])
+        means, std = 3.0 * (arcs - torch.tensor([0.5, 0.25], dtype=x.dtype)), 0.3      # (2, nodes, 2)
+    # log N(x; m, std^2 I) for every class and node, then the mean over nodes (one node for 8gaussians)
+    sq = (x[None, :, None, :] - means[:, None]).square().sum(-1)                # (K, n, nodes)
+    log_n = -sq / (2 * std ** 2) - math.log(2 * math.pi * std ** 2)
+    return (torch.logsumexp(log_n, 2) - math.log(log_n.shape[2])).t().to(dtype)  # (n, K)
+
+
+def log_density(name: str, x: torch.Tensor) -> torch.Tensor:
+    """log p(x) of a 2-D distribution whose density we know: log (1/K) sum_k p(x | k), (n, 2) -> (n,)."""
+    per_class = class_log_density(name, x)
+    return torch.logsumexp(per_class, 1) - math.log(per_class.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classifier-free guidance (step 9 of the docstring): one network, labels dropped at random
+# ----------------------------------------------------------------------------------------------------
+
+# Train one network on labelled pairs, each label replaced by an empty one with probability p (Ho &
+# Salimans 2022): it learns the conditional field v(t, x, c) and the unconditional v(t, x) together.
+# Sampling mixes them with a weight w (guided_velocity).  For w other than 0 and 1 the guided field is
+# the velocity of no path from p_0 to p(x | c): samples land in class c more often, but off its law.
+
+CLASSES = {"gaussian": 1, "8gaussians": 8, "moons": 2}   # the labelled targets: mixture components, moon arcs
+
+
+def sample_labelled(name: str, n: int, generator: torch.Generator | None = None,
+                    labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y): n points (n, 2) of the named distribution with their classes (n,), y uniform unless given.
+    Class y of 8gaussians is the component at angle y pi/4; of moons, 0 the upper arc, 1 the lower."""
+    check_choice("labelled dataset", name, CLASSES)
+    y = torch.randint(0, CLASSES[name], (n,), generator=generator) if labels is None else labels
+    if name == "gaussian":
+        return torch.randn(n, 2, generator=generator), y
+    if name == "8gaussians":
+        angle = y * (math.pi / 4)
+        return 5.0 * torch.stack([angle.cos(), angle.sin()], 1) + 0.5 * torch.randn(n, 2, generator=generator), y
+    a = math.pi * torch.rand(n, generator=generator)
+    arc = torch.where((y == 0)[:, None], torch.stack([a.cos(), a.sin()], 1), torch.stack([1 - a.cos(), 0.5 - a.sin()], 1))
+    return 3.0 * (arc + 0.1 * torch.randn(n, 2, generator=generator) - torch.tensor([0.5, 0.25])), y
+
+
+def bayes_class(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The most probable class of each point, argmax_k p(x | k) (equal priors): the judge of the sweep, (n,)."""
+    return class_log_density(name, x).argmax(1)
+
+
+class ConditionalVelocityField(VelocityField):
+    """v_theta(t, x, y): VelocityField with a learned embedding of the class y appended to its input.
+
+    Label K (one past the last class) is the empty label: v_theta(t, x, K) is the unconditional field.
+    """
+
+    def __init__(self, num_classes: int, width: int = 128, depth: int = 3, time_features: int = 8,
+                 label_dim: int = 16):
+        super().__init__(width, depth, time_features, extra_inputs=label_dim)
+        self.num_classes = num_classes
+        self.label = nn.Embedding(num_classes + 1, label_dim)
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.full((len(x),), self.num_classes, device=x.device) if y is None else y.expand(len(x))
+        return self.net(torch.cat([self.features(t, x), self.label(y)], 1))       # (B, 2 + 2 tf + label_dim) -> (B, 2)
+
+
+def guided_train_step(model: ConditionalVelocityField, optimizer: torch.optim.Optimizer, x0: torch.Tensor,
+                      x1: torch.Tensor, y: torch.Tensor, t: torch.Tensor, lr: float, p_uncond: float,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """One I-CFM step on labelled data, each label replaced by the empty one with probability p_uncond
+    (Ho & Salimans 2022, Alg. 1): one network learns v(t, x, c) and v(t, x, empty) = v(t, x) at once."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    drop = torch.rand(len(y), generator=generator).to(y.device) < p_uncond
+    y = torch.where(drop, model.num_classes, y)
+    xt, ut = icfm_path(x0, x1, t)                                                 # (B, 2), (B, 2)
+    loss = F.mse_loss(model(t, xt, y), ut)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def guided_velocity(model: ConditionalVelocityField, t: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    w: float) -> torch.Tensor:
+    """The guided field of Zheng et al. 2023 (guided flows), (B, 2):
+
+        v_w(t, x | c) = (1 - w) v(t, x, empty) + w v(t, x, c)
+
+    w = 0 is the unconditional flow, w = 1 the conditional one, w > 1 extrapolates past it, away from
+    the unconditional field.  Ho & Salimans write (1 + w') eps(c) - w' eps(empty), and Meta's flow_matching
+    examples (1 + cfg_scale) v(c) - cfg_scale v(empty): both are this with w = 1 + w' = 1 + cfg_scale.
+    """
+    if w == 0:
+        return model(t, x)
+    conditional = model(t, x, y)
+    if w == 1:
+        return conditional
+    return (1 - w) * model(t, x) + w * conditional
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rectified flow and reflow (step 10 of the docstring)
+# ----------------------------------------------------------------------------------------------------
+
+# Rectified flow (Liu et al. 2023) is I-CFM with sigma = 0: the straight interpolant between independent
+# pairs.  Its ODE defines a new, deterministic coupling x0 -> Z_1(x0), the ends of trajectories that
+# never cross, whose straight segments cross far less than independent pairs' do; retraining on them
+# ("reflow") gives the 2-rectified flow, with straighter paths (Liu et al. show that reflow drives
+# the straightness below toward 0), so a few Euler steps suffice.  OT-CFM gets its straight paths from
+# an OT solve per minibatch instead; reflow needs a trained flow first and pays for its ODE solves,
+# but no OT solver.
+
+def reflow_pairs(model: Callable, source: str, n: int, seed: int,
+                 device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The coupling a trained flow defines (Liu et al. 2023, "reflow"): x0 ~ p_0 drawn with `seed`, and
+    x1 = Z_1, the end of its ODE from x0 (dopri5).  A deterministic map, so the same seed, same pairs."""
+    x0 = sample_2d(source, n, step_generator(seed, 0, 7), device)
+    return x0, sample(model, x0, "dopri5")
+
+
+def train_on_pairs(model: nn.Module, cfg: FlowConfig, x0: torch.Tensor, x1: torch.Tensor) -> nn.Module:
+    """Reflow's training: I-CFM's straight path with sigma = 0 (the rectified-flow loss of Liu et al. 2023)
+    on minibatches of fixed pairs (x0_i, x1_i), cfg.steps steps; returns the model."""
+    optimizer, matcher = make_optimizer(model, cfg), ConditionalFlowMatcher(0.0)
+    model.train()
+    for step in range(cfg.steps):
+        g = step_generator(cfg.seed, step, 5)
+        i = torch.randint(0, len(x0), (cfg.batch_size,), generator=g).to(x0.device)
+        t = torch.rand(cfg.batch_size, generator=g).to(x0)
+        train_step(model, optimizer, matcher, x0[i], x1[i], t, lr_at(step, cfg), g)
+    return model.eval()
+
+
+def straightness(model: Callable, x0: torch.Tensor, points: int = 33) -> float:
+    """S = int_0^1 E |(Z_1 - Z_0) - v(t, Z_t)|^2 dt (Liu et al. 2023): 0 exactly for straight
+    paths at constant speed.  Z_t from dopri5 at `points` equal times, the integral by the trapezoid rule."""
+    times = torch.linspace(0, 1, points)
+    zs, _ = integrate(model, x0, "dopri5", times=times)                           # (points, B, 2)
+    with torch.no_grad():
+        gap = torch.stack([(zs[-1] - zs[0] - model(t, z)).square().sum(1).mean() for t, z in zip(times, zs)])
+    return torch.trapezoid(gap, times).item()
+
+def train_guided(cfg: FlowConfig, p_uncond: float = 0.2, device: str = "cpu") -> ConditionalVelocityField:
+    """A class-conditional flow from cfg.source to the labelled cfg.target, labels dropped with p_uncond."""
+    check_choice("labelled target", cfg.target, CLASSES)
+    torch.manual_seed(cfg.seed)
+    model = ConditionalVelocityField(CLASSES[cfg.target], cfg.width, cfg.depth, cfg.time_features).to(device)
+    optimizer = make_optimizer(model, cfg)
+    for step in range(cfg.steps):
+        g = step_generator(cfg.seed, step, 1)
+        x0 = sample_2d(cfg.source, cfg.batch_size, g, device)
+        x1, y = (z.to(device) for z in sample_labelled(cfg.target, cfg.batch_size, g))
+        t = torch.rand(cfg.batch_size, generator=g).to(device)
+        guided_train_step(model, optimizer, x0, x1, y, t, lr_at(step, cfg), p_uncond, g)
+    return model.eval()
 
 
 # ====================================================================================================
@@ -1101,6 +1340,182 @@ def resume_checkpoint(out_dir: str | Path, model: nn.Module, optimizer: torch.op
     return step, state.get("losses", [])
 
 
+# ---------------------------------------------------------------- likelihood, guidance and reflow experiments
+# Each trains small flows for several seeds and prints mean +- standard deviation (min .. max) over seeds.
+
+def spread(values: list[float], digits: int = 3) -> str:
+    """'mean +- sd (min .. max)' over seeds; sd is the sample standard deviation (0 for one seed)."""
+    a = np.array(values, dtype=float)
+    sd = a.std(ddof=1) if len(a) > 1 else 0.0
+    return f"{a.mean():.{digits}f} +- {sd:.{digits}f} ({a.min():.{digits}f} .. {a.max():.{digits}f})"
+
+
+def experiment_config(args: argparse.Namespace, **fixed: object) -> tuple[FlowConfig, list[int]]:
+    """The --tiny or default preset with 2000 steps unless --steps, the fixed settings, and the seeds."""
+    cfg = replace(config_from_args(args), **fixed)
+    if args.steps is None and not args.tiny:
+        cfg = replace(cfg, steps=2000)              # several trainings per seed in minutes on a 2-core CPU
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be a positive integer, got {args.seeds}")
+    return cfg, list(range(cfg.seed, cfg.seed + args.seeds))
+
+
+def cmd_likelihood(args: argparse.Namespace, device: str, out_dir: Path) -> None:
+    """Held-out NLL (nats per point) of I-CFM, OT-CFM and the VP path, N(0, I) -> moons, over seeds."""
+    cfg, seeds = experiment_config(args, source="gaussian", target="moons")
+    n = 500 if args.tiny else 2000
+    x = sample_2d(cfg.target, n, step_generator(2 ** 20, 0, 0), device)          # never a training batch
+    log_p0 = lambda z: log_density("gaussian", z)
+    rows, t0, c0 = collections.defaultdict(list), time.perf_counter(), time.process_time()
+    for seed in seeds:
+        for method in ("icfm", "otcfm", "vp"):
+            run_cfg = replace(cfg, method=method, seed=seed)
+            model, _ = train(run_cfg, out_dir / f"{method}-seed{seed}", device, progress=False)
+            model.eval()
+            _, exact, nfe = log_likelihood(model, x, log_p0)
+            _, hutch, _ = log_likelihood(model, x, log_p0, exact=False, generator=torch.Generator().manual_seed(seed))
+            rows[method].append((-exact.mean().item(), -hutch.mean().item(), nfe))
+            print(f"seed {seed} {NAMES[method]}: NLL {rows[method][-1][0]:.3f} nats (Hutchinson "
+                  f"{rows[method][-1][1]:.3f}), NFE {nfe}", flush=True)
+    floor = -log_density(cfg.target, x.cpu()).mean().item()
+    print(f"\nheld-out NLL, N(0, I) -> {cfg.target}, {n} points, {cfg.steps} steps, batch {cfg.batch_size}, seeds "
+          f"{seeds[0]}..{seeds[-1]} ({time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU):\n")
+    print("| path | NLL, exact divergence (nats) | NLL, Hutchinson, 1 probe (nats) | dopri5 NFE (backward, mean) |\n"
+          "|---|---:|---:|---:|")
+    for method, r in rows.items():
+        print(f"| {NAMES[method]} | {spread([a for a, _, _ in r])} | {spread([b for _, b, _ in r])} | "
+              f"{np.mean([c for _, _, c in r]):.0f} |")
+    print(f"\nthe data's own density on the same points (by quadrature): {floor:.3f} nats, the floor a perfect "
+          f"model reaches up to sampling noise")
+    write_json(out_dir / "metrics.json", {"floor": floor, "n": n, "seeds": seeds, "rows": rows})
+
+
+def evaluate_guidance(model: ConditionalVelocityField, cfg: FlowConfig, weights: tuple, n: int,
+                      device: str = "cpu", seed: int = 12345) -> dict:
+    """Per guidance weight w: the share of samples whose Bayes class is the asked one, W2 to a sample of
+    that class, and NFE; every class asked for n points, from the same source points for every w."""
+    out, floor = {}, []
+    refs = {c: sample_labelled(cfg.target, n, step_generator(seed, c, 1), torch.full((n,), c))[0].to(device)
+            for c in range(model.num_classes)}
+    for c in range(model.num_classes):
+        other = sample_labelled(cfg.target, n, step_generator(seed, c, 2), torch.full((n,), c))[0].to(device)
+        floor.append(wasserstein2(other, refs[c]))
+    x0 = sample_2d(cfg.source, n, step_generator(seed, 0, 0), device)
+    for w in weights:
+        hits, w2, nfe = [], [], 0
+        for c in range(model.num_classes):
+            y = torch.tensor(c, device=device)
+            xs, k = integrate(lambda t, x: guided_velocity(model, t, x, y, w), x0, "dopri5")
+            hits.append((bayes_class(cfg.target, xs[-1].cpu()) == c).float().mean().item())
+            w2.append(wasserstein2(xs[-1], refs[c]))
+            nfe += k
+        out[w] = {"hit": float(np.mean(hits)), "w2": float(np.mean(w2)), "nfe": nfe / model.num_classes}
+    return {"floor": float(np.mean(floor)), "weights": out}
+
+
+GUIDANCE_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+
+
+def cmd_guidance(args: argparse.Namespace, device: str, out_dir: Path) -> None:
+    """Classifier-free guidance, N(0, I) -> moons with 2 classes: a sweep over w, over seeds, and a picture."""
+    cfg, seeds = experiment_config(args, method="icfm", source="gaussian", target="moons")
+    n = 250 if args.tiny else 1000
+    results, t0, c0 = [], time.perf_counter(), time.process_time()
+    for seed in seeds:
+        model = train_guided(replace(cfg, seed=seed), device=device)
+        results.append(evaluate_guidance(model, cfg, GUIDANCE_WEIGHTS, n, device))
+        print(f"seed {seed}: " + ", ".join(f"w {w:g}: {100 * r['hit']:.1f}% / W2 {r['w2']:.3f}"
+                                           for w, r in results[-1]["weights"].items()), flush=True)
+        if seed == seeds[0]:
+            first = model
+    floor = results[0]["floor"]
+    print(f"\nguided flow, N(0, I) -> {cfg.target} ({CLASSES[cfg.target]} classes), label dropout 0.2, {cfg.steps} steps, "
+          f"batch {cfg.batch_size}, seeds {seeds[0]}..{seeds[-1]}, {n} points per class, dopri5 "
+          f"({time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU):\n")
+    print("| w | in the asked class (%) | W2 to the asked class | W2 / floor (mean) | NFE per class |\n"
+          "|---:|---:|---:|---:|---:|")
+    for w in GUIDANCE_WEIGHTS:
+        hit = [100 * r["weights"][w]["hit"] for r in results]
+        w2 = [r["weights"][w]["w2"] for r in results]
+        print(f"| {w:g} | {spread(hit, 1)} | {spread(w2)} | {np.mean(w2) / floor:.2f}x | "
+              f"{np.mean([r['weights'][w]['nfe'] for r in results]):.0f} |")
+    print(f"\nnoise floor W2(class sample, another class sample) = {floor:.3f} ({n} points, mean over classes); "
+          f"the Bayes classifier (argmax_k p(x | k) by quadrature) judges the class")
+    write_json(out_dir / "metrics.json", {"floor": floor, "seeds": seeds, "results": [
+        {str(w): r for w, r in res["weights"].items()} for res in results]})
+    for path in [out_dir / "guidance.png"] + ([args.figure] if args.figure else []):
+        print(f"picture: {draw_figure(guidance_panels(first, cfg, device), path, size=240)}")
+
+
+def guidance_panels(model: ConditionalVelocityField, cfg: FlowConfig, device: str = "cpu", n: int = 600,
+                    weights: tuple = (0.0, 1.0, 2.0, 4.0)) -> list:
+    """One column per w: samples asked for class 0 (blue) and class 1 (orange) over the target (grey)."""
+    x0 = sample_2d(cfg.source, n, step_generator(777, 0, 0), device)
+    target = sample_2d(cfg.target, 2 * n, step_generator(777, 0, 1)).cpu()
+    columns = []
+    for w in weights:
+        points, colors = [], []
+        for c in range(model.num_classes):
+            y = torch.tensor(c, device=device)
+            points.append(sample(lambda t, x: guided_velocity(model, t, x, y, w), x0).cpu())
+            colors.append(torch.full((n,), c))
+        hit = torch.cat([bayes_class(cfg.target, p) == c for c, p in enumerate(points)]).float().mean().item()
+        columns.append((f"w = {w:g}", [(f"{100 * hit:.1f}% in the asked class", target, torch.cat(points), None,
+                                        torch.cat(colors))]))
+    return columns
+
+
+def cmd_reflow(args: argparse.Namespace, device: str, out_dir: Path) -> None:
+    """1-rectified (I-CFM, sigma 0), 2-rectified (reflow on its own ODE pairs) and OT-CFM, over seeds."""
+    cfg, seeds = experiment_config(args, sigma=0.0)
+    n_pairs = 2000 if args.tiny else 20000
+    solvers = (("euler", 1), ("euler", 2), ("dopri5", None))
+    rows = collections.defaultdict(lambda: collections.defaultdict(list))
+    t0 = time.perf_counter()
+    for seed in seeds:
+        run = replace(cfg, seed=seed)
+        for label, method in (("OT-CFM", "otcfm"), ("1-rectified (I-CFM, sigma 0)", "icfm")):
+            c0 = time.process_time()
+            model, _ = train(replace(run, method=method), out_dir / f"{method}-seed{seed}", device, progress=False)
+            rows[label]["cpu"].append(time.process_time() - c0)
+            record_flow(rows[label], model.eval(), run, solvers, device)
+            if method == "icfm":
+                first, first_cpu = model, rows[label]["cpu"][-1]
+        c0 = time.process_time()
+        x0, x1 = reflow_pairs(first, cfg.source, n_pairs, seed, device)
+        pairs_cpu = time.process_time() - c0
+        second = train_on_pairs(copy.deepcopy(first), run, x0, x1)
+        label = "2-rectified (reflow)"
+        rows[label]["cpu"].append(first_cpu + time.process_time() - c0)
+        rows[label]["pairs"].append(pairs_cpu)
+        record_flow(rows[label], second, run, solvers, device)
+        print(f"seed {seed}: " + "; ".join(f"{k}: W2 1 / 2 Euler {r['euler1'][-1]:.3f} / {r['euler2'][-1]:.3f}, "
+                                           f"S {r['straightness'][-1]:.3f}" for k, r in rows.items()), flush=True)
+    print(f"\n{cfg.source} -> {cfg.target}, {cfg.steps} steps per training, batch {cfg.batch_size}, {n_pairs} reflow "
+          f"pairs, seeds {seeds[0]}..{seeds[-1]} ({time.perf_counter() - t0:.0f} s wall):\n")
+    print("| flow | training, CPU s | W2, 1 Euler step | W2, 2 Euler steps | W2, dopri5 | dopri5 NFE | straightness S |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
+    for label, r in rows.items():
+        print(f"| {label} | {spread(r['cpu'], 1)} | {spread(r['euler1'])} | {spread(r['euler2'])} | "
+              f"{spread(r['dopri5'])} | {np.mean(r['nfe']):.0f} | {spread(r['straightness'])} |")
+    print(f"\nnoise floor W2 = {rows['OT-CFM']['floor'][0]:.3f} ({cfg.eval_n} points, mean of {cfg.eval_repeats} draws); "
+          f"2-rectified's CPU time includes training the 1-rectified flow and solving its ODE for the pairs "
+          f"({np.mean(rows['2-rectified (reflow)']['pairs']):.1f} s of it)")
+    write_json(out_dir / "metrics.json", {k: dict(v) for k, v in rows.items()})
+
+
+def record_flow(row: dict, model: nn.Module, cfg: FlowConfig, solvers: tuple, device: str) -> None:
+    """Append one trained flow's W2 per solver, dopri5 NFE and straightness to `row` (lists per key)."""
+    result = evaluate(model, cfg, device, solvers)
+    for r in result["rows"]:
+        row[r["solver"] + (str(r["steps"]) if r["steps"] else "")].append(r["w2"])
+        if r["solver"] == "dopri5":
+            row["nfe"].append(r["nfe"])
+    row["floor"].append(result["floor"][0])
+    x0 = sample_2d(cfg.source, cfg.eval_n, step_generator(99, 0, 0), device)
+    row["straightness"].append(straightness(model, x0))
+
+
 # ---------------------------------------------------------------- command line
 
 def pick_device(name: str) -> str:
@@ -1198,17 +1613,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Conditional and optimal-transport flow matching on 2-D data.  Without a mode flag: a "
                     "seeded demo of a few seconds.",
         epilog="examples:  python flow_matching.py --train | --train --resume | --compare --figure "
-               "assets/flow_matching_icfm_vs_otcfm.png | --compare-diffusion | "
+               "assets/flow_matching_icfm_vs_otcfm.png | --compare-diffusion | --likelihood | --guidance --figure "
+               "assets/flow_matching_guidance_moons.png | --reflow | "
                "torchrun --nproc_per_node 2 flow_matching.py --train")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--train", action="store_true", help="train one flow, evaluate it, draw it")
     mode.add_argument("--compare", action="store_true", help="train I-CFM and OT-CFM alike; table and picture")
     mode.add_argument("--compare-diffusion", dest="compare_diffusion", action="store_true",
                       help="train the VP diffusion path, FM's OT path and OT-CFM alike; W2 at 1/2/4/8 Euler steps")
+    mode.add_argument("--likelihood", action="store_true",
+                      help="held-out NLL of I-CFM, OT-CFM and the VP path by the change of variables, over --seeds")
+    mode.add_argument("--guidance", action="store_true",
+                      help="class-conditional flow with classifier-free guidance: sweep over w, over --seeds; picture")
+    mode.add_argument("--reflow", action="store_true",
+                      help="1- and 2-rectified flow vs OT-CFM: W2 at 1 and 2 Euler steps, straightness, CPU time")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds of --likelihood / --guidance / --reflow, "
+                   "counted from --seed (default 3)")
     p.add_argument("--method", choices=METHODS, default=None, help="the matcher --train uses (default otcfm; "
                    "fm and vp start from N(0, I); sbcfm uses sigma 1, torchcfm's default)")
     p.add_argument("--steps", type=int, default=None, metavar="N",
-                   help="optimizer steps (default 5000; --tiny 300; --compare-diffusion 2000)")
+                   help="optimizer steps (default 5000; --tiny 300; --compare-diffusion, --likelihood, "
+                        "--guidance, --reflow 2000)")
     # the shared flags, in clip.py's words (tests/test_plumbing.py checks every file's --help says the same)
     p.add_argument("--tiny", action="store_true", help="the tiny preset (seconds): tests and quick checks")
     p.add_argument("--homework", action="store_true", help="the course's preset: lr 2e-4, batch 64, 100,000 steps")
@@ -1234,6 +1659,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--tiny and --homework are two presets; choose one")
         if args.resume and not args.train:
             raise ValueError("--resume continues a --train run")
+        if args.figure and (args.likelihood or args.reflow):
+            raise ValueError("--likelihood and --reflow print tables and draw no picture; drop --figure")
         device, created = setup_distributed(pick_device(args.device))
         if device == "cpu":
             # one intra-op thread per Python thread: the network's matrices are small, and the second
@@ -1246,6 +1673,12 @@ def main(argv: list[str] | None = None) -> None:
             cmd_compare(args, device, Path(args.out or root / "compare"))
         elif args.compare_diffusion:
             cmd_compare_diffusion(args, device, Path(args.out or root / "diffusion"))
+        elif args.likelihood:
+            cmd_likelihood(args, device, Path(args.out or root / "likelihood"))
+        elif args.guidance:
+            cmd_guidance(args, device, Path(args.out or root / "guidance"))
+        elif args.reflow:
+            cmd_reflow(args, device, Path(args.out or root / "reflow"))
         else:
             out_dir = Path(args.out or root / "demo")
             print("flow_matching.py demo: OT-CFM, 8 Gaussians -> two moons, tiny network, 300 steps "
@@ -1263,16 +1696,19 @@ def main(argv: list[str] | None = None) -> None:
 
 # ---------------------------------------------------------------- pictures (pillow)
 
+PALETTE = ((31, 119, 180, 170), (255, 127, 14, 170), (44, 160, 44, 170), (214, 39, 40, 170))
+
+
 def draw_figure(columns: list, path: str | Path, size: int = 340) -> Path:
     """columns: list of (title, panels); each panel (caption, target (n, 2) or None, points (n, 2), paths
-    (len(times), n, 2) or None).  One column per method, one row per panel, saved as a PNG at `path`."""
+    (len(times), n, 2) or None[, class of each point (n,)]).  One column per method, one row per panel, saved as a PNG at `path`."""
     from PIL import Image, ImageDraw
     rows = max(len(panels) for _, panels in columns)
     head, caption_h, gap = 28, 24, 6
     image = Image.new("RGB", (size * len(columns) + gap * (len(columns) - 1), head + rows * (size + caption_h)),
                       "white")
     everything = torch.cat([p.reshape(-1, 2) for _, panels in columns for panel in panels
-                            for p in panel[1:] if p is not None])
+                            for p in panel[1:4] if p is not None])
     lo, hi = everything.quantile(0.002, 0).tolist(), everything.quantile(0.998, 0).tolist()
     half = max(hi[0] - lo[0], hi[1] - lo[1]) / 2 * 1.1
     centre = ((lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2)
@@ -1290,7 +1726,7 @@ def draw_figure(columns: list, path: str | Path, size: int = 340) -> Path:
     for c, (title, panels) in enumerate(columns):
         ox = c * (size + gap)
         centred_text(page, (ox + size / 2, head / 2), title, 15)
-        for r, (caption, target, points, paths) in enumerate(panels):
+        for r, (caption, target, points, paths, *colors) in enumerate(panels):
             panel = Image.new("RGB", (size, size), "white")       # its own canvas: nothing spills over
             draw = ImageDraw.Draw(panel, "RGBA")
             if target is not None:
@@ -1299,7 +1735,11 @@ def draw_figure(columns: list, path: str | Path, size: int = 340) -> Path:
                 for line in paths.transpose(0, 1):    # (len(times), n, 2) -> n polylines, a point per solver time
                     draw.line([tuple(p) for p in to_px(line)], fill=(128, 128, 0, 90), width=1)
                 dots(draw, paths[0], (0, 0, 0, 200))
-            dots(draw, points, (31, 119, 180, 170))
+            if colors:                                # a 5th entry: a class per point, coloured by PALETTE
+                for k in colors[0].unique().tolist():
+                    dots(draw, points[colors[0] == k], PALETTE[k % len(PALETTE)])
+            else:
+                dots(draw, points, (31, 119, 180, 170))
             draw.rectangle([0, 0, size - 1, size - 1], outline=(190, 190, 190))
             oy = head + r * (size + caption_h)
             image.paste(panel, (ox, oy))

@@ -6,8 +6,10 @@ A (r, in), B (out, r), r << min(in, out):
 
     h = W x + (alpha / r) * B A dropout(x)
 
-A starts Kaiming-uniform and B at zero, so at step 0 the model is exactly the pretrained one and
-only B A moves. Why not both at zero: dL/dB = s (dL/dh) (A x)^T and dL/dA = s B^T (dL/dh) x^T, so
+A starts random and B at zero, so at step 0 the model is exactly the pretrained one and only B A
+moves. The paper draws A from a Gaussian (section 4.1, "random Gaussian initialization for A");
+microsoft/LoRA's code and peft (our default here) use nn.Linear's Kaiming-uniform instead; only the
+randomness of A matters for the argument that follows. Why not both at zero: dL/dB = s (dL/dh) (A x)^T and dL/dA = s B^T (dL/dh) x^T, so
 with A = B = 0 neither gets a gradient and training never starts; with A random, B gets a gradient
 at step 0, and A starts moving once B is non-zero. The trainable parameters drop from out * in to
 r * (in + out) per layer, and with them the gradients and the optimizer state (AdamW keeps two

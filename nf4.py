@@ -21,7 +21,11 @@ the inverse normal CDF, and matches bitsandbytes' hard-coded values to the last 
 
 Double quantization (section 3, "Double Quantization"). The fp32 constants c_b cost 32 / 64 = 0.5
 bits per weight. QLoRA quantizes them again: subtract their mean, then quantize them to 8 bits in
-blocks of 256 with the dynamic 8-bit map (Dettmers 2015) and one fp32 scale per block:
+blocks of 256 with one fp32 scale per block. The paper calls the 8-bit format "8-bit Floats"; what
+bitsandbytes implements, and we with it, is the dynamic 8-bit map (Dettmers 2015, `dynamic_map`):
+a sign, a decimal exponent told by the position of the first set bit, and a linear fraction. It is
+a float in the sense that its levels are spaced geometrically, not an IEEE-style fp8 (e4m3 / e5m2)
+with a fixed exponent field; "fp8" for this step names a format neither the paper's code nor ours uses.
 
     bits / weight = 4 + 32/64                    = 4.5      (single quantization)
                   = 4 + 8/64 + 32/(64 * 256)     = 4.127    (double quantization)

@@ -8,10 +8,13 @@ they differ in the coupling and the network's time input:
   torchcfm  ExactOptimalTransportConditionalFlowMatcher: POT's exact plan, then B pairs drawn from it with
             replacement through numpy's global RNG (seeded here); its MLP on [x, t], SELU
 Both are then sampled with the same solver code (torchdiffeq) from the same source points, and scored by
-exact W2 against the same target samples, next to the noise floor.
+exact W2 against the same target samples, next to the noise floor.  The W2 comparison is repeated for
+`--seeds` training seeds (network initialisation and batches both change with the seed) and reported as
+mean, standard deviation, min and max over seeds: one run's gap says little when seeds differ by as much.
 
-    python benchmarks/bench_flow_matching.py            # about 4 minutes of CPU
-    python benchmarks/bench_flow_matching.py --quick    # fewer steps, a smoke test
+    python benchmarks/bench_flow_matching.py                # timings, then W2 over 3 seeds: about 8 minutes of CPU
+    python benchmarks/bench_flow_matching.py --no-timing    # the W2 comparison alone
+    python benchmarks/bench_flow_matching.py --quick        # fewer steps, a smoke test
 """
 import argparse
 import collections
@@ -112,19 +115,69 @@ def ot_pairing_times(cfg, repeats):
     return {name: float(np.median(v)) for name, v in out.items()}
 
 
+def train_untimed(trainer, steps):
+    model, step = trainer
+    for k in range(steps):
+        step(k)
+    return model
+
+
+def w2_over_seeds(cfg, steps, seeds, trained, quick):
+    """W2 of ours and torchcfm's OT-CFM after `steps` steps, for each seed; `trained` holds models already
+    trained for cfg.seed (by the timing run).  The same evaluation draws score every model."""
+    eval_cfg = replace(cfg, eval_repeats=4 if not quick else 1)
+    solvers = (("dopri5", None), ("euler", 2))
+    rows, floor = [], None
+    for seed in seeds:
+        seed_cfg = replace(cfg, seed=seed)
+        t0, c0 = time.perf_counter(), time.process_time()
+        models = trained if seed == cfg.seed and trained else {
+            "ours OT-CFM": train_untimed(our_trainer(seed_cfg), steps),
+            "torchcfm OT-CFM": train_untimed(torchcfm_trainer(seed_cfg, "otcfm"), steps)}
+        scores = {name: fm.evaluate(models[name], eval_cfg, solvers=solvers) for name in models}
+        floor = scores["ours OT-CFM"]["floor"]
+        rows.append({name: [r["w2"] for r in scores[name]["rows"]] for name in scores})
+        rows[-1]["nfe"] = [scores[name]["rows"][0]["nfe"] for name in scores]
+        print(f"seed {seed}: ours dopri5 / 2 Euler {rows[-1]['ours OT-CFM'][0]:.3f} / "
+              f"{rows[-1]['ours OT-CFM'][1]:.3f}, torchcfm {rows[-1]['torchcfm OT-CFM'][0]:.3f} / "
+              f"{rows[-1]['torchcfm OT-CFM'][1]:.3f} ({time.perf_counter() - t0:.0f} s wall, "
+              f"{time.process_time() - c0:.0f} s CPU)", flush=True)
+    print(f"\n| after {steps} steps, {len(seeds)} seeds | ours W2 mean +- sd (min .. max) | torchcfm W2 mean +- sd "
+          f"(min .. max) | ours - torchcfm, mean +- sd (min .. max) |\n|---|---:|---:|---:|")
+    for i, label in enumerate(("dopri5", "euler, 2 steps")):
+        ours = np.array([r["ours OT-CFM"][i] for r in rows])
+        ref = np.array([r["torchcfm OT-CFM"][i] for r in rows])
+        cells = [f"{a.mean():.3f} +- {a.std(ddof=1) if len(a) > 1 else 0:.3f} ({a.min():.3f} .. {a.max():.3f})"
+                 for a in (ours, ref, ours - ref)]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    nfe = np.array([r["nfe"] for r in rows])
+    print(f"\ndopri5 NFE, mean over seeds: ours {nfe[:, 0].mean():.0f}, torchcfm {nfe[:, 1].mean():.0f}; noise floor "
+          f"W2(target, another target sample) = {floor[0]:.3f} +- {floor[1]:.3f} (n = {eval_cfg.eval_n}, mean "
+          f"+- sd of {eval_cfg.eval_repeats} draws; the same draws score every model)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=5000, help="training steps for both (default: our --train's)")
     p.add_argument("--quick", action="store_true", help="600 steps: checks the script, not the numbers")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both (default 1)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds of the W2 comparison (default 3)")
+    p.add_argument("--no-timing", dest="timing", action="store_false", help="only the W2 comparison over seeds")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps = 600 if args.quick else args.steps
     cfg = fm.FlowConfig(steps=steps)                     # our --train defaults: batch 256, width 128
     print(f"8gaussians -> moons, batch {cfg.batch_size}, width {cfg.width}, {steps} steps, lr {cfg.lr} cosine, "
           f"torch threads {args.threads}, torch {torch.__version__}")
+    trained = {}
+    if args.timing:
+        trained = timing_tables(cfg, steps, args.quick)
+    w2_over_seeds(cfg, steps, list(range(cfg.seed, cfg.seed + args.seeds)), trained, args.quick)
 
-    pairing = ot_pairing_times(cfg, 30 if args.quick else 100)
+
+def timing_tables(cfg, steps, quick):
+    """Pairing and training-step times; returns the two OT-CFM models it trained (seed cfg.seed)."""
+    pairing = ot_pairing_times(cfg, 30 if quick else 100)
     print("\n| OT coupling of one batch of 256 | ms (median) | vs torchcfm |\n|---|---:|---:|")
     ref = pairing["torchcfm sample_plan (POT emd + draws)"]
     for name, ms in pairing.items():
@@ -135,7 +188,7 @@ def main(argv=None):
                 "torchcfm OT-CFM": torchcfm_trainer(cfg, "otcfm"),
                 "torchcfm I-CFM": torchcfm_trainer(cfg, "icfm")}
     t0 = time.perf_counter()
-    ms = timed_training(trainers, steps, block=100 if args.quick else 250)
+    ms = timed_training(trainers, steps, block=100 if quick else 250)
     print(f"\n(training all four took {time.perf_counter() - t0:.0f} s)")
     ref = ms["torchcfm OT-CFM"]
     print("\n| training step, ms (median of blocks) | wall | vs torchcfm OT-CFM | CPU, all threads | "
@@ -144,19 +197,7 @@ def main(argv=None):
         print(f"| {name} | " + " | ".join(f"{c:.2f} | {c / r:.2f}x" for c, r in zip(clocks, ref)) + " |")
     print("(wall is what a run takes on this machine now; with a free core for the OT workers a step of ours "
           "takes about max(main thread, workers / free cores) instead of their sum)")
-
-    eval_cfg = replace(cfg, eval_repeats=4 if not args.quick else 1)
-    solvers = (("dopri5", None), ("euler", 2))
-    scores = {name: fm.evaluate(trainers[name][0], eval_cfg, solvers=solvers)
-              for name in ("ours OT-CFM", "torchcfm OT-CFM")}
-    floor = scores["ours OT-CFM"]["floor"]
-    print(f"\n| after {steps} steps | ours W2 | torchcfm W2 | ours / torchcfm |\n|---|---:|---:|---:|")
-    for i, (method, k) in enumerate(solvers):
-        a, b = scores["ours OT-CFM"]["rows"][i], scores["torchcfm OT-CFM"]["rows"][i]
-        label = f"dopri5 (NFE {a['nfe']} / {b['nfe']})" if method == "dopri5" else f"{method}, {k} steps"
-        print(f"| {label} | {a['w2']:.3f} | {b['w2']:.3f} | {a['w2'] / b['w2']:.2f} |")
-    print(f"\nnoise floor W2(target, another target sample) = {floor[0]:.3f} +- {floor[1]:.3f} "
-          f"(n = {eval_cfg.eval_n}, mean of {eval_cfg.eval_repeats} draws; the same draws score both models)")
+    return {name: trainers[name][0] for name in ("ours OT-CFM", "torchcfm OT-CFM")}
 
 
 if __name__ == "__main__":

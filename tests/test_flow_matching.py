@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -399,6 +400,10 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         expect_cli_error(capsys, ["--device", "cuda:1"], "--device cuda:1 was asked for, but torch sees no CUDA GPU")
     expect_cli_error(capsys, ["--resume"], "--resume continues a --train run")
+    expect_cli_error(capsys, ["--reflow", "--seeds", "0", "--out", str(tmp_path)], "--seeds must be a positive")
+    expect_cli_error(capsys, ["--likelihood", "--figure", str(tmp_path / "x.png")], "draw no picture")
+    with pytest.raises(ValueError, match="unknown labelled target 'checkerboard'"):
+        fm.train_guided(fm.FlowConfig.tiny(source="gaussian", target="checkerboard"))
     with pytest.raises(ValueError, match="source must be 'gaussian'"):
         fm.FlowConfig(method="fm", source="moons")
     with pytest.raises(ValueError, match="sbcfm needs sigma > 0"):
@@ -523,3 +528,180 @@ def test_training_and_sampling_on_cuda(tmp_path):
         x0 = fm.sample_2d("8gaussians", 64, device="cuda")
         assert fm.sample(model, x0, "euler", 2).is_cuda
     assert fm.evaluate(fm.load_model(tmp_path / "exact", "cuda"), cfg, "cuda")["rows"][0]["w2"] > 0
+
+
+# ---------------------------------------------------------------- likelihood (instantaneous change of variables)
+
+def affine_flow(m, s):
+    """The flow x_t = (1 - t + t s) x0 + t m, which carries N(0, I) to N(m, s^2 I): its field is
+    v(t, x) = (s - 1) / a_t (x - t m) + m with a_t = 1 - t + t s, and div v = 2 (s - 1) / a_t."""
+    def v(t, x):
+        a = 1 - t + t * s
+        return (s - 1) / a * (x - t * m) + m
+    return v
+
+
+def test_likelihood_of_an_affine_flow_is_the_closed_form():
+    m, s = torch.tensor([1.0, -2.0]), 0.5
+    x1 = m + s * torch.randn(6, 2, generator=torch.Generator().manual_seed(0)) * 2    # also points off the bulk
+    x0, log_p1, nfe = fm.log_likelihood(affine_flow(m, s), x1, lambda z: fm.log_density("gaussian", z),
+                                        atol=1e-8, rtol=1e-8)
+    closed = -(x1 - m).square().sum(1) / (2 * s * s) - math.log(2 * math.pi * s * s)   # log N(x1; m, s^2 I)
+    assert torch.allclose(log_p1, closed, atol=1e-5)
+    assert torch.allclose(x0, (x1 - m) / s, atol=1e-5)                                 # the source point it came from
+    assert nfe > 0
+
+
+def test_exact_divergence_is_the_trace_of_a_known_jacobian():
+    A = torch.tensor([[0.3, -2.0], [1.5, -0.7]])
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    v = x @ A.t() + torch.sin(x[:, :1]) * torch.tensor([0.0, 1.0])     # dv2/dx1 = cos(x1): off the diagonal
+    assert torch.allclose(fm.divergence_exact(v, x), torch.full((5,), 0.3 - 0.7), atol=1e-6)
+
+
+def test_hutchinsons_estimate_is_unbiased():
+    """Averaged over many Rademacher probes, e^T J e converges to the trace (E[e e^T] = I)."""
+    torch.manual_seed(0)
+    field = fm.VelocityField(width=32, depth=2)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(2))
+    reps = 20000
+    xr = x.repeat(reps, 1).requires_grad_(True)                                     # (3 reps, 2)
+    v = field(torch.tensor(0.4), xr)
+    exact = fm.divergence_exact(v, xr)[:3].detach()
+    probe = torch.randint(0, 2, xr.shape, generator=torch.Generator().manual_seed(3)) * 2.0 - 1
+    estimates = fm.divergence_hutchinson(v, xr, probe).detach().reshape(reps, 3)
+    mean, stderr = estimates.mean(0), estimates.std(0) / math.sqrt(reps)
+    assert (stderr > 0).all()                                                     # one probe alone is noisy
+    assert ((mean - exact).abs() < 4 * stderr + 1e-6).all(), (mean, exact, stderr)
+
+
+def meta_flow_matching_solver():
+    """Meta's ODESolver from the PyPI package `flow-matching`.  Its import name is also our root file's, so
+    it is imported with the repository left off sys.path and our module set aside, then both restored."""
+    root = os.path.realpath(os.path.join(os.path.dirname(__file__), ".."))
+    ours = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "flow_matching" or k.startswith("flow_matching.")}
+    saved_path = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root]
+    try:
+        from flow_matching.solver import ODESolver
+        return ODESolver
+    except ImportError as e:
+        pytest.skip(f"Meta's flow-matching package is not installed (pip install flow-matching==1.0.10): {e}")
+    finally:
+        for k in [k for k in sys.modules if k == "flow_matching" or k.startswith("flow_matching.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+        sys.path[:] = saved_path
+
+
+def test_likelihood_matches_meta_flow_matching_on_a_trained_field(tmp_path):
+    ODESolver = meta_flow_matching_solver()
+    assert sys.modules["flow_matching"] is fm                                     # ours is back in place
+    cfg = fm.FlowConfig.tiny(method="icfm", source="gaussian", steps=60)
+    model, _ = fm.train(cfg, tmp_path, progress=False)
+    model.eval()
+    x = fm.sample_2d("moons", 64, torch.Generator().manual_seed(4))
+    log_p0 = lambda z: fm.log_density("gaussian", z)
+    _, ours, _ = fm.log_likelihood(model, x, log_p0, atol=1e-7, rtol=1e-7)
+    # Meta's solver calls velocity_model(x=..., t=...) with t = 0 the source, as ours; it integrates 1 -> 0
+    solver = ODESolver(velocity_model=lambda x, t: model(t, x))
+    _, theirs = solver.compute_likelihood(x_1=x, log_p0=log_p0, step_size=None, method="dopri5", atol=1e-7,
+                                          rtol=1e-7, exact_divergence=True)
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+
+def test_known_densities_are_normalised_and_classes_are_their_components():
+    xs = torch.linspace(-7, 7, 141)                   # spacing 0.1, a third of the moons' blur 0.3
+    h = (xs[1] - xs[0]).item()
+    grid = torch.stack(torch.meshgrid(xs, xs, indexing="ij"), -1).reshape(-1, 2)
+    for name in ("moons", "gaussian"):
+        density = fm.class_log_density(name, grid, nodes=256).exp().mean(1)       # equal class weights
+        assert (density.sum() * h * h).item() == pytest.approx(1.0, abs=2e-3)
+    # 8gaussians: the mixture of eight N(c_k, 0.5^2 I), written out here
+    x = torch.randn(7, 2) * 4
+    centres = torch.tensor([[5 * math.cos(k * math.pi / 4), 5 * math.sin(k * math.pi / 4)] for k in range(8)])
+    dens = torch.exp(-(x[:, None] - centres).square().sum(-1) / 0.5).sum(1) / 8 / (2 * math.pi * 0.25)
+    assert torch.allclose(fm.log_density("8gaussians", x), dens.log(), atol=1e-4)
+    # a labelled sample of class c is judged class c (the moons overlap a little: not always)
+    for name, least in (("8gaussians", 1.0), ("moons", 0.99)):
+        x, y = fm.sample_labelled(name, 2000, torch.Generator().manual_seed(5))
+        assert (fm.bayes_class(name, x) == y).float().mean().item() >= least
+    with pytest.raises(ValueError, match="checkerboard"):
+        fm.log_density("checkerboard", x)
+
+
+# ---------------------------------------------------------------- classifier-free guidance
+
+def test_guidance_weight_one_is_the_conditional_field_and_zero_the_unconditional():
+    torch.manual_seed(0)
+    model = fm.ConditionalVelocityField(2, width=16, depth=2)
+    x, t, y = torch.randn(5, 2), torch.tensor(0.3), torch.tensor(1)
+    conditional, unconditional = model(t, x, y), model(t, x, torch.tensor(2))   # label 2 = the empty label
+    assert torch.equal(model(t, x), unconditional)
+    assert torch.allclose(fm.guided_velocity(model, t, x, y, 1.0), conditional)
+    assert torch.allclose(fm.guided_velocity(model, t, x, y, 0.0), unconditional)
+    # w = 3: (1 - 3) v(empty) + 3 v(c) = v(c) + 2 (v(c) - v(empty)), Meta's cfg_scale = 2
+    assert torch.allclose(fm.guided_velocity(model, t, x, y, 3.0), 3 * conditional - 2 * unconditional, atol=1e-6)
+    assert not torch.allclose(conditional, unconditional)
+
+
+def test_label_dropout_trains_the_empty_label():
+    """With p_uncond = 1 only the empty label's embedding gets a gradient; with 0 it gets none."""
+    for p_uncond, empty_moves in ((1.0, True), (0.0, False)):
+        torch.manual_seed(0)
+        model = fm.ConditionalVelocityField(2, width=16, depth=2)
+        before = model.label.weight.detach().clone()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x0, x1 = torch.randn(32, 2), torch.randn(32, 2)
+        fm.guided_train_step(model, optimizer, x0, x1, torch.randint(0, 2, (32,)), torch.rand(32), 0.1, p_uncond)
+        moved = (model.label.weight.detach() != before).any(1)                       # (3,): class 0, 1, empty
+        assert moved[2].item() is empty_moves and moved[:2].any().item() is not empty_moves
+
+
+# ---------------------------------------------------------------- rectified flow and reflow
+
+def test_reflow_pairs_come_from_the_trained_ode_and_repeat_for_a_seed():
+    torch.manual_seed(0)
+    model = fm.VelocityField(width=16, depth=2).eval()
+    x0, x1 = fm.reflow_pairs(model, "8gaussians", 50, seed=3)
+    again = fm.reflow_pairs(model, "8gaussians", 50, seed=3)
+    assert torch.equal(x0, again[0]) and torch.equal(x1, again[1])
+    assert not torch.equal(x0, fm.reflow_pairs(model, "8gaussians", 50, seed=4)[0])
+    # x1 is where the flow's ODE carries x0: dopri5 at rtol 1e-5 on points up to |x| = 6 over about ten
+    # steps, against 200 rk4 steps; and solving backward from x1 returns to x0
+    assert torch.allclose(x1, fm.sample(model, x0, "rk4", 200), atol=2e-3)
+    from torchdiffeq import odeint
+    with torch.no_grad():
+        back = odeint(model, x1, torch.tensor([1.0, 0.0]), atol=1e-7, rtol=1e-7)[-1]
+    assert torch.allclose(back, x0, atol=1e-3)
+
+
+def test_straightness_hand_cases():
+    """S = 0 for a constant field; for the rotation v(x) = (-x2, x1), Z_t = R(t) Z_0 and
+    S = E|Z_0|^2 - |(R(1) - I) Z_0|^2 = E|Z_0|^2 (2 cos 1 - 1)."""
+    x0 = torch.randn(200, 2, generator=torch.Generator().manual_seed(6))
+    assert fm.straightness(lambda t, x: torch.tensor([1.0, -2.0]).expand_as(x), x0) == pytest.approx(0, abs=1e-10)
+    rotation = lambda t, x: torch.stack([-x[:, 1], x[:, 0]], 1)
+    expected = x0.square().sum(1).mean().item() * (2 * math.cos(1) - 1)
+    assert fm.straightness(rotation, x0, points=65) == pytest.approx(expected, rel=1e-3)
+
+
+def test_reflow_on_straight_pairs_learns_a_nearly_straight_flow():
+    """Pairs from an exactly straight map (x1 = x0 + c) teach a field whose one Euler step lands on x1."""
+    cfg = fm.FlowConfig.tiny(source="gaussian", steps=300, width=32, lr=1e-2)
+    x0 = torch.randn(1000, 2, generator=torch.Generator().manual_seed(7))
+    x1 = x0 + torch.tensor([3.0, -1.0])
+    torch.manual_seed(0)
+    model = fm.train_on_pairs(fm.VelocityField(32, 3, 8), cfg, x0, x1)
+    assert (fm.sample(model, x0[:100], "euler", 1) - x1[:100]).abs().max().item() < 0.1     # |c| = 3.2
+    assert fm.straightness(model, x0[:100]) < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["--likelihood", "--guidance", "--reflow"])
+def test_likelihood_guidance_and_reflow_commands_print_their_tables(mode, tmp_path, capsys):
+    fm.main([mode, "--tiny", "--steps", "60", "--seeds", "1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert {"--likelihood": "NLL, exact divergence", "--guidance": "in the asked class",
+            "--reflow": "2-rectified (reflow)"}[mode] in out
+    assert (tmp_path / "metrics.json").is_file()
