@@ -1994,7 +1994,7 @@ def memory_report(vcfg: VLMConfig, batch_size: int, vocab_size: int = 64) -> dic
 def answer_grid(data: VQAData, predictions: Sequence[str], path: str | Path, n: int = 8, cell: int = 112) -> None:
     """PNG: the first n questions of an evaluation set, each with its image, the generated answer and the truth."""
     from PIL import ImageFont
-    font = ImageFont.load_default()
+    font = ImageFont.load_default_imagefont()     # the bitmap font: FreeType's default draws a 2-px space
     cols, text_h = 4, 64
     rows = math.ceil(min(n, len(data.qa)) / cols)
     img = Image.new("RGB", (cols * (cell + 120), rows * (cell + text_h)), (255, 255, 255))
