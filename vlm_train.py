@@ -97,9 +97,7 @@ CONNECTORS = ("linear", "mlp", "qformer", "dense", "perceiver")
 STAGE2_MODES = ("full", "lora", "qlora")
 KINDS = ("count", "colour", "shape", "size", "position", "existence")
 
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
+# == Configuration =================================================================================
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message says what was expected and what was given."""
@@ -216,10 +214,7 @@ PRESETS = {
 }
 
 
-
-# ----------------------------------------------------------------------------------------------
-# Connectors: (B, Lk, 1+N, Dv) frozen vision features -> (B, M, D) image tokens for the LM
-# ----------------------------------------------------------------------------------------------
+# == Connectors: (B, Lk, 1+N, Dv) frozen vision features -> (B, M, D) image tokens for the LM ======
 # Lk is the number of vision layers kept: 1 (the last, after the ViT's final LayerNorm) for every
 # connector but `dense`, which also gets the hidden states h_0 .. h_{L-1} (Lk = L + 1, last at -1).
 
@@ -370,10 +365,7 @@ def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_pa
     return PerceiverResampler(vision_width, width, cfg.num_queries, cfg.perceiver_layers), cfg.num_queries
 
 
-
-# ----------------------------------------------------------------------------------------------
-# The model: paligemma.py's PaliGemma with clip.py's ViT and one of the connectors in front
-# ----------------------------------------------------------------------------------------------
+# == The model: paligemma.py's PaliGemma with clip.py's ViT and one of the connectors in front =====
 
 @dataclass
 class LMConfig(pg.PaliGemmaConfig):
@@ -481,9 +473,28 @@ def add_lora(vlm: VLM, quantize: bool = False) -> None:
     lora.apply_lora(vlm.lm, list(cfg.lora_targets), cfg.lora_r, cfg.lora_alpha)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training: the losses of each stage, the optimizer, the schedule, the rows of a step, a batch
-# ----------------------------------------------------------------------------------------------
+def paligemma_3b_arithmetic(r: int = 16) -> dict:
+    """The same accounting for PaliGemma-3B's real sizes (counted on the meta device): bf16 weights and
+    gradients, fp32 AdamW moments (8 bytes per trainable weight), NF4 at 4 + 0.127 bits per weight
+    (64-weight blocks; their absmax constants double-quantized to bitsandbytes' dynamic 8-bit map, as
+    nf4.py does, in blocks of 256 with one fp32 constant each: Dettmers et al. 2023, sec. 3)."""
+    with torch.device("meta"):
+        model = pg.PaliGemma(pg.PaliGemmaConfig())
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    linears = [m for m in model.language_model.modules() if isinstance(m, nn.Linear)]
+    lm_linear = sum(m.weight.numel() for m in linears)
+    lora_n = sum(r * (m.in_features + m.out_features) for m in linears)
+    vision, proj, lm = count(model.vision_tower), count(model.multi_modal_projector), count(model.language_model)
+    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)
+    rows = {"full": (2 * (vision + proj + lm), 2 * (proj + lm), 8 * (proj + lm)),
+            "lora": (2 * (vision + proj + lm + lora_n), 2 * (proj + lora_n), 8 * (proj + lora_n)),
+            "qlora": (2 * (vision + proj + lm - lm_linear + lora_n) + lm_linear * nf4_bits / 8,
+                      2 * (proj + lora_n), 8 * (proj + lora_n))}
+    return {"params": vision + proj + lm, "lora_params": lora_n, "r": r,
+            "rows": {k: dict(zip(("weights", "grads", "optimizer"), v)) for k, v in rows.items()}}
+
+
+# == Training: the losses of each stage, the optimizer, the schedule, the rows of a step, a batch ===
 
 def vlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Answer-only next-token loss of a batch of (image, prefix, suffix) sequences (paligemma.suffix_loss).
@@ -577,9 +588,7 @@ def make_batch(vlm: VLM, data: VQAData, rows: Sequence[int], phase: str) -> dict
     return {k: v.to(vlm.model.device) for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: CLEVR-style questions about clip.py's shapes scenes, behind a small interface
-# ----------------------------------------------------------------------------------------------
+# == Data: CLEVR-style questions about clip.py's shapes scenes, behind a small interface ===========
 
 def question_kind(question: str) -> str:
     """The kind of one of clip.questions()'s questions, from its opening words."""
@@ -713,10 +722,7 @@ def shapes_data(n: int, seed: int, split: str, image_size: int, all_questions: b
     return VQAData(images, qa, [(i, clip.caption(s)) for i, s in enumerate(scenes)])
 
 
-
-# ----------------------------------------------------------------------------------------------
-# The word-level tokenizer of the default LM, and the prefix / suffix sequences
-# ----------------------------------------------------------------------------------------------
+# == The word-level tokenizer of the default LM, and the prefix / suffix sequences =================
 
 # Gemma's special ids where it has them (pad 0, eos 1, bos 2), then <unk>, <image> and <sep> (the
 # newline that ends PaliGemma's prompt), then the words.
@@ -819,10 +825,7 @@ class WordProcessor:
         return self.tokenizer.eos_token_id
 
 
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation: greedy answers, exact match and ROUGE per kind, retrieval
-# ----------------------------------------------------------------------------------------------
+# == Evaluation: greedy answers, exact match and ROUGE per kind, retrieval =========================
 
 @torch.no_grad()
 def generate_answers(vlm: VLM, images: torch.Tensor, prompts: Sequence[str], max_new_tokens: int = 4,
@@ -881,10 +884,7 @@ def qformer_retrieval(vlm: VLM, data: VQAData, ks: Sequence[int] = (1, 5)) -> di
     return clip.recall_at_k(sim, correct, ks)
 
 
-
-# ----------------------------------------------------------------------------------------------
-# The model with its processor and parts; answer() and answer_batch() on PIL images
-# ----------------------------------------------------------------------------------------------
+# == The model with its processor and parts; answer() and answer_batch() on PIL images =============
 
 @dataclass(eq=False)
 class VLM:
@@ -924,9 +924,7 @@ class VLM:
         return self.answer_batch([image], [question], max_new_tokens)[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# The stages: what each trains, on which rows, with which loss; one loop; the recipe
-# ----------------------------------------------------------------------------------------------
+# == The stages: what each trains, on which rows, with which loss; one loop; the recipe ============
 
 @dataclass(eq=False)
 class Stage:
@@ -1084,10 +1082,9 @@ class StageLoss(nn.Module):
 
 @dataclass
 class Run:
-    """One training run's plumbing. Checkpoints: each stage's folder holds step-XXXXXX/ with a `latest`
-    pointer, in clip.py's layout (clip.save_checkpoint); stage 0 lives in the cache (cache/lm-HASH) and
-    always resumes, the other stages with resume=True, refusing a checkpoint of another configuration.
-    Under torchrun every rank trains on its slice of each batch; rank 0 alone writes."""
+    """One training run's plumbing. Checkpoints in clip.py's layout (step-XXXXXX/ and `latest` per stage);
+    stage 0 lives in the cache (cache/lm-HASH) and always resumes, the other stages with resume=True,
+    refusing another configuration's. Under torchrun each rank trains on its slice; rank 0 writes."""
     out: Path
     device: torch.device = torch.device("cpu")
     cache: Path | None = None            # the ViT, data and text-only LM (default: out)
@@ -1159,8 +1156,7 @@ class Run:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({**row, "time": round(time.time() - self.t0, 3)}) + "\n")
 
-    def lap(self, name: str) -> None:
-        """Seconds since the last lap, as metrics["seconds"][name]."""
+    def lap(self, name: str) -> None:                        # metrics["seconds"][name]
         self.seconds[name], self.t_lap = time.time() - self.t_lap, time.time()
 
     def start_metrics(self, vcfg: VLMConfig, tcfg: TrainConfig, train: VQAData) -> dict:
@@ -1185,8 +1181,6 @@ class Run:
             save_vlm(vlm, self.out / "model", self.init)
             write_json(self.out / "metrics.json", metrics)
 
-    # -- torchrun: DistributedDataParallel, each rank on its slice of every batch --
-
     def micro_batch(self, vlm: VLM, data: VQAData, phase: str, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """This rank's contiguous part of the rows (DistributedSampler's split of the global batch, which
         step_rows draws alike on every rank) as a batch, with token_share = W n_r / sum_r n_r (n_r: this
@@ -1206,10 +1200,9 @@ class Run:
         return batch
 
     def wrap(self, net: StageLoss) -> nn.Module:
-        """DDP(net) under torchrun, a new wrapper per stage because each stage trains other parameters. The
-        Q-Former leaves trainable parameters unused (ITC its projection, the caption loss its text side):
-        DDP is told so, and their gradients stay None, as with one process. ITC's negatives are the rank's
-        own rows (BLIP-2 gathers them over GPUs; not done here), so stage 1a alone differs from one process."""
+        """DDP(net) under torchrun, new per stage (each trains other parameters). The Q-Former leaves some
+        unused (ITC its projection, the caption loss its text side): DDP is told so. ITC's negatives are
+        the rank's own rows (BLIP-2 gathers them over GPUs), so stage 1a alone differs from one process."""
         if self.world == 1:
             return net
         device = net.model.device
@@ -1231,8 +1224,7 @@ class Run:
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
-    """clip.atomic_write (write a temporary file, fsync, rename over path: old or new, never half),
-    creating the folder first."""
+    """clip.atomic_write (old file or new, never half), creating the folder first."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     clip.atomic_write(path, write)
 
@@ -1241,12 +1233,10 @@ def write_json(path: str | Path, obj: object) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], step: int | None = None) -> None:
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {"format": "pt", **({} if step is None else {"step": str(step)})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 # -- the frozen ViT and the data, cached -------------------------------------------------------
@@ -1254,11 +1244,12 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], step: int |
 # The frozen ViT every vlm_train.py figure in the README is measured with: clip.py's --train recipe,
 # stopped at 1000 steps (the VLM's vision features need no more; it keeps --train's ViT at about a minute).
 VIT_STEPS = 1000
+
+
 def load_or_train_vit(cache: str | Path, tiny: bool, device: torch.device | str, seed: int = 0,
                       progress: bool = True) -> clip.VisionTransformer:
-    """clip.py's shapes ViT (trained with clip.py's --train recipe at VIT_STEPS steps into cache/vit on
-    first use, in clip.py's own checkpoint layout; CLIP.from_pretrained follows its `latest`). tiny: a
-    random frozen tiny ViT, for the seconds-long demo and the tests."""
+    """clip.py's shapes ViT, trained into cache/vit on first use (clip.py's layout); tiny: a random tiny
+    ViT, for the seconds-long demo and the tests."""
     if tiny:
         torch.manual_seed(seed)
         return clip.CLIP(clip.CLIPConfig.tiny()).vision_model.to(device)
@@ -1270,8 +1261,6 @@ def load_or_train_vit(cache: str | Path, tiny: bool, device: torch.device | str,
         clip.train(clip.TrainConfig(steps=VIT_STEPS), clip.CLIPConfig(), folder, device, progress=progress)
         write_json(folder / "vlm_train_done.json", {"steps": VIT_STEPS, "seconds": time.time() - t0})
     return clip.CLIP.from_pretrained(folder).vision_model.to(device)
-
-
 
 
 def cached(cache: str | Path, name: str, build: Callable[[], VQAData]) -> VQAData:
@@ -1352,8 +1341,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_WORDS = 48         # texts are cut to 48 words: the default LM reads at most 256 positions
 
 
-class DataFolderError(FileNotFoundError):
-    """--data names a folder that does not exist or holds nothing usable; the message lists the layouts."""
+class FolderError(FileNotFoundError):
+    """--data, --lm, --vision or --init names a folder that does not exist or lacks what its layout
+    needs; the message says what is missing (or lists the layouts)."""
 
 
 def clevr_kind(q: dict) -> str:
@@ -1377,7 +1367,7 @@ def clevr_rows(root: Path, split: str, bad: list[int]) -> Iterator[tuple[Path, s
     try:
         questions = json.loads(path.read_text())["questions"]       # stdlib json reads the file whole
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataFolderError(f"{path}: not a CLEVR questions file ({type(e).__name__}: {e})") from None
+        raise FolderError(f"{path}: not a CLEVR questions file ({type(e).__name__}: {e})") from None
     for q in questions:
         if isinstance(q, dict) and all(isinstance(q.get(k), (str, int)) for k in ("image_filename", "question", "answer")):
             yield root / "images" / name / q["image_filename"], q["question"], str(q["answer"]), clevr_kind(q)
@@ -1428,7 +1418,7 @@ def read_folder(spec: str, split: str, n: int) -> tuple[list[tuple[str, str, str
     read, looks_right = READERS[kind]
     if not root.is_dir() or not looks_right(root):
         why = "does not exist" if not root.exists() else f"is not in the {kind} layout"
-        raise DataFolderError(f"--data {spec}: {root} {why}. Accepted layouts:\n  " + "\n  ".join(LAYOUTS))
+        raise FolderError(f"--data {spec}: {root} {why}. Accepted layouts:\n  " + "\n  ".join(LAYOUTS))
     bad, seen, kept, vqa, caps = [0], {}, set(), [], []
     for row in read(root, split, bad):
         texts, kind_of_question = (row[1:3], row[3]) if len(row) == 4 else (row[1:], "question")
@@ -1464,7 +1454,7 @@ def read_and_resize(spec: str, split: str, n: int, image_size: int) -> VQAData:
     try:
         data = VQAData.from_iterables(vqa, caps, image_size)
     except ValueError as e:
-        raise DataFolderError(f"--data {spec}: {path} holds nothing usable for {split} ({e}; {malformed} malformed "
+        raise FolderError(f"--data {spec}: {path} holds nothing usable for {split} ({e}; {malformed} malformed "
                               f"lines). Accepted layouts:\n  " + "\n  ".join(LAYOUTS)) from None
     data.malformed = malformed
     data.qa = data.qa or [(i, "caption", c, "caption") for i, c in data.captions]
@@ -1472,8 +1462,6 @@ def read_and_resize(spec: str, split: str, n: int, image_size: int) -> VQAData:
         first = {}
         data.qa = list(first.setdefault(row[0], row) for row in data.qa if row[0] not in first)
     return data
-
-
 
 
 def setup_distributed(device: torch.device) -> torch.device:
@@ -1486,18 +1474,16 @@ def setup_distributed(device: torch.device) -> torch.device:
     return device
 
 
-
-
 # -- the same model on transformers parts (--vision hf:DIR, --lm hf:DIR) ------------------------------
 
-class FrozenHFVision(nn.Module):
+class FrozenHFVision(FrozenViT):
     """A transformers CLIP or SigLIP vision tower, frozen: pixels (B, C, I, I) -> (B, Lk, 1+N, Dv), the
     same layout as FrozenViT: hidden states h_0 .. h_{L-1} (dense only), then the last layer after
     the final LayerNorm. SigLIP has no class token: the mean of its patches fills that slot (the
     per-patch connectors drop it; the Q-Former and the Perceiver read it as one more feature)."""
 
     def __init__(self, model: nn.Module, all_layers: bool, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
+        nn.Module.__init__(self)
         self.model, self.all_layers = model.requires_grad_(False).eval(), all_layers
         c = model.config
         self.width, self.layers, self.image_size = c.hidden_size, c.num_hidden_layers, c.image_size
@@ -1508,9 +1494,6 @@ class FrozenHFVision(nn.Module):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(B, I, I, C) uint8 -> (B, C, I, I) with the tower's own mean and std."""
         return clip.normalize(images, self.mean, self.std)
-
-    def train(self, mode: bool = True) -> FrozenHFVision:
-        return super().train(False)
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -1596,12 +1579,13 @@ class HFVLM(nn.Module):
         return pg.GenerateOutput(torch.stack(tokens, 1))
 
 
-
 # -- --lm hf:DIR and --vision hf:DIR: transformers models from local folders -------------------------
 # transformers is imported here only, inside the functions: the default run needs none of it.
 
-class HFFolderError(FileNotFoundError):
-    """--lm / --vision points at a folder that is not a usable transformers checkpoint."""
+def missing_files(folder: Path, *required: tuple[str, ...]) -> list[str]:
+    """Each group of file names (or glob patterns) of which the folder holds none, as "a or b"."""
+    return [" or ".join(names) for names in required
+            if not any(any(folder.glob(name)) for name in names)]
 
 
 def hf_folder(spec: str, what: str, needs_tokenizer: bool = False) -> tuple[Path, dict]:
@@ -1609,19 +1593,16 @@ def hf_folder(spec: str, what: str, needs_tokenizer: bool = False) -> tuple[Path
     folder = Path(spec[3:])
     layout = "config.json, model.safetensors (or sharded)" + (", tokenizer.json or tokenizer.model" if needs_tokenizer else "")
     if not folder.is_dir():
-        raise HFFolderError(f"--{what} {spec}: {folder} is not a folder; expected a transformers save_pretrained "
+        raise FolderError(f"--{what} {spec}: {folder} is not a folder; expected a transformers save_pretrained "
                             f"folder ({layout})")
-    missing = [name for name, ok in (
-        ("config.json", (folder / "config.json").is_file()),
-        ("*.safetensors weights", any(folder.glob("*.safetensors"))),
-        ("tokenizer.json or tokenizer.model", not needs_tokenizer or (folder / "tokenizer.json").is_file()
-         or (folder / "tokenizer.model").is_file())) if not ok]
+    missing = missing_files(folder, ("config.json",), ("*.safetensors",),
+                            *[("tokenizer.json", "tokenizer.model")] * needs_tokenizer)
     if missing:
-        raise HFFolderError(f"--{what} {spec}: {folder} is missing " + ", ".join(missing) + f" (expected {layout})")
+        raise FolderError(f"--{what} {spec}: {folder} is missing " + ", ".join(missing) + f" (expected {layout})")
     try:
         config = json.loads((folder / "config.json").read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HFFolderError(f"--{what} {spec}: {folder / 'config.json'} is not valid JSON ({e})") from None
+        raise FolderError(f"--{what} {spec}: {folder / 'config.json'} is not valid JSON ({e})") from None
     return folder, config
 
 
@@ -1702,10 +1683,6 @@ def build_hf_vlm(vcfg: VLMConfig, vision: FrozenViT | FrozenHFVision, lm: nn.Mod
     return model, HFProcessor(tokenizer, m, vision.image_size, vision.normalize)
 
 
-class InitFolderError(FileNotFoundError):
-    """--init points at a folder that is not a complete PaliGemma checkpoint."""
-
-
 def init_folder(spec: str) -> Path:
     """'paligemma:DIR' -> DIR, checked: config.json, weights (single or sharded) and the tokenizer."""
     kind, _, path = spec.partition(":")
@@ -1713,16 +1690,12 @@ def init_folder(spec: str) -> Path:
         raise ConfigError(f"--init expects paligemma:DIR (a PaliGemma checkpoint folder), got {spec!r}")
     folder = Path(path)
     if not folder.is_dir():
-        raise InitFolderError(f"--init {spec}: {folder} is not a folder; expected a PaliGemma checkpoint "
+        raise FolderError(f"--init {spec}: {folder} is not a folder; expected a PaliGemma checkpoint "
                               f"folder (config.json, model.safetensors, tokenizer.json)")
-    missing = [name for name, ok in (
-        ("config.json", (folder / "config.json").is_file()),
-        ("model.safetensors (or model.safetensors.index.json)",
-         (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()),
-        ("tokenizer.json (or tokenizer.model)",
-         (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file())) if not ok]
+    missing = missing_files(folder, ("config.json",), ("model.safetensors", "model.safetensors.index.json"),
+                            ("tokenizer.json", "tokenizer.model"))
     if missing:
-        raise InitFolderError(f"--init {spec}: {folder} is an incomplete PaliGemma checkpoint, missing "
+        raise FolderError(f"--init {spec}: {folder} is an incomplete PaliGemma checkpoint, missing "
                               + ", ".join(missing))
     return folder
 
@@ -1819,8 +1792,6 @@ def load_init_vlm(folder: Path, device: torch.device | str = "cpu") -> VLM:
         pg.load_adapter(model, folder / "adapter")
     model.eval()
     return vlm
-
-
 
 
 # -- out/model: save_vlm and load_vlm --------------------------------------------------------------
@@ -1936,27 +1907,6 @@ def memory_child(mode: str, vcfg_dict: dict, batch_size: int, vocab_size: int) -
     return out
 
 
-def paligemma_3b_arithmetic(r: int = 16) -> dict:
-    """The same accounting for PaliGemma-3B's real sizes (counted on the meta device): bf16 weights and
-    gradients, fp32 AdamW moments (8 bytes per trainable weight), NF4 at 4 + 0.127 bits per weight
-    (64-weight blocks; their absmax constants double-quantized to bitsandbytes' dynamic 8-bit map, as
-    nf4.py does, in blocks of 256 with one fp32 constant each: Dettmers et al. 2023, sec. 3)."""
-    with torch.device("meta"):
-        model = pg.PaliGemma(pg.PaliGemmaConfig())
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    linears = [m for m in model.language_model.modules() if isinstance(m, nn.Linear)]
-    lm_linear = sum(m.weight.numel() for m in linears)
-    lora_n = sum(r * (m.in_features + m.out_features) for m in linears)
-    vision, proj, lm = count(model.vision_tower), count(model.multi_modal_projector), count(model.language_model)
-    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)
-    rows = {"full": (2 * (vision + proj + lm), 2 * (proj + lm), 8 * (proj + lm)),
-            "lora": (2 * (vision + proj + lm + lora_n), 2 * (proj + lora_n), 8 * (proj + lora_n)),
-            "qlora": (2 * (vision + proj + lm - lm_linear + lora_n) + lm_linear * nf4_bits / 8,
-                      2 * (proj + lora_n), 8 * (proj + lora_n))}
-    return {"params": vision + proj + lm, "lora_params": lora_n, "r": r,
-            "rows": {k: dict(zip(("weights", "grads", "optimizer"), v)) for k, v in rows.items()}}
-
-
 def memory_report(vcfg: VLMConfig, batch_size: int, vocab_size: int = 64) -> dict:
     """Measure each mode in a fresh spawned process; print the table and the 3B extrapolation."""
     import multiprocessing as mp
@@ -1969,7 +1919,7 @@ def memory_report(vcfg: VLMConfig, batch_size: int, vocab_size: int = 64) -> dic
     for mode in STAGE2_MODES:
         with ctx.Pool(1) as pool:
             rows.append(pool.apply(memory_child, (mode, asdict(vcfg), batch_size, vocab_size)))
-    mib = lambda b: f"{b / 2**20:,.2f}"  # noqa: E731
+    mib, gib = (lambda b: f"{b / 2**20:,.2f}"), (lambda b: f"{b / 2**30:,.2f}")
     print(f"\n## one stage-2 step, batch {batch_size}, connector {vcfg.connector} (measured, each in a fresh process)\n")
     print("| mode | trainable | weights MiB | grads MiB | AdamW MiB | training state MiB | activations MiB "
           "| peak RSS MiB | peak - start MiB |")
@@ -1979,7 +1929,6 @@ def memory_report(vcfg: VLMConfig, batch_size: int, vocab_size: int = 64) -> dic
         print(f"| {r['mode']} | {r['trainable']:,} | {mib(r['weights'])} | {mib(r['grads'])} | {mib(r['optimizer'])} "
               f"| {mib(r['state'])} | {mib(r['activations'])} | {mib(r['peak'])} | {mib(r['peak'] - r['baseline'])} |")
     big = paligemma_3b_arithmetic()
-    gib = lambda b: f"{b / 2**30:,.2f}"  # noqa: E731
     print(f"\n## the same arithmetic at PaliGemma-3B's sizes ({big['params'] / 1e9:.2f} B weights; LoRA r = "
           f"{big['r']} on every decoder linear layer: {big['lora_params'] / 1e6:.1f} M; activations not included)\n")
     print("| mode | weights GiB | grads GiB | AdamW GiB | training state GiB |")

@@ -168,16 +168,16 @@ def test_caption_only_data_is_asked_for_its_caption(tmp_path):
 
 @pytest.mark.parametrize("kind", ["clevr", "captions", "img2dataset"])
 def test_missing_or_empty_folder_is_a_clear_error(tmp_path, kind):
-    with pytest.raises(vt.DataFolderError, match=r"(?s)does not exist.*Accepted layouts.*clevr:DIR.*captions\.jsonl"):
+    with pytest.raises(vt.FolderError, match=r"(?s)does not exist.*Accepted layouts.*clevr:DIR.*captions\.jsonl"):
         vt.load_data(f"{kind}:{tmp_path / 'nowhere'}", "train", 10, 16, tmp_path / "cache")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(vt.DataFolderError, match=rf"(?s){tmp_path / 'empty'}.*Accepted layouts"):
+    with pytest.raises(vt.FolderError, match=rf"(?s){tmp_path / 'empty'}.*Accepted layouts"):
         vt.load_data(f"{kind}:{tmp_path / 'empty'}", "train", 10, 16, tmp_path / "cache")
     # the right files, but nothing readable in them
     (tmp_path / "bad" / "questions").mkdir(parents=True)
     (tmp_path / "bad" / "00000").mkdir()
     (tmp_path / "bad" / "captions.jsonl").write_text("{not json\n")
-    with pytest.raises(vt.DataFolderError, match=str(tmp_path / "bad")):
+    with pytest.raises(vt.FolderError, match=str(tmp_path / "bad")):
         vt.load_data(f"{kind}:{tmp_path / 'bad'}", "train", 10, 16, tmp_path / "cache")
     with pytest.raises(SystemExit):
         vt.main(["--train", "--tiny", "--data", f"{kind}:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "o")])
