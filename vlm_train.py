@@ -109,7 +109,7 @@ class VLMConfig:
     connector: str = "mlp"
     lm: str = ""                       # "" = the small Gemma decoder below; "hf:DIR" = a transformers causal LM
     vision: str = ""                   # "" = clip.py's shapes ViT; "hf:DIR" = a transformers CLIP / SigLIP tower
-    # the Gemma decoder (paligemma.TextConfig), sized so `--train` takes about 4 minutes on 2 CPU cores
+    # the Gemma decoder (paligemma.TextConfig), sized so that `--train` runs in minutes on a CPU
     lm_width: int = 64                 # D
     lm_layers: int = 4                 # L
     lm_heads: int = 4                  # H
@@ -194,7 +194,7 @@ PRESETS = {
     # then its projection through the frozen LM; AdamW, weight decay 0.05, cosine decay. BLIP-2 keeps
     # the LM frozen; the course's Q-Former tutorial (MiniGPT-4-like) then tunes it with LoRA: so do we.
     "blip2": (dict(connector="qformer"), dict(stage2="lora", weight_decay=0.05)),
-    # The homework fine-tunes PaliGemma with LoRA / QLoRA. Its numbers are not in the issue; these are
+    # The homework fine-tunes PaliGemma with LoRA / QLoRA. The homework gives no numbers; these are
     # Hugging Face's PaliGemma fine-tuning notebook's (Noyan 2024), which such homeworks follow: AdamW,
     # lr 2e-5, batch 4 x 4 accumulation steps, 2 warm-up steps, weight decay 1e-6, LoRA r = 8 on all
     # seven linear layers of the decoder. Meant for --init paligemma:DIR; --stage2 qlora for QLoRA.
@@ -1242,7 +1242,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
 # -- the frozen ViT and the data, cached -------------------------------------------------------
 
 # The frozen ViT every vlm_train.py figure in the README is measured with: clip.py's --train recipe,
-# stopped at 1000 steps (the VLM's vision features need no more; it keeps --train's ViT at about a minute).
+# stopped at 1000 steps (the VLM's vision features need no more, and the ViT trains in half the time).
 VIT_STEPS = 1000
 
 
@@ -2044,7 +2044,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]
 def main(argv: Sequence[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(prog="vlm_train.py", description=__doc__.splitlines()[0])
     clip.add_common_arguments(parser, "where everything of the run is written (default runs/vlm_train)",
-                              train_help="both stages on the embedded data (~4 min on 2 CPU cores)")
+                              train_help="both stages on the embedded data (minutes on a CPU)")
     parser.add_argument("--cache", type=str, default=None, help="where the ViT, data and text-only LM are cached "
                         "(default: --out); share it between runs")
     parser.add_argument("--connector", type=str, default=None, choices=CONNECTORS, help="default mlp")
