@@ -519,7 +519,7 @@ def schedule(step: int, lr: float, steps: int, warmup: float) -> float:
     return clip.lr_at(step, SimpleNamespace(lr=lr, warmup=w, steps=steps))
 
 
-def make_optimizer(params: Sequence[nn.Parameter], lr: float, weight_decay: float, scaled: Iterable[nn.Parameter] = (),
+def stage_optimizer(params: Sequence[nn.Parameter], lr: float, weight_decay: float, scaled: Iterable[nn.Parameter] = (),
                    scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on biases, norm weights or other vectors).
     Parameters in `scaled` get lr x scale (each group's "lr_scale", applied by train_stage)."""
@@ -996,7 +996,7 @@ def train_stage(vlm: VLM, stage: Stage, tcfg: TrainConfig, run: Run) -> list[flo
     `run` holds what a reader may skip: --resume (start, history), DDP under torchrun (net, this rank's
     rows, the mean over ranks), the log and checkpoints (end_step) and the tests' kill switch.
     """
-    optimizer = make_optimizer(stage.params, stage.lr, tcfg.weight_decay, stage.scaled, tcfg.qformer_lr_scale)
+    optimizer = stage_optimizer(stage.params, stage.lr, tcfg.weight_decay, stage.scaled, tcfg.qformer_lr_scale)
     torch.manual_seed(hash_str(f"{tcfg.seed}-{stage.name}-torch"))           # ITM's negatives; checkpointed
     start, history = run.resume_stage(stage, vlm.model, optimizer)
     net = run.wrap(StageLoss(vlm.model.train(), stage.loss))                  # DDP under torchrun
@@ -1464,7 +1464,7 @@ def read_and_resize(spec: str, split: str, n: int, image_size: int) -> VQAData:
     return data
 
 
-def setup_distributed(device: torch.device) -> torch.device:
+def rank_device(device: torch.device) -> torch.device:
     """clip.setup_distributed (torchrun's process group: gloo on CPU, nccl on CUDA), then cuda:LOCAL_RANK
     as this rank's device. Returns the device."""
     import torch.distributed as dist
@@ -1889,7 +1889,7 @@ def memory_child(mode: str, vcfg_dict: dict, batch_size: int, vocab_size: int) -
     if mode != "full":
         add_lora(vlm, quantize=mode == "qlora")
     params = set_stage(vlm, 2, mode)
-    optimizer = make_optimizer(params, 1e-3, 0.0)
+    optimizer = stage_optimizer(params, 1e-3, 0.0)
     batch = make_batch(vlm, data, list(range(batch_size)), "vqa")
     saved = {}
 
@@ -2067,7 +2067,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     args.out = args.out or "runs/vlm_train"
     try:
-        device = setup_distributed(pick_device(args.device))       # torchrun: join its process group
+        device = rank_device(pick_device(args.device))            # torchrun: join its process group
         vcfg, tcfg = configs_from_args(args)
         if args.memory_report:
             return memory_report(vcfg, tcfg.batch_size)

@@ -83,7 +83,7 @@ def test_hf_parts_plug_in_and_one_step_trains_exactly_the_intended_parameters(fo
     params = vt.set_stage(vlm, 2, mode)
     before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
     batch = vt.make_batch(vlm, data, list(range(4)), "vqa")
-    opt = vt.make_optimizer(params, 1e-2, 0.0)
+    opt = vt.stage_optimizer(params, 1e-2, 0.0)
     loss = vt.vlm_loss(vlm.model.train(), batch)
     loss.backward()
     opt.step()
@@ -227,7 +227,7 @@ def test_smolvlm_preset_is_the_tutorials_recipe(folders, tmp_path):
     params, scaled = stage.params, stage.scaled
     assert {id(p) for p in scaled} == {id(p) for n, p in vlm.model.connector.named_parameters()
                                        if "crossattention" in n or "query_tokens" in n}
-    opt = vt.make_optimizer(params, tcfg.stage1_lr, 0.0, scaled, tcfg.qformer_lr_scale)
+    opt = vt.stage_optimizer(params, tcfg.stage1_lr, 0.0, scaled, tcfg.qformer_lr_scale)
     fast = {id(p) for g in opt.param_groups if g["lr"] * g["lr_scale"] == pytest.approx(1e-3) for p in g["params"]}
     slow = {id(p) for g in opt.param_groups if g["lr"] * g["lr_scale"] == pytest.approx(1e-4) for p in g["params"]}
     assert fast == {id(p) for p in scaled} and slow == {id(p) for p in params} - fast and scaled
