@@ -1101,6 +1101,7 @@ class Run:
         self.stage1_dir = None if self.stage1_dir is None else Path(self.stage1_dir)
         self.rank, self.world = clip.dist_info()
         self.t0 = self.t_lap = time.time()
+        self.seconds, self.eval_data = {}, {}        # metrics["seconds"]; the evaluation sets (answers.png)
         self.out.mkdir(parents=True, exist_ok=True)
 
     def folder(self, stage: Stage) -> Path:
@@ -1160,7 +1161,6 @@ class Run:
         self.seconds[name], self.t_lap = time.time() - self.t_lap, time.time()
 
     def start_metrics(self, vcfg: VLMConfig, tcfg: TrainConfig, train: VQAData) -> dict:
-        self.seconds = {}
         return {"config": {"model": asdict(vcfg), "train": asdict(tcfg)}, "skipped_images": train.skipped,
                 "malformed_lines": train.malformed, "processes": self.world, "seconds": self.seconds, "history": {}}
 
