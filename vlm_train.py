@@ -1117,6 +1117,8 @@ class Run:
         if latest is None:
             return 0, []
         info, tensors = clip.read_trainer_state(latest)
+        if "rng.torch" not in tensors or "config" not in info:
+            raise CheckpointError(f"{latest} is not a vlm_train.py stage checkpoint; use a new --out (or --cache)")
         differ = clip.config_differences(info["config"], stage.config, ignore=())
         if differ:
             raise ConfigError(f"--resume: {latest.parent} was written with a different configuration; differing "

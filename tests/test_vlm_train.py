@@ -271,6 +271,18 @@ def test_a_torn_or_non_finite_checkpoint_is_refused(cache, tmp_path):
         vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path, CPU, resume=True, cache=cache, progress=False, evaluate=False))
 
 
+def test_a_checkpoint_of_another_layout_is_refused(cache, tmp_path):
+    from safetensors.torch import save_file
+    vcfg, tcfg = tiny("linear")
+    with pytest.raises(vt.Killed):
+        vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path, CPU, cache=cache, progress=False, evaluate=False, stop_after=("stage1", 3)))
+    weights = tmp_path / "stage1" / "step-000003" / "trainer.safetensors"
+    tensors = {k.replace("param.", "param/"): v for k, v in load_file(str(weights)).items() if k != "rng.torch"}
+    save_file(tensors, str(weights), metadata={"step": "3"})         # parameters under other names, no RNG state
+    with pytest.raises(vt.CheckpointError, match="not a vlm_train.py stage checkpoint"):
+        vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path, CPU, resume=True, cache=cache, progress=False, evaluate=False))
+
+
 def test_a_non_finite_loss_stops_without_overwriting_the_checkpoint(cache, tmp_path):
     vlm, data, vcfg, tcfg = build("linear", cache)
     run = vt.Run(tmp_path, CPU, cache=cache, progress=False)
