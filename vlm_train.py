@@ -12,7 +12,7 @@ Beyer et al. 2024, sec. 3):
 with paligemma.py's prefix-LM mask: image + prompt attend to each other in full, the answer causally.
 The connector is what the lecture compares; five of them, each a function (B, Lk, 1+N, Dv) -> (B, M, D):
 
-    linear     u = W z_L + b                                  LLaVA-1 (Liu et al. 2023), PaliGemma
+    linear     u = W z_L + b                                  PaliGemma; LLaVA-1 (Liu et al. 2023) on z_{L-1}
     mlp        u = W2 gelu(W1 z_L + b1) + b2                  LLaVA-1.5 (Liu et al. 2024, sec. 3.2)
     dense      u = W [z_L ; mean(group 1) ; ... ; mean(G)]    dense connector (Yao et al. 2024, sec. 3)
     qformer    u = W_proj QFormer(queries, z_L)               BLIP-2 (Li et al. 2023, sec. 3.3); M = Q
@@ -22,7 +22,11 @@ The three per-patch connectors first merge each m x m block of neighbouring patc
 (`merge_patches`, Qwen2-VL's patch merger; default m = 2, so M = N/4): the LM then reads 9 image
 tokens instead of 36 here, and each training step costs less than half.
 
-Training follows the two-stage recipe of LLaVA (sec. 5.1, "stage 1: pre-training for feature
+z_L is the last layer's grid. LLaVA's linear map reads the layer before the last, z_{L-1} (its sec. 5.2
+ablation found the last one worse); every connector here reads the last, after the ViT's final
+LayerNorm, which is what clip.py trained and what qformer.py freezes.
+
+Training follows the two-stage recipe of LLaVA (sec. 4.2, "stage 1: pre-training for feature
 alignment", "stage 2: fine-tuning end-to-end") and BLIP-2 (sec. 3.2-3.3):
 
   stage 0  (stands in for a pretrained LM) the small random Gemma decoder of paligemma.py learns the
@@ -48,9 +52,12 @@ Conventions: paligemma.py's, text left-padded; token_type_ids 0 = prefix, 1 = su
 where no loss is taken. Shapes: B batch, T tokens, N image patches (+ class token), M image tokens
 given to the LM (N/m^2 after merging m x m patches, or Q), Q learned queries/latents, Lk vision layers kept, D LM width, Dv vision width, V vocab.
 
-Data on disk (`--data clevr:DIR | captions:DIR | img2dataset:DIR`), transformers models from local
+Reading order: configuration and presets, the five connectors, the model, the losses, the data,
+evaluation, then one stage loop (`train_stage`) and the recipe (`train_vlm`). Below the Plumbing
+banner: the `Run` object (checkpoints and --resume, logging, torchrun / DDP, the tests' kill switch),
+data on disk (`--data clevr:DIR | captions:DIR | img2dataset:DIR`), transformers models from local
 folders (`--lm hf:DIR`, any causal LM with its tokenizer, LLaVA-style causal attention; `--vision
-hf:DIR`, a CLIP or SigLIP tower) and torchrun / DDP live in the plumbing at the end of the file: they
+hf:DIR`, a CLIP or SigLIP tower), `--init paligemma:DIR`, saving and loading, the command line. They
 change where rows, weights and tokens come from and which rank computes them, not what a stage
 computes. `--preset smolvlm` is the course's Q-Former tutorial recipe (see PRESETS).
 
@@ -60,6 +67,7 @@ unfreezing the vision encoder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -67,10 +75,10 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -89,10 +97,124 @@ CONNECTORS = ("linear", "mlp", "qformer", "dense", "perceiver")
 STAGE2_MODES = ("full", "lora", "qlora")
 KINDS = ("count", "colour", "shape", "size", "position", "existence")
 
+# == Configuration =================================================================================
 
-# ----------------------------------------------------------------------------------------------
-# Connectors: (B, Lk, 1+N, Dv) frozen vision features -> (B, M, D) image tokens for the LM
-# ----------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what was expected and what was given."""
+
+
+@dataclass
+class VLMConfig:
+    """The model: which connector, how big the LM, how LoRA is set."""
+    connector: str = "mlp"
+    lm: str = ""                       # "" = the small Gemma decoder below; "hf:DIR" = a transformers causal LM
+    vision: str = ""                   # "" = clip.py's shapes ViT; "hf:DIR" = a transformers CLIP / SigLIP tower
+    # the Gemma decoder (paligemma.TextConfig), sized so that `--train` runs in minutes on a CPU
+    lm_width: int = 64                 # D
+    lm_layers: int = 4                 # L
+    lm_heads: int = 4                  # H
+    lm_kv_heads: int = 1               # K: multi-query attention, as Gemma 2B
+    lm_mlp: int = 256                  # F
+    lm_init_std: float = 0.05
+    num_queries: int = 16              # Q of the Q-Former and the Perceiver's latents
+    qformer_head: str = "linear"       # after the Q-Former: "linear" (BLIP-2's projection) or "mlp" (an MLP adapter)
+    perceiver_layers: int = 2
+    dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
+    patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
+    lora_r: int = 16
+    lora_alpha: float = 32
+    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    tiny_vision: bool = False          # clip.CLIPConfig.tiny's ViT, random and frozen (demo and tests)
+
+    def __post_init__(self) -> None:
+        if self.connector not in CONNECTORS:
+            raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
+        if self.qformer_head not in ("linear", "mlp"):
+            raise ValueError(f"qformer_head must be 'linear' or 'mlp', got {self.qformer_head!r}")
+        for what in ("lm", "vision"):
+            spec = getattr(self, what)
+            if spec and not (spec.startswith("hf:") and len(spec) > 3):
+                raise ValueError(f"--{what} expects hf:DIR (a transformers model saved with save_pretrained), got {spec!r}")
+        self.lora_targets = tuple(self.lora_targets)
+
+    @classmethod
+    def tiny(cls, **overrides) -> VLMConfig:
+        return cls(**{"lm_width": 32, "lm_layers": 1, "lm_heads": 2, "lm_mlp": 64, "num_queries": 4,
+                      "perceiver_layers": 1, "lora_r": 4, "lora_alpha": 8, "tiny_vision": True, **overrides})
+
+
+@dataclass
+class TrainConfig:
+    """The recipe. Learning rates are for tiny models trained from scratch (see PRESETS for papers')."""
+    stage2: str = "full"
+    n_train: int = 6000                # training scenes (each gives ~9 questions and one caption)
+    n_eval: int = 500                  # scenes per evaluation split (one question each, kinds balanced)
+    batch_size: int = 64
+    grad_accum: int = 1                # micro-batches per optimizer step
+    pretrain_steps: int = 400          # stage 0: the LM on text alone
+    pretrain_lr: float = 3e-3
+    itc_steps: int = 300               # stage 1a (qformer only): ITC + ITM + ITG
+    itc_lr: float = 1e-3
+    qformer_lr_scale: float = 1.0      # stage 1: lr x this on the Q-Former's cross-attention and query tokens
+    stage1_steps: int = 300
+    stage1_lr: float = 2e-3
+    stage2_steps: int = 4000
+    stage2_lr: float = 2e-3
+    stage2_qformer: bool = True        # stage 2 also tunes the Q-Former (False: only its head, plus the LM)
+    caption_prompt: str = "caption"    # the prompt of stage 1's captions
+    warmup: float = 0.03               # fraction of each stage's steps (LLaVA-1.5's warm-up ratio)
+    weight_decay: float = 0.0          # LLaVA uses none
+    clip_norm: float = 1.0
+    bf16: bool = True                  # autocast where the device supports bf16 (CUDA with bf16); CPU: fp32
+    save_every: int = 200
+    seed: int = 0
+    data: str = ""                     # "" = the embedded shapes data; else KIND:PATH (see load_data)
+
+    def __post_init__(self) -> None:
+        if self.stage2 not in STAGE2_MODES:
+            raise ValueError(f"stage 2 mode must be one of {STAGE2_MODES}, got {self.stage2!r}")
+
+    @classmethod
+    def tiny(cls, **overrides) -> TrainConfig:
+        # the demo and tests show LoRA, the homework's method (--train defaults to full: see README)
+        return cls(**{"stage2": "lora", "n_train": 48, "n_eval": 16, "batch_size": 8, "pretrain_steps": 6, "itc_steps": 4,
+                      "stage1_steps": 6, "stage2_steps": 6, "save_every": 3, "pretrain_lr": 1e-2,
+                      "stage1_lr": 1e-2, "stage2_lr": 1e-2, "itc_lr": 1e-2, **overrides})
+
+
+# Presets: the structure of each paper's recipe. The papers' own learning rates are for pretrained
+# billion-parameter models; ours are for a few-hundred-thousand-weight LM from scratch, so only
+# --preset paligemma-homework (meant for --init paligemma:DIR, a real checkpoint) keeps its numbers.
+PRESETS = {
+    # LLaVA-1.5 (Liu et al. 2024, sec. 3.2 and appendix Table 9): MLP connector; stage 1 trains the
+    # connector alone on captions (lr 1e-3, batch 256), stage 2 the connector + the whole LM (lr 2e-5,
+    # batch 128); warm-up ratio 0.03, cosine decay, no weight decay, AdamW.
+    "llava": (dict(connector="mlp"), dict(stage2="full", warmup=0.03, weight_decay=0.0)),
+    # BLIP-2 (Li et al. 2023, sec. 3.2-3.4): Q-Former with 32 queries trained with ITC + ITM + ITG,
+    # then its projection through the frozen LM; AdamW, weight decay 0.05, cosine decay. BLIP-2 keeps
+    # the LM frozen; the course's Q-Former tutorial (MiniGPT-4-like) then tunes it with LoRA: so do we.
+    "blip2": (dict(connector="qformer"), dict(stage2="lora", weight_decay=0.05)),
+    # The homework fine-tunes PaliGemma with LoRA / QLoRA. The homework gives no numbers; these are
+    # Hugging Face's PaliGemma fine-tuning notebook's (Noyan 2024), which such homeworks follow: AdamW,
+    # lr 2e-5, batch 4 x 4 accumulation steps, 2 warm-up steps, weight decay 1e-6, LoRA r = 8 on all
+    # seven linear layers of the decoder. Meant for --init paligemma:DIR; --stage2 qlora for QLoRA.
+    "paligemma-homework": (dict(connector="linear", lora_r=8, lora_alpha=8),
+                           dict(stage2="lora", stage2_lr=2e-5, batch_size=4, grad_accum=4, warmup=2,
+                                weight_decay=1e-6)),
+    # The course's Q-Former VLM tutorial (a SmolVLM-like model: BLIP-2's Q-Former in front of a small
+    # SmolLM-style LM): 32 queries; stage 1 trains the Q-Former (ITC + ITM + ITG here, then captions
+    # through the frozen LM) at lr 1e-4 with 10x on its cross-attention and query tokens, the parts
+    # that are new to a BERT-initialised Q-Former; stage 2 freezes it and trains an MLP adapter on its
+    # outputs plus LoRA r = 64, alpha = 128 on every linear layer of the LM at lr 5e-4, batch 8 x 4
+    # accumulation steps, bf16 autocast where the device has it, prompt "Describe this image".
+    # Meant for --lm hf:DIR (a pretrained SmolLM); on the default from-scratch decoder it runs as well.
+    "smolvlm": (dict(connector="qformer", num_queries=32, qformer_head="mlp", lora_r=64, lora_alpha=128),
+                dict(stage2="lora", itc_lr=1e-4, stage1_lr=1e-4, qformer_lr_scale=10.0, stage2_qformer=False,
+                     stage2_lr=5e-4, batch_size=32, grad_accum=4, bf16=True, caption_prompt="Describe this image")),
+}
+
+
+# == Connectors: (B, Lk, 1+N, Dv) frozen vision features -> (B, M, D) image tokens for the LM ======
 # Lk is the number of vision layers kept: 1 (the last, after the ViT's final LayerNorm) for every
 # connector but `dense`, which also gets the hidden states h_0 .. h_{L-1} (Lk = L + 1, last at -1).
 
@@ -115,7 +237,8 @@ def merge_patches(z: torch.Tensor, m: int) -> torch.Tensor:
 
 
 class LinearConnector(nn.Module):
-    """u = W z + b on the last layer (LLaVA-1, PaliGemma's projector), after `merge_patches`."""
+    """u = W z + b on the last layer, after `merge_patches` (PaliGemma's projector; LLaVA-1's reads the
+    layer before the last)."""
 
     def __init__(self, vision_width: int, width: int, merge: int = 1):
         super().__init__()
@@ -223,11 +346,7 @@ class PerceiverResampler(nn.Module):
 def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_patches: int,
                    lm_width: int) -> tuple[nn.Module, int]:
     """The connector of cfg and M, the number of image tokens it gives the LM."""
-    width = cfg.connector_width or lm_width
-    if width != lm_width:
-        raise ConfigError(f"the connector emits {width}-wide image tokens but the LM reads {lm_width}-wide "
-                          f"embeddings; image tokens enter the decoder as they are, so they must match "
-                          f"(set connector_width to {lm_width} or 0)")
+    width = lm_width                   # image tokens enter the decoder as they are: the LM's width
     if cfg.patch_merge < 1:
         raise ConfigError(f"patch_merge must be 1 (one token per patch) or more, got {cfg.patch_merge}")
     g = math.isqrt(num_patches)
@@ -246,129 +365,7 @@ def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_pa
     return PerceiverResampler(vision_width, width, cfg.num_queries, cfg.perceiver_layers), cfg.num_queries
 
 
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class VLMConfig:
-    """The model: which connector, how big the LM, how LoRA is set."""
-    connector: str = "mlp"
-    lm: str = ""                       # "" = the small Gemma decoder below; "hf:DIR" = a transformers causal LM
-    vision: str = ""                   # "" = clip.py's shapes ViT; "hf:DIR" = a transformers CLIP / SigLIP tower
-    # the Gemma decoder (paligemma.TextConfig), sized so `--train` takes about 4 minutes on 2 CPU cores
-    lm_width: int = 64                 # D
-    lm_layers: int = 4                 # L
-    lm_heads: int = 4                  # H
-    lm_kv_heads: int = 1               # K: multi-query attention, as Gemma 2B
-    lm_mlp: int = 256                  # F
-    lm_init_std: float = 0.05
-    num_queries: int = 16              # Q of the Q-Former and the Perceiver's latents
-    qformer_head: str = "linear"       # after the Q-Former: "linear" (BLIP-2's projection) or "mlp" (an MLP adapter)
-    perceiver_layers: int = 2
-    dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
-    patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
-    connector_width: int = 0           # width the connector emits; 0 = the LM's (any other is an error)
-    lora_r: int = 16
-    lora_alpha: float = 32
-    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    tiny_vision: bool = False          # clip.CLIPConfig.tiny's ViT, random and frozen (demo and tests)
-
-    def __post_init__(self) -> None:
-        if self.connector not in CONNECTORS:
-            raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
-        if self.qformer_head not in ("linear", "mlp"):
-            raise ValueError(f"qformer_head must be 'linear' or 'mlp', got {self.qformer_head!r}")
-        for what in ("lm", "vision"):
-            spec = getattr(self, what)
-            if spec and not (spec.startswith("hf:") and len(spec) > 3):
-                raise ValueError(f"--{what} expects hf:DIR (a transformers model saved with save_pretrained), got {spec!r}")
-        self.lora_targets = tuple(self.lora_targets)
-
-    @classmethod
-    def tiny(cls, **overrides) -> VLMConfig:
-        return cls(**{"lm_width": 32, "lm_layers": 1, "lm_heads": 2, "lm_mlp": 64, "num_queries": 4,
-                      "perceiver_layers": 1, "lora_r": 4, "lora_alpha": 8, "tiny_vision": True, **overrides})
-
-
-@dataclass
-class TrainConfig:
-    """The recipe. Learning rates are for tiny models trained from scratch (see PRESETS for papers')."""
-    stage2: str = "full"
-    n_train: int = 6000                # training scenes (each gives ~9 questions and one caption)
-    n_eval: int = 500                  # scenes per evaluation split (one question each, kinds balanced)
-    batch_size: int = 64
-    grad_accum: int = 1                # micro-batches per optimizer step
-    pretrain_steps: int = 400          # stage 0: the LM on text alone
-    pretrain_lr: float = 3e-3
-    itc_steps: int = 300               # stage 1a (qformer only): ITC + ITM + ITG
-    itc_lr: float = 1e-3
-    qformer_lr_scale: float = 1.0      # stage 1: lr x this on the Q-Former's cross-attention and query tokens
-    stage1_steps: int = 300
-    stage1_lr: float = 2e-3
-    stage2_steps: int = 4000
-    stage2_lr: float = 2e-3
-    stage2_qformer: bool = True        # stage 2 also tunes the Q-Former (False: only its head, plus the LM)
-    caption_prompt: str = "caption"    # the prompt of stage 1's captions
-    warmup: float = 0.03               # fraction of each stage's steps (LLaVA-1.5's warm-up ratio)
-    weight_decay: float = 0.0          # LLaVA uses none
-    clip_norm: float = 1.0
-    bf16: bool = True                  # autocast where the device supports bf16 (CUDA with bf16); CPU: fp32
-    save_every: int = 200
-    seed: int = 0
-    data: str = ""                     # "" = the embedded shapes data; else KIND:PATH (see load_data)
-
-    def __post_init__(self) -> None:
-        if self.stage2 not in STAGE2_MODES:
-            raise ValueError(f"stage 2 mode must be one of {STAGE2_MODES}, got {self.stage2!r}")
-
-    @classmethod
-    def tiny(cls, **overrides) -> TrainConfig:
-        # the demo and tests show LoRA, the homework's method (--train defaults to full: see README)
-        return cls(**{"stage2": "lora", "n_train": 48, "n_eval": 16, "batch_size": 8, "pretrain_steps": 6, "itc_steps": 4,
-                      "stage1_steps": 6, "stage2_steps": 6, "save_every": 3, "pretrain_lr": 1e-2,
-                      "stage1_lr": 1e-2, "stage2_lr": 1e-2, "itc_lr": 1e-2, **overrides})
-
-
-# Presets: the structure of each paper's recipe. The papers' own learning rates are for pretrained
-# billion-parameter models; ours are for a few-hundred-thousand-weight LM from scratch, so only
-# --preset paligemma-homework (meant for --init paligemma:DIR, a real checkpoint) keeps its numbers.
-PRESETS = {
-    # LLaVA-1.5 (Liu et al. 2024, sec. 3.2 and appendix Table 9): MLP connector; stage 1 trains the
-    # connector alone on captions (lr 1e-3, batch 256), stage 2 the connector + the whole LM (lr 2e-5,
-    # batch 128); warm-up ratio 0.03, cosine decay, no weight decay, AdamW.
-    "llava": (dict(connector="mlp"), dict(stage2="full", warmup=0.03, weight_decay=0.0)),
-    # BLIP-2 (Li et al. 2023, sec. 3.2-3.4): Q-Former with 32 queries trained with ITC + ITM + ITG,
-    # then its projection through the frozen LM; AdamW, weight decay 0.05, cosine decay. BLIP-2 keeps
-    # the LM frozen; the course's Q-Former tutorial (MiniGPT-4-like) then tunes it with LoRA: so do we.
-    "blip2": (dict(connector="qformer"), dict(stage2="lora", weight_decay=0.05)),
-    # The homework fine-tunes PaliGemma with LoRA / QLoRA. Its numbers are not in the issue; these are
-    # Hugging Face's PaliGemma fine-tuning notebook's (Noyan 2024), which such homeworks follow: AdamW,
-    # lr 2e-5, batch 4 x 4 accumulation steps, 2 warm-up steps, weight decay 1e-6, LoRA r = 8 on all
-    # seven linear layers of the decoder. Meant for --init paligemma:DIR; --stage2 qlora for QLoRA.
-    "paligemma-homework": (dict(connector="linear", lora_r=8, lora_alpha=8),
-                           dict(stage2="lora", stage2_lr=2e-5, batch_size=4, grad_accum=4, warmup=2,
-                                weight_decay=1e-6)),
-    # The course's Q-Former VLM tutorial (a SmolVLM-like model: BLIP-2's Q-Former in front of a small
-    # SmolLM-style LM): 32 queries; stage 1 trains the Q-Former (ITC + ITM + ITG here, then captions
-    # through the frozen LM) at lr 1e-4 with 10x on its cross-attention and query tokens, the parts
-    # that are new to a BERT-initialised Q-Former; stage 2 freezes it and trains an MLP adapter on its
-    # outputs plus LoRA r = 64, alpha = 128 on every linear layer of the LM at lr 5e-4, batch 8 x 4
-    # accumulation steps, bf16 autocast where the device has it, prompt "Describe this image".
-    # Meant for --lm hf:DIR (a pretrained SmolLM); on the default from-scratch decoder it runs as well.
-    "smolvlm": (dict(connector="qformer", num_queries=32, qformer_head="mlp", lora_r=64, lora_alpha=128),
-                dict(stage2="lora", itc_lr=1e-4, stage1_lr=1e-4, qformer_lr_scale=10.0, stage2_qformer=False,
-                     stage2_lr=5e-4, batch_size=32, grad_accum=4, bf16=True, caption_prompt="Describe this image")),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# The model: paligemma.py's PaliGemma with clip.py's ViT and one of the connectors in front
-# ----------------------------------------------------------------------------------------------
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message says what was expected and what was given."""
-
+# == The model: paligemma.py's PaliGemma with clip.py's ViT and one of the connectors in front =====
 
 @dataclass
 class LMConfig(pg.PaliGemmaConfig):
@@ -383,8 +380,8 @@ class LMConfig(pg.PaliGemmaConfig):
 class FrozenViT(nn.Module):
     """clip.py's shapes ViT, frozen: pixels (B, C, I, I) -> features (B, Lk, 1+N, Dv).
 
-    Frozen means its output never changes, so training computes it once per image (`cache_features`)
-    and passes the features in place of the pixels; they go through unchanged.
+    Frozen means its output never changes, so it runs outside the model (`VLM.image_inputs`), once
+    per image of the training and evaluation sets (`cache_features`); the model reads the features.
     """
 
     def __init__(self, vit: clip.VisionTransformer, all_layers: bool):
@@ -402,8 +399,6 @@ class FrozenViT(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if tuple(pixel_values.shape[-2:]) == (self.num_patches + 1, self.width):
-            return pixel_values            # already the features (computed once for the whole data set)
         hidden = self.vit(pixel_values, output_hidden_states=True)                    # L+1 x (B, 1+N, Dv)
         last = self.vit.post_layernorm(hidden[-1])                                    # qformer's frozen features
         kept = hidden[:-1] + [last] if self.all_layers else [last]
@@ -411,9 +406,10 @@ class FrozenViT(nn.Module):
 
 
 class ShapesVLM(pg.PaliGemma):
-    """Frozen vision encoder -> connector -> Gemma decoder. Forward, masks, loss and KV-cache generation
-    are PaliGemma's own; only `image_features` changes (PaliGemma's is SigLIP + linear projector).
-    vision: FrozenViT (or FrozenHFVision, --vision hf:DIR): pixels -> (B, Lk, 1+N, Dv)."""
+    """Connector -> Gemma decoder, reading frozen vision features (B, Lk, 1+N, Dv). Forward, masks, loss
+    and KV-cache generation are PaliGemma's own; only `image_features` changes (PaliGemma's runs SigLIP
+    + a linear projector on pixels; its argument keeps PaliGemma's name, pixel_values). The frozen
+    encoder is a submodule so that it is saved and moved with the rest, but `VLM.image_inputs` runs it."""
 
     def __init__(self, cfg: VLMConfig, vision: FrozenViT | FrozenHFVision, vocab_size: int):
         nn.Module.__init__(self)
@@ -430,179 +426,90 @@ class ShapesVLM(pg.PaliGemma):
         pg.PaliGemma.init_weights(self.language_model, cfg.lm_init_std)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.connector(self.vision(pixel_values))                              # (B, M, D)
+        return self.connector(pixel_values)                      # (B, Lk, 1+N, Dv) features -> (B, M, D)
 
 
-def trainable_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(vision, connector, language model) modules of any of the model kinds."""
-    if hasattr(model, "connector"):
-        return model.vision, model.connector, model.language_model
-    return model.vision_tower, model.multi_modal_projector, model.language_model
-
-
-def set_stage(model: nn.Module, stage: int, mode: str = "full", cfg: VLMConfig | None = None,
-              train_qformer: bool = True) -> list[nn.Parameter]:
-    """Freeze and unfreeze for a stage; returns the trainable parameters.
+def set_stage(vlm: VLM, stage: int, mode: str = "full", train_qformer: bool = True) -> list[nn.Parameter]:
+    """Freeze and unfreeze for a stage; returns the trainable parameters. Nothing else changes.
 
     stage 0: the LM alone (text). Stage 1: the connector alone. Stage 2: the connector plus the LM
-    (mode "full"), or plus LoRA adapters on the LM's linear layers ("lora"), on an NF4 base ("qlora");
+    (mode "full") or plus the LoRA adapters that `add_lora` put on it ("lora", "qlora");
     train_qformer=False keeps a Q-Former connector's Q-Former frozen there (only its head trains).
     The vision encoder is frozen in every stage.
     """
-    if stage == 2 and mode != "full" and cfg is None:
-        raise ConfigError(f"set_stage: stage 2 with {mode} needs cfg, the VLMConfig whose lora_r, lora_alpha and "
-                          f"lora_targets say where the adapters go")
-    vision, connector, lm = trainable_parts(model)
-    model.requires_grad_(False)
+    vlm.model.requires_grad_(False)
     if stage == 0:
-        lm.requires_grad_(True)
+        vlm.lm.requires_grad_(True)
     elif stage == 1:
-        connector.requires_grad_(True)
+        vlm.connector.requires_grad_(True)
     else:
         if mode == "full":
-            lm.requires_grad_(True)
-        elif not lora.lora_layers(lm):
-            if mode == "qlora":
-                # kept to save the model as full-precision base + adapter (QLoRA never changes the base)
-                model.lm_before_nf4 = {k: v.detach().clone() for k, v in lm.state_dict().items()}
-                nf4.quantize_model(lm, skip=("lm_head",))                            # W -> NF4, frozen
-            lora.apply_lora(lm, list(cfg.lora_targets), cfg.lora_r, cfg.lora_alpha)  # only A, B train
-        else:
-            for layer in lora.lora_layers(lm).values():
-                layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
-        connector.requires_grad_(True)
-        if not train_qformer and hasattr(connector, "qformer"):
-            connector.qformer.requires_grad_(False)
-    return [p for p in model.parameters() if p.requires_grad]
+            vlm.lm.requires_grad_(True)
+        elif not lora.lora_layers(vlm.lm):
+            raise ConfigError(f"set_stage: stage 2 with {mode} trains LoRA adapters; add them with add_lora first")
+        for layer in lora.lora_layers(vlm.lm).values():
+            layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
+        vlm.connector.requires_grad_(True)
+        if not train_qformer and isinstance(vlm.connector, QFormerConnector):
+            vlm.connector.qformer.requires_grad_(False)
+    return [p for p in vlm.model.parameters() if p.requires_grad]
 
 
-# -- the same model on transformers parts (--vision hf:DIR, --lm hf:DIR; loaded in the plumbing) --
-
-class FrozenHFVision(nn.Module):
-    """A transformers CLIP or SigLIP vision tower, frozen: pixels (B, C, I, I) -> (B, Lk, 1+N, Dv), the
-    same layout as FrozenViT: hidden states h_0 .. h_{L-1} (dense only), then the last layer after
-    the final LayerNorm. SigLIP has no class token: the mean of its patches fills that slot (the
-    per-patch connectors drop it; the Q-Former and the Perceiver read it as one more feature)."""
-
-    def __init__(self, model: nn.Module, all_layers: bool, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.model, self.all_layers = model.requires_grad_(False).eval(), all_layers
-        c = model.config
-        self.width, self.layers, self.image_size = c.hidden_size, c.num_hidden_layers, c.image_size
-        self.num_patches = (c.image_size // c.patch_size) ** 2
-        self.has_class_token = c.model_type.startswith("clip")
-        self.mean, self.std = tuple(mean), tuple(std)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, I, I, C) uint8 -> (B, C, I, I) with the tower's own mean and std."""
-        return clip.normalize(images, self.mean, self.std)
-
-    def train(self, mode: bool = True) -> FrozenHFVision:
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if tuple(pixel_values.shape[-2:]) == (self.num_patches + 1, self.width):
-            return pixel_values                                                       # cached features
-        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
-        last = out.last_hidden_state
-        if self.has_class_token:                  # CLIP normalises only its pooled token; SigLIP all of them
-            last = self.model.post_layernorm(last)
-        kept = list(out.hidden_states[:-1]) + [last] if self.all_layers else [last]
-        if not self.has_class_token:
-            kept = [torch.cat([h.mean(1, keepdim=True), h], dim=1) for h in kept]
-        return torch.stack(kept, dim=1)                                               # (B, Lk, 1+N, Dv)
+def quantize_lm(lm: nn.Module) -> dict[str, torch.Tensor]:
+    """QLoRA's base (Dettmers et al. 2023, sec. 3): every linear layer of the LM but its output head
+    to NF4 (nf4.py), frozen. Returns the float weights it replaced: QLoRA never changes the base, so
+    the model is saved as those weights plus the adapter."""
+    before = {k: v.detach().clone() for k, v in lm.state_dict().items()}
+    nf4.quantize_model(lm, skip=("lm_head",))                                        # W -> NF4
+    return before
 
 
-class HFVLM(nn.Module):
-    """Frozen vision -> connector -> a transformers causal LM (Llama, Gemma, SmolLM, ...), LLaVA's way:
-    the M image tokens replace M placeholder ids at the front of the prompt, and the LM attends
-    causally throughout (its own mask; PaliGemma's prefix-LM mask is Gemma-in-PaliGemma's). The loss
-    is the same answer-only suffix loss; `forward` and `generate` take what ShapesVLM's take."""
-
-    IMAGE = -1                                     # the placeholder id (never a real token)
-
-    def __init__(self, vision: FrozenViT | FrozenHFVision, connector: nn.Module, lm: nn.Module, num_image_tokens: int):
-        super().__init__()
-        self.vision, self.connector, self.language_model = vision, connector, lm
-        self.num_image_tokens = num_image_tokens
-
-    @property
-    def device(self) -> torch.device:
-        return self.language_model.get_input_embeddings().weight.device
-
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.connector(self.vision(pixel_values))                              # (B, M, D)
-
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        is_image = input_ids == self.IMAGE                                            # (B, T)
-        x = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))        # (B, T, D)
-        if pixel_values is not None:
-            counts = is_image.sum(-1)
-            if bool((counts != self.num_image_tokens).any()):
-                raise ValueError(f"each prompt needs exactly {self.num_image_tokens} image placeholders, got {counts.tolist()}")
-            u = self.image_features(pixel_values)                                     # (B, M, D)
-            x = x.masked_scatter(is_image[..., None], u.to(x.dtype))
-        elif bool(is_image.any()):
-            raise ValueError("the prompt has image placeholders but no pixel_values were given")
-        return x
-
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> pg.Output:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)              # left padding moves nothing
-        logits = self.language_model(inputs_embeds=self.embed_inputs(input_ids, pixel_values),
-                                     attention_mask=attention_mask, position_ids=positions).logits
-        return pg.Output(logits, None if labels is None else pg.suffix_loss(logits, labels))
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-                 eos_token_id: int | Sequence[int] | None = None) -> pg.GenerateOutput:
-        """Greedy decoding with the LM's own KV cache (past_key_values); rows padded after their EOS."""
-        lm = self.language_model
-        eos = lm.config.eos_token_id if eos_token_id is None else eos_token_id
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
-        pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else int(eos[0])
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = lm(inputs_embeds=self.embed_inputs(input_ids, pixel_values), attention_mask=mask,
-                 position_ids=positions, use_cache=True)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        tokens = []
-        for step in range(max_new_tokens):
-            nxt = out.logits[:, -1].argmax(-1).masked_fill(done, pad)                 # (B,)
-            tokens.append(nxt)
-            done |= torch.isin(nxt, eos)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
-            out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                     past_key_values=out.past_key_values, use_cache=True)
-        return pg.GenerateOutput(torch.stack(tokens, 1))
+def add_lora(vlm: VLM, quantize: bool = False) -> None:
+    """h = W x + (alpha/r) B A x on the LM's lora_targets (lora.py, Hu et al. 2021), on an NF4 base
+    first with quantize=True (QLoRA). A is drawn from torch's generator, B starts at 0."""
+    cfg, vlm.stage2 = vlm.config, "qlora" if quantize else "lora"
+    if quantize:
+        vlm.lm_before_nf4 = quantize_lm(vlm.lm)
+    lora.apply_lora(vlm.lm, list(cfg.lora_targets), cfg.lora_r, cfg.lora_alpha)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training: the losses of each stage, one optimizer step, the schedule
-# ----------------------------------------------------------------------------------------------
+def paligemma_3b_arithmetic(r: int = 16) -> dict:
+    """The same accounting for PaliGemma-3B's real sizes (counted on the meta device): bf16 weights and
+    gradients, fp32 AdamW moments (8 bytes per trainable weight), NF4 at 4 + 0.127 bits per weight
+    (64-weight blocks; their absmax constants double-quantized to bitsandbytes' dynamic 8-bit map, as
+    nf4.py does, in blocks of 256 with one fp32 constant each: Dettmers et al. 2023, sec. 3)."""
+    with torch.device("meta"):
+        model = pg.PaliGemma(pg.PaliGemmaConfig())
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    linears = [m for m in model.language_model.modules() if isinstance(m, nn.Linear)]
+    lm_linear = sum(m.weight.numel() for m in linears)
+    lora_n = sum(r * (m.in_features + m.out_features) for m in linears)
+    vision, proj, lm = count(model.vision_tower), count(model.multi_modal_projector), count(model.language_model)
+    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)
+    rows = {"full": (2 * (vision + proj + lm), 2 * (proj + lm), 8 * (proj + lm)),
+            "lora": (2 * (vision + proj + lm + lora_n), 2 * (proj + lora_n), 8 * (proj + lora_n)),
+            "qlora": (2 * (vision + proj + lm - lm_linear + lora_n) + lm_linear * nf4_bits / 8,
+                      2 * (proj + lora_n), 8 * (proj + lora_n))}
+    return {"params": vision + proj + lm, "lora_params": lora_n, "r": r,
+            "rows": {k: dict(zip(("weights", "grads", "optimizer"), v)) for k, v in rows.items()}}
+
+
+# == Training: the losses of each stage, the optimizer, the schedule, the rows of a step, a batch ===
 
 def vlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Answer-only next-token loss of a batch of (image, prefix, suffix) sequences (paligemma.suffix_loss).
-    Under torchrun, times this rank's `token_share` (see there), so that DDP's mean gives one process's loss."""
-    loss = model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
+    Under torchrun, times this rank's `token_share` (Run.micro_batch), so that DDP's mean of the ranks'
+    gradients is the gradient of one process's loss over the whole batch."""
+    loss = model(batch["input_ids"], batch.get("image_inputs"), batch["attention_mask"],
                  batch["token_type_ids"], batch["labels"]).loss
     return loss * batch["token_share"] if "token_share" in batch else loss
 
 
 def itc_itm_itg_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """BLIP-2 stage 1 (sec. 3.2): L_itc + L_itm + L_itg of the Q-Former on the frozen image features.
-    ITM's hard negatives are drawn from torch's global generator, which run_stage seeds and checkpoints."""
-    q = model.connector.qformer
-    losses = q.losses(model.vision(batch["pixel_values"])[:, -1], batch["qf_ids"], batch["qf_mask"],
-                      batch["matches"], None)
+    ITM's hard negatives are drawn from torch's global generator, which train_stage seeds and checkpoints."""
+    losses = model.connector.qformer.losses(batch["image_inputs"][:, -1], batch["qf_ids"], batch["qf_mask"],
+                                            batch["matches"], None)
     return sum(losses.values())
 
 
@@ -612,10 +519,10 @@ def schedule(step: int, lr: float, steps: int, warmup: float) -> float:
     return clip.lr_at(step, SimpleNamespace(lr=lr, warmup=w, steps=steps))
 
 
-def make_optimizer(params: Sequence[nn.Parameter], lr: float, weight_decay: float, scaled: Iterable[nn.Parameter] = (),
+def stage_optimizer(params: Sequence[nn.Parameter], lr: float, weight_decay: float, scaled: Iterable[nn.Parameter] = (),
                    scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on biases, norm weights or other vectors).
-    Parameters in `scaled` get lr x scale (each group's "lr_scale", applied by train_step)."""
+    Parameters in `scaled` get lr x scale (each group's "lr_scale", applied by train_stage)."""
     scaled = {id(p) for p in scaled} if scale != 1.0 else set()
     groups = [{"params": [p for p in params if (p.dim() >= 2) == big and (id(p) in scaled) == fast],
                "weight_decay": weight_decay if big else 0.0, "lr_scale": scale if fast else 1.0}
@@ -623,51 +530,10 @@ def make_optimizer(params: Sequence[nn.Parameter], lr: float, weight_decay: floa
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
-class NonFiniteLoss(ValueError):
-    """The loss became NaN or inf; training stops before the update, the last checkpoint is kept."""
-
-
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast on CUDA devices that support it; a no-op elsewhere (CPU bf16 is slower here)."""
     use = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
-               micro_batches: Sequence[dict[str, torch.Tensor]],
-               loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor], lr: float, clip_norm: float,
-               device: torch.device, bf16: bool = True) -> float:
-    """One optimizer step: gradients accumulated over the micro-batches, clipped, then AdamW.
-    Under DDP (`model` wrapped by `distributed`) the ranks' gradients are averaged once, at the last one."""
-    import contextlib
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for k, batch in enumerate(micro_batches):
-        quiet = k < len(micro_batches) - 1 and hasattr(model, "no_sync")
-        with model.no_sync() if quiet else contextlib.nullcontext():
-            with autocast(device, bf16):
-                loss = loss_fn(model, batch) / len(micro_batches)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"the loss is {loss.item()} at lr {lr:.2e}; stopping before the update "
-                                    f"(the last checkpoint is kept). Lower the learning rate.")
-            loss.backward()
-        total += loss.item()
-    # g <- g min(1, c / ||g||): one global norm over all trainable parameters
-    torch.nn.utils.clip_grad_norm_(params, clip_norm)
-    optimizer.step()
-    return total
-
-
-def batch_rows(n_rows: int, batch_size: int, seed: int, phase: str, step: int,
-               weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The rows of `step`: drawn from a generator seeded by (seed, phase, step) alone, so a resumed run
-    draws exactly what the uninterrupted run drew (the data position is the step)."""
-    g = torch.Generator().manual_seed(hash_str(f"{seed}-{phase}-{step}"))
-    if weights is not None:
-        return torch.multinomial(weights, batch_size, replacement=True, generator=g)
-    return torch.randint(0, n_rows, (batch_size,), generator=g)
 
 
 def hash_str(text: str) -> int:
@@ -683,6 +549,17 @@ def kind_weights(qa: Sequence[tuple[int, str, str, str]]) -> torch.Tensor:
     return torch.tensor([1.0 / counts[row[3]] for row in qa])
 
 
+def step_rows(stage: Stage, batch_size: int, seed: int, step: int) -> tuple[str, torch.Tensor]:
+    """(phase, rows) of a step: its kind of batch, and batch_size rows drawn from a generator seeded by
+    (seed, phase, step) alone, so a resumed run draws exactly what the uninterrupted run drew."""
+    phase = stage.phases[step % len(stage.phases)]             # stage 0 alternates captions and questions
+    n_rows = len(stage.data.qa if phase in ("vqa", "text_qa") else stage.data.captions)
+    g = torch.Generator().manual_seed(hash_str(f"{seed}-{phase}-{step}"))
+    if stage.weights is not None:
+        return phase, torch.multinomial(stage.weights, batch_size, replacement=True, generator=g)
+    return phase, torch.randint(0, n_rows, (batch_size,), generator=g)
+
+
 def qformer_text(captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """The Q-Former's text side (ITC, ITM, ITG) reads clip.ShapesTokenizer's words, cut to its context
     (24 tokens with start and end): longer captions of a --data folder keep their first 22 words."""
@@ -690,10 +567,9 @@ def qformer_text(captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return tok.encode([" ".join(tok.words(c)[:tok.context_length - 2]) for c in captions])
 
 
-def make_batch(vlm: VLM, data: VQAData, rows: Sequence[int], phase: str,
-               device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Rows of the data -> the model's tensors. phase: "text_qa"/"text_cap" (stage 0), "caption"
-    (stage 1), "itc" (stage 1a), "vqa" (stage 2)."""
+def make_batch(vlm: VLM, data: VQAData, rows: Sequence[int], phase: str) -> dict[str, torch.Tensor]:
+    """Rows of the data -> the model's tensors, on its device. phase: "text_qa"/"text_cap" (stage 0),
+    "caption" (stage 1), "itc" (stage 1a), "vqa" (stage 2)."""
     if phase in ("vqa", "text_qa"):
         items = [data.qa[i] for i in rows]
         prompts, answers, index = [x[1] for x in items], [x[2] for x in items], [x[0] for x in items]
@@ -703,18 +579,16 @@ def make_batch(vlm: VLM, data: VQAData, rows: Sequence[int], phase: str,
     text_only = phase.startswith("text")
     batch = vlm.processor(prompts if phase != "itc" else [""] * len(prompts), answers, images=not text_only)
     if not text_only:
-        batch["pixel_values"] = data.image_inputs(vlm, index)
+        batch["image_inputs"] = vlm.image_inputs(data.images[index], None if data.features is None else data.features[index])
     if phase == "itc":
         ids, mask = qformer_text(answers)
         T = int(mask.sum(1).max())
         batch.update(qf_ids=ids[:, :T], qf_mask=mask[:, :T],
                      matches=torch.tensor([[a == b for b in answers] for a in answers]))
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(vlm.model.device) for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: CLEVR-style questions about clip.py's shapes scenes, behind a small interface
-# ----------------------------------------------------------------------------------------------
+# == Data: CLEVR-style questions about clip.py's shapes scenes, behind a small interface ===========
 
 def question_kind(question: str) -> str:
     """The kind of one of clip.questions()'s questions, from its opening words."""
@@ -792,10 +666,6 @@ class VQAData:
     malformed: int = 0                 # unusable lines of an annotation file (load_data)
     features: torch.Tensor = None      # (n, Lk, 1+N, Dv) frozen vision features, when cached
 
-    def image_inputs(self, vlm: VLM, index: Sequence[int]) -> torch.Tensor:
-        """What the model reads for these images: cached features, or pixels from the processor."""
-        return self.features[index] if self.features is not None else vlm.processor.pixels(self.images[index])
-
     @classmethod
     def from_iterables(cls, vqa: Iterable[tuple] = (), captions: Iterable[tuple] = (), image_size: int = 48) -> VQAData:
         """Unreadable images are skipped and counted, never fatal."""
@@ -852,9 +722,7 @@ def shapes_data(n: int, seed: int, split: str, image_size: int, all_questions: b
     return VQAData(images, qa, [(i, clip.caption(s)) for i, s in enumerate(scenes)])
 
 
-# ----------------------------------------------------------------------------------------------
-# The word-level tokenizer of the default LM, and the prefix / suffix sequences
-# ----------------------------------------------------------------------------------------------
+# == The word-level tokenizer of the default LM, and the prefix / suffix sequences =================
 
 # Gemma's special ids where it has them (pad 0, eos 1, bos 2), then <unk>, <image> and <sep> (the
 # newline that ends PaliGemma's prompt), then the words.
@@ -910,6 +778,25 @@ def prefix_suffix_batch(prefixes: Sequence[list[int]], suffixes: Sequence[list[i
             "labels": labels}
 
 
+class Processor(Protocol):
+    """What turns images and texts into a model's inputs. Three implement it: WordProcessor (the default
+    LM's words), HFProcessor (--lm hf:DIR, the LM's own tokenizer) and CheckpointProcessor (--init
+    paligemma:DIR); each lays out <image> * M <bos> prompt <sep> | answer <eos>, left-padded."""
+    tokenizer: Any
+    image_size: int
+    eos_token_id: int
+
+    def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
+                 images: bool = True) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, token_type_ids, labels (prefix_suffix_batch); images=False: text only."""
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, I, I, C) uint8 -> (B, C, I, I), normalised as the vision encoder was trained."""
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        """Generated ids -> texts, up to the end-of-sequence token."""
+
+
 class WordProcessor:
     """Prompts and answers of the default LM: [<image>] * M <bos> prompt <sep> | answer <eos>."""
 
@@ -938,21 +825,19 @@ class WordProcessor:
         return self.tokenizer.eos_token_id
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation: greedy answers, exact match and ROUGE per kind, retrieval
-# ----------------------------------------------------------------------------------------------
+# == Evaluation: greedy answers, exact match and ROUGE per kind, retrieval =========================
 
 @torch.no_grad()
 def generate_answers(vlm: VLM, images: torch.Tensor, prompts: Sequence[str], max_new_tokens: int = 4,
                      batch_size: int = 128, features: torch.Tensor | None = None) -> list[str]:
     """Greedy answers (paligemma's KV-cache generation) to prompts about (B, I, I, C) uint8 images
-    (or about their cached vision features)."""
+    (or about their cached vision features, (B, Lk, 1+N, Dv))."""
     model, out = vlm.model.eval(), []
     device = model.device
     for s in range(0, len(prompts), batch_size):
         batch = vlm.processor(prompts[s:s + batch_size])
-        pixels = (vlm.processor.pixels(images[s:s + batch_size]) if features is None else features[s:s + batch_size]).to(device)
-        gen = model.generate(batch["input_ids"].to(device), pixels, batch["attention_mask"].to(device),
+        inputs = vlm.image_inputs(images[s:s + batch_size], None if features is None else features[s:s + batch_size])
+        gen = model.generate(batch["input_ids"].to(device), inputs.to(device), batch["attention_mask"].to(device),
                              max_new_tokens=max_new_tokens, eos_token_id=vlm.processor.eos_token_id)
         out += [a.strip() for a in vlm.processor.decode(gen.tokens.cpu())]
     return out
@@ -990,137 +875,42 @@ def qformer_retrieval(vlm: VLM, data: VQAData, ks: Sequence[int] = (1, 5)) -> di
     model = vlm.model.eval()
     device = model.device
     captions = [c for _, c in data.captions]
-    pixels = data.image_inputs(vlm, [i for i, _ in data.captions]).to(device)
+    index = [i for i, _ in data.captions]
+    feats = vlm.image_inputs(data.images[index], None if data.features is None else data.features[index]).to(device)
     ids, mask = qformer_text(captions)
     q = model.connector.qformer
-    sim = q.itc_logits(model.vision(pixels)[:, -1], ids.to(device), mask.to(device)).cpu()   # (n, n)
+    sim = q.itc_logits(feats[:, -1], ids.to(device), mask.to(device)).cpu()   # (n, n)
     correct = torch.tensor([[a == b for b in captions] for a in captions])
     return clip.recall_at_k(sim, correct, ks)
 
 
-# ----------------------------------------------------------------------------------------------
-# A stage: steps of one loss over the trainable parameters, checkpointed, resumable
-# ----------------------------------------------------------------------------------------------
+# == The model with its processor and parts; answer() and answer_batch() on PIL images =============
 
-class Killed(RuntimeError):
-    """Raised by `run_stage(stop_after=k)` right after step k's checkpoint: a `kill -9` for tests."""
-
-
-def run_stage(vlm: VLM, phase: str, steps: int, lr: float, tcfg: TrainConfig, folder: str | Path,
-              loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
-              sample: Callable[[int, int], dict[str, torch.Tensor]],
-              params: Sequence[nn.Parameter], config: dict, resume: bool, stop_after: int | None = None,
-              log: Callable[[dict], None] | None = None, progress: bool = True,
-              scaled: Iterable[nn.Parameter] = ()) -> list[float]:
-    """Steps 0 .. steps-1 of AdamW with warm-up + cosine; sample(step, k) gives micro-batch k of a step.
-
-    Checkpoints go to folder/step-XXXXXX with a `latest` pointer; resume=True continues from it and
-    refuses a checkpoint written with a different config. Returns the list of step losses. Under
-    torchrun every rank runs this, on its slice of each batch (`sampler`); losses are averaged over the
-    ranks, and rank 0 alone writes the checkpoints and the log.
-    """
-    from tqdm import tqdm
-    model, device = vlm.model, vlm.model.device
-    rank0 = clip.dist_info()[0] == 0
-    optimizer = make_optimizer(params, lr, tcfg.weight_decay, scaled, tcfg.qformer_lr_scale)
-    start, history = 0, []
-    torch.manual_seed(hash_str(f"{tcfg.seed}-{phase}-torch"))
-    if resume and (Path(folder) / "latest").exists():
-        start, history = restore_trainer(folder, model, optimizer, config)
-    model.train()
-    net, net_loss = distributed(model, loss_fn)                      # (model, loss_fn) with one process
-    bar = tqdm(range(start, steps), desc=phase, disable=None if progress and rank0 else True, dynamic_ncols=True)
-    for step in bar:
-        lr_now = schedule(step, lr, steps, tcfg.warmup)
-        loss = mean_over_ranks(train_step(net, optimizer, params, [sample(step, k) for k in range(tcfg.grad_accum)],
-                                          net_loss, lr_now, tcfg.clip_norm, device, tcfg.bf16), device)
-        history.append(loss)
-        bar.set_postfix(loss=f"{loss:.3f}")
-        if log is not None and rank0:
-            log({"phase": phase, "step": step + 1, "loss": loss, "lr": lr_now})
-        if ((step + 1) % tcfg.save_every == 0 or step + 1 == steps) and rank0:
-            save_trainer(folder, model, optimizer, step + 1, history, config)
-        if stop_after is not None and step + 1 == stop_after:
-            raise Killed(f"stopped after step {step + 1} of {phase}")
-    model.eval()
-    return history
-
-
-STAGE2_ONLY = ("stage2", "stage2_steps", "stage2_lr", "stage2_qformer", "lora_r", "lora_alpha", "lora_targets")
-
-
-def stage_config(vcfg: VLMConfig, tcfg: TrainConfig, phase: str) -> dict:
-    """What a checkpoint of `phase` must agree on to be resumed: the whole model and recipe (stage 1
-    ignores the stage-2 settings, so runs that differ only there can share one stage 1)."""
-    keep = lambda k: phase == "stage2" or k not in STAGE2_ONLY  # noqa: E731
-    return {"phase": phase, **{f"model.{k}": v for k, v in asdict(vcfg).items() if keep(k)},
-            **{f"train.{k}": v for k, v in asdict(tcfg).items() if keep(k)}}
-
-
-def sampler(vlm: VLM, data: VQAData, phase: str, tcfg: TrainConfig, device: torch.device | str,
-            weights: torch.Tensor | None = None) -> Callable[[int, int], dict[str, torch.Tensor]]:
-    rows = data.qa if phase in ("vqa", "text_qa") else data.captions
-    b = tcfg.batch_size // tcfg.grad_accum
-
-    def sample(step, k):
-        picked = batch_rows(len(rows), tcfg.batch_size, tcfg.seed, phase, step, weights)[k * b:(k + 1) * b]
-        batch = make_batch(vlm, data, rank_slice(picked).tolist(), phase, device)   # all of it with one process
-        return with_token_share(batch)
-    return sample
-
-
-def stage0_pretrain_lm(vlm: VLM, data: VQAData, vcfg: VLMConfig, tcfg: TrainConfig, folder: str | Path,
-                      progress: bool = True, log: Callable[[dict], None] | None = None,
-                      stop_after: int | None = None) -> list[float]:
-    """The LM alone on the corpus' text: half the batches captions, half questions with answers."""
-    params = set_stage(vlm.model, 0)
-    qa, cap = sampler(vlm, data, "text_qa", tcfg, vlm.model.device), sampler(vlm, data, "text_cap", tcfg, vlm.model.device)
-    return run_stage(vlm, "stage0", tcfg.pretrain_steps, tcfg.pretrain_lr, tcfg, folder, vlm_loss,
-                     lambda step, k: (qa if step % 2 or not data.captions else cap)(step, k), params,
-                     {"phase": "stage0", "lm": lm_fingerprint(vcfg, tcfg, vlm)}, resume=True,
-                     stop_after=stop_after, log=log, progress=progress)
-
-
-def stage1_align(vlm: VLM, data: VQAData, vcfg: VLMConfig, tcfg: TrainConfig, folder: str | Path, resume: bool,
-                 progress: bool = True, log: Callable[[dict], None] | None = None,
-                 stop_after: int | None = None) -> dict[str, list[float]]:
-    """Connector only, LM frozen: (qformer: ITC + ITM + ITG first, then) the caption loss through the LM.
-    Data without captions (CLEVR) aligns on its questions and answers instead."""
-    device, histories = vlm.model.device, {}
-    params = set_stage(vlm.model, 1)
-    # the Q-Former's parts that read the image and have no pretrained counterpart: lr x qformer_lr_scale
-    scaled = [p for n, p in trainable_parts(vlm.model)[1].named_parameters() if "crossattention" in n or "query_tokens" in n]
-    if vcfg.connector == "qformer" and tcfg.itc_steps and data.captions:
-        histories["stage1a"] = run_stage(vlm, "stage1a", tcfg.itc_steps, tcfg.itc_lr, tcfg, Path(folder) / "itc",
-                                         itc_itm_itg_loss, sampler(vlm, data, "itc", tcfg, device), params,
-                                         stage_config(vcfg, tcfg, "stage1a"), resume, None, log, progress, scaled)
-    histories["stage1"] = run_stage(vlm, "stage1", tcfg.stage1_steps, tcfg.stage1_lr, tcfg, folder, vlm_loss,
-                                    sampler(vlm, data, "caption" if data.captions else "vqa", tcfg, device), params,
-                                    stage_config(vcfg, tcfg, "stage1"), resume, stop_after, log, progress, scaled)
-    return histories
-
-
-def stage2_vqa(vlm: VLM, data: VQAData, vcfg: VLMConfig, tcfg: TrainConfig, folder: str | Path, resume: bool,
-               progress: bool = True, log: Callable[[dict], None] | None = None,
-               stop_after: int | None = None) -> list[float]:
-    """Connector + LM (full, LoRA or QLoRA) on questions, loss on the answer only, kinds balanced."""
-    params = set_stage(vlm.model, 2, tcfg.stage2, vcfg, tcfg.stage2_qformer)
-    sample = sampler(vlm, data, "vqa", tcfg, vlm.model.device, kind_weights(data.qa))
-    return run_stage(vlm, "stage2", tcfg.stage2_steps, tcfg.stage2_lr, tcfg, folder, vlm_loss, sample, params,
-                     stage_config(vcfg, tcfg, "stage2"), resume, stop_after, log, progress)
-
-
-# ----------------------------------------------------------------------------------------------
-# The API: a model with its processor; answer() and answer_batch() on PIL images
-# ----------------------------------------------------------------------------------------------
-
+@dataclass(eq=False)
 class VLM:
-    """A model and the processor that turns images and questions into its inputs."""
+    """A model, the processor that turns images and questions into its inputs, and its three parts.
 
-    def __init__(self, model: nn.Module, processor: WordProcessor | HFProcessor | CheckpointProcessor, vcfg: VLMConfig,
-                 caption_prompt: str = "caption", question_prefix: str = ""):
-        self.model, self.processor, self.config = model, processor, vcfg
-        self.caption_prompt, self.question_prefix = caption_prompt, question_prefix
+    vision is the frozen encoder run outside the model (its features can be computed once and cached),
+    or None for a PaliGemma checkpoint (--init), whose tower runs inside the model on pixels.
+    """
+    model: nn.Module
+    processor: Processor
+    config: VLMConfig
+    vision: nn.Module | None
+    connector: nn.Module
+    lm: nn.Module
+    caption_prompt: str = "caption"
+    question_prefix: str = ""
+    stage2: str = "full"                   # "lora" / "qlora" once add_lora has put adapters on the LM
+    lm_before_nf4: dict | None = None      # QLoRA: the float LM weights its NF4 base was made from (saved)
+
+    def image_inputs(self, images: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """What the model reads for (B, I, I, C) uint8 images: their frozen features (given when cached,
+        else computed), or the normalised pixels for a model with its own tower."""
+        if features is not None:
+            return features
+        pixels = self.processor.pixels(images)
+        return pixels if self.vision is None else self.vision(pixels.to(self.model.device))
 
     def answer_batch(self, images: Sequence[Image.Image | str | Path | bytes], questions: Sequence[str],
                      max_new_tokens: int = 4) -> list[str]:
@@ -1134,16 +924,309 @@ class VLM:
         return self.answer_batch([image], [question], max_new_tokens)[0]
 
 
+# == The stages: what each trains, on which rows, with which loss; one loop; the recipe ============
+
+@dataclass(eq=False)
+class Stage:
+    """One stage of the recipe: a loss on rows of the data, over some parameters, for some steps."""
+    name: str                          # stage0, stage1a, stage1, stage2: its checkpoint folder and log name
+    phases: tuple[str, ...]            # make_batch's kind of batch, by step (stage 0 alternates two)
+    data: VQAData
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    params: list[nn.Parameter]         # what set_stage left trainable
+    steps: int
+    lr: float
+    config: dict                       # what a checkpoint must agree on to be resumed
+    scaled: list = field(default_factory=list)      # trained at lr x qformer_lr_scale
+    weights: torch.Tensor | None = None             # row sampling weights (stage 2: kinds balanced)
+    save_every: int = 200                           # checkpoint interval (and always at the last step)
+
+
+def text_stage(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> Stage:
+    """Stage 0: the LM alone on the corpus' text, captions and questions with answers in turn."""
+    phases = ("text_cap", "text_qa") if data.captions else ("text_qa",)
+    return Stage("stage0", phases, data, vlm_loss, set_stage(vlm, 0), tcfg.pretrain_steps, tcfg.pretrain_lr,
+                 {"phase": "stage0", "lm": lm_fingerprint(vlm, tcfg)}, save_every=tcfg.save_every)
+
+
+def align_stages(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> list[Stage]:
+    """Stage 1: the connector alone, LM frozen: (qformer: BLIP-2's ITC + ITM + ITG first, then) the caption
+    loss through the LM. Data without captions (CLEVR) aligns on its questions and answers instead.
+    The Q-Former's parts that read the image and have no pretrained counterpart get lr x qformer_lr_scale."""
+    params, vcfg = set_stage(vlm, 1), vlm.config
+    scaled = [p for n, p in vlm.connector.named_parameters() if "crossattention" in n or "query_tokens" in n]
+    stages = [Stage("stage1", ("caption" if data.captions else "vqa",), data, vlm_loss, params, tcfg.stage1_steps,
+                    tcfg.stage1_lr, stage_config(vcfg, tcfg, "stage1"), scaled, save_every=tcfg.save_every)]
+    if vcfg.connector == "qformer" and tcfg.itc_steps and data.captions:
+        stages.insert(0, Stage("stage1a", ("itc",), data, itc_itm_itg_loss, params, tcfg.itc_steps, tcfg.itc_lr,
+                               stage_config(vcfg, tcfg, "stage1a"), scaled, save_every=tcfg.save_every))
+    return stages
+
+
+def vqa_stage(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> Stage:
+    """Stage 2: connector + LM (full, LoRA or QLoRA) on questions, loss on the answer only, kinds balanced."""
+    return Stage("stage2", ("vqa",), data, vlm_loss, set_stage(vlm, 2, tcfg.stage2, tcfg.stage2_qformer),
+                 tcfg.stage2_steps, tcfg.stage2_lr, stage_config(vlm.config, tcfg, "stage2"),
+                 weights=kind_weights(data.qa), save_every=tcfg.save_every)
+
+
+STAGE2_ONLY = ("stage2", "stage2_steps", "stage2_lr", "stage2_qformer", "lora_r", "lora_alpha", "lora_targets")
+
+
+def stage_config(vcfg: VLMConfig, tcfg: TrainConfig, phase: str) -> dict:
+    """What a checkpoint of `phase` must agree on to be resumed: the whole model and recipe (stage 1
+    ignores the stage-2 settings, so runs that differ only there can share one stage 1)."""
+    keep = lambda k: phase == "stage2" or k not in STAGE2_ONLY  # noqa: E731
+    return {"phase": phase, **{f"model.{k}": v for k, v in asdict(vcfg).items() if keep(k)},
+            **{f"train.{k}": v for k, v in asdict(tcfg).items() if keep(k)}}
+
+
+def lm_fingerprint(vlm: VLM, tcfg: TrainConfig) -> dict:
+    """Everything the text-only LM depends on: its sizes, the vocabulary and stage 0's recipe."""
+    keys = ("lm_width", "lm_layers", "lm_heads", "lm_kv_heads", "lm_mlp", "lm_init_std")
+    train = ("n_train", "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "warmup", "weight_decay",
+             "clip_norm", "seed")
+    return {**{k: getattr(vlm.config, k) for k in keys}, **{k: getattr(tcfg, k) for k in train},
+            "vocab": vlm.processor.tokenizer.itos, **({"data": tcfg.data} if tcfg.data else {})}
+
+
+def train_stage(vlm: VLM, stage: Stage, tcfg: TrainConfig, run: Run) -> list[float]:
+    """Steps 0 .. steps-1 of AdamW with warm-up + cosine over stage.params; returns the step losses.
+
+    `run` holds what a reader may skip: --resume (start, history), DDP under torchrun (net, this rank's
+    rows, the mean over ranks), the log and checkpoints (end_step) and the tests' kill switch.
+    """
+    optimizer = stage_optimizer(stage.params, stage.lr, tcfg.weight_decay, stage.scaled, tcfg.qformer_lr_scale)
+    torch.manual_seed(hash_str(f"{tcfg.seed}-{stage.name}-torch"))           # ITM's negatives; checkpointed
+    start, history = run.resume_stage(stage, vlm.model, optimizer)
+    net = run.wrap(StageLoss(vlm.model.train(), stage.loss))                  # DDP under torchrun
+    for step in run.steps(stage, start):
+        lr = schedule(step, stage.lr, stage.steps, tcfg.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        optimizer.zero_grad(set_to_none=True)
+        phase, rows = step_rows(stage, tcfg.batch_size, tcfg.seed, step)
+        b, total = tcfg.batch_size // tcfg.grad_accum, 0.0
+        for k in range(tcfg.grad_accum):                                      # gradients accumulate
+            batch = run.micro_batch(vlm, stage.data, phase, rows[k * b:(k + 1) * b])
+            with run.no_sync(net, k < tcfg.grad_accum - 1):                   # DDP: average at the last only
+                with autocast(vlm.model.device, tcfg.bf16):
+                    loss = net(batch) / tcfg.grad_accum
+                if not torch.isfinite(loss):
+                    raise clip.NonFiniteLossError(f"the loss is {loss.item()} at lr {lr:.2e}; stopping before the "
+                                                  f"update (the last checkpoint is kept). Lower the learning rate.")
+                loss.backward()
+            total += loss.item()
+        # g <- g min(1, c / ||g||): one global norm over all trainable parameters
+        torch.nn.utils.clip_grad_norm_(stage.params, tcfg.clip_norm)
+        optimizer.step()
+        history.append(run.mean_over_ranks(total))
+        run.end_step(stage, vlm.model, optimizer, history, lr)                # log, checkpoint, kill switch
+    vlm.model.eval()
+    return history
+
+
+def train_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[dict, VLM]:
+    """The recipe: stage 0 (a from-scratch LM learns the language; cached), stage 1, evaluation, stage 2,
+    evaluation. Writes everything under run.out; returns (metrics, vlm)."""
+    vlm, train = build_vlm(vcfg, tcfg, run)           # frozen vision + connector + LM, and the training rows
+    metrics = run.start_metrics(vcfg, tcfg, train)
+    history = metrics["history"]
+    if not vcfg.lm and run.init is None:
+        cache_features(vlm, train)                    # the frozen ViT runs once per training image
+        history["stage0"] = train_stage(vlm, text_stage(vlm, train, tcfg), tcfg, run)
+    run.lap("setup and stage 0")
+    for stage in align_stages(vlm, train, tcfg):
+        history[stage.name] = train_stage(vlm, stage, tcfg, run)
+    run.lap("stage 1")
+    evals = run.eval_sets(vlm, tcfg, metrics)
+    if evals and run.evaluate_stage1:
+        metrics["after stage 1"] = {s: evaluate_vqa(vlm, d, vlm.question_prefix)[0] for s, d in evals.items()}
+        if vcfg.connector == "qformer" and run.init is None and evals["test"].captions:
+            metrics["retrieval after stage 1"] = qformer_retrieval(vlm, evals["test"])
+    if tcfg.stage2 != "full":
+        add_lora(vlm, quantize=tcfg.stage2 == "qlora")
+    history["stage2"] = train_stage(vlm, vqa_stage(vlm, train, tcfg), tcfg, run)
+    run.lap("stage 2")
+    metrics["loss"] = {k: [v[0], v[-1]] for k, v in history.items() if v}
+    metrics["trainable parameters"] = sum(p.numel() for p in vlm.model.parameters() if p.requires_grad)
+    answers = {s: evaluate_vqa(vlm, d, vlm.question_prefix) for s, d in evals.items()}
+    if answers:
+        metrics["after stage 2"] = {s: r[0] for s, r in answers.items()}
+    run.finish(vlm, metrics, answers)                 # rank 0: model/, metrics.json, answers.png
+    return metrics, vlm
+
+
 # ----------------------------------------------------------------------------------------------
-# Plumbing: checkpoints, the pipeline, --init paligemma:DIR, memory report, pictures, command line
+# Plumbing: the run object (checkpoints, --resume, log, torchrun / DDP, kill switch), the pipeline,
+# data on disk, transformers parts, --init paligemma:DIR, save and load, memory report, command line
 # ----------------------------------------------------------------------------------------------
 
 CheckpointError = clip.CheckpointError          # a checkpoint that cannot be used; the message says why
 
 
+class Killed(RuntimeError):
+    """Raised right after the checkpoint of Run.stop_after's step: a `kill -9` for the tests of --resume."""
+
+
+class StageLoss(nn.Module):
+    """model + loss function as one module, so DDP sees every loss (the Q-Former's ITC too) as a forward."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+@dataclass
+class Run:
+    """One training run's plumbing. Checkpoints in clip.py's layout (step-XXXXXX/ and `latest` per stage);
+    stage 0 lives in the cache (cache/lm-HASH) and always resumes, the other stages with resume=True,
+    refusing another configuration's. Under torchrun each rank trains on its slice; rank 0 writes."""
+    out: Path
+    device: torch.device = torch.device("cpu")
+    cache: Path | None = None            # the ViT, data and text-only LM (default: out)
+    resume: bool = False
+    progress: bool = True
+    init: str | None = None              # --init paligemma:DIR
+    evaluate: bool = True
+    evaluate_stage1: bool = True
+    stage1_dir: Path | None = None       # a stage-1 folder shared by runs that differ only in stage 2
+    stop_after: tuple[str, int] | None = None        # tests: raise Killed after this stage's step
+
+    def __post_init__(self) -> None:
+        self.out, self.cache = Path(self.out), Path(self.cache or self.out)
+        self.stage1_dir = None if self.stage1_dir is None else Path(self.stage1_dir)
+        self.rank, self.world = clip.dist_info()
+        self.t0 = self.t_lap = time.time()
+        self.seconds, self.eval_data = {}, {}        # metrics["seconds"]; the evaluation sets (answers.png)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, stage: Stage) -> Path:
+        if stage.name == "stage0":
+            return self.cache / ("lm-" + f"{hash_str(json.dumps(stage.config['lm'])):x}"[:12])
+        stage1 = self.stage1_dir or self.out / "stage1"
+        return {"stage1a": stage1 / "itc", "stage1": stage1, "stage2": self.out / "stage2"}[stage.name]
+
+    def resume_stage(self, stage: Stage, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+        """(0, []) for a fresh stage; else the latest checkpoint read into model, optimizer and torch's RNG."""
+        resume = stage.name == "stage0" or self.resume or (self.stage1_dir is not None and stage.name != "stage2")
+        latest = clip.latest_checkpoint(self.folder(stage)) if resume else None
+        if latest is None:
+            return 0, []
+        info, tensors = clip.read_trainer_state(latest)
+        if "rng.torch" not in tensors or "config" not in info:
+            raise CheckpointError(f"{latest} is not a vlm_train.py stage checkpoint; use a new --out (or --cache)")
+        differ = clip.config_differences(info["config"], stage.config, ignore=())
+        if differ:
+            raise ConfigError(f"--resume: {latest.parent} was written with a different configuration; differing "
+                              f"fields: {'; '.join(differ)}. Resume with the same flags, or use a new --out.")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key.startswith("param."):
+                    params[key[6:]].copy_(value)
+        clip.load_optimizer_state(optimizer, tensors, info["param_groups"], latest)
+        torch.set_rng_state(tensors["rng.torch"])
+        return info["step"], info["history"]
+
+    def steps(self, stage: Stage, start: int) -> Iterable[int]:
+        from tqdm import tqdm
+        self.bar = tqdm(range(start, stage.steps), desc=stage.name, dynamic_ncols=True,
+                        disable=None if self.progress and self.rank == 0 else True)
+        return self.bar
+
+    def end_step(self, stage: Stage, model: nn.Module, optimizer: torch.optim.Optimizer, history: list[float],
+                 lr: float) -> None:
+        """The progress bar and log; a checkpoint every save_every steps and at the end; the kill switch."""
+        step, loss = len(history), history[-1]
+        self.bar.set_postfix(loss=f"{loss:.3f}")
+        self.log({"phase": stage.name, "step": step, "loss": loss, "lr": lr})
+        if (step % stage.save_every == 0 or step == stage.steps) and self.rank == 0:
+            tensors, groups = clip.optimizer_state(optimizer)
+            names = {id(p): n for n, p in model.named_parameters()}
+            tensors.update({f"param.{names[id(p)]}": p for p in stage.params})
+            tensors["rng.torch"] = torch.get_rng_state()
+            info = {"history": history, "config": stage.config, "param_groups": groups}
+            clip.save_checkpoint(self.folder(stage), step, clip.trainer_files(step, tensors, info))
+        if self.stop_after == (stage.name, step):
+            raise Killed(f"stopped after step {step} of {stage.name}")
+
+    def log(self, row: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({**row, "time": round(time.time() - self.t0, 3)}) + "\n")
+
+    def lap(self, name: str) -> None:                        # metrics["seconds"][name]
+        self.seconds[name], self.t_lap = time.time() - self.t_lap, time.time()
+
+    def start_metrics(self, vcfg: VLMConfig, tcfg: TrainConfig, train: VQAData) -> dict:
+        return {"config": {"model": asdict(vcfg), "train": asdict(tcfg)}, "skipped_images": train.skipped,
+                "malformed_lines": train.malformed, "processes": self.world, "seconds": self.seconds, "history": {}}
+
+    def eval_sets(self, vlm: VLM, tcfg: TrainConfig, metrics: dict) -> dict[str, VQAData]:
+        """eval_sets with their frozen features cached, their unreadable rows counted ({} without evaluate)."""
+        evals = {k: cache_features(vlm, d) for k, d in eval_sets(self.cache, tcfg, vlm.processor.image_size).items()
+                 } if self.evaluate else {}
+        metrics["skipped_images"] += sum(d.skipped for d in evals.values())
+        metrics["malformed_lines"] += sum(d.malformed for d in evals.values())
+        self.eval_data = evals
+        return evals
+
+    def finish(self, vlm: VLM, metrics: dict, answers: dict) -> None:
+        self.seconds["total"] = time.time() - self.t0
+        if self.rank == 0:
+            if answers:
+                answer_grid(self.eval_data["test"], answers["test"][1], self.out / "answers.png")
+            save_vlm(vlm, self.out / "model", self.init)
+            write_json(self.out / "metrics.json", metrics)
+
+    def micro_batch(self, vlm: VLM, data: VQAData, phase: str, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This rank's contiguous part of the rows (DistributedSampler's split of the global batch, which
+        step_rows draws alike on every rank) as a batch, with token_share = W n_r / sum_r n_r (n_r: this
+        rank's answer tokens): DDP averages the W ranks' gradients, and (1/W) sum_r (W n_r / N) mean_r =
+        (1/N) sum of all token losses, one process's loss."""
+        if len(rows) % self.world:
+            raise ConfigError(f"a micro-batch of {len(rows)} rows does not split over {self.world} processes: make "
+                              f"batch_size a multiple of grad_accum x {self.world}")
+        b = len(rows) // self.world
+        batch = make_batch(vlm, data, rows[self.rank * b:(self.rank + 1) * b].tolist(), phase)
+        if self.world > 1:
+            import torch.distributed as dist
+            n = (batch["labels"] != -100).sum().float().reshape(1)
+            total = n.clone()
+            dist.all_reduce(total)
+            batch["token_share"] = self.world * n[0] / total[0].clamp(min=1)
+        return batch
+
+    def wrap(self, net: StageLoss) -> nn.Module:
+        """DDP(net) under torchrun, new per stage (each trains other parameters). The Q-Former leaves some
+        unused (ITC its projection, the caption loss its text side): DDP is told so. ITC's negatives are
+        the rank's own rows (BLIP-2 gathers them over GPUs), so stage 1a alone differs from one process."""
+        if self.world == 1:
+            return net
+        device = net.model.device
+        unused = any(p.requires_grad for m in net.modules() if isinstance(m, qformer.QFormer) for p in m.parameters())
+        return nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   find_unused_parameters=unused)
+
+    def no_sync(self, net: nn.Module, quiet: bool) -> contextlib.AbstractContextManager:
+        """DDP's no_sync for all micro-batches but the last: the gradients are averaged once per step."""
+        return net.no_sync() if quiet and isinstance(net, nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+
+    def mean_over_ranks(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+        x = torch.tensor([value], dtype=torch.float64 if self.device.type == "cpu" else torch.float32, device=self.device)
+        dist.all_reduce(x)
+        return x.item() / self.world
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
-    """clip.atomic_write (write a temporary file, fsync, rename over path: old or new, never half),
-    creating the folder first."""
+    """clip.atomic_write (old file or new, never half), creating the folder first."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     clip.atomic_write(path, write)
 
@@ -1152,126 +1235,23 @@ def write_json(path: str | Path, obj: object) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], step: int | None = None) -> None:
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = {"format": "pt", **({} if step is None else {"step": str(step)})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def load_tensors(path: str | Path, expect_step: int | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, all checked finite (and of the expected step)."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), "pt") as f:
-            step = (f.metadata() or {}).get("step")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:                      # safetensors raises its own types for a bad header
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-    if expect_step is not None and step != str(expect_step):
-        raise CheckpointError(f"{path} holds step {step}, its folder says {expect_step}: a torn checkpoint")
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(f"{path} has non-finite values in {bad[:5]}")
-    return tensors
-
-
-def save_trainer(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                 history: list[float], config: dict) -> None:
-    """step-k/{trainer.safetensors, trainer.json} (parameters, AdamW moments, RNG; step, config, losses),
-    then the `latest` pointer switched atomically, then older steps removed."""
-    folder = Path(folder)
-    d = folder / f"step-{step:06d}"
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {f"param/{names[id(p)]}": p for g in optimizer.param_groups for p in g["params"]}
-    state = optimizer.state_dict()
-    for i, s in state["state"].items():
-        tensors.update({f"adam/{i}/{k}": torch.as_tensor(v) for k, v in s.items()})
-    tensors["rng/torch"] = torch.get_rng_state()
-    save_tensors(d / "trainer.safetensors", tensors, step)
-    write_json(d / "trainer.json", {"step": step, "history": history, "config": config,
-                                    "param_groups": state["param_groups"]})
-    atomic_write(folder / "latest", lambda tmp: Path(tmp).write_text(d.name))
-    for old in folder.glob("step-*"):
-        if old.name != d.name:
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
-
-
-def differing_fields(saved: dict, current: dict) -> list[str]:
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-            if saved.get(k) != current.get(k)]
-
-
-def restore_trainer(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: dict) -> tuple[int, list[float]]:
-    """Read the `latest` checkpoint into model and optimizer; returns (step, history)."""
-    folder = Path(folder)
-    d = folder / (folder / "latest").read_text().strip()
-    if not (d / "trainer.json").exists() or not (d / "trainer.safetensors").exists():
-        raise CheckpointError(f"{d} is incomplete: expected trainer.json and trainer.safetensors")
-    meta = json.loads((d / "trainer.json").read_text())
-    if f"step-{meta['step']:06d}" != d.name:
-        raise CheckpointError(f"{d}/trainer.json says step {meta['step']}: a torn checkpoint")
-    diff = differing_fields(meta["config"], json.loads(json.dumps(config, default=str)))
-    if diff:
-        raise ConfigError(f"--resume: {folder} was written with a different configuration; differing fields: "
-                          + "; ".join(diff) + ". Resume with the same flags, or use a new --out.")
-    tensors = load_tensors(d / "trainer.safetensors", meta["step"])
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if key.startswith("param/"):
-                params[key[6:]].copy_(value)
-    state = {}
-    for key, value in tensors.items():
-        if key.startswith("adam/"):
-            _, i, name = key.split("/")
-            state.setdefault(int(i), {})[name] = value
-    groups = [dict(g, betas=tuple(g["betas"])) for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    torch.set_rng_state(tensors["rng/torch"])
-    return meta["step"], meta["history"]
-
-
-def finished(folder: str | Path, steps: int) -> bool:
-    latest = Path(folder) / "latest"
-    return latest.exists() and latest.read_text().strip() == f"step-{steps:06d}"
-
-
-def load_finished_weights(folder: str | Path, model: nn.Module) -> None:
-    """Copy the parameters of a finished stage's last checkpoint into the model (the cache of stage 0)."""
-    d = Path(folder) / (Path(folder) / "latest").read_text().strip()
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in load_tensors(d / "trainer.safetensors").items():
-            if key.startswith("param/"):
-                params[key[6:]].copy_(value)
-
-
-def lm_fingerprint(vcfg: VLMConfig, tcfg: TrainConfig, vlm: VLM) -> dict:
-    """Everything the text-only LM depends on: its sizes, the vocabulary and stage 0's recipe."""
-    keys = ("lm_width", "lm_layers", "lm_heads", "lm_kv_heads", "lm_mlp", "lm_init_std")
-    train = ("n_train", "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "warmup", "weight_decay",
-             "clip_norm", "seed")
-    return {**{k: getattr(vcfg, k) for k in keys}, **{k: getattr(tcfg, k) for k in train},
-            "vocab": vlm.processor.tokenizer.itos, **({"data": tcfg.data} if tcfg.data else {})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 # -- the frozen ViT and the data, cached -------------------------------------------------------
 
-# The frozen ViT every vlm_train.py figure in the README was measured with: clip.py's --train recipe at
-# 1000 steps (clip.py's own --train now runs 2000, for a CLIP that clears 90% on every seed; the VLM's
-# vision features need no more, and 1000 keeps --train's ViT at about a minute).
+# The frozen ViT every vlm_train.py figure in the README is measured with: clip.py's --train recipe,
+# stopped at 1000 steps (the VLM's vision features need no more, and the ViT trains in half the time).
 VIT_STEPS = 1000
 
 
 def load_or_train_vit(cache: str | Path, tiny: bool, device: torch.device | str, seed: int = 0,
                       progress: bool = True) -> clip.VisionTransformer:
-    """clip.py's shapes ViT (trained with clip.py's --train recipe at VIT_STEPS steps into cache/vit on
-    first use, in clip.py's own checkpoint layout; CLIP.from_pretrained follows its `latest`). tiny: a
-    random frozen tiny ViT, for the seconds-long demo and the tests."""
+    """clip.py's shapes ViT, trained into cache/vit on first use (clip.py's layout); tiny: a random tiny
+    ViT, for the seconds-long demo and the tests."""
     if tiny:
         torch.manual_seed(seed)
         return clip.CLIP(clip.CLIPConfig.tiny()).vision_model.to(device)
@@ -1291,7 +1271,7 @@ def cached(cache: str | Path, name: str, build: Callable[[], VQAData]) -> VQADat
     folder = Path(cache) / "data"
     if (folder / f"{name}.json").exists():
         meta = json.loads((folder / f"{name}.json").read_text())
-        return VQAData(load_tensors(folder / f"{name}.safetensors")["images"], [tuple(x) for x in meta["qa"]],
+        return VQAData(clip.read_safetensors(folder / f"{name}.safetensors")["images"], [tuple(x) for x in meta["qa"]],
                        [tuple(x) for x in meta["captions"]], meta.get("skipped", 0), meta.get("malformed", 0))
     data = build()
     save_tensors(folder / f"{name}.safetensors", {"images": data.images})
@@ -1306,32 +1286,34 @@ def cached_data(cache: str | Path, n: int, seed: int, split: str, image_size: in
     return cached(cache, name, lambda: shapes_data(n, seed, split, image_size, all_questions))
 
 
-def frozen_vision(vcfg: VLMConfig, cache: str | Path, device: torch.device | str, seed: int = 0,
-                  progress: bool = True) -> FrozenViT | FrozenHFVision:
-    """The frozen vision encoder: clip.py's shapes ViT (FrozenViT) or --vision hf:DIR (FrozenHFVision)."""
-    dense = vcfg.connector == "dense"
-    if vcfg.vision:
-        return load_hf_vision(vcfg.vision, dense).to(device)
-    return FrozenViT(load_or_train_vit(cache, vcfg.tiny_vision, device, seed, progress), dense)
+def train_data(cache: str | Path, tcfg: TrainConfig, size: int) -> VQAData:
+    """The training rows: --data's folder, or the embedded shapes scenes (every question of each)."""
+    if tcfg.data:
+        return load_data(tcfg.data, "train", tcfg.n_train, size, cache)
+    return cached_data(cache, tcfg.n_train, tcfg.seed, "train", size, True)
 
 
-def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, cache: str | Path, device: torch.device | str,
-              progress: bool = True) -> tuple[VLM, VQAData]:
+def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQAData]:
     """Frozen vision + connector + LM, and the training data: the default LM is a Gemma decoder over
-    the corpus' words (ShapesVLM); --lm hf:DIR a transformers LM with its own tokenizer (HFVLM)."""
-    vision = frozen_vision(vcfg, cache, device, tcfg.seed, progress)
-    size = vision.image_size
-    train = (load_data(tcfg.data, "train", tcfg.n_train, size, cache) if tcfg.data else
-             cached_data(cache, tcfg.n_train, tcfg.seed, "train", size, True))
+    the corpus' words (ShapesVLM); --lm hf:DIR a transformers LM with its own tokenizer (HFVLM);
+    --init paligemma:DIR a whole PaliGemma checkpoint."""
+    if run.init is not None:
+        vlm = build_init_vlm(run.init, vcfg, run.device)
+        return vlm, train_data(run.cache, tcfg, vlm.processor.image_size)
+    dense = vcfg.connector == "dense"
+    vision = (load_hf_vision(vcfg.vision, dense).to(run.device) if vcfg.vision else
+              FrozenViT(load_or_train_vit(run.cache, vcfg.tiny_vision, run.device, tcfg.seed, run.progress), dense))
+    train = train_data(run.cache, tcfg, vision.image_size)
     torch.manual_seed(tcfg.seed)
     if vcfg.lm:
         model, processor = build_hf_vlm(vcfg, vision, *load_hf_lm(vcfg.lm))
-        return VLM(model.to(device), processor, vcfg, tcfg.caption_prompt), train
-    tokenizer = WordTokenizer.from_texts([c for _, c in train.captions] + [q + " " + a for _, q, a, _ in train.qa]
-                                         + [tcfg.caption_prompt])
-    model = ShapesVLM(vcfg, vision, len(tokenizer)).to(device)
-    processor = WordProcessor(tokenizer, model.config.num_image_tokens, size, vision.normalize)
-    return VLM(model, processor, vcfg, tcfg.caption_prompt), train
+        model.to(run.device)
+    else:
+        tokenizer = WordTokenizer.from_texts([c for _, c in train.captions] + [q + " " + a for _, q, a, _ in train.qa]
+                                             + [tcfg.caption_prompt])
+        model = ShapesVLM(vcfg, vision, len(tokenizer)).to(run.device)
+        processor = WordProcessor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
+    return VLM(model, processor, vcfg, vision, model.connector, model.language_model, tcfg.caption_prompt), train
 
 
 def eval_sets(cache: str | Path, tcfg: TrainConfig, size: int) -> dict[str, VQAData]:
@@ -1345,24 +1327,10 @@ def eval_sets(cache: str | Path, tcfg: TrainConfig, size: int) -> dict[str, VQAD
 @torch.no_grad()
 def cache_features(vlm: VLM, data: VQAData, batch_size: int = 500) -> VQAData:
     """The frozen vision encoder's features of every image, once (a PaliGemma checkpoint's tower runs live)."""
-    if hasattr(vlm.model, "vision"):
-        device = vlm.model.device
-        data.features = torch.cat([vlm.model.vision(vlm.processor.pixels(data.images[s:s + batch_size]).to(device))
+    if vlm.vision is not None:
+        data.features = torch.cat([vlm.image_inputs(data.images[s:s + batch_size])
                                    for s in range(0, len(data.images), batch_size)])
     return data
-
-
-def pretrained_lm(vlm: VLM, train: VQAData, vcfg: VLMConfig, tcfg: TrainConfig, cache: str | Path,
-                  progress: bool = True, log: Callable[[dict], None] | None = None,
-                  stop_after: int | None = None) -> list[float]:
-    """Stage 0, cached: the text-only LM of these settings from cache/lm-HASH, trained there if absent.
-    Also caches the training images' frozen features (`cache_features`). Returns stage 0's losses."""
-    cache_features(vlm, train)
-    folder = Path(cache) / ("lm-" + f"{hash_str(json.dumps(lm_fingerprint(vcfg, tcfg, vlm))):x}"[:12])
-    if finished(folder, tcfg.pretrain_steps):
-        load_finished_weights(folder, vlm.model)
-        return json.loads((folder / f"step-{tcfg.pretrain_steps:06d}" / "trainer.json").read_text())["history"]
-    return stage0_pretrain_lm(vlm, train, vcfg, tcfg, folder, progress, log, stop_after)
 
 
 # -- data on disk: --data KIND:PATH ------------------------------------------------------------------
@@ -1375,8 +1343,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MAX_WORDS = 48         # texts are cut to 48 words: the default LM reads at most 256 positions
 
 
-class DataFolderError(FileNotFoundError):
-    """--data names a folder that does not exist or holds nothing usable; the message lists the layouts."""
+class FolderError(FileNotFoundError):
+    """--data, --lm, --vision or --init names a folder that does not exist or lacks what its layout
+    needs; the message says what is missing (or lists the layouts)."""
 
 
 def clevr_kind(q: dict) -> str:
@@ -1400,7 +1369,7 @@ def clevr_rows(root: Path, split: str, bad: list[int]) -> Iterator[tuple[Path, s
     try:
         questions = json.loads(path.read_text())["questions"]       # stdlib json reads the file whole
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataFolderError(f"{path}: not a CLEVR questions file ({type(e).__name__}: {e})") from None
+        raise FolderError(f"{path}: not a CLEVR questions file ({type(e).__name__}: {e})") from None
     for q in questions:
         if isinstance(q, dict) and all(isinstance(q.get(k), (str, int)) for k in ("image_filename", "question", "answer")):
             yield root / "images" / name / q["image_filename"], q["question"], str(q["answer"]), clevr_kind(q)
@@ -1451,7 +1420,7 @@ def read_folder(spec: str, split: str, n: int) -> tuple[list[tuple[str, str, str
     read, looks_right = READERS[kind]
     if not root.is_dir() or not looks_right(root):
         why = "does not exist" if not root.exists() else f"is not in the {kind} layout"
-        raise DataFolderError(f"--data {spec}: {root} {why}. Accepted layouts:\n  " + "\n  ".join(LAYOUTS))
+        raise FolderError(f"--data {spec}: {root} {why}. Accepted layouts:\n  " + "\n  ".join(LAYOUTS))
     bad, seen, kept, vqa, caps = [0], {}, set(), [], []
     for row in read(root, split, bad):
         texts, kind_of_question = (row[1:3], row[3]) if len(row) == 4 else (row[1:], "question")
@@ -1487,7 +1456,7 @@ def read_and_resize(spec: str, split: str, n: int, image_size: int) -> VQAData:
     try:
         data = VQAData.from_iterables(vqa, caps, image_size)
     except ValueError as e:
-        raise DataFolderError(f"--data {spec}: {path} holds nothing usable for {split} ({e}; {malformed} malformed "
+        raise FolderError(f"--data {spec}: {path} holds nothing usable for {split} ({e}; {malformed} malformed "
                               f"lines). Accepted layouts:\n  " + "\n  ".join(LAYOUTS)) from None
     data.malformed = malformed
     data.qa = data.qa or [(i, "caption", c, "caption") for i, c in data.captions]
@@ -1497,9 +1466,7 @@ def read_and_resize(spec: str, split: str, n: int, image_size: int) -> VQAData:
     return data
 
 
-# -- torchrun: DistributedDataParallel, each rank on its slice of every batch ------------------------
-
-def setup_distributed(device: torch.device) -> torch.device:
+def rank_device(device: torch.device) -> torch.device:
     """clip.setup_distributed (torchrun's process group: gloo on CPU, nccl on CUDA), then cuda:LOCAL_RANK
     as this rank's device. Returns the device."""
     import torch.distributed as dist
@@ -1509,314 +1476,118 @@ def setup_distributed(device: torch.device) -> torch.device:
     return device
 
 
-def rank_slice(rows: torch.Tensor) -> torch.Tensor:
-    """This rank's contiguous part of a micro-batch's rows (DistributedSampler's split of the global
-    batch, which batch_rows draws alike on every rank); all of them with one process."""
-    rank, world = clip.dist_info()
-    if len(rows) % world:
-        raise ConfigError(f"a micro-batch of {len(rows)} rows does not split over {world} processes: make "
-                          f"batch_size a multiple of grad_accum x {world}")
-    b = len(rows) // world
-    return rows[rank * b:(rank + 1) * b]
+# -- the same model on transformers parts (--vision hf:DIR, --lm hf:DIR) ------------------------------
+
+class FrozenHFVision(FrozenViT):
+    """A transformers CLIP or SigLIP vision tower, frozen: pixels (B, C, I, I) -> (B, Lk, 1+N, Dv), the
+    same layout as FrozenViT: hidden states h_0 .. h_{L-1} (dense only), then the last layer after
+    the final LayerNorm. SigLIP has no class token: the mean of its patches fills that slot (the
+    per-patch connectors drop it; the Q-Former and the Perceiver read it as one more feature)."""
+
+    def __init__(self, model: nn.Module, all_layers: bool, mean: Sequence[float], std: Sequence[float]):
+        nn.Module.__init__(self)
+        self.model, self.all_layers = model.requires_grad_(False).eval(), all_layers
+        c = model.config
+        self.width, self.layers, self.image_size = c.hidden_size, c.num_hidden_layers, c.image_size
+        self.num_patches = (c.image_size // c.patch_size) ** 2
+        self.has_class_token = c.model_type.startswith("clip")
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, I, I, C) uint8 -> (B, C, I, I) with the tower's own mean and std."""
+        return clip.normalize(images, self.mean, self.std)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        last = out.last_hidden_state
+        if self.has_class_token:                  # CLIP normalises only its pooled token; SigLIP all of them
+            last = self.model.post_layernorm(last)
+        kept = list(out.hidden_states[:-1]) + [last] if self.all_layers else [last]
+        if not self.has_class_token:
+            kept = [torch.cat([h.mean(1, keepdim=True), h], dim=1) for h in kept]
+        return torch.stack(kept, dim=1)                                               # (B, Lk, 1+N, Dv)
 
 
-def with_token_share(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Adds token_share = W n_r / sum_r n_r (n_r: this rank's answer tokens). DDP averages the W ranks'
-    gradients, and (1/W) sum_r (W n_r / N) mean_r = (1/N) sum of all token losses: one process's loss."""
-    rank, world = clip.dist_info()
-    if world > 1:
-        import torch.distributed as dist
-        n = (batch["labels"] != -100).sum().float().reshape(1)
-        total = n.clone()
-        dist.all_reduce(total)
-        batch["token_share"] = world * n[0] / total[0].clamp(min=1)
-    return batch
+class HFVLM(nn.Module):
+    """Frozen vision -> connector -> a transformers causal LM (Llama, Gemma, SmolLM, ...), LLaVA's way:
+    the M image tokens replace M placeholder ids at the front of the prompt, and the LM attends
+    causally throughout (its own mask; PaliGemma's prefix-LM mask is Gemma-in-PaliGemma's). The loss
+    is the same answer-only suffix loss; `forward` and `generate` take what ShapesVLM's take: frozen
+    vision features (B, Lk, 1+N, Dv), computed outside the model (`VLM.image_inputs`)."""
 
+    IMAGE = -1                                     # the placeholder id (never a real token)
 
-class StageLoss(nn.Module):
-    """model + loss function as one module, so DDP sees every loss (the Q-Former's ITC too) as a forward."""
-
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]):
+    def __init__(self, vision: FrozenViT | FrozenHFVision, connector: nn.Module, lm: nn.Module, num_image_tokens: int):
         super().__init__()
-        self.model, self.loss_fn = model, loss_fn
+        self.vision, self.connector, self.language_model = vision, connector, lm
+        self.num_image_tokens = num_image_tokens
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.get_input_embeddings().weight.device
 
+    def image_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.connector(features)                                               # (B, M, D)
 
-def distributed(model: nn.Module, loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-                ) -> tuple[nn.Module, Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]]:
-    """(DDP(StageLoss), its loss) under torchrun, a new wrapper per stage because each stage trains
-    other parameters; (model, loss_fn) with one process. The Q-Former leaves trainable parameters
-    unused (ITC its projection, the caption loss its text side): DDP is told so, and their gradients
-    stay None, as with one process. ITC's negatives are the rank's own rows (BLIP-2 gathers them over
-    GPUs; not done here), so stage 1a alone differs from the one-process run."""
-    if clip.dist_info()[1] == 1:
-        return model, loss_fn
-    ids = [model.device.index] if model.device.type == "cuda" else None
-    unused = any(p.requires_grad for m in model.modules() if isinstance(m, qformer.QFormer) for p in m.parameters())
-    net = nn.parallel.DistributedDataParallel(StageLoss(model, loss_fn), device_ids=ids, find_unused_parameters=unused)
-    return net, lambda net, batch: net(batch)
+    def embed_inputs(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        is_image = input_ids == self.IMAGE                                            # (B, T)
+        x = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))        # (B, T, D)
+        if features is not None:
+            counts = is_image.sum(-1)
+            if bool((counts != self.num_image_tokens).any()):
+                raise ValueError(f"each prompt needs exactly {self.num_image_tokens} image placeholders, got {counts.tolist()}")
+            u = self.image_features(features)                                     # (B, M, D)
+            x = x.masked_scatter(is_image[..., None], u.to(x.dtype))
+        elif bool(is_image.any()):
+            raise ValueError("the prompt has image placeholders but no features were given")
+        return x
 
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> pg.Output:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)              # left padding moves nothing
+        logits = self.language_model(inputs_embeds=self.embed_inputs(input_ids, features),
+                                     attention_mask=attention_mask, position_ids=positions).logits
+        return pg.Output(logits, None if labels is None else pg.suffix_loss(logits, labels))
 
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    """A float averaged over the ranks (the value itself with one process)."""
-    world = clip.dist_info()[1]
-    if world == 1:
-        return value
-    import torch.distributed as dist
-    x = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    dist.all_reduce(x)
-    return x.item() / world
-
-
-# -- the whole run -------------------------------------------------------------------------------
-
-def train_vlm(vcfg: VLMConfig, tcfg: TrainConfig, out: str | Path, device: torch.device | str, resume: bool = False,
-              cache: str | Path | None = None, progress: bool = True, stop_after: tuple[str, int] | None = None,
-              init: str | None = None, evaluate: bool = True, evaluate_stage1: bool = True,
-              stage1_dir: str | Path | None = None) -> tuple[dict, VLM]:
-    """Stage 0 (cached), stage 1, evaluation, stage 2, evaluation; writes everything under `out`.
-
-    stop_after=(phase, k) raises Killed after that stage's step k (tests of --resume). stage1_dir: a
-    stage-1 folder shared by runs that differ only in stage 2 (the benchmark). Returns (metrics, vlm).
-    """
-    out, t0 = Path(out), time.time()
-    cache = Path(cache or out)
-    out.mkdir(parents=True, exist_ok=True)
-    rank0 = clip.dist_info()[0] == 0                     # under torchrun only rank 0 writes logs and results
-    log_file = open(out / "metrics.jsonl" if rank0 else os.devnull, "a")
-
-    def log(row):
-        log_file.write(json.dumps({**row, "time": round(time.time() - t0, 3)}) + "\n")
-        log_file.flush()
-
-    kill = dict([stop_after]) if stop_after else {}
-    try:
-        if init is not None:
-            vlm, train = build_init_vlm(init, vcfg, tcfg, cache, device)
-        else:
-            vlm, train = build_vlm(vcfg, tcfg, cache, device, progress)
-            h0 = [] if vcfg.lm else pretrained_lm(vlm, train, vcfg, tcfg, cache, progress, log, kill.get("stage0"))
-        metrics = {"config": {"model": asdict(vcfg), "train": asdict(tcfg)}, "skipped_images": train.skipped,
-                   "malformed_lines": train.malformed, "processes": clip.dist_info()[1],
-                   "seconds": {"setup and stage 0": time.time() - t0}, "history": {}}
-        if init is None and h0:
-            metrics["history"]["stage0"] = h0
-        t1 = time.time()
-        h1 = stage1_align(vlm, train, vcfg, tcfg, Path(stage1_dir or out / "stage1"), resume or stage1_dir is not None,
-                          progress, log, kill.get("stage1"))
-        metrics["seconds"]["stage 1"] = time.time() - t1
-        metrics["history"].update(h1)
-        evals = {k: cache_features(vlm, d) for k, d in eval_sets(cache, tcfg, vlm.processor.image_size).items()} if evaluate else {}
-        metrics["skipped_images"] += sum(d.skipped for d in evals.values())
-        metrics["malformed_lines"] += sum(d.malformed for d in evals.values())
-        if evaluate and evaluate_stage1:
-            metrics["after stage 1"] = {s: evaluate_vqa(vlm, d, vlm.question_prefix)[0] for s, d in evals.items()}
-            if vcfg.connector == "qformer" and init is None and evals["test"].captions:
-                metrics["retrieval after stage 1"] = qformer_retrieval(vlm, evals["test"])
-        t2 = time.time()
-        h2 = stage2_vqa(vlm, train, vcfg, tcfg, out / "stage2", resume, progress, log, kill.get("stage2"))
-        metrics["seconds"]["stage 2"] = time.time() - t2
-        metrics["history"]["stage2"] = h2
-        metrics["loss"] = {k: [v[0], v[-1]] for k, v in metrics["history"].items() if v}
-        metrics["trainable parameters"] = sum(p.numel() for p in vlm.model.parameters() if p.requires_grad)
-        if evaluate:
-            after = {s: evaluate_vqa(vlm, d, vlm.question_prefix) for s, d in evals.items()}
-            metrics["after stage 2"] = {s: r[0] for s, r in after.items()}
-            if rank0:
-                answer_grid(evals["test"], after["test"][1], out / "answers.png")
-        metrics["seconds"]["total"] = time.time() - t0
-        if rank0:
-            save_vlm(vlm, out / "model", tcfg.stage2, init)
-            write_json(out / "metrics.json", metrics)
-        return metrics, vlm
-    finally:
-        log_file.close()
-
-
-def save_vlm(vlm: VLM, folder: str | Path, mode: str, init: str | None = None) -> None:
-    """out/model: what load_vlm reads. Base weights (LoRA layers unwrapped, the LM before NF4) in
-    safetensors, the adapter in peft's format, config and tokenizer in JSON."""
-    folder = Path(folder)
-    if init is not None:
-        return save_init_vlm(vlm, folder, mode, init)
-    if vlm.config.lm or vlm.config.vision:
-        return save_hf_parts(vlm, folder, mode)
-    state = base_state(vlm.model, mode)
-    save_tensors(folder / "model.safetensors", state)
-    write_json(folder / "vlm.json", {"model": asdict(vlm.config), "stage2": mode,
-                                     "vocab": vlm.processor.tokenizer.itos})
-    if mode != "full":
-        lora.save_adapter(vlm.model, str(folder / "adapter"))
-
-
-def base_state(model: nn.Module, mode: str) -> dict[str, torch.Tensor]:
-    """The state dict without LoRA's A, B; `base_layer.` dropped from names; NF4 layers as the fp
-    weights they were quantized from (kept in model.lm_before_nf4 by set_stage)."""
-    state = {}
-    for k, v in model.state_dict().items():
-        if ".lora_" in k:
-            continue
-        state[k.replace(".base_layer.", ".")] = v
-    if mode == "qlora":
-        state = {k: v for k, v in state.items() if not k.startswith("language_model.")}
-        state.update({"language_model." + k: v for k, v in model.lm_before_nf4.items()})
-    return state
-
-
-def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
-    """The trained VLM of a `--train` run (out_dir or out_dir/model), ready for answer()."""
-    folder = Path(out_dir)
-    folder = folder / "model" if (folder / "model").is_dir() else folder
-    if (folder / "init.json").exists():
-        return load_init_vlm(folder, device)
-    if not (folder / "vlm.json").exists():
-        raise CheckpointError(f"{folder} has no vlm.json: expected the `model` folder a vlm_train.py run writes")
-    meta = json.loads((folder / "vlm.json").read_text())
-    vcfg = VLMConfig(**meta["model"])
-    # the transformers parts from the copies in the folder, not from where they were trained
-    local = replace(vcfg, lm=f"hf:{folder / 'lm'}" if vcfg.lm else "", vision=f"hf:{folder / 'vision'}" if vcfg.vision else "")
-    cfg = clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()
-    vision = (load_hf_vision(local.vision, vcfg.connector == "dense") if vcfg.vision else
-              FrozenViT(clip.CLIP(cfg).vision_model, vcfg.connector == "dense"))
-    if vcfg.lm:
-        model, processor = build_hf_vlm(vcfg, vision, *load_hf_lm(local.lm))
-    else:
-        tokenizer = WordTokenizer(meta["vocab"])
-        model = ShapesVLM(vcfg, vision, len(tokenizer))
-        processor = WordProcessor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
-    saved = load_tensors(folder / "model.safetensors")
-    skip = transformers_parts(vcfg)
-    clip.load_strict(model, {**saved, **{k: v for k, v in model.state_dict().items() if k.startswith(skip)}}, folder)
-    if meta["stage2"] != "full":
-        set_stage(model, 2, meta["stage2"], vcfg)
-        lora.load_adapter(model.language_model if vcfg.lm else model, str(folder / "adapter"))
-    return VLM(model.to(device).eval(), processor, vcfg)
-
-
-# -- --init paligemma:DIR: a whole PaliGemma checkpoint (its tower, projector, decoder, tokenizer) ---
-
-class InitFolderError(FileNotFoundError):
-    """--init points at a folder that is not a complete PaliGemma checkpoint."""
-
-
-def init_folder(spec: str) -> Path:
-    """'paligemma:DIR' -> DIR, checked: config.json, weights (single or sharded) and the tokenizer."""
-    kind, _, path = spec.partition(":")
-    if kind != "paligemma" or not path:
-        raise ConfigError(f"--init expects paligemma:DIR (a PaliGemma checkpoint folder), got {spec!r}")
-    folder = Path(path)
-    if not folder.is_dir():
-        raise InitFolderError(f"--init {spec}: {folder} is not a folder; expected a PaliGemma checkpoint "
-                              f"folder (config.json, model.safetensors, tokenizer.json)")
-    missing = [name for name, ok in (
-        ("config.json", (folder / "config.json").is_file()),
-        ("model.safetensors (or model.safetensors.index.json)",
-         (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()),
-        ("tokenizer.json (or tokenizer.model)",
-         (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file())) if not ok]
-    if missing:
-        raise InitFolderError(f"--init {spec}: {folder} is an incomplete PaliGemma checkpoint, missing "
-                              + ", ".join(missing))
-    return folder
-
-
-class CheckpointProcessor:
-    """The checkpoint's own tokenizer and image preprocessing (paligemma.PaliGemmaProcessor), with
-    the same sequence layout as WordProcessor: <image> * N <bos> prompt \\n | answer <eos>."""
-
-    def __init__(self, folder: str | Path, config: pg.PaliGemmaConfig):
-        self.processor, self.config = pg.PaliGemmaProcessor.from_pretrained(folder, config), config
-        self.tokenizer = self.processor.tokenizer
-        self.image_size = config.vision.image_size
-        self.eos_token_id = self.tokenizer.eos_token_id
-
-    def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
-                 images: bool = True) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer
-        image = self.processor.IMAGE_TOKEN * self.config.num_image_tokens if images else ""
-        prefixes = [tok(image + tok.bos_token + p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
-        suffixes = ([[] for _ in prompts] if answers is None else
-                    [tok(a + tok.eos_token, add_special_tokens=False)["input_ids"] for a in answers])
-        pad = tok.pad_token_id if tok.pad_token_id is not None else self.config.text.pad_token_id
-        return prefix_suffix_batch(prefixes, suffixes, pad)
-
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.processor.preprocess_image(Image.fromarray(x.numpy())) for x in images])
-
-    def decode(self, tokens: torch.Tensor) -> list[str]:
-        return self.processor.decode(tokens)
-
-
-def build_init_vlm(spec: str, vcfg: VLMConfig, tcfg: TrainConfig, cache: str | Path,
-                   device: torch.device | str) -> tuple[VLM, VQAData]:
-    """PaliGemma.from_pretrained(DIR) in fp32; its projector is the connector (linear, or dense)."""
-    folder = init_folder(spec)
-    if vcfg.connector not in ("linear", "dense"):
-        raise ConfigError(f"--init paligemma uses the checkpoint's own projector: --connector linear or dense, "
-                          f"got {vcfg.connector!r}")
-    model = pg.PaliGemma.from_pretrained(folder, dtype=torch.float32, device=device, connector=vcfg.connector)
-    vlm = VLM(model, CheckpointProcessor(folder, model.config), vcfg, "caption en", "answer en ")
-    size = vlm.processor.image_size
-    return vlm, (load_data(tcfg.data, "train", tcfg.n_train, size, cache) if tcfg.data else
-                 cached_data(cache, tcfg.n_train, tcfg.seed, "train", size, True))
-
-
-def transformers_adapter_key(key: str) -> str:
-    """Our module names -> transformers 5.23 PaliGemmaForConditionalGeneration's (what peft sees)."""
-    prefix = lora.PEFT_PREFIX
-    name = key.removeprefix(prefix)
-    for ours, theirs in (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
-                         ("multi_modal_projector.", "model.multi_modal_projector.")):
-        if name.startswith(ours):
-            return prefix + theirs + name.removeprefix(ours)
-    return key
-
-
-def save_init_vlm(vlm: VLM, folder: Path, mode: str, init: str) -> None:
-    """model/base: a transformers-format PaliGemma (trained projector, LM unchanged under LoRA) with the
-    checkpoint's tokenizer; model/adapter: the LoRA adapter under transformers' module names, which
-    peft's PeftModel.from_pretrained and paligemma.py's adapter= both read."""
-    import shutil
-
-    from safetensors.torch import save_file
-    source = init_folder(init)
-    base = pg.PaliGemma(vlm.model.config)
-    clip.load_strict(base, base_state(vlm.model, mode), "the trained model")
-    base.save_pretrained(folder / "base")
-    for f in source.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy(f, folder / "base" / f.name)
-    if mode != "full":
-        lora.save_adapter(vlm.model, str(folder / "adapter"))
-        weights = folder / "adapter" / lora.ADAPTER_WEIGHTS
-        tensors = {transformers_adapter_key(k): v for k, v in load_tensors(weights).items()}
-        atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        # SigLIP's layers are also called q_proj, ...: a regex (peft and lora.py both fullmatch it) names
-        # the decoder's layers under either naming, ours (language_model.model.*) or transformers'
-        config_file = folder / "adapter" / lora.ADAPTER_CONFIG
-        config = json.loads(config_file.read_text())
-        config["target_modules"] = r".*language_model.*\.(" + "|".join(vlm.config.lora_targets) + ")"
-        write_json(config_file, config)
-    write_json(folder / "init.json", {"init": str(source), "stage2": mode, "model": asdict(vlm.config)})
-
-
-def load_init_vlm(folder: Path, device: torch.device | str = "cpu") -> VLM:
-    meta = json.loads((folder / "init.json").read_text())
-    vcfg = VLMConfig(**meta["model"])
-    model = pg.PaliGemma.from_pretrained(folder / "base", dtype=torch.float32, device=device)
-    if meta["stage2"] != "full":
-        set_stage(model, 2, meta["stage2"], vcfg)
-        pg.load_adapter(model, folder / "adapter")
-    return VLM(model.eval(), CheckpointProcessor(folder / "base", model.config), vcfg, "caption en", "answer en ")
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, features: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 eos_token_id: int | Sequence[int] | None = None) -> pg.GenerateOutput:
+        """Greedy decoding with the LM's own KV cache (past_key_values); rows padded after their EOS."""
+        lm = self.language_model
+        eos = lm.config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+        pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else int(eos[0])
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = lm(inputs_embeds=self.embed_inputs(input_ids, features), attention_mask=mask,
+                 position_ids=positions, use_cache=True)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tokens = []
+        for step in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1).masked_fill(done, pad)                 # (B,)
+            tokens.append(nxt)
+            done |= torch.isin(nxt, eos)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                     past_key_values=out.past_key_values, use_cache=True)
+        return pg.GenerateOutput(torch.stack(tokens, 1))
 
 
 # -- --lm hf:DIR and --vision hf:DIR: transformers models from local folders -------------------------
 # transformers is imported here only, inside the functions: the default run needs none of it.
 
-class HFFolderError(FileNotFoundError):
-    """--lm / --vision points at a folder that is not a usable transformers checkpoint."""
+def missing_files(folder: Path, *required: tuple[str, ...]) -> list[str]:
+    """Each group of file names (or glob patterns) of which the folder holds none, as "a or b"."""
+    return [" or ".join(names) for names in required
+            if not any(any(folder.glob(name)) for name in names)]
 
 
 def hf_folder(spec: str, what: str, needs_tokenizer: bool = False) -> tuple[Path, dict]:
@@ -1824,19 +1595,16 @@ def hf_folder(spec: str, what: str, needs_tokenizer: bool = False) -> tuple[Path
     folder = Path(spec[3:])
     layout = "config.json, model.safetensors (or sharded)" + (", tokenizer.json or tokenizer.model" if needs_tokenizer else "")
     if not folder.is_dir():
-        raise HFFolderError(f"--{what} {spec}: {folder} is not a folder; expected a transformers save_pretrained "
+        raise FolderError(f"--{what} {spec}: {folder} is not a folder; expected a transformers save_pretrained "
                             f"folder ({layout})")
-    missing = [name for name, ok in (
-        ("config.json", (folder / "config.json").is_file()),
-        ("*.safetensors weights", any(folder.glob("*.safetensors"))),
-        ("tokenizer.json or tokenizer.model", not needs_tokenizer or (folder / "tokenizer.json").is_file()
-         or (folder / "tokenizer.model").is_file())) if not ok]
+    missing = missing_files(folder, ("config.json",), ("*.safetensors",),
+                            *[("tokenizer.json", "tokenizer.model")] * needs_tokenizer)
     if missing:
-        raise HFFolderError(f"--{what} {spec}: {folder} is missing " + ", ".join(missing) + f" (expected {layout})")
+        raise FolderError(f"--{what} {spec}: {folder} is missing " + ", ".join(missing) + f" (expected {layout})")
     try:
         config = json.loads((folder / "config.json").read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HFFolderError(f"--{what} {spec}: {folder / 'config.json'} is not valid JSON ({e})") from None
+        raise FolderError(f"--{what} {spec}: {folder / 'config.json'} is not valid JSON ({e})") from None
     return folder, config
 
 
@@ -1917,37 +1685,192 @@ def build_hf_vlm(vcfg: VLMConfig, vision: FrozenViT | FrozenHFVision, lm: nn.Mod
     return model, HFProcessor(tokenizer, m, vision.image_size, vision.normalize)
 
 
+def init_folder(spec: str) -> Path:
+    """'paligemma:DIR' -> DIR, checked: config.json, weights (single or sharded) and the tokenizer."""
+    kind, _, path = spec.partition(":")
+    if kind != "paligemma" or not path:
+        raise ConfigError(f"--init expects paligemma:DIR (a PaliGemma checkpoint folder), got {spec!r}")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FolderError(f"--init {spec}: {folder} is not a folder; expected a PaliGemma checkpoint "
+                              f"folder (config.json, model.safetensors, tokenizer.json)")
+    missing = missing_files(folder, ("config.json",), ("model.safetensors", "model.safetensors.index.json"),
+                            ("tokenizer.json", "tokenizer.model"))
+    if missing:
+        raise FolderError(f"--init {spec}: {folder} is an incomplete PaliGemma checkpoint, missing "
+                              + ", ".join(missing))
+    return folder
+
+
+class CheckpointProcessor:
+    """The checkpoint's own tokenizer and image preprocessing (paligemma.PaliGemmaProcessor), with
+    the same sequence layout as WordProcessor: <image> * N <bos> prompt \\n | answer <eos>."""
+
+    def __init__(self, folder: str | Path, config: pg.PaliGemmaConfig):
+        self.processor, self.config = pg.PaliGemmaProcessor.from_pretrained(folder, config), config
+        self.tokenizer = self.processor.tokenizer
+        self.image_size = config.vision.image_size
+        self.eos_token_id = self.tokenizer.eos_token_id
+
+    def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
+                 images: bool = True) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        image = self.processor.IMAGE_TOKEN * self.config.num_image_tokens if images else ""
+        prefixes = [tok(image + tok.bos_token + p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
+        suffixes = ([[] for _ in prompts] if answers is None else
+                    [tok(a + tok.eos_token, add_special_tokens=False)["input_ids"] for a in answers])
+        pad = tok.pad_token_id if tok.pad_token_id is not None else self.config.text.pad_token_id
+        return prefix_suffix_batch(prefixes, suffixes, pad)
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.processor.preprocess_image(Image.fromarray(x.numpy())) for x in images])
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        return self.processor.decode(tokens)
+
+
+def build_init_vlm(spec: str, vcfg: VLMConfig, device: torch.device | str) -> VLM:
+    """PaliGemma.from_pretrained(DIR) in fp32; its projector is the connector (linear, or dense)."""
+    folder = init_folder(spec)
+    if vcfg.connector not in ("linear", "dense"):
+        raise ConfigError(f"--init paligemma uses the checkpoint's own projector: --connector linear or dense, "
+                          f"got {vcfg.connector!r}")
+    model = pg.PaliGemma.from_pretrained(folder, dtype=torch.float32, device=device, connector=vcfg.connector)
+    return checkpoint_vlm(model, CheckpointProcessor(folder, model.config), vcfg)
+
+
+def checkpoint_vlm(model: pg.PaliGemma, processor: CheckpointProcessor, vcfg: VLMConfig) -> VLM:
+    """A PaliGemma checkpoint as a VLM: its tower reads pixels inside the model; PaliGemma's prompts."""
+    return VLM(model, processor, vcfg, None, model.multi_modal_projector, model.language_model, "caption en",
+               "answer en ")
+
+
+def transformers_adapter_key(key: str) -> str:
+    """Our module names -> transformers 5.23 PaliGemmaForConditionalGeneration's (what peft sees)."""
+    prefix = lora.PEFT_PREFIX
+    name = key.removeprefix(prefix)
+    for ours, theirs in (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+                         ("multi_modal_projector.", "model.multi_modal_projector.")):
+        if name.startswith(ours):
+            return prefix + theirs + name.removeprefix(ours)
+    return key
+
+
+def save_init_vlm(vlm: VLM, folder: Path, init: str) -> None:
+    """model/base: a transformers-format PaliGemma (trained projector, LM unchanged under LoRA) with the
+    checkpoint's tokenizer; model/adapter: the LoRA adapter under transformers' module names, which
+    peft's PeftModel.from_pretrained and paligemma.py's adapter= both read."""
+    import shutil
+
+    from safetensors.torch import save_file
+    source = init_folder(init)
+    base = pg.PaliGemma(vlm.model.config)
+    clip.load_strict(base, base_state(vlm), "the trained model")
+    base.save_pretrained(folder / "base")
+    for f in source.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, folder / "base" / f.name)
+    if vlm.stage2 != "full":
+        lora.save_adapter(vlm.model, str(folder / "adapter"))
+        weights = folder / "adapter" / lora.ADAPTER_WEIGHTS
+        tensors = {transformers_adapter_key(k): v for k, v in clip.read_safetensors(weights).items()}
+        atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        # SigLIP's layers are also called q_proj, ...: a regex (peft and lora.py both fullmatch it) names
+        # the decoder's layers under either naming, ours (language_model.model.*) or transformers'
+        config_file = folder / "adapter" / lora.ADAPTER_CONFIG
+        config = json.loads(config_file.read_text())
+        config["target_modules"] = r".*language_model.*\.(" + "|".join(vlm.config.lora_targets) + ")"
+        write_json(config_file, config)
+    write_json(folder / "init.json", {"init": str(source), "stage2": vlm.stage2, "model": asdict(vlm.config)})
+
+
+def load_init_vlm(folder: Path, device: torch.device | str = "cpu") -> VLM:
+    meta = json.loads((folder / "init.json").read_text())
+    model = pg.PaliGemma.from_pretrained(folder / "base", dtype=torch.float32, device=device)
+    vlm = checkpoint_vlm(model, CheckpointProcessor(folder / "base", model.config), VLMConfig(**meta["model"]))
+    if meta["stage2"] != "full":
+        add_lora(vlm, quantize=meta["stage2"] == "qlora")
+        set_stage(vlm, 2, meta["stage2"])
+        pg.load_adapter(model, folder / "adapter")
+    model.eval()
+    return vlm
+
+
+# -- out/model: save_vlm and load_vlm --------------------------------------------------------------
+
 def transformers_parts(vcfg: VLMConfig) -> tuple[str, ...]:
     """State-dict prefixes of the parts that live in their own transformers folders (lm/, vision/)."""
     return (("language_model.",) if vcfg.lm else ()) + (("vision.",) if vcfg.vision else ())
 
 
-def save_hf_parts(vlm: VLM, folder: Path, mode: str) -> None:
-    """out/model for a run with --lm / --vision hf:DIR: the trained non-transformers parts in
-    model.safetensors, the LM in lm/ (save_pretrained after full tuning, else the unchanged source
-    folder) with its tokenizer, the LoRA adapter in peft's format for that LM in adapter/ (what
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm/), adapter/) reads), the
-    vision tower's source folder in vision/."""
+def base_state(vlm: VLM) -> dict[str, torch.Tensor]:
+    """The state dict without LoRA's A, B; `base_layer.` dropped from names; under QLoRA the LM as the
+    float weights its NF4 base was made from (vlm.lm_before_nf4, kept by add_lora)."""
+    state = {k.replace(".base_layer.", "."): v for k, v in vlm.model.state_dict().items() if ".lora_" not in k}
+    if vlm.stage2 == "qlora":
+        state = {k: v for k, v in state.items() if not k.startswith("language_model.")}
+        state.update({"language_model." + k: v for k, v in vlm.lm_before_nf4.items()})
+    return state
+
+
+def save_vlm(vlm: VLM, folder: str | Path, init: str | None = None) -> None:
+    """out/model, what load_vlm reads: vlm.json (config, stage-2 mode, the default LM's vocabulary),
+    model.safetensors (base weights: LoRA layers unwrapped, the LM before NF4), adapter/ in peft's
+    format. Transformers parts live in their own folders: the LM in lm/ (save_pretrained after full
+    tuning, else a copy of its source, with its tokenizer; the adapter is then what
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm/), adapter/) reads) and the
+    vision tower's source in vision/. --init writes a transformers PaliGemma instead (save_init_vlm)."""
     import shutil
-    model, vcfg = vlm.model, vlm.config
+    folder, vcfg, mode = Path(folder), vlm.config, vlm.stage2
+    if init is not None:
+        return save_init_vlm(vlm, folder, init)
     skip = transformers_parts(vcfg)
-    state = {k: v for k, v in base_state(model, mode).items() if not k.startswith(skip)}
-    save_tensors(folder / "model.safetensors", state)
+    save_tensors(folder / "model.safetensors", {k: v for k, v in base_state(vlm).items() if not k.startswith(skip)})
     meta = {"model": asdict(vcfg), "stage2": mode}
-    if vcfg.lm:
-        if mode == "full":
-            model.language_model.save_pretrained(folder / "lm")
-            vlm.processor.tokenizer.save_pretrained(folder / "lm")
-        else:
-            shutil.copytree(vcfg.lm[3:], folder / "lm", dirs_exist_ok=True)
-            lora.save_adapter(model.language_model, str(folder / "adapter"))
+    if vcfg.lm and mode == "full":
+        vlm.lm.save_pretrained(folder / "lm")
+        vlm.processor.tokenizer.save_pretrained(folder / "lm")
+    elif vcfg.lm:
+        shutil.copytree(vcfg.lm[3:], folder / "lm", dirs_exist_ok=True)
     else:
         meta["vocab"] = vlm.processor.tokenizer.itos
-        if mode != "full":
-            lora.save_adapter(model, str(folder / "adapter"))
+    if mode != "full":
+        lora.save_adapter(vlm.lm if vcfg.lm else vlm.model, str(folder / "adapter"))
     if vcfg.vision:
         shutil.copytree(vcfg.vision[3:], folder / "vision", dirs_exist_ok=True)
     write_json(folder / "vlm.json", meta)
+
+
+def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
+    """The trained VLM of a `--train` run (out_dir or out_dir/model), ready for answer()."""
+    folder = Path(out_dir)
+    folder = folder / "model" if (folder / "model").is_dir() else folder
+    if (folder / "init.json").exists():
+        return load_init_vlm(folder, device)
+    if not (folder / "vlm.json").exists():
+        raise CheckpointError(f"{folder} has no vlm.json: expected the `model` folder a vlm_train.py run writes")
+    meta = json.loads((folder / "vlm.json").read_text())
+    vcfg = VLMConfig(**meta["model"])
+    dense = vcfg.connector == "dense"
+    # the transformers parts from the copies in the folder, not from where they were trained
+    vision = (load_hf_vision(f"hf:{folder / 'vision'}", dense) if vcfg.vision else FrozenViT(
+        clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model, dense))
+    if vcfg.lm:
+        model, processor = build_hf_vlm(vcfg, vision, *load_hf_lm(f"hf:{folder / 'lm'}"))
+    else:
+        tokenizer = WordTokenizer(meta["vocab"])
+        model = ShapesVLM(vcfg, vision, len(tokenizer))
+        processor = WordProcessor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
+    skip = transformers_parts(vcfg)
+    kept = {k: v for k, v in model.state_dict().items() if k.startswith(skip)}
+    clip.load_strict(model, {**clip.read_safetensors(folder / "model.safetensors"), **kept}, folder)
+    vlm = VLM(model, processor, vcfg, vision, model.connector, model.language_model)
+    if meta["stage2"] != "full":
+        add_lora(vlm, quantize=meta["stage2"] == "qlora")
+        set_stage(vlm, 2, meta["stage2"])
+        lora.load_adapter(vlm.lm if vcfg.lm else model, str(folder / "adapter"))
+    model.to(device).eval()
+    return vlm
 
 
 # -- memory: full vs LoRA vs QLoRA, one stage-2 step each in a fresh process --------------------
@@ -1964,10 +1887,12 @@ def memory_child(mode: str, vcfg_dict: dict, batch_size: int, vocab_size: int) -
     tokenizer = WordTokenizer([f"w{i}" for i in range(vocab_size - len(SPECIALS))])
     processor = WordProcessor(tokenizer, model.config.num_image_tokens, vit.cfg.image_size)
     data = shapes_data(batch_size, 0, "train", vit.cfg.image_size, all_questions=False)
-    vlm = VLM(model, processor, vcfg)
-    params = set_stage(model, 2, mode, vcfg)
-    optimizer = make_optimizer(params, 1e-3, 0.0)
-    batch = make_batch(vlm, data, list(range(batch_size)), "vqa", torch.device("cpu"))
+    vlm = VLM(model, processor, vcfg, model.vision, model.connector, model.language_model)
+    if mode != "full":
+        add_lora(vlm, quantize=mode == "qlora")
+    params = set_stage(vlm, 2, mode)
+    optimizer = stage_optimizer(params, 1e-3, 0.0)
+    batch = make_batch(vlm, data, list(range(batch_size)), "vqa")
     saved = {}
 
     def pack(t):      # every tensor autograd keeps for backward, counted once per storage
@@ -1984,26 +1909,6 @@ def memory_child(mode: str, vcfg_dict: dict, batch_size: int, vocab_size: int) -
     return out
 
 
-def paligemma_3b_arithmetic(r: int = 16) -> dict:
-    """The same accounting for PaliGemma-3B's real sizes (counted on the meta device): bf16 weights and
-    gradients, fp32 AdamW moments (8 bytes per trainable weight), NF4 at 4 + 0.127 bits per weight
-    (64-weight blocks, fp8 absmax double-quantized in blocks of 256: Dettmers et al. 2023, sec. 3)."""
-    with torch.device("meta"):
-        model = pg.PaliGemma(pg.PaliGemmaConfig())
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    linears = [m for m in model.language_model.modules() if isinstance(m, nn.Linear)]
-    lm_linear = sum(m.weight.numel() for m in linears)
-    lora_n = sum(r * (m.in_features + m.out_features) for m in linears)
-    vision, proj, lm = count(model.vision_tower), count(model.multi_modal_projector), count(model.language_model)
-    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)
-    rows = {"full": (2 * (vision + proj + lm), 2 * (proj + lm), 8 * (proj + lm)),
-            "lora": (2 * (vision + proj + lm + lora_n), 2 * (proj + lora_n), 8 * (proj + lora_n)),
-            "qlora": (2 * (vision + proj + lm - lm_linear + lora_n) + lm_linear * nf4_bits / 8,
-                      2 * (proj + lora_n), 8 * (proj + lora_n))}
-    return {"params": vision + proj + lm, "lora_params": lora_n, "r": r,
-            "rows": {k: dict(zip(("weights", "grads", "optimizer"), v)) for k, v in rows.items()}}
-
-
 def memory_report(vcfg: VLMConfig, batch_size: int, vocab_size: int = 64) -> dict:
     """Measure each mode in a fresh spawned process; print the table and the 3B extrapolation."""
     import multiprocessing as mp
@@ -2016,7 +1921,7 @@ def memory_report(vcfg: VLMConfig, batch_size: int, vocab_size: int = 64) -> dic
     for mode in STAGE2_MODES:
         with ctx.Pool(1) as pool:
             rows.append(pool.apply(memory_child, (mode, asdict(vcfg), batch_size, vocab_size)))
-    mib = lambda b: f"{b / 2**20:,.2f}"  # noqa: E731
+    mib, gib = (lambda b: f"{b / 2**20:,.2f}"), (lambda b: f"{b / 2**30:,.2f}")
     print(f"\n## one stage-2 step, batch {batch_size}, connector {vcfg.connector} (measured, each in a fresh process)\n")
     print("| mode | trainable | weights MiB | grads MiB | AdamW MiB | training state MiB | activations MiB "
           "| peak RSS MiB | peak - start MiB |")
@@ -2026,7 +1931,6 @@ def memory_report(vcfg: VLMConfig, batch_size: int, vocab_size: int = 64) -> dic
         print(f"| {r['mode']} | {r['trainable']:,} | {mib(r['weights'])} | {mib(r['grads'])} | {mib(r['optimizer'])} "
               f"| {mib(r['state'])} | {mib(r['activations'])} | {mib(r['peak'])} | {mib(r['peak'] - r['baseline'])} |")
     big = paligemma_3b_arithmetic()
-    gib = lambda b: f"{b / 2**30:,.2f}"  # noqa: E731
     print(f"\n## the same arithmetic at PaliGemma-3B's sizes ({big['params'] / 1e9:.2f} B weights; LoRA r = "
           f"{big['r']} on every decoder linear layer: {big['lora_params'] / 1e6:.1f} M; activations not included)\n")
     print("| mode | weights GiB | grads GiB | AdamW GiB | training state GiB |")
@@ -2041,7 +1945,7 @@ def memory_report(vcfg: VLMConfig, batch_size: int, vocab_size: int = 64) -> dic
 def answer_grid(data: VQAData, predictions: Sequence[str], path: str | Path, n: int = 8, cell: int = 112) -> None:
     """PNG: the first n questions of an evaluation set, each with its image, the generated answer and the truth."""
     from PIL import ImageFont
-    font = ImageFont.load_default()
+    font = ImageFont.load_default_imagefont()     # the bitmap font: FreeType's default draws a 2-px space
     cols, text_h = 4, 64
     rows = math.ceil(min(n, len(data.qa)) / cols)
     img = Image.new("RGB", (cols * (cell + 120), rows * (cell + text_h)), (255, 255, 255))
@@ -2142,7 +2046,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]
 def main(argv: Sequence[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(prog="vlm_train.py", description=__doc__.splitlines()[0])
     clip.add_common_arguments(parser, "where everything of the run is written (default runs/vlm_train)",
-                              train_help="both stages on the embedded data (~4 min on 2 CPU cores)")
+                              train_help="both stages on the embedded data (minutes on a CPU)")
     parser.add_argument("--cache", type=str, default=None, help="where the ViT, data and text-only LM are cached "
                         "(default: --out); share it between runs")
     parser.add_argument("--connector", type=str, default=None, choices=CONNECTORS, help="default mlp")
@@ -2165,7 +2069,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     args.out = args.out or "runs/vlm_train"
     try:
-        device = setup_distributed(pick_device(args.device))       # torchrun: join its process group
+        device = rank_device(pick_device(args.device))            # torchrun: join its process group
         vcfg, tcfg = configs_from_args(args)
         if args.memory_report:
             return memory_report(vcfg, tcfg.batch_size)
@@ -2175,9 +2079,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             answer_grid(data, evaluate_vqa(vlm, data, vlm.question_prefix)[1], args.figure)
             print(f"wrote {args.figure}")
             return None
+        run = Run(args.out, device, args.cache, args.resume, progress=args.train, init=args.init)
         if not args.train:
-            return run_demo(vcfg, tcfg, args, device)
-        metrics, _ = train_vlm(vcfg, tcfg, args.out, device, args.resume, args.cache, init=args.init)
+            return run_demo(vcfg, tcfg, run)
+        metrics, _ = train_vlm(vcfg, tcfg, run)
         if clip.dist_info()[0] == 0:
             print_summary(metrics, args.out)
         if args.figure and clip.dist_info()[0] == 0:
@@ -2188,12 +2093,12 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         parser.error(str(e))
 
 
-def run_demo(vcfg: VLMConfig, tcfg: TrainConfig, args: argparse.Namespace, device: torch.device | str) -> dict:
+def run_demo(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> dict:
     """Seconds: both stages of a tiny VLM (random frozen tiny ViT), with the numbers a reader checks."""
     vision = f"frozen {vcfg.vision[3:]}" if vcfg.vision else "random frozen ViT"
     lm = f"{vcfg.lm[3:]}" if vcfg.lm else f"Gemma decoder ({vcfg.lm_layers} layer x {vcfg.lm_width})"
     print(f"tiny VLM: {vision} -> {vcfg.connector} connector -> {lm}; stage 2 {tcfg.stage2}")
-    metrics, vlm = train_vlm(vcfg, tcfg, args.out, device, args.resume, args.cache, progress=False, init=args.init)
+    metrics, vlm = train_vlm(vcfg, tcfg, run)
     for phase, (first, last) in metrics["loss"].items():
         print(f"  {phase}: loss {first:.3f} (first step) -> {last:.3f} (step {len(metrics['history'][phase])})")
     a, b = metrics["after stage 1"]["test"]["all"], metrics["after stage 2"]["test"]["all"]

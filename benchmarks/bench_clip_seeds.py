@@ -1,4 +1,4 @@
-"""Does `python clip.py --train` clear its goal on every seed, or only on a lucky one? (issue 20, section 5)
+"""Does `python clip.py --train` clear its goal on every seed, or only on a lucky one?
 
 Trains CLIP with exactly `clip.py --train`'s settings (the default `clip.TrainConfig` and `clip.CLIPConfig`;
 only the seed changes: other scenes, other initial weights, other batches) once per seed, and reports the
@@ -9,8 +9,7 @@ The other columns of that table are reported too, then mean, min and max over th
 
 Each seed trains into its own folder under --out (`seed-<k>/`, clip.py's checkpoint layout). A seed whose
 run is finished there is loaded, not retrained, and an interrupted one resumes from its latest checkpoint,
-so the benchmark can be stopped and restarted. Each seed trains for about 4 minutes on an idle 2-core CPU
-(README: 3.9 minutes for `clip.py --train`'s 2000 steps), 5 to 10 with OMP_NUM_THREADS=1 on a shared one.
+so the benchmark can be stopped and restarted. Each seed trains as long as one `clip.py --train` (README).
 
     python benchmarks/bench_clip_seeds.py                        # seeds 0..4, CPU
     python benchmarks/bench_clip_seeds.py --seeds 0 1 --tiny     # seconds: the tiny preset, as a check

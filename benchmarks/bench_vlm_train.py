@@ -42,8 +42,9 @@ def one_run(connector, mode, args):
         tcfg = replace(tcfg, n_eval=args.n_eval)
     out = Path(args.out)
     t0 = time.time()
-    metrics, _ = vt.train_vlm(vcfg, tcfg, out / f"{connector}-{mode}", torch.device(args.device), cache=out / "cache",
-                              progress=False, evaluate_stage1=False, stage1_dir=out / connector / "stage1")
+    run = vt.Run(out / f"{connector}-{mode}", torch.device(args.device), cache=out / "cache", progress=False,
+                 evaluate_stage1=False, stage1_dir=out / connector / "stage1")
+    metrics, _ = vt.train_vlm(vcfg, tcfg, run)
     after = metrics["after stage 2"]
     return {"connector": connector, "mode": mode, "test": after["test"]["all"]["exact"],
             "heldout": after["heldout"]["all"]["exact"], "rougeL": after["test"]["all"]["rougeL"],
@@ -61,8 +62,10 @@ def fill_cache(args):
     if args.n_eval is not None:
         tcfg = replace(tcfg, n_eval=args.n_eval)
     cache = Path(args.out) / "cache"
-    vlm, train = vt.build_vlm(vcfg, tcfg, cache, torch.device(args.device), progress=False)
-    vt.pretrained_lm(vlm, train, vcfg, tcfg, cache, progress=False)
+    run = vt.Run(cache, torch.device(args.device), progress=False)
+    vlm, train = vt.build_vlm(vcfg, tcfg, run)
+    vt.cache_features(vlm, train)
+    vt.train_stage(vlm, vt.text_stage(vlm, train, tcfg), tcfg, run)           # stage 0, into cache/lm-HASH
     vt.eval_sets(cache, tcfg, vlm.processor.image_size)
 
 

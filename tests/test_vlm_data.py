@@ -168,16 +168,16 @@ def test_caption_only_data_is_asked_for_its_caption(tmp_path):
 
 @pytest.mark.parametrize("kind", ["clevr", "captions", "img2dataset"])
 def test_missing_or_empty_folder_is_a_clear_error(tmp_path, kind):
-    with pytest.raises(vt.DataFolderError, match=r"(?s)does not exist.*Accepted layouts.*clevr:DIR.*captions\.jsonl"):
+    with pytest.raises(vt.FolderError, match=r"(?s)does not exist.*Accepted layouts.*clevr:DIR.*captions\.jsonl"):
         vt.load_data(f"{kind}:{tmp_path / 'nowhere'}", "train", 10, 16, tmp_path / "cache")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(vt.DataFolderError, match=rf"(?s){tmp_path / 'empty'}.*Accepted layouts"):
+    with pytest.raises(vt.FolderError, match=rf"(?s){tmp_path / 'empty'}.*Accepted layouts"):
         vt.load_data(f"{kind}:{tmp_path / 'empty'}", "train", 10, 16, tmp_path / "cache")
     # the right files, but nothing readable in them
     (tmp_path / "bad" / "questions").mkdir(parents=True)
     (tmp_path / "bad" / "00000").mkdir()
     (tmp_path / "bad" / "captions.jsonl").write_text("{not json\n")
-    with pytest.raises(vt.DataFolderError, match=str(tmp_path / "bad")):
+    with pytest.raises(vt.FolderError, match=str(tmp_path / "bad")):
         vt.load_data(f"{kind}:{tmp_path / 'bad'}", "train", 10, 16, tmp_path / "cache")
     with pytest.raises(SystemExit):
         vt.main(["--train", "--tiny", "--data", f"{kind}:{tmp_path / 'nowhere'}", "--out", str(tmp_path / "o")])
@@ -241,10 +241,10 @@ def ddp_worker(rank, world, tmp):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     vcfg, tcfg = tiny_configs()
-    vt.train_vlm(vcfg, tcfg, f"{tmp}/ddp", CPU, cache=f"{tmp}/cache", progress=False, evaluate=False)
+    vt.train_vlm(vcfg, tcfg, vt.Run(f"{tmp}/ddp", CPU, cache=f"{tmp}/cache", progress=False, evaluate=False))
     try:
-        vt.train_vlm(vcfg, tcfg, f"{tmp}/resumed", CPU, cache=f"{tmp}/cache", progress=False, evaluate=False,
-                     stop_after=("stage2", 3))
+        vt.train_vlm(vcfg, tcfg, vt.Run(f"{tmp}/resumed", CPU, cache=f"{tmp}/cache", progress=False, evaluate=False,
+                                        stop_after=("stage2", 3)))
     except vt.Killed:
         pass
     os.environ["WORLD_SIZE"] = str(world)
@@ -258,7 +258,7 @@ def test_two_gloo_processes_equal_one_process_and_resume_equals_the_uninterrupte
     from safetensors.torch import load_file
     assert run_gloo_workers(ddp_worker, 2, tmp_path, timeout=900) == [0, 0]
     vcfg, tcfg = tiny_configs()
-    vt.train_vlm(vcfg, tcfg, tmp_path / "one", CPU, cache=tmp_path / "one-cache", progress=False, evaluate=False)
+    vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path / "one", CPU, cache=tmp_path / "one-cache", progress=False, evaluate=False))
     one, ddp, resumed = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("one", "ddp", "resumed"))
     for name, value in one.items():
         # the losses agree to 1e-6; AdamW divides by sqrt(v), so where a gradient is ~0 the float noise of

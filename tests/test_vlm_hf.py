@@ -75,14 +75,18 @@ def tiny(folders, lm="llama", vision="clip", **model):
 def test_hf_parts_plug_in_and_one_step_trains_exactly_the_intended_parameters(folders, lm, vision, mode):
     from transformers import AutoModelForCausalLM
     vcfg, tcfg = tiny(folders, lm, vision)
-    vlm, data = vt.build_vlm(vcfg, tcfg, folders["cache"], CPU, progress=False)
+    vlm, data = vt.build_vlm(vcfg, tcfg, vt.Run(folders["cache"], CPU, progress=False))
     assert isinstance(vlm.model, vt.HFVLM) and isinstance(vlm.model.vision, vt.FrozenHFVision)
     assert vlm.model.num_image_tokens == 16 // vcfg.patch_merge ** 2                 # 32 px / 8 px patches, 2 x 2 merged
-    params = vt.set_stage(vlm.model, 2, mode, vcfg)
+    if mode != "full":
+        vt.add_lora(vlm, quantize=mode == "qlora")
+    params = vt.set_stage(vlm, 2, mode)
     before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
-    batch = vt.make_batch(vlm, data, list(range(4)), "vqa", CPU)
-    opt = vt.make_optimizer(params, 1e-2, 0.0)
-    loss = vt.train_step(vlm.model, opt, params, [batch], vt.vlm_loss, 1e-2, 1.0, CPU)
+    batch = vt.make_batch(vlm, data, list(range(4)), "vqa")
+    opt = vt.stage_optimizer(params, 1e-2, 0.0)
+    loss = vt.vlm_loss(vlm.model.train(), batch)
+    loss.backward()
+    opt.step()
     assert loss == loss and loss > 0
     changed = {n for n, p in vlm.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(("connector.", "language_model.")) for n in changed)
@@ -96,7 +100,7 @@ def test_hf_parts_plug_in_and_one_step_trains_exactly_the_intended_parameters(fo
         assert any(type(m).__name__ == "LinearNF4" for m in vlm.model.language_model.modules())
     # the image tokens are the connector's output, in the LM's embedding space
     source = AutoModelForCausalLM.from_pretrained(folders[lm])
-    assert vlm.model.connector(vlm.model.vision(batch["pixel_values"])).shape[-1] == source.config.hidden_size
+    assert vlm.model.connector(batch["image_inputs"]).shape[-1] == source.config.hidden_size
 
 
 def test_features_match_the_towers_own_hidden_states(folders):
@@ -126,9 +130,9 @@ def test_features_match_the_towers_own_hidden_states(folders):
 
 def test_greedy_generation_with_the_kv_cache_equals_full_recomputation(folders):
     vcfg, tcfg = tiny(folders)
-    vlm, data = vt.build_vlm(vcfg, tcfg, folders["cache"], CPU, progress=False)
+    vlm, data = vt.build_vlm(vcfg, tcfg, vt.Run(folders["cache"], CPU, progress=False))
     batch = vlm.processor(["how many shapes are there ?", "what colour is the circle ?"])
-    pixels = vlm.processor.pixels(data.images[:2])
+    pixels = vlm.image_inputs(data.images[:2])                            # the frozen tower's features
     gen = vlm.model.generate(batch["input_ids"], pixels, batch["attention_mask"], max_new_tokens=5,
                              eos_token_id=-5).tokens                      # no EOS: all 5 steps
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -174,17 +178,18 @@ def test_full_tuning_saves_the_tuned_lm_in_transformers_format(folders, tmp_path
     from transformers import AutoModelForCausalLM
     vcfg, tcfg = tiny(folders, "gemma", "siglip")
     tcfg = vt.replace(tcfg, stage2="full")
-    _, vlm = vt.train_vlm(vcfg, tcfg, tmp_path / "run", CPU, cache=folders["cache"], progress=False, evaluate=False)
+    _, vlm = vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path / "run", CPU, cache=folders["cache"], progress=False,
+                                             evaluate=False))
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model" / "lm").eval()
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(saved(input_ids=ids).logits, vlm.model.language_model(input_ids=ids).logits)
     again = vt.load_vlm(tmp_path / "run")
     x = vlm.processor(["what colour is the circle ?"], ["red"])
-    pixels = vlm.processor.pixels(vt.shapes_data(1, 0, "train", 32).images)
+    images = vt.shapes_data(1, 0, "train", 32).images
     with torch.no_grad():
-        torch.testing.assert_close(again.model(x["input_ids"], pixels, x["attention_mask"]).logits,
-                                   vlm.model(x["input_ids"], pixels, x["attention_mask"]).logits)
+        torch.testing.assert_close(again.model(x["input_ids"], again.image_inputs(images), x["attention_mask"]).logits,
+                                   vlm.model(x["input_ids"], vlm.image_inputs(images), x["attention_mask"]).logits)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -212,21 +217,23 @@ def test_smolvlm_preset_is_the_tutorials_recipe(folders, tmp_path):
     assert set(vcfg.lora_targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert (tcfg.itc_lr, tcfg.stage1_lr, tcfg.qformer_lr_scale, tcfg.stage2_lr) == (1e-4, 1e-4, 10.0, 5e-4)
     assert (tcfg.batch_size // tcfg.grad_accum, tcfg.grad_accum, tcfg.bf16) == (8, 4, True)
-    vlm, data = vt.build_vlm(vcfg, tcfg, folders["cache"], CPU, progress=False)
+    vlm, data = vt.build_vlm(vcfg, tcfg, vt.Run(folders["cache"], CPU, progress=False))
     assert vlm.caption_prompt == "Describe this image"
-    batch = vt.make_batch(vlm, data, [0, 1], "caption", CPU)
+    batch = vt.make_batch(vlm, data, [0, 1], "caption")
     assert vlm.processor.tokenizer.decode(batch["input_ids"][0][batch["token_type_ids"][0] == 0].clamp(min=0)
                                           [vlm.model.num_image_tokens + 1:]) == "Describe this image"
     # stage 1: lr x 10 exactly on the Q-Former's cross-attention and query tokens
-    params = vt.set_stage(vlm.model, 1)
-    scaled = [p for n, p in vlm.model.connector.named_parameters() if "crossattention" in n or "query_tokens" in n]
-    opt = vt.make_optimizer(params, tcfg.stage1_lr, 0.0, scaled, tcfg.qformer_lr_scale)
-    vt.train_step(vlm.model, opt, params, [batch], vt.vlm_loss, tcfg.stage1_lr, 1.0, CPU)
-    fast = {id(p) for g in opt.param_groups if g["lr"] == pytest.approx(1e-3) for p in g["params"]}
-    slow = {id(p) for g in opt.param_groups if g["lr"] == pytest.approx(1e-4) for p in g["params"]}
+    stage = [s for s in vt.align_stages(vlm, data, tcfg) if s.name == "stage1"][0]
+    params, scaled = stage.params, stage.scaled
+    assert {id(p) for p in scaled} == {id(p) for n, p in vlm.model.connector.named_parameters()
+                                       if "crossattention" in n or "query_tokens" in n}
+    opt = vt.stage_optimizer(params, tcfg.stage1_lr, 0.0, scaled, tcfg.qformer_lr_scale)
+    fast = {id(p) for g in opt.param_groups if g["lr"] * g["lr_scale"] == pytest.approx(1e-3) for p in g["params"]}
+    slow = {id(p) for g in opt.param_groups if g["lr"] * g["lr_scale"] == pytest.approx(1e-4) for p in g["params"]}
     assert fast == {id(p) for p in scaled} and slow == {id(p) for p in params} - fast and scaled
     # stage 2: the MLP adapter and the LM's adapters, never the Q-Former
-    params = vt.set_stage(vlm.model, 2, "lora", vcfg, tcfg.stage2_qformer)
+    vt.add_lora(vlm)
+    params = vt.set_stage(vlm, 2, "lora", tcfg.stage2_qformer)
     names = {n for n, p in vlm.model.named_parameters() if p.requires_grad}
     assert names and all(n.startswith("connector.head.") or ".lora_" in n for n in names)
     assert any(n.startswith("connector.head.") for n in names)

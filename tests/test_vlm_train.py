@@ -35,7 +35,7 @@ def cache(tmp_path_factory):
 
 def build(connector, cache, **train):
     vcfg, tcfg = tiny(connector, **train)
-    vlm, data = vt.build_vlm(vcfg, tcfg, cache, CPU, progress=False)
+    vlm, data = vt.build_vlm(vcfg, tcfg, vt.Run(cache, CPU, progress=False))
     return vlm, data, vcfg, tcfg
 
 
@@ -75,7 +75,7 @@ def test_corrupt_images_are_counted_and_skipped(tmp_path):
 
 def test_answer_only_masking_and_the_loss_it_gives(cache):
     vlm, data, _, _ = build("linear", cache)
-    batch = vt.make_batch(vlm, data, [0, 5, 9], "vqa", CPU)
+    batch = vt.make_batch(vlm, data, [0, 5, 9], "vqa")
     tok = vlm.processor.tokenizer
     for b, i in enumerate([0, 5, 9]):
         answer = tok.encode(data.qa[i][2]) + [tok.eos_token_id]
@@ -84,7 +84,7 @@ def test_answer_only_masking_and_the_loss_it_gives(cache):
         assert batch["token_type_ids"][b].sum() == len(answer)
         n_image = (batch["input_ids"][b] == tok.image_token_id).sum()
         assert n_image == vlm.model.config.num_image_tokens
-    logits = vlm.model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+    logits = vlm.model(batch["input_ids"], batch["image_inputs"], batch["attention_mask"],
                        batch["token_type_ids"]).logits.detach().requires_grad_(True)
     # oracle: -mean log p(answer token | everything before it), written out position by position
     logp, terms = logits.log_softmax(-1), []
@@ -103,9 +103,11 @@ def test_answer_only_masking_and_the_loss_it_gives(cache):
 # --- which parameters each stage trains ---------------------------------------------------------------
 
 def grads_after_one_step(vlm, data, stage, mode, vcfg):
-    params = vt.set_stage(vlm.model, stage, mode, vcfg)
+    if stage == 2 and mode != "full":
+        vt.add_lora(vlm, quantize=mode == "qlora")                        # a step of its own, before stage 2
+    params = vt.set_stage(vlm, stage, mode)
     phase = {0: "text_qa", 1: "caption", 2: "vqa"}[stage]
-    batch = vt.make_batch(vlm, data, list(range(8)), phase, CPU)
+    batch = vt.make_batch(vlm, data, list(range(8)), phase)
     vlm.model.zero_grad(set_to_none=True)
     vt.vlm_loss(vlm.model.train(), batch).backward()
     got = {n for n, p in vlm.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -200,7 +202,7 @@ def test_each_stage_lowers_its_loss(connector, cache, tmp_path):
     # each step draws a fresh batch, so single losses are noisy: compare the means of the first and
     # last quarter of each stage
     vcfg, tcfg = tiny(connector, pretrain_steps=32, itc_steps=32, stage1_steps=32, stage2_steps=32, save_every=50)
-    metrics, _ = vt.train_vlm(vcfg, tcfg, tmp_path, CPU, cache=tmp_path / "c", progress=False, evaluate=False)
+    metrics, _ = vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path, CPU, cache=tmp_path / "c", progress=False, evaluate=False))
     history = metrics["history"]
     phases = ["stage0", "stage1", "stage2"] + (["stage1a"] if connector == "qformer" else [])
     for phase in phases:
@@ -235,11 +237,11 @@ def final_weights(out):
 @pytest.mark.parametrize("connector,mode,kill", [("mlp", "lora", ("stage2", 4)), ("qformer", "full", ("stage1", 2))])
 def test_resume_after_a_kill_reaches_the_uninterrupted_weights(connector, mode, kill, cache, tmp_path):
     vcfg, tcfg = tiny(connector, stage2=mode, stage2_steps=7)
-    straight, _ = vt.train_vlm(vcfg, tcfg, tmp_path / "a", CPU, cache=cache, progress=False, evaluate=False)
+    straight, _ = vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path / "a", CPU, cache=cache, progress=False, evaluate=False))
     with pytest.raises(vt.Killed):
-        vt.train_vlm(vcfg, tcfg, tmp_path / "b", CPU, cache=cache, progress=False, evaluate=False, stop_after=kill)
+        vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path / "b", CPU, cache=cache, progress=False, evaluate=False, stop_after=kill))
     assert not (tmp_path / "b" / "model").exists()
-    vt.train_vlm(vcfg, tcfg, tmp_path / "b", CPU, resume=True, cache=cache, progress=False, evaluate=False)
+    vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path / "b", CPU, resume=True, cache=cache, progress=False, evaluate=False))
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -247,10 +249,10 @@ def test_resume_after_a_kill_reaches_the_uninterrupted_weights(connector, mode, 
 def test_resume_with_a_different_config_is_refused(cache, tmp_path):
     vcfg, tcfg = tiny("linear")
     with pytest.raises(vt.Killed):
-        vt.train_vlm(vcfg, tcfg, tmp_path, CPU, cache=cache, progress=False, evaluate=False, stop_after=("stage1", 3))
+        vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path, CPU, cache=cache, progress=False, evaluate=False, stop_after=("stage1", 3)))
     with pytest.raises(vt.ConfigError, match=r"train\.stage1_lr: checkpoint 0\.01, now 0\.02"):
-        vt.train_vlm(vcfg, replace_cfg(tcfg, stage1_lr=0.02), tmp_path, CPU, resume=True, cache=cache,
-                     progress=False, evaluate=False)
+        vt.train_vlm(vcfg, replace_cfg(tcfg, stage1_lr=0.02), vt.Run(tmp_path, CPU, resume=True, cache=cache,
+                                                                     progress=False, evaluate=False))
 
 
 def replace_cfg(cfg, **changes):
@@ -261,27 +263,39 @@ def replace_cfg(cfg, **changes):
 def test_a_torn_or_non_finite_checkpoint_is_refused(cache, tmp_path):
     vcfg, tcfg = tiny("linear")
     with pytest.raises(vt.Killed):
-        vt.train_vlm(vcfg, tcfg, tmp_path, CPU, cache=cache, progress=False, evaluate=False, stop_after=("stage1", 3))
+        vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path, CPU, cache=cache, progress=False, evaluate=False, stop_after=("stage1", 3)))
     step = tmp_path / "stage1" / "step-000003"
     meta = json.loads((step / "trainer.json").read_text())
     (step / "trainer.json").write_text(json.dumps({**meta, "step": 2}))
-    with pytest.raises(vt.CheckpointError, match="torn"):
-        vt.train_vlm(vcfg, tcfg, tmp_path, CPU, resume=True, cache=cache, progress=False, evaluate=False)
+    with pytest.raises(vt.CheckpointError, match="mixes parts of different steps"):
+        vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path, CPU, resume=True, cache=cache, progress=False, evaluate=False))
+
+
+def test_a_checkpoint_of_another_layout_is_refused(cache, tmp_path):
+    from safetensors.torch import save_file
+    vcfg, tcfg = tiny("linear")
+    with pytest.raises(vt.Killed):
+        vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path, CPU, cache=cache, progress=False, evaluate=False, stop_after=("stage1", 3)))
+    weights = tmp_path / "stage1" / "step-000003" / "trainer.safetensors"
+    tensors = {k.replace("param.", "param/"): v for k, v in load_file(str(weights)).items() if k != "rng.torch"}
+    save_file(tensors, str(weights), metadata={"step": "3"})         # parameters under other names, no RNG state
+    with pytest.raises(vt.CheckpointError, match="not a vlm_train.py stage checkpoint"):
+        vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path, CPU, resume=True, cache=cache, progress=False, evaluate=False))
 
 
 def test_a_non_finite_loss_stops_without_overwriting_the_checkpoint(cache, tmp_path):
     vlm, data, vcfg, tcfg = build("linear", cache)
-    params = vt.set_stage(vlm.model, 1)
-    sample = vt.sampler(vlm, data, "caption", tcfg, CPU)
-    vt.run_stage(vlm, "stage1", 3, 1e-2, tcfg, tmp_path, vt.vlm_loss, sample, params, {"x": 1}, False, progress=False)
-    before = (tmp_path / "step-000003" / "trainer.safetensors").read_bytes()
+    run = vt.Run(tmp_path, CPU, cache=cache, progress=False)
+    stage = vt.Stage("stage1", ("caption",), data, vt.vlm_loss, vt.set_stage(vlm, 1), 3, 1e-2, {"x": 1})
+    vt.train_stage(vlm, stage, tcfg, run)
+    folder = tmp_path / "stage1"
+    before = (folder / "step-000003" / "trainer.safetensors").read_bytes()
     with torch.no_grad():
         vlm.model.connector.linear.weight.fill_(float("nan"))
-    with pytest.raises(vt.NonFiniteLoss, match="the last checkpoint is kept"):
-        vt.run_stage(vlm, "stage1", 6, 1e-2, tcfg, tmp_path, vt.vlm_loss, sample, params, {"x": 1}, False,
-                     progress=False)
-    assert (tmp_path / "latest").read_text() == "step-000003"
-    assert (tmp_path / "step-000003" / "trainer.safetensors").read_bytes() == before
+    with pytest.raises(clip.NonFiniteLossError, match="the last checkpoint is kept"):
+        vt.train_stage(vlm, replace_cfg(stage, steps=6), tcfg, run)
+    assert (folder / "latest").read_text().strip() == "step-000003"
+    assert (folder / "step-000003" / "trainer.safetensors").read_bytes() == before
 
 
 # --- bad input from the command line ------------------------------------------------------------------
@@ -321,11 +335,6 @@ def test_an_incomplete_init_folder_lists_what_is_missing(tmp_path, capsys):
         vt.main(["--train", "--tiny", "--init", f"paligemma:{tmp_path / 'pg'}", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert "incomplete" in err and "model.safetensors" in err and "tokenizer.json" in err
-
-
-def test_a_connector_width_that_does_not_fit_the_lm_is_refused(cache):
-    with pytest.raises(vt.ConfigError, match="emits 40-wide image tokens but the LM reads 32-wide"):
-        vt.build_vlm(vt.VLMConfig.tiny(connector_width=40), vt.TrainConfig.tiny(), cache, CPU, progress=False)
 
 
 # --- --init paligemma:DIR on a tiny random PaliGemma that transformers saves ---------------------------
