@@ -67,7 +67,11 @@ def use_generic_cpu_path() -> bool:
     with warnings.catch_warnings():
         # torch warns "Overriding a previously registered kernel": that override is the point
         warnings.simplefilter("ignore", UserWarning)
-        torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", generic_dequantize_4bit)
+        # A Library handle with allow_override: torch.library.register_kernel refuses to replace a
+        # kernel that bitsandbytes itself registered from Python, which it does on some torch builds
+        # (seen with torch 2.11 + CUDA); the handle is kept so the registration lives as long as the process.
+        _state["library"] = torch.library.Library("bitsandbytes", "IMPL")
+        _state["library"].impl("dequantize_4bit", generic_dequantize_4bit, "CPU", allow_override=True)
 
     def no_avx512bf16():
         return False
