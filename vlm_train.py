@@ -78,7 +78,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -778,51 +778,37 @@ def prefix_suffix_batch(prefixes: Sequence[list[int]], suffixes: Sequence[list[i
             "labels": labels}
 
 
-class Processor(Protocol):
-    """What turns images and texts into a model's inputs. Three implement it: WordProcessor (the default
-    LM's words), HFProcessor (--lm hf:DIR, the LM's own tokenizer) and CheckpointProcessor (--init
-    paligemma:DIR); each lays out <image> * M <bos> prompt <sep> | answer <eos>, left-padded."""
+@dataclass(eq=False)
+class Processor:
+    """What turns images and texts into a model's inputs, for every LM: <image> * M <bos> prompt <sep> |
+    answer <eos>, left-padded (prefix_suffix_batch). LMs differ only in how a text becomes ids and how
+    an image becomes pixels, so the three kinds (`word_processor` for the default LM's words,
+    `hf_processor` for --lm hf:DIR's tokenizer, `checkpoint_processor` for --init paligemma:DIR) are
+    this one class with other functions in its fields."""
     tokenizer: Any
+    prefix: Callable[[str, bool], list[int]]            # (prompt, with image tokens?) -> <image> * M <bos> prompt <sep>
+    suffix: Callable[[str], list[int]]                  # answer -> answer <eos>
+    pixels: Callable[[torch.Tensor], torch.Tensor]      # (B, I, I, C) uint8 -> (B, C, I, I), as the encoder was trained
+    decode: Callable[[torch.Tensor], list[str]]         # generated ids -> texts, up to the end-of-sequence token
     image_size: int
     eos_token_id: int
+    pad_token_id: int
 
     def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
                  images: bool = True) -> dict[str, torch.Tensor]:
         """input_ids, attention_mask, token_type_ids, labels (prefix_suffix_batch); images=False: text only."""
-
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, I, I, C) uint8 -> (B, C, I, I), normalised as the vision encoder was trained."""
-
-    def decode(self, tokens: torch.Tensor) -> list[str]:
-        """Generated ids -> texts, up to the end-of-sequence token."""
+        suffixes = [[] for _ in prompts] if answers is None else [self.suffix(a) for a in answers]
+        return prefix_suffix_batch([self.prefix(p, images) for p in prompts], suffixes, self.pad_token_id)
 
 
-class WordProcessor:
-    """Prompts and answers of the default LM: [<image>] * M <bos> prompt <sep> | answer <eos>."""
-
-    def __init__(self, tokenizer: WordTokenizer, image_tokens: int, image_size: int,
-                 normalize: Callable[[torch.Tensor], torch.Tensor] = clip.normalize):
-        self.tokenizer, self.image_tokens, self.image_size = tokenizer, image_tokens, image_size
-        self.normalize = normalize
-
-    def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
-                 images: bool = True) -> dict[str, torch.Tensor]:
-        t = self.tokenizer
-        image = [t.image_token_id] * self.image_tokens if images else []
-        prefixes = [image + [t.bos_token_id] + t.encode(p) + [t.sep_token_id] for p in prompts]
-        suffixes = [[] for _ in prompts] if answers is None else [t.encode(a) + [t.eos_token_id] for a in answers]
-        return prefix_suffix_batch(prefixes, suffixes, t.pad_token_id)
-
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, I, I, C) uint8 -> (B, C, I, I), normalised as the vision encoder was trained."""
-        return self.normalize(images)
-
-    def decode(self, tokens: torch.Tensor) -> list[str]:
-        return [self.tokenizer.decode(row) for row in tokens.tolist()]
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
+def word_processor(tokenizer: WordTokenizer, image_tokens: int, image_size: int,
+                   normalize: Callable[[torch.Tensor], torch.Tensor] = clip.normalize) -> Processor:
+    """The default LM's processor: [<image>] * M <bos> prompt <sep> | answer <eos> over WordTokenizer's ids."""
+    t = tokenizer
+    prefix = lambda p, images: [t.image_token_id] * image_tokens * images + [t.bos_token_id] + t.encode(p) + [t.sep_token_id]  # noqa: E731
+    return Processor(t, prefix, lambda a: t.encode(a) + [t.eos_token_id], normalize,
+                     lambda tokens: [t.decode(row) for row in tokens.tolist()], image_size, t.eos_token_id,
+                     t.pad_token_id)
 
 
 # == Evaluation: greedy answers, exact match and ROUGE per kind, retrieval =========================
@@ -1312,7 +1298,7 @@ def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQADat
         tokenizer = WordTokenizer.from_texts([c for _, c in train.captions] + [q + " " + a for _, q, a, _ in train.qa]
                                              + [tcfg.caption_prompt])
         model = ShapesVLM(vcfg, vision, len(tokenizer)).to(run.device)
-        processor = WordProcessor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
+        processor = word_processor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
     return VLM(model, processor, vcfg, vision, model.connector, model.language_model, tcfg.caption_prompt), train
 
 
@@ -1584,28 +1570,27 @@ class HFVLM(nn.Module):
 # -- --lm hf:DIR and --vision hf:DIR: transformers models from local folders -------------------------
 # transformers is imported here only, inside the functions: the default run needs none of it.
 
-def missing_files(folder: Path, *required: tuple[str, ...]) -> list[str]:
-    """Each group of file names (or glob patterns) of which the folder holds none, as "a or b"."""
-    return [" or ".join(names) for names in required
-            if not any(any(folder.glob(name)) for name in names)]
+def checked_folder(spec: str, flag: str, layout: str, *required: tuple[str, ...]) -> Path:
+    """The DIR of `--flag KIND:DIR`, checked: a folder holding one file of each group of names (or glob
+    patterns); else a FolderError that says what is missing (an "incomplete" folder) and what was expected."""
+    folder = Path(spec.partition(":")[2])
+    if not folder.is_dir():
+        raise FolderError(f"--{flag} {spec}: {folder} is not a folder; expected {layout}")
+    missing = [" or ".join(names) for names in required if not any(any(folder.glob(name)) for name in names)]
+    if missing:
+        raise FolderError(f"--{flag} {spec}: {folder} is incomplete, missing {', '.join(missing)} (expected {layout})")
+    return folder
 
 
 def hf_folder(spec: str, what: str, needs_tokenizer: bool = False) -> tuple[Path, dict]:
-    """'hf:DIR' -> DIR, checked: config.json, safetensors weights and (for an LM) a tokenizer."""
-    folder = Path(spec[3:])
-    layout = "config.json, model.safetensors (or sharded)" + (", tokenizer.json or tokenizer.model" if needs_tokenizer else "")
-    if not folder.is_dir():
-        raise FolderError(f"--{what} {spec}: {folder} is not a folder; expected a transformers save_pretrained "
-                            f"folder ({layout})")
-    missing = missing_files(folder, ("config.json",), ("*.safetensors",),
-                            *[("tokenizer.json", "tokenizer.model")] * needs_tokenizer)
-    if missing:
-        raise FolderError(f"--{what} {spec}: {folder} is missing " + ", ".join(missing) + f" (expected {layout})")
+    """'hf:DIR' -> (DIR, its config.json), checked: config.json, safetensors weights and (an LM) a tokenizer."""
+    folder = checked_folder(spec, what, "a transformers save_pretrained folder (config.json, model.safetensors or "
+                            "sharded" + (", tokenizer.json or tokenizer.model)" if needs_tokenizer else ")"),
+                            ("config.json",), ("*.safetensors",), *[("tokenizer.json", "tokenizer.model")] * needs_tokenizer)
     try:
-        config = json.loads((folder / "config.json").read_text())
+        return folder, json.loads((folder / "config.json").read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FolderError(f"--{what} {spec}: {folder / 'config.json'} is not valid JSON ({e})") from None
-    return folder, config
 
 
 def quiet_transformers() -> None:
@@ -1635,34 +1620,16 @@ def load_hf_vision(spec: str, all_layers: bool) -> FrozenHFVision:
     return FrozenHFVision(model, all_layers, norm.get("image_mean", default[0]), norm.get("image_std", default[1]))
 
 
-class HFProcessor:
-    """Prompts and answers for a transformers LM, with its own tokenizer:
-    [IMAGE] * M <bos> prompt \n | answer <eos>, left-padded (prefix_suffix_batch)."""
-
-    def __init__(self, tokenizer: Any, image_tokens: int, image_size: int,
-                 normalize: Callable[[torch.Tensor], torch.Tensor]):
-        self.tokenizer, self.image_tokens, self.image_size, self.normalize = tokenizer, image_tokens, image_size, normalize
-        self.eos_token_id = tokenizer.eos_token_id
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
-                 images: bool = True) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer
-        start = ([HFVLM.IMAGE] * self.image_tokens if images else []) + ([tok.bos_token_id] if tok.bos_token_id is not None else [])
-        prefixes = [start + tok(p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
-        suffixes = ([[] for _ in prompts] if answers is None else
-                    [tok(a, add_special_tokens=False)["input_ids"] + [self.eos_token_id] for a in answers])
-        return prefix_suffix_batch(prefixes, suffixes, self.pad_token_id)
-
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        return self.normalize(images)
-
-    def decode(self, tokens: torch.Tensor) -> list[str]:
-        out = []
-        for row in tokens.tolist():
-            row = row[:row.index(self.eos_token_id)] if self.eos_token_id in row else row
-            out.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return out
+def hf_processor(tok: Any, image_tokens: int, image_size: int,
+                 normalize: Callable[[torch.Tensor], torch.Tensor]) -> Processor:
+    """A transformers LM's processor, with its own tokenizer: [IMAGE] * M <bos> prompt \\n | answer <eos>."""
+    eos, start = tok.eos_token_id, [] if tok.bos_token_id is None else [tok.bos_token_id]
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    decode = lambda tokens: [tok.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True)  # noqa: E731
+                             for row in tokens.tolist()]
+    return Processor(tok, lambda p, images: [HFVLM.IMAGE] * image_tokens * images + start + ids(p + "\n"),
+                     lambda a: ids(a) + [eos], normalize, decode, image_size, eos,
+                     eos if tok.pad_token_id is None else tok.pad_token_id)
 
 
 def load_hf_lm(spec: str) -> tuple[nn.Module, Any]:
@@ -1678,55 +1645,32 @@ def load_hf_lm(spec: str) -> tuple[nn.Module, Any]:
 
 
 def build_hf_vlm(vcfg: VLMConfig, vision: FrozenViT | FrozenHFVision, lm: nn.Module,
-                 tokenizer: Any) -> tuple[HFVLM, HFProcessor]:
+                 tokenizer: Any) -> tuple[HFVLM, Processor]:
     """vision + connector sized from the LM's config + the LM, and its processor."""
     connector, m = make_connector(vcfg, vision.width, vision.layers, vision.num_patches, lm.config.hidden_size)
     model = HFVLM(vision, connector, lm, m)
-    return model, HFProcessor(tokenizer, m, vision.image_size, vision.normalize)
+    return model, hf_processor(tokenizer, m, vision.image_size, vision.normalize)
 
 
 def init_folder(spec: str) -> Path:
     """'paligemma:DIR' -> DIR, checked: config.json, weights (single or sharded) and the tokenizer."""
-    kind, _, path = spec.partition(":")
-    if kind != "paligemma" or not path:
+    if spec.partition(":")[0] != "paligemma" or not spec.partition(":")[2]:
         raise ConfigError(f"--init expects paligemma:DIR (a PaliGemma checkpoint folder), got {spec!r}")
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FolderError(f"--init {spec}: {folder} is not a folder; expected a PaliGemma checkpoint "
-                              f"folder (config.json, model.safetensors, tokenizer.json)")
-    missing = missing_files(folder, ("config.json",), ("model.safetensors", "model.safetensors.index.json"),
-                            ("tokenizer.json", "tokenizer.model"))
-    if missing:
-        raise FolderError(f"--init {spec}: {folder} is an incomplete PaliGemma checkpoint, missing "
-                              + ", ".join(missing))
-    return folder
+    return checked_folder(spec, "init", "a PaliGemma checkpoint folder (config.json, model.safetensors, tokenizer.json)",
+                          ("config.json",), ("model.safetensors", "model.safetensors.index.json"),
+                          ("tokenizer.json", "tokenizer.model"))
 
 
-class CheckpointProcessor:
-    """The checkpoint's own tokenizer and image preprocessing (paligemma.PaliGemmaProcessor), with
-    the same sequence layout as WordProcessor: <image> * N <bos> prompt \\n | answer <eos>."""
-
-    def __init__(self, folder: str | Path, config: pg.PaliGemmaConfig):
-        self.processor, self.config = pg.PaliGemmaProcessor.from_pretrained(folder, config), config
-        self.tokenizer = self.processor.tokenizer
-        self.image_size = config.vision.image_size
-        self.eos_token_id = self.tokenizer.eos_token_id
-
-    def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
-                 images: bool = True) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer
-        image = self.processor.IMAGE_TOKEN * self.config.num_image_tokens if images else ""
-        prefixes = [tok(image + tok.bos_token + p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
-        suffixes = ([[] for _ in prompts] if answers is None else
-                    [tok(a + tok.eos_token, add_special_tokens=False)["input_ids"] for a in answers])
-        pad = tok.pad_token_id if tok.pad_token_id is not None else self.config.text.pad_token_id
-        return prefix_suffix_batch(prefixes, suffixes, pad)
-
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.processor.preprocess_image(Image.fromarray(x.numpy())) for x in images])
-
-    def decode(self, tokens: torch.Tensor) -> list[str]:
-        return self.processor.decode(tokens)
+def checkpoint_processor(folder: str | Path, config: pg.PaliGemmaConfig) -> Processor:
+    """The checkpoint's own tokenizer and image preprocessing (paligemma.PaliGemmaProcessor), in the
+    same layout: <image> * M <bos> prompt \\n | answer <eos>."""
+    processor = pg.PaliGemmaProcessor.from_pretrained(folder, config)
+    tok, image = processor.tokenizer, processor.IMAGE_TOKEN * config.num_image_tokens
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pixels = lambda images: torch.stack([processor.preprocess_image(Image.fromarray(x.numpy())) for x in images])  # noqa: E731
+    return Processor(tok, lambda p, images: ids(image * images + tok.bos_token + p + "\n"), lambda a: ids(a + tok.eos_token),
+                     pixels, processor.decode, config.vision.image_size, tok.eos_token_id,
+                     config.text.pad_token_id if tok.pad_token_id is None else tok.pad_token_id)
 
 
 def build_init_vlm(spec: str, vcfg: VLMConfig, device: torch.device | str) -> VLM:
@@ -1736,67 +1680,27 @@ def build_init_vlm(spec: str, vcfg: VLMConfig, device: torch.device | str) -> VL
         raise ConfigError(f"--init paligemma uses the checkpoint's own projector: --connector linear or dense, "
                           f"got {vcfg.connector!r}")
     model = pg.PaliGemma.from_pretrained(folder, dtype=torch.float32, device=device, connector=vcfg.connector)
-    return checkpoint_vlm(model, CheckpointProcessor(folder, model.config), vcfg)
+    return checkpoint_vlm(model, checkpoint_processor(folder, model.config), vcfg)
 
 
-def checkpoint_vlm(model: pg.PaliGemma, processor: CheckpointProcessor, vcfg: VLMConfig) -> VLM:
+def checkpoint_vlm(model: pg.PaliGemma, processor: Processor, vcfg: VLMConfig) -> VLM:
     """A PaliGemma checkpoint as a VLM: its tower reads pixels inside the model; PaliGemma's prompts."""
     return VLM(model, processor, vcfg, None, model.multi_modal_projector, model.language_model, "caption en",
                "answer en ")
 
 
-def transformers_adapter_key(key: str) -> str:
-    """Our module names -> transformers 5.23 PaliGemmaForConditionalGeneration's (what peft sees)."""
-    prefix = lora.PEFT_PREFIX
-    name = key.removeprefix(prefix)
-    for ours, theirs in (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
-                         ("multi_modal_projector.", "model.multi_modal_projector.")):
-        if name.startswith(ours):
-            return prefix + theirs + name.removeprefix(ours)
-    return key
+# -- out/model: one format for every model, written by save_vlm, read by load_vlm ---------------------
+#
+#   vlm.json            the manifest: config, stage-2 mode, the parts the folder holds, the default LM's
+#                       vocabulary or --init's source checkpoint
+#   model.safetensors   base weights (LoRA layers unwrapped, the LM before NF4) that no folder below holds
+#   lm/, vision/        --lm, --vision: transformers folders (lm/ save_pretrained after full tuning, else
+#                       a copy of its source; with its tokenizer)
+#   base/               --init: the whole model as a transformers PaliGemma, with the checkpoint's tokenizer
+#   adapter/            LoRA / QLoRA, in peft's format on the module names of what it extends: lm/'s
+#                       (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm/), adapter/)),
+#                       base/'s as transformers names them, or ours
 
-
-def save_init_vlm(vlm: VLM, folder: Path, init: str) -> None:
-    """model/base: a transformers-format PaliGemma (trained projector, LM unchanged under LoRA) with the
-    checkpoint's tokenizer; model/adapter: the LoRA adapter under transformers' module names, which
-    peft's PeftModel.from_pretrained and paligemma.py's adapter= both read."""
-    import shutil
-
-    from safetensors.torch import save_file
-    source = init_folder(init)
-    base = pg.PaliGemma(vlm.model.config)
-    clip.load_strict(base, base_state(vlm), "the trained model")
-    base.save_pretrained(folder / "base")
-    for f in source.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy(f, folder / "base" / f.name)
-    if vlm.stage2 != "full":
-        lora.save_adapter(vlm.model, str(folder / "adapter"))
-        weights = folder / "adapter" / lora.ADAPTER_WEIGHTS
-        tensors = {transformers_adapter_key(k): v for k, v in clip.read_safetensors(weights).items()}
-        atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        # SigLIP's layers are also called q_proj, ...: a regex (peft and lora.py both fullmatch it) names
-        # the decoder's layers under either naming, ours (language_model.model.*) or transformers'
-        config_file = folder / "adapter" / lora.ADAPTER_CONFIG
-        config = json.loads(config_file.read_text())
-        config["target_modules"] = r".*language_model.*\.(" + "|".join(vlm.config.lora_targets) + ")"
-        write_json(config_file, config)
-    write_json(folder / "init.json", {"init": str(source), "stage2": vlm.stage2, "model": asdict(vlm.config)})
-
-
-def load_init_vlm(folder: Path, device: torch.device | str = "cpu") -> VLM:
-    meta = json.loads((folder / "init.json").read_text())
-    model = pg.PaliGemma.from_pretrained(folder / "base", dtype=torch.float32, device=device)
-    vlm = checkpoint_vlm(model, CheckpointProcessor(folder / "base", model.config), VLMConfig(**meta["model"]))
-    if meta["stage2"] != "full":
-        add_lora(vlm, quantize=meta["stage2"] == "qlora")
-        set_stage(vlm, 2, meta["stage2"])
-        pg.load_adapter(model, folder / "adapter")
-    model.eval()
-    return vlm
-
-
-# -- out/model: save_vlm and load_vlm --------------------------------------------------------------
 
 def transformers_parts(vcfg: VLMConfig) -> tuple[str, ...]:
     """State-dict prefixes of the parts that live in their own transformers folders (lm/, vision/)."""
@@ -1813,31 +1717,61 @@ def base_state(vlm: VLM) -> dict[str, torch.Tensor]:
     return state
 
 
+def save_base(vlm: VLM, folder: Path, init: str) -> str:
+    """base/: the trained PaliGemma in transformers' format with the source checkpoint's tokenizer files."""
+    import shutil
+    source, base = init_folder(init), pg.PaliGemma(vlm.model.config)
+    clip.load_strict(base, base_state(vlm), "the trained model")
+    base.save_pretrained(folder)
+    for f in source.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, folder / f.name)
+    return str(source)
+
+
+def transformers_adapter(folder: Path, targets: Sequence[str]) -> None:
+    """adapter/ renamed for transformers' PaliGemmaForConditionalGeneration (what peft sees), with a
+    target regex (peft and lora.py both fullmatch it) that names the decoder's layers under either
+    naming: SigLIP's layers are also called q_proj, ..."""
+    from safetensors.torch import save_file
+    renames = (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+               ("multi_modal_projector.", "model.multi_modal_projector."))
+
+    def theirs(key: str) -> str:
+        name = key.removeprefix(lora.PEFT_PREFIX)
+        return next((lora.PEFT_PREFIX + new + name.removeprefix(old) for old, new in renames if name.startswith(old)), key)
+
+    tensors = {theirs(k): v for k, v in clip.read_safetensors(folder / lora.ADAPTER_WEIGHTS).items()}
+    atomic_write(folder / lora.ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    config = json.loads((folder / lora.ADAPTER_CONFIG).read_text())
+    write_json(folder / lora.ADAPTER_CONFIG, {**config, "target_modules": r".*language_model.*\.(" + "|".join(targets) + ")"})
+
+
 def save_vlm(vlm: VLM, folder: str | Path, init: str | None = None) -> None:
-    """out/model, what load_vlm reads: vlm.json (config, stage-2 mode, the default LM's vocabulary),
-    model.safetensors (base weights: LoRA layers unwrapped, the LM before NF4), adapter/ in peft's
-    format. Transformers parts live in their own folders: the LM in lm/ (save_pretrained after full
-    tuning, else a copy of its source, with its tokenizer; the adapter is then what
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm/), adapter/) reads) and the
-    vision tower's source in vision/. --init writes a transformers PaliGemma instead (save_init_vlm)."""
+    """out/model in the format above, what load_vlm reads; init: --init's paligemma:DIR (then base/)."""
     import shutil
     folder, vcfg, mode = Path(folder), vlm.config, vlm.stage2
+    meta = {"model": asdict(vcfg), "stage2": mode, "parts": []}
     if init is not None:
-        return save_init_vlm(vlm, folder, init)
-    skip = transformers_parts(vcfg)
-    save_tensors(folder / "model.safetensors", {k: v for k, v in base_state(vlm).items() if not k.startswith(skip)})
-    meta = {"model": asdict(vcfg), "stage2": mode}
+        meta["init"], meta["parts"] = save_base(vlm, folder / "base", init), ["base"]
+    else:
+        skip = transformers_parts(vcfg)
+        save_tensors(folder / "model.safetensors", {k: v for k, v in base_state(vlm).items() if not k.startswith(skip)})
+        meta["parts"].append("model.safetensors")
     if vcfg.lm and mode == "full":
         vlm.lm.save_pretrained(folder / "lm")
         vlm.processor.tokenizer.save_pretrained(folder / "lm")
     elif vcfg.lm:
         shutil.copytree(vcfg.lm[3:], folder / "lm", dirs_exist_ok=True)
-    else:
+    elif init is None:
         meta["vocab"] = vlm.processor.tokenizer.itos
-    if mode != "full":
-        lora.save_adapter(vlm.lm if vcfg.lm else vlm.model, str(folder / "adapter"))
     if vcfg.vision:
         shutil.copytree(vcfg.vision[3:], folder / "vision", dirs_exist_ok=True)
+    meta["parts"] += [part for part, has in (("lm", vcfg.lm), ("vision", vcfg.vision), ("adapter", mode != "full")) if has]
+    if mode != "full":
+        lora.save_adapter(vlm.lm if vcfg.lm else vlm.model, str(folder / "adapter"))
+        if init is not None:
+            transformers_adapter(folder / "adapter", vcfg.lora_targets)
     write_json(folder / "vlm.json", meta)
 
 
@@ -1845,30 +1779,34 @@ def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
     """The trained VLM of a `--train` run (out_dir or out_dir/model), ready for answer()."""
     folder = Path(out_dir)
     folder = folder / "model" if (folder / "model").is_dir() else folder
-    if (folder / "init.json").exists():
-        return load_init_vlm(folder, device)
     if not (folder / "vlm.json").exists():
         raise CheckpointError(f"{folder} has no vlm.json: expected the `model` folder a vlm_train.py run writes")
     meta = json.loads((folder / "vlm.json").read_text())
-    vcfg = VLMConfig(**meta["model"])
-    dense = vcfg.connector == "dense"
-    # the transformers parts from the copies in the folder, not from where they were trained
-    vision = (load_hf_vision(f"hf:{folder / 'vision'}", dense) if vcfg.vision else FrozenViT(
-        clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model, dense))
-    if vcfg.lm:
-        model, processor = build_hf_vlm(vcfg, vision, *load_hf_lm(f"hf:{folder / 'lm'}"))
+    vcfg, parts = VLMConfig(**meta["model"]), meta["parts"]
+    if "base" in parts:
+        model = pg.PaliGemma.from_pretrained(folder / "base", dtype=torch.float32, device=device)
+        vlm = checkpoint_vlm(model, checkpoint_processor(folder / "base", model.config), vcfg)
     else:
-        tokenizer = WordTokenizer(meta["vocab"])
-        model = ShapesVLM(vcfg, vision, len(tokenizer))
-        processor = WordProcessor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
-    skip = transformers_parts(vcfg)
-    kept = {k: v for k, v in model.state_dict().items() if k.startswith(skip)}
-    clip.load_strict(model, {**clip.read_safetensors(folder / "model.safetensors"), **kept}, folder)
-    vlm = VLM(model, processor, vcfg, vision, model.connector, model.language_model)
+        dense = vcfg.connector == "dense"
+        # the transformers parts from the copies in the folder, not from where they were trained
+        vision = (load_hf_vision(f"hf:{folder / 'vision'}", dense) if vcfg.vision else FrozenViT(
+            clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model, dense))
+        if vcfg.lm:
+            model, processor = build_hf_vlm(vcfg, vision, *load_hf_lm(f"hf:{folder / 'lm'}"))
+        else:
+            tokenizer = WordTokenizer(meta["vocab"])
+            model = ShapesVLM(vcfg, vision, len(tokenizer))
+            processor = word_processor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
+        kept = {k: v for k, v in model.state_dict().items() if k.startswith(transformers_parts(vcfg))}
+        clip.load_strict(model, {**clip.read_safetensors(folder / "model.safetensors"), **kept}, folder)
+        vlm = VLM(model, processor, vcfg, vision, model.connector, model.language_model)
     if meta["stage2"] != "full":
         add_lora(vlm, quantize=meta["stage2"] == "qlora")
         set_stage(vlm, 2, meta["stage2"])
-        lora.load_adapter(vlm.lm if vcfg.lm else model, str(folder / "adapter"))
+        if "base" in parts:                    # transformers' names -> ours (paligemma.load_adapter)
+            pg.load_adapter(model, folder / "adapter")
+        else:
+            lora.load_adapter(vlm.lm if vcfg.lm else model, str(folder / "adapter"))
     model.to(device).eval()
     return vlm
 
@@ -1885,7 +1823,7 @@ def memory_child(mode: str, vcfg_dict: dict, batch_size: int, vocab_size: int) -
     vit = clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model
     model = ShapesVLM(vcfg, FrozenViT(vit, vcfg.connector == "dense"), vocab_size)
     tokenizer = WordTokenizer([f"w{i}" for i in range(vocab_size - len(SPECIALS))])
-    processor = WordProcessor(tokenizer, model.config.num_image_tokens, vit.cfg.image_size)
+    processor = word_processor(tokenizer, model.config.num_image_tokens, vit.cfg.image_size)
     data = shapes_data(batch_size, 0, "train", vit.cfg.image_size, all_questions=False)
     vlm = VLM(model, processor, vcfg, model.vision, model.connector, model.language_model)
     if mode != "full":
