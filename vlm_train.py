@@ -1211,20 +1211,16 @@ class Run:
         return x.item() / self.world
 
 
-def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
-    """clip.atomic_write (old file or new, never half), creating the folder first."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    clip.atomic_write(path, write)
-
-
 def write_json(path: str | Path, obj: object) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    clip.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    clip.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 # -- the frozen ViT and the data, cached -------------------------------------------------------
@@ -1291,15 +1287,26 @@ def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQADat
               FrozenViT(load_or_train_vit(run.cache, vcfg.tiny_vision, run.device, tcfg.seed, run.progress), dense))
     train = train_data(run.cache, tcfg, vision.image_size)
     torch.manual_seed(tcfg.seed)
-    if vcfg.lm:
-        model, processor = build_hf_vlm(vcfg, vision, *load_hf_lm(vcfg.lm))
-        model.to(run.device)
+    words = None if vcfg.lm else WordTokenizer.from_texts([c for _, c in train.captions] + [tcfg.caption_prompt]
+                                                          + [q + " " + a for _, q, a, _ in train.qa])
+    vlm = assemble_vlm(vcfg, vision, vcfg.lm, words, tcfg.caption_prompt)
+    vlm.model.to(run.device)
+    return vlm, train
+
+
+def assemble_vlm(vcfg: VLMConfig, vision: FrozenViT | FrozenHFVision, lm: str, words: WordTokenizer | None,
+                 caption_prompt: str = "caption") -> VLM:
+    """vision + connector + LM, with its processor: the Gemma decoder over `words` (ShapesVLM), or the
+    transformers LM of the folder `lm` (hf:DIR) with its own tokenizer, its connector sized from its width."""
+    if lm:
+        lm, tokenizer = load_hf_lm(lm)
+        connector, m = make_connector(vcfg, vision.width, vision.layers, vision.num_patches, lm.config.hidden_size)
+        model = HFVLM(vision, connector, lm, m)
+        processor = hf_processor(tokenizer, m, vision.image_size, vision.normalize)
     else:
-        tokenizer = WordTokenizer.from_texts([c for _, c in train.captions] + [q + " " + a for _, q, a, _ in train.qa]
-                                             + [tcfg.caption_prompt])
-        model = ShapesVLM(vcfg, vision, len(tokenizer)).to(run.device)
-        processor = word_processor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
-    return VLM(model, processor, vcfg, vision, model.connector, model.language_model, tcfg.caption_prompt), train
+        model = ShapesVLM(vcfg, vision, len(words))
+        processor = word_processor(words, model.config.num_image_tokens, vision.image_size, vision.normalize)
+    return VLM(model, processor, vcfg, vision, model.connector, model.language_model, caption_prompt)
 
 
 def eval_sets(cache: str | Path, tcfg: TrainConfig, size: int) -> dict[str, VQAData]:
@@ -1431,35 +1438,22 @@ def load_data(spec: str, split: str, n: int, image_size: int, cache: str | Path)
     gets one question per image, "caption", answered by its caption: stage 2 and the evaluation then
     caption. Evaluation keeps one question per image, as for the shapes data."""
     kind, _, path = spec.partition(":")
-    name = f"{kind}-{hash_str(str(Path(path).resolve())):x}-{split}-{n}-{image_size}"
-    return cached(cache, name, lambda: read_and_resize(spec, split, n, image_size))
 
-
-def read_and_resize(spec: str, split: str, n: int, image_size: int) -> VQAData:
-    """load_data's work when nothing is cached: read the folder's rows, resize their images."""
-    path = spec.partition(":")[2]
-    vqa, caps, malformed = read_folder(spec, split, n)
-    try:
-        data = VQAData.from_iterables(vqa, caps, image_size)
-    except ValueError as e:
-        raise FolderError(f"--data {spec}: {path} holds nothing usable for {split} ({e}; {malformed} malformed "
+    def read_and_resize() -> VQAData:
+        vqa, caps, malformed = read_folder(spec, split, n)
+        try:
+            data = VQAData.from_iterables(vqa, caps, image_size)
+        except ValueError as e:
+            raise FolderError(f"--data {spec}: {path} holds nothing usable for {split} ({e}; {malformed} malformed "
                               f"lines). Accepted layouts:\n  " + "\n  ".join(LAYOUTS)) from None
-    data.malformed = malformed
-    data.qa = data.qa or [(i, "caption", c, "caption") for i, c in data.captions]
-    if split != "train":
-        first = {}
-        data.qa = list(first.setdefault(row[0], row) for row in data.qa if row[0] not in first)
-    return data
+        data.malformed = malformed
+        data.qa = data.qa or [(i, "caption", c, "caption") for i, c in data.captions]
+        if split != "train":
+            first = {}
+            data.qa = list(first.setdefault(row[0], row) for row in data.qa if row[0] not in first)
+        return data
 
-
-def rank_device(device: torch.device) -> torch.device:
-    """clip.setup_distributed (torchrun's process group: gloo on CPU, nccl on CUDA), then cuda:LOCAL_RANK
-    as this rank's device. Returns the device."""
-    import torch.distributed as dist
-    clip.setup_distributed(str(device))
-    if dist.is_initialized() and device.type == "cuda":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    return device
+    return cached(cache, f"{kind}-{hash_str(str(Path(path).resolve())):x}-{split}-{n}-{image_size}", read_and_resize)
 
 
 # -- the same model on transformers parts (--vision hf:DIR, --lm hf:DIR) ------------------------------
@@ -1644,14 +1638,6 @@ def load_hf_lm(spec: str) -> tuple[nn.Module, Any]:
     return lm, AutoTokenizer.from_pretrained(folder)
 
 
-def build_hf_vlm(vcfg: VLMConfig, vision: FrozenViT | FrozenHFVision, lm: nn.Module,
-                 tokenizer: Any) -> tuple[HFVLM, Processor]:
-    """vision + connector sized from the LM's config + the LM, and its processor."""
-    connector, m = make_connector(vcfg, vision.width, vision.layers, vision.num_patches, lm.config.hidden_size)
-    model = HFVLM(vision, connector, lm, m)
-    return model, hf_processor(tokenizer, m, vision.image_size, vision.normalize)
-
-
 def init_folder(spec: str) -> Path:
     """'paligemma:DIR' -> DIR, checked: config.json, weights (single or sharded) and the tokenizer."""
     if spec.partition(":")[0] != "paligemma" or not spec.partition(":")[2]:
@@ -1733,7 +1719,6 @@ def transformers_adapter(folder: Path, targets: Sequence[str]) -> None:
     """adapter/ renamed for transformers' PaliGemmaForConditionalGeneration (what peft sees), with a
     target regex (peft and lora.py both fullmatch it) that names the decoder's layers under either
     naming: SigLIP's layers are also called q_proj, ..."""
-    from safetensors.torch import save_file
     renames = (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
                ("multi_modal_projector.", "model.multi_modal_projector."))
 
@@ -1741,8 +1726,8 @@ def transformers_adapter(folder: Path, targets: Sequence[str]) -> None:
         name = key.removeprefix(lora.PEFT_PREFIX)
         return next((lora.PEFT_PREFIX + new + name.removeprefix(old) for old, new in renames if name.startswith(old)), key)
 
-    tensors = {theirs(k): v for k, v in clip.read_safetensors(folder / lora.ADAPTER_WEIGHTS).items()}
-    atomic_write(folder / lora.ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    save_tensors(folder / lora.ADAPTER_WEIGHTS, {theirs(k): v for k, v in clip.read_safetensors(
+        folder / lora.ADAPTER_WEIGHTS).items()})
     config = json.loads((folder / lora.ADAPTER_CONFIG).read_text())
     write_json(folder / lora.ADAPTER_CONFIG, {**config, "target_modules": r".*language_model.*\.(" + "|".join(targets) + ")"})
 
@@ -1782,7 +1767,7 @@ def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
     if not (folder / "vlm.json").exists():
         raise CheckpointError(f"{folder} has no vlm.json: expected the `model` folder a vlm_train.py run writes")
     meta = json.loads((folder / "vlm.json").read_text())
-    vcfg, parts = VLMConfig(**meta["model"]), meta["parts"]
+    vcfg, parts = VLMConfig(**meta["model"]), meta.get("parts", ())      # no parts: written before the manifest had them
     if "base" in parts:
         model = pg.PaliGemma.from_pretrained(folder / "base", dtype=torch.float32, device=device)
         vlm = checkpoint_vlm(model, checkpoint_processor(folder / "base", model.config), vcfg)
@@ -1791,15 +1776,11 @@ def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
         # the transformers parts from the copies in the folder, not from where they were trained
         vision = (load_hf_vision(f"hf:{folder / 'vision'}", dense) if vcfg.vision else FrozenViT(
             clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model, dense))
-        if vcfg.lm:
-            model, processor = build_hf_vlm(vcfg, vision, *load_hf_lm(f"hf:{folder / 'lm'}"))
-        else:
-            tokenizer = WordTokenizer(meta["vocab"])
-            model = ShapesVLM(vcfg, vision, len(tokenizer))
-            processor = word_processor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
+        words = None if vcfg.lm else WordTokenizer(meta["vocab"])
+        vlm = assemble_vlm(vcfg, vision, vcfg.lm and f"hf:{folder / 'lm'}", words)
+        model = vlm.model
         kept = {k: v for k, v in model.state_dict().items() if k.startswith(transformers_parts(vcfg))}
         clip.load_strict(model, {**clip.read_safetensors(folder / "model.safetensors"), **kept}, folder)
-        vlm = VLM(model, processor, vcfg, vision, model.connector, model.language_model)
     if meta["stage2"] != "full":
         add_lora(vlm, quantize=meta["stage2"] == "qlora")
         set_stage(vlm, 2, meta["stage2"])
@@ -1821,11 +1802,9 @@ def memory_child(mode: str, vcfg_dict: dict, batch_size: int, vocab_size: int) -
     vcfg = VLMConfig(**vcfg_dict)
     torch.manual_seed(0)
     vit = clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model
-    model = ShapesVLM(vcfg, FrozenViT(vit, vcfg.connector == "dense"), vocab_size)
-    tokenizer = WordTokenizer([f"w{i}" for i in range(vocab_size - len(SPECIALS))])
-    processor = word_processor(tokenizer, model.config.num_image_tokens, vit.cfg.image_size)
-    data = shapes_data(batch_size, 0, "train", vit.cfg.image_size, all_questions=False)
-    vlm = VLM(model, processor, vcfg, model.vision, model.connector, model.language_model)
+    words = WordTokenizer([f"w{i}" for i in range(vocab_size - len(SPECIALS))])
+    vlm = assemble_vlm(vcfg, FrozenViT(vit, vcfg.connector == "dense"), "", words)
+    model, data = vlm.model, shapes_data(batch_size, 0, "train", vit.cfg.image_size, all_questions=False)
     if mode != "full":
         add_lora(vlm, quantize=mode == "qlora")
     params = set_stage(vlm, 2, mode)
@@ -1898,7 +1877,7 @@ def answer_grid(data: VQAData, predictions: Sequence[str], path: str | Path, n: 
         draw.text((x + cell + 10, y + 20), f"model: {p}", fill=(0, 130, 0) if p == a else (200, 0, 0), font=font)
         draw.text((x + cell + 10, y + 40), f"truth: {a}", fill=(0, 0, 0), font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    clip.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 # -- printing ------------------------------------------------------------------------------------
@@ -1937,11 +1916,17 @@ def print_summary(metrics: dict, out: str | Path) -> None:
 # -- command line ----------------------------------------------------------------------------------
 
 def pick_device(name: str) -> torch.device:
-    """--device auto|cpu|cuda|cuda:N as a torch.device (clip.pick_device checks that a CUDA device exists)."""
+    """--device auto|cpu|cuda|cuda:N (clip.pick_device checks that a CUDA device exists); under torchrun,
+    its process group joined (clip.setup_distributed: gloo on CPU, nccl on CUDA) and cuda:LOCAL_RANK."""
+    import torch.distributed as dist
     try:
-        return torch.device(clip.pick_device(name))
+        device = torch.device(clip.pick_device(name))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    clip.setup_distributed(str(device))
+    if dist.is_initialized() and device.type == "cuda":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return device
 
 
 def parse_setting(item: str) -> tuple[str, object]:
@@ -2007,7 +1992,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     args.out = args.out or "runs/vlm_train"
     try:
-        device = rank_device(pick_device(args.device))            # torchrun: join its process group
+        device = pick_device(args.device)                         # torchrun: joins its process group
         vcfg, tcfg = configs_from_args(args)
         if args.memory_report:
             return memory_report(vcfg, tcfg.batch_size)
