@@ -1280,7 +1280,11 @@ def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQADat
     the corpus' words (ShapesVLM); --lm hf:DIR a transformers LM with its own tokenizer (HFVLM);
     --init paligemma:DIR a whole PaliGemma checkpoint."""
     if run.init is not None:
-        vlm = build_init_vlm(run.init, vcfg, run.device)
+        folder = init_folder(run.init)
+        if vcfg.connector not in ("linear", "dense"):
+            raise ConfigError(f"--init paligemma uses the checkpoint's own projector: --connector linear or dense, "
+                              f"got {vcfg.connector!r}")
+        vlm = checkpoint_vlm(folder, vcfg, run.device, vcfg.connector)
         return vlm, train_data(run.cache, tcfg, vlm.processor.image_size)
     dense = vcfg.connector == "dense"
     vision = (load_hf_vision(vcfg.vision, dense).to(run.device) if vcfg.vision else
@@ -1523,14 +1527,16 @@ class HFVLM(nn.Module):
             raise ValueError("the prompt has image placeholders but no features were given")
         return x
 
+    def lm_inputs(self, input_ids: torch.Tensor, features: torch.Tensor | None,
+                  attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)                         # left padding moves nothing
+        return {"inputs_embeds": self.embed_inputs(input_ids, features), "attention_mask": mask, "position_ids": positions}
+
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> pg.Output:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)              # left padding moves nothing
-        logits = self.language_model(inputs_embeds=self.embed_inputs(input_ids, features),
-                                     attention_mask=attention_mask, position_ids=positions).logits
+        logits = self.language_model(**self.lm_inputs(input_ids, features, attention_mask)).logits
         return pg.Output(logits, None if labels is None else pg.suffix_loss(logits, labels))
 
     @torch.no_grad()
@@ -1542,10 +1548,8 @@ class HFVLM(nn.Module):
         eos = lm.config.eos_token_id if eos_token_id is None else eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
         pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else int(eos[0])
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = lm(inputs_embeds=self.embed_inputs(input_ids, features), attention_mask=mask,
-                 position_ids=positions, use_cache=True)
+        inputs = self.lm_inputs(input_ids, features, attention_mask)
+        out, mask, positions = lm(**inputs, use_cache=True), inputs["attention_mask"], inputs["position_ids"]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         tokens = []
         for step in range(max_new_tokens):
@@ -1659,20 +1663,12 @@ def checkpoint_processor(folder: str | Path, config: pg.PaliGemmaConfig) -> Proc
                      config.text.pad_token_id if tok.pad_token_id is None else tok.pad_token_id)
 
 
-def build_init_vlm(spec: str, vcfg: VLMConfig, device: torch.device | str) -> VLM:
-    """PaliGemma.from_pretrained(DIR) in fp32; its projector is the connector (linear, or dense)."""
-    folder = init_folder(spec)
-    if vcfg.connector not in ("linear", "dense"):
-        raise ConfigError(f"--init paligemma uses the checkpoint's own projector: --connector linear or dense, "
-                          f"got {vcfg.connector!r}")
-    model = pg.PaliGemma.from_pretrained(folder, dtype=torch.float32, device=device, connector=vcfg.connector)
-    return checkpoint_vlm(model, checkpoint_processor(folder, model.config), vcfg)
-
-
-def checkpoint_vlm(model: pg.PaliGemma, processor: Processor, vcfg: VLMConfig) -> VLM:
-    """A PaliGemma checkpoint as a VLM: its tower reads pixels inside the model; PaliGemma's prompts."""
-    return VLM(model, processor, vcfg, None, model.multi_modal_projector, model.language_model, "caption en",
-               "answer en ")
+def checkpoint_vlm(folder: Path, vcfg: VLMConfig, device: torch.device | str, connector: str | None = None) -> VLM:
+    """A PaliGemma checkpoint (PaliGemma.from_pretrained, fp32) as a VLM: its tower reads pixels inside the
+    model, its projector is the connector (connector="dense" widens a linear one); PaliGemma's prompts."""
+    model = pg.PaliGemma.from_pretrained(folder, dtype=torch.float32, device=device, connector=connector)
+    return VLM(model, checkpoint_processor(folder, model.config), vcfg, None, model.multi_modal_projector,
+               model.language_model, "caption en", "answer en ")
 
 
 # -- out/model: one format for every model, written by save_vlm, read by load_vlm ---------------------
@@ -1767,10 +1763,9 @@ def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
     if not (folder / "vlm.json").exists():
         raise CheckpointError(f"{folder} has no vlm.json: expected the `model` folder a vlm_train.py run writes")
     meta = json.loads((folder / "vlm.json").read_text())
-    vcfg, parts = VLMConfig(**meta["model"]), meta.get("parts", ())      # no parts: written before the manifest had them
+    vcfg, parts = VLMConfig(**meta["model"]), meta.get("parts", ())      # older manifests name none
     if "base" in parts:
-        model = pg.PaliGemma.from_pretrained(folder / "base", dtype=torch.float32, device=device)
-        vlm = checkpoint_vlm(model, checkpoint_processor(folder / "base", model.config), vcfg)
+        vlm = checkpoint_vlm(folder / "base", vcfg, device)
     else:
         dense = vcfg.connector == "dense"
         # the transformers parts from the copies in the folder, not from where they were trained
@@ -1778,9 +1773,9 @@ def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
             clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model, dense))
         words = None if vcfg.lm else WordTokenizer(meta["vocab"])
         vlm = assemble_vlm(vcfg, vision, vcfg.lm and f"hf:{folder / 'lm'}", words)
-        model = vlm.model
-        kept = {k: v for k, v in model.state_dict().items() if k.startswith(transformers_parts(vcfg))}
-        clip.load_strict(model, {**clip.read_safetensors(folder / "model.safetensors"), **kept}, folder)
+        kept = {k: v for k, v in vlm.model.state_dict().items() if k.startswith(transformers_parts(vcfg))}
+        clip.load_strict(vlm.model, {**clip.read_safetensors(folder / "model.safetensors"), **kept}, folder)
+    model = vlm.model
     if meta["stage2"] != "full":
         add_lora(vlm, quantize=meta["stage2"] == "qlora")
         set_stage(vlm, 2, meta["stage2"])
