@@ -1262,17 +1262,15 @@ def cached(cache: str | Path, name: str, build: Callable[[], VQAData]) -> VQADat
     return data
 
 
-def cached_data(cache: str | Path, n: int, seed: int, split: str, image_size: int, all_questions: bool) -> VQAData:
-    """shapes_data, rendered once and kept in the cache (`cached`)."""
-    name = f"{split}-{seed}-{n}-{image_size}-{'all' if all_questions else 'one'}"
-    return cached(cache, name, lambda: shapes_data(n, seed, split, image_size, all_questions))
-
-
-def train_data(cache: str | Path, tcfg: TrainConfig, size: int) -> VQAData:
-    """The training rows: --data's folder, or the embedded shapes scenes (every question of each)."""
+def split_data(cache: str | Path, tcfg: TrainConfig, size: int, split: str) -> VQAData:
+    """A split's rows, kept in the cache: "train" (every question of each scene, seed), "test" / "heldout"
+    (fresh scenes of seen / held-out pairs, one question each, seed + 1); --data: the folder's train / eval."""
+    train = split == "train"
+    n, seed = (tcfg.n_train, tcfg.seed) if train else (tcfg.n_eval, tcfg.seed + 1)
     if tcfg.data:
-        return load_data(tcfg.data, "train", tcfg.n_train, size, cache)
-    return cached_data(cache, tcfg.n_train, tcfg.seed, "train", size, True)
+        return load_data(tcfg.data, "train" if train else "eval", n, size, cache)
+    name = f"{split}-{seed}-{n}-{size}-{'all' if train else 'one'}"
+    return cached(cache, name, lambda: shapes_data(n, seed, split, size, train))
 
 
 def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQAData]:
@@ -1285,11 +1283,11 @@ def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQADat
             raise ConfigError(f"--init paligemma uses the checkpoint's own projector: --connector linear or dense, "
                               f"got {vcfg.connector!r}")
         vlm = checkpoint_vlm(folder, vcfg, run.device, vcfg.connector)
-        return vlm, train_data(run.cache, tcfg, vlm.processor.image_size)
+        return vlm, split_data(run.cache, tcfg, vlm.processor.image_size, "train")
     dense = vcfg.connector == "dense"
     vision = (load_hf_vision(vcfg.vision, dense).to(run.device) if vcfg.vision else
               FrozenViT(load_or_train_vit(run.cache, vcfg.tiny_vision, run.device, tcfg.seed, run.progress), dense))
-    train = train_data(run.cache, tcfg, vision.image_size)
+    train = split_data(run.cache, tcfg, vision.image_size, "train")
     torch.manual_seed(tcfg.seed)
     words = None if vcfg.lm else WordTokenizer.from_texts([c for _, c in train.captions] + [tcfg.caption_prompt]
                                                           + [q + " " + a for _, q, a, _ in train.qa])
@@ -1314,11 +1312,8 @@ def assemble_vlm(vcfg: VLMConfig, vision: FrozenViT | FrozenHFVision, lm: str, w
 
 
 def eval_sets(cache: str | Path, tcfg: TrainConfig, size: int) -> dict[str, VQAData]:
-    """Fresh scenes (seed + 1) of seen pairs ("test") and of held-out pairs ("heldout"), one question each;
-    with --data, the folder's evaluation split as "test"."""
-    if tcfg.data:
-        return {"test": load_data(tcfg.data, "eval", tcfg.n_eval, size, cache)}
-    return {split: cached_data(cache, tcfg.n_eval, tcfg.seed + 1, split, size, False) for split in ("test", "heldout")}
+    """"test" and "heldout" (split_data); with --data, the folder's evaluation split as "test"."""
+    return {split: split_data(cache, tcfg, size, split) for split in (("test",) if tcfg.data else ("test", "heldout"))}
 
 
 @torch.no_grad()
@@ -2003,9 +1998,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         metrics, _ = train_vlm(vcfg, tcfg, run)
         if clip.dist_info()[0] == 0:
             print_summary(metrics, args.out)
-        if args.figure and clip.dist_info()[0] == 0:
-            import shutil
-            shutil.copy(Path(args.out) / "answers.png", args.figure)
+            if args.figure:
+                import shutil
+                shutil.copy(Path(args.out) / "answers.png", args.figure)
         return metrics
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
