@@ -389,10 +389,11 @@ class FrozenViT(nn.Module):
         self.vit, self.all_layers = vit.requires_grad_(False).eval(), all_layers
         c = vit.cfg
         self.width, self.layers, self.num_patches, self.image_size = c.vision_width, c.vision_layers, c.num_patches, c.image_size
+        self.mean, self.std = clip.CLIP_MEAN, clip.CLIP_STD     # CLIP's, what the shapes ViT was trained on
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, I, I, C) uint8 -> (B, C, I, I) with CLIP's normalisation (what the shapes ViT was trained on)."""
-        return clip.normalize(images)
+        """(B, I, I, C) uint8 -> (B, C, I, I) with the encoder's own mean and std."""
+        return clip.normalize(images, self.mean, self.std)
 
     def train(self, mode: bool = True) -> FrozenViT:      # frozen means no dropout or batch statistics either, ever
         return super().train(False)
@@ -805,7 +806,10 @@ def word_processor(tokenizer: WordTokenizer, image_tokens: int, image_size: int,
                    normalize: Callable[[torch.Tensor], torch.Tensor] = clip.normalize) -> Processor:
     """The default LM's processor: [<image>] * M <bos> prompt <sep> | answer <eos> over WordTokenizer's ids."""
     t = tokenizer
-    prefix = lambda p, images: [t.image_token_id] * image_tokens * images + [t.bos_token_id] + t.encode(p) + [t.sep_token_id]  # noqa: E731
+
+    def prefix(prompt: str, images: bool) -> list[int]:
+        return [t.image_token_id] * (image_tokens if images else 0) + [t.bos_token_id] + t.encode(prompt) + [t.sep_token_id]
+
     return Processor(t, prefix, lambda a: t.encode(a) + [t.eos_token_id], normalize,
                      lambda tokens: [t.decode(row) for row in tokens.tolist()], image_size, t.eos_token_id,
                      t.pad_token_id)
@@ -1470,11 +1474,7 @@ class FrozenHFVision(FrozenViT):
         self.width, self.layers, self.image_size = c.hidden_size, c.num_hidden_layers, c.image_size
         self.num_patches = (c.image_size // c.patch_size) ** 2
         self.has_class_token = c.model_type.startswith("clip")
-        self.mean, self.std = tuple(mean), tuple(std)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, I, I, C) uint8 -> (B, C, I, I) with the tower's own mean and std."""
-        return clip.normalize(images, self.mean, self.std)
+        self.mean, self.std = tuple(mean), tuple(std)                # what FrozenViT.normalize uses
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -1617,10 +1617,15 @@ def hf_processor(tok: Any, image_tokens: int, image_size: int,
                  normalize: Callable[[torch.Tensor], torch.Tensor]) -> Processor:
     """A transformers LM's processor, with its own tokenizer: [IMAGE] * M <bos> prompt \\n | answer <eos>."""
     eos, start = tok.eos_token_id, [] if tok.bos_token_id is None else [tok.bos_token_id]
-    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    decode = lambda tokens: [tok.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True)  # noqa: E731
-                             for row in tokens.tolist()]
-    return Processor(tok, lambda p, images: [HFVLM.IMAGE] * image_tokens * images + start + ids(p + "\n"),
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(tokens: torch.Tensor) -> list[str]:
+        return [tok.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True)
+                for row in tokens.tolist()]
+
+    return Processor(tok, lambda p, images: [HFVLM.IMAGE] * (image_tokens if images else 0) + start + ids(p + "\n"),
                      lambda a: ids(a) + [eos], normalize, decode, image_size, eos,
                      eos if tok.pad_token_id is None else tok.pad_token_id)
 
@@ -1651,11 +1656,16 @@ def checkpoint_processor(folder: str | Path, config: pg.PaliGemmaConfig) -> Proc
     same layout: <image> * M <bos> prompt \\n | answer <eos>."""
     processor = pg.PaliGemmaProcessor.from_pretrained(folder, config)
     tok, image = processor.tokenizer, processor.IMAGE_TOKEN * config.num_image_tokens
-    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    pixels = lambda images: torch.stack([processor.preprocess_image(Image.fromarray(x.numpy())) for x in images])  # noqa: E731
-    return Processor(tok, lambda p, images: ids(image * images + tok.bos_token + p + "\n"), lambda a: ids(a + tok.eos_token),
-                     pixels, processor.decode, config.vision.image_size, tok.eos_token_id,
-                     config.text.pad_token_id if tok.pad_token_id is None else tok.pad_token_id)
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def pixels(images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([processor.preprocess_image(Image.fromarray(x.numpy())) for x in images])
+
+    return Processor(tok, lambda p, images: ids((image if images else "") + tok.bos_token + p + "\n"),
+                     lambda a: ids(a + tok.eos_token), pixels, processor.decode, config.vision.image_size,
+                     tok.eos_token_id, config.text.pad_token_id if tok.pad_token_id is None else tok.pad_token_id)
 
 
 def checkpoint_vlm(folder: Path, vcfg: VLMConfig, device: torch.device | str, connector: str | None = None) -> VLM:
@@ -1720,7 +1730,8 @@ def transformers_adapter(folder: Path, targets: Sequence[str]) -> None:
     save_tensors(folder / lora.ADAPTER_WEIGHTS, {theirs(k): v for k, v in clip.read_safetensors(
         folder / lora.ADAPTER_WEIGHTS).items()})
     config = json.loads((folder / lora.ADAPTER_CONFIG).read_text())
-    write_json(folder / lora.ADAPTER_CONFIG, {**config, "target_modules": r".*language_model.*\.(" + "|".join(targets) + ")"})
+    config["target_modules"] = r".*language_model.*\.(" + "|".join(targets) + ")"
+    write_json(folder / lora.ADAPTER_CONFIG, config)
 
 
 def save_vlm(vlm: VLM, folder: str | Path, init: str | None = None) -> None:
@@ -1743,7 +1754,8 @@ def save_vlm(vlm: VLM, folder: str | Path, init: str | None = None) -> None:
         meta["vocab"] = vlm.processor.tokenizer.itos
     if vcfg.vision:
         shutil.copytree(vcfg.vision[3:], folder / "vision", dirs_exist_ok=True)
-    meta["parts"] += [part for part, has in (("lm", vcfg.lm), ("vision", vcfg.vision), ("adapter", mode != "full")) if has]
+    meta["parts"] += [part for part, has in (("lm", vcfg.lm), ("vision", vcfg.vision), ("adapter", mode != "full"))
+                      if has]
     if mode != "full":
         lora.save_adapter(vlm.lm if vcfg.lm else vlm.model, str(folder / "adapter"))
         if init is not None:
