@@ -78,7 +78,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -389,10 +389,11 @@ class FrozenViT(nn.Module):
         self.vit, self.all_layers = vit.requires_grad_(False).eval(), all_layers
         c = vit.cfg
         self.width, self.layers, self.num_patches, self.image_size = c.vision_width, c.vision_layers, c.num_patches, c.image_size
+        self.mean, self.std = clip.CLIP_MEAN, clip.CLIP_STD     # CLIP's, what the shapes ViT was trained on
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, I, I, C) uint8 -> (B, C, I, I) with CLIP's normalisation (what the shapes ViT was trained on)."""
-        return clip.normalize(images)
+        """(B, I, I, C) uint8 -> (B, C, I, I) with the encoder's own mean and std."""
+        return clip.normalize(images, self.mean, self.std)
 
     def train(self, mode: bool = True) -> FrozenViT:      # frozen means no dropout or batch statistics either, ever
         return super().train(False)
@@ -778,51 +779,40 @@ def prefix_suffix_batch(prefixes: Sequence[list[int]], suffixes: Sequence[list[i
             "labels": labels}
 
 
-class Processor(Protocol):
-    """What turns images and texts into a model's inputs. Three implement it: WordProcessor (the default
-    LM's words), HFProcessor (--lm hf:DIR, the LM's own tokenizer) and CheckpointProcessor (--init
-    paligemma:DIR); each lays out <image> * M <bos> prompt <sep> | answer <eos>, left-padded."""
+@dataclass(eq=False)
+class Processor:
+    """What turns images and texts into a model's inputs, for every LM: <image> * M <bos> prompt <sep> |
+    answer <eos>, left-padded (prefix_suffix_batch). LMs differ only in how a text becomes ids and how
+    an image becomes pixels, so the three kinds (`word_processor` for the default LM's words,
+    `hf_processor` for --lm hf:DIR's tokenizer, `checkpoint_processor` for --init paligemma:DIR) are
+    this one class with other functions in its fields."""
     tokenizer: Any
+    prefix: Callable[[str, bool], list[int]]            # (prompt, with image tokens?) -> <image> * M <bos> prompt <sep>
+    suffix: Callable[[str], list[int]]                  # answer -> answer <eos>
+    pixels: Callable[[torch.Tensor], torch.Tensor]      # (B, I, I, C) uint8 -> (B, C, I, I), as the encoder was trained
+    decode: Callable[[torch.Tensor], list[str]]         # generated ids -> texts, up to the end-of-sequence token
     image_size: int
     eos_token_id: int
+    pad_token_id: int
 
     def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
                  images: bool = True) -> dict[str, torch.Tensor]:
         """input_ids, attention_mask, token_type_ids, labels (prefix_suffix_batch); images=False: text only."""
-
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, I, I, C) uint8 -> (B, C, I, I), normalised as the vision encoder was trained."""
-
-    def decode(self, tokens: torch.Tensor) -> list[str]:
-        """Generated ids -> texts, up to the end-of-sequence token."""
+        suffixes = [[] for _ in prompts] if answers is None else [self.suffix(a) for a in answers]
+        return prefix_suffix_batch([self.prefix(p, images) for p in prompts], suffixes, self.pad_token_id)
 
 
-class WordProcessor:
-    """Prompts and answers of the default LM: [<image>] * M <bos> prompt <sep> | answer <eos>."""
+def word_processor(tokenizer: WordTokenizer, image_tokens: int, image_size: int,
+                   normalize: Callable[[torch.Tensor], torch.Tensor] = clip.normalize) -> Processor:
+    """The default LM's processor: [<image>] * M <bos> prompt <sep> | answer <eos> over WordTokenizer's ids."""
+    t = tokenizer
 
-    def __init__(self, tokenizer: WordTokenizer, image_tokens: int, image_size: int,
-                 normalize: Callable[[torch.Tensor], torch.Tensor] = clip.normalize):
-        self.tokenizer, self.image_tokens, self.image_size = tokenizer, image_tokens, image_size
-        self.normalize = normalize
+    def prefix(prompt: str, images: bool) -> list[int]:
+        return [t.image_token_id] * (image_tokens if images else 0) + [t.bos_token_id] + t.encode(prompt) + [t.sep_token_id]
 
-    def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
-                 images: bool = True) -> dict[str, torch.Tensor]:
-        t = self.tokenizer
-        image = [t.image_token_id] * self.image_tokens if images else []
-        prefixes = [image + [t.bos_token_id] + t.encode(p) + [t.sep_token_id] for p in prompts]
-        suffixes = [[] for _ in prompts] if answers is None else [t.encode(a) + [t.eos_token_id] for a in answers]
-        return prefix_suffix_batch(prefixes, suffixes, t.pad_token_id)
-
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, I, I, C) uint8 -> (B, C, I, I), normalised as the vision encoder was trained."""
-        return self.normalize(images)
-
-    def decode(self, tokens: torch.Tensor) -> list[str]:
-        return [self.tokenizer.decode(row) for row in tokens.tolist()]
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
+    return Processor(t, prefix, lambda a: t.encode(a) + [t.eos_token_id], normalize,
+                     lambda tokens: [t.decode(row) for row in tokens.tolist()], image_size, t.eos_token_id,
+                     t.pad_token_id)
 
 
 # == Evaluation: greedy answers, exact match and ROUGE per kind, retrieval =========================
@@ -1225,20 +1215,16 @@ class Run:
         return x.item() / self.world
 
 
-def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
-    """clip.atomic_write (old file or new, never half), creating the folder first."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    clip.atomic_write(path, write)
-
-
 def write_json(path: str | Path, obj: object) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    clip.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1, default=str)))
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    clip.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 # -- the frozen ViT and the data, cached -------------------------------------------------------
@@ -1280,17 +1266,15 @@ def cached(cache: str | Path, name: str, build: Callable[[], VQAData]) -> VQADat
     return data
 
 
-def cached_data(cache: str | Path, n: int, seed: int, split: str, image_size: int, all_questions: bool) -> VQAData:
-    """shapes_data, rendered once and kept in the cache (`cached`)."""
-    name = f"{split}-{seed}-{n}-{image_size}-{'all' if all_questions else 'one'}"
-    return cached(cache, name, lambda: shapes_data(n, seed, split, image_size, all_questions))
-
-
-def train_data(cache: str | Path, tcfg: TrainConfig, size: int) -> VQAData:
-    """The training rows: --data's folder, or the embedded shapes scenes (every question of each)."""
+def split_data(cache: str | Path, tcfg: TrainConfig, size: int, split: str) -> VQAData:
+    """A split's rows, kept in the cache: "train" (every question of each scene, seed), "test" / "heldout"
+    (fresh scenes of seen / held-out pairs, one question each, seed + 1); --data: the folder's train / eval."""
+    train = split == "train"
+    n, seed = (tcfg.n_train, tcfg.seed) if train else (tcfg.n_eval, tcfg.seed + 1)
     if tcfg.data:
-        return load_data(tcfg.data, "train", tcfg.n_train, size, cache)
-    return cached_data(cache, tcfg.n_train, tcfg.seed, "train", size, True)
+        return load_data(tcfg.data, "train" if train else "eval", n, size, cache)
+    name = f"{split}-{seed}-{n}-{size}-{'all' if train else 'one'}"
+    return cached(cache, name, lambda: shapes_data(n, seed, split, size, train))
 
 
 def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQAData]:
@@ -1298,30 +1282,42 @@ def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQADat
     the corpus' words (ShapesVLM); --lm hf:DIR a transformers LM with its own tokenizer (HFVLM);
     --init paligemma:DIR a whole PaliGemma checkpoint."""
     if run.init is not None:
-        vlm = build_init_vlm(run.init, vcfg, run.device)
-        return vlm, train_data(run.cache, tcfg, vlm.processor.image_size)
+        folder = init_folder(run.init)
+        if vcfg.connector not in ("linear", "dense"):
+            raise ConfigError(f"--init paligemma uses the checkpoint's own projector: --connector linear or dense, "
+                              f"got {vcfg.connector!r}")
+        vlm = checkpoint_vlm(folder, vcfg, run.device, vcfg.connector)
+        return vlm, split_data(run.cache, tcfg, vlm.processor.image_size, "train")
     dense = vcfg.connector == "dense"
     vision = (load_hf_vision(vcfg.vision, dense).to(run.device) if vcfg.vision else
               FrozenViT(load_or_train_vit(run.cache, vcfg.tiny_vision, run.device, tcfg.seed, run.progress), dense))
-    train = train_data(run.cache, tcfg, vision.image_size)
+    train = split_data(run.cache, tcfg, vision.image_size, "train")
     torch.manual_seed(tcfg.seed)
-    if vcfg.lm:
-        model, processor = build_hf_vlm(vcfg, vision, *load_hf_lm(vcfg.lm))
-        model.to(run.device)
+    words = None if vcfg.lm else WordTokenizer.from_texts([c for _, c in train.captions] + [tcfg.caption_prompt]
+                                                          + [q + " " + a for _, q, a, _ in train.qa])
+    vlm = assemble_vlm(vcfg, vision, vcfg.lm, words, tcfg.caption_prompt)
+    vlm.model.to(run.device)
+    return vlm, train
+
+
+def assemble_vlm(vcfg: VLMConfig, vision: FrozenViT | FrozenHFVision, lm: str, words: WordTokenizer | None,
+                 caption_prompt: str = "caption") -> VLM:
+    """vision + connector + LM, with its processor: the Gemma decoder over `words` (ShapesVLM), or the
+    transformers LM of the folder `lm` (hf:DIR) with its own tokenizer, its connector sized from its width."""
+    if lm:
+        lm, tokenizer = load_hf_lm(lm)
+        connector, m = make_connector(vcfg, vision.width, vision.layers, vision.num_patches, lm.config.hidden_size)
+        model = HFVLM(vision, connector, lm, m)
+        processor = hf_processor(tokenizer, m, vision.image_size, vision.normalize)
     else:
-        tokenizer = WordTokenizer.from_texts([c for _, c in train.captions] + [q + " " + a for _, q, a, _ in train.qa]
-                                             + [tcfg.caption_prompt])
-        model = ShapesVLM(vcfg, vision, len(tokenizer)).to(run.device)
-        processor = WordProcessor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
-    return VLM(model, processor, vcfg, vision, model.connector, model.language_model, tcfg.caption_prompt), train
+        model = ShapesVLM(vcfg, vision, len(words))
+        processor = word_processor(words, model.config.num_image_tokens, vision.image_size, vision.normalize)
+    return VLM(model, processor, vcfg, vision, model.connector, model.language_model, caption_prompt)
 
 
 def eval_sets(cache: str | Path, tcfg: TrainConfig, size: int) -> dict[str, VQAData]:
-    """Fresh scenes (seed + 1) of seen pairs ("test") and of held-out pairs ("heldout"), one question each;
-    with --data, the folder's evaluation split as "test"."""
-    if tcfg.data:
-        return {"test": load_data(tcfg.data, "eval", tcfg.n_eval, size, cache)}
-    return {split: cached_data(cache, tcfg.n_eval, tcfg.seed + 1, split, size, False) for split in ("test", "heldout")}
+    """"test" and "heldout" (split_data); with --data, the folder's evaluation split as "test"."""
+    return {split: split_data(cache, tcfg, size, split) for split in (("test",) if tcfg.data else ("test", "heldout"))}
 
 
 @torch.no_grad()
@@ -1445,35 +1441,22 @@ def load_data(spec: str, split: str, n: int, image_size: int, cache: str | Path)
     gets one question per image, "caption", answered by its caption: stage 2 and the evaluation then
     caption. Evaluation keeps one question per image, as for the shapes data."""
     kind, _, path = spec.partition(":")
-    name = f"{kind}-{hash_str(str(Path(path).resolve())):x}-{split}-{n}-{image_size}"
-    return cached(cache, name, lambda: read_and_resize(spec, split, n, image_size))
 
-
-def read_and_resize(spec: str, split: str, n: int, image_size: int) -> VQAData:
-    """load_data's work when nothing is cached: read the folder's rows, resize their images."""
-    path = spec.partition(":")[2]
-    vqa, caps, malformed = read_folder(spec, split, n)
-    try:
-        data = VQAData.from_iterables(vqa, caps, image_size)
-    except ValueError as e:
-        raise FolderError(f"--data {spec}: {path} holds nothing usable for {split} ({e}; {malformed} malformed "
+    def read_and_resize() -> VQAData:
+        vqa, caps, malformed = read_folder(spec, split, n)
+        try:
+            data = VQAData.from_iterables(vqa, caps, image_size)
+        except ValueError as e:
+            raise FolderError(f"--data {spec}: {path} holds nothing usable for {split} ({e}; {malformed} malformed "
                               f"lines). Accepted layouts:\n  " + "\n  ".join(LAYOUTS)) from None
-    data.malformed = malformed
-    data.qa = data.qa or [(i, "caption", c, "caption") for i, c in data.captions]
-    if split != "train":
-        first = {}
-        data.qa = list(first.setdefault(row[0], row) for row in data.qa if row[0] not in first)
-    return data
+        data.malformed = malformed
+        data.qa = data.qa or [(i, "caption", c, "caption") for i, c in data.captions]
+        if split != "train":
+            first = {}
+            data.qa = list(first.setdefault(row[0], row) for row in data.qa if row[0] not in first)
+        return data
 
-
-def rank_device(device: torch.device) -> torch.device:
-    """clip.setup_distributed (torchrun's process group: gloo on CPU, nccl on CUDA), then cuda:LOCAL_RANK
-    as this rank's device. Returns the device."""
-    import torch.distributed as dist
-    clip.setup_distributed(str(device))
-    if dist.is_initialized() and device.type == "cuda":
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    return device
+    return cached(cache, f"{kind}-{hash_str(str(Path(path).resolve())):x}-{split}-{n}-{image_size}", read_and_resize)
 
 
 # -- the same model on transformers parts (--vision hf:DIR, --lm hf:DIR) ------------------------------
@@ -1491,11 +1474,7 @@ class FrozenHFVision(FrozenViT):
         self.width, self.layers, self.image_size = c.hidden_size, c.num_hidden_layers, c.image_size
         self.num_patches = (c.image_size // c.patch_size) ** 2
         self.has_class_token = c.model_type.startswith("clip")
-        self.mean, self.std = tuple(mean), tuple(std)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, I, I, C) uint8 -> (B, C, I, I) with the tower's own mean and std."""
-        return clip.normalize(images, self.mean, self.std)
+        self.mean, self.std = tuple(mean), tuple(std)                # what FrozenViT.normalize uses
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -1543,14 +1522,16 @@ class HFVLM(nn.Module):
             raise ValueError("the prompt has image placeholders but no features were given")
         return x
 
+    def lm_inputs(self, input_ids: torch.Tensor, features: torch.Tensor | None,
+                  attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)                         # left padding moves nothing
+        return {"inputs_embeds": self.embed_inputs(input_ids, features), "attention_mask": mask, "position_ids": positions}
+
     def forward(self, input_ids: torch.Tensor, features: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> pg.Output:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)              # left padding moves nothing
-        logits = self.language_model(inputs_embeds=self.embed_inputs(input_ids, features),
-                                     attention_mask=attention_mask, position_ids=positions).logits
+        logits = self.language_model(**self.lm_inputs(input_ids, features, attention_mask)).logits
         return pg.Output(logits, None if labels is None else pg.suffix_loss(logits, labels))
 
     @torch.no_grad()
@@ -1562,10 +1543,8 @@ class HFVLM(nn.Module):
         eos = lm.config.eos_token_id if eos_token_id is None else eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
         pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else int(eos[0])
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = lm(inputs_embeds=self.embed_inputs(input_ids, features), attention_mask=mask,
-                 position_ids=positions, use_cache=True)
+        inputs = self.lm_inputs(input_ids, features, attention_mask)
+        out, mask, positions = lm(**inputs, use_cache=True), inputs["attention_mask"], inputs["position_ids"]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         tokens = []
         for step in range(max_new_tokens):
@@ -1584,28 +1563,27 @@ class HFVLM(nn.Module):
 # -- --lm hf:DIR and --vision hf:DIR: transformers models from local folders -------------------------
 # transformers is imported here only, inside the functions: the default run needs none of it.
 
-def missing_files(folder: Path, *required: tuple[str, ...]) -> list[str]:
-    """Each group of file names (or glob patterns) of which the folder holds none, as "a or b"."""
-    return [" or ".join(names) for names in required
-            if not any(any(folder.glob(name)) for name in names)]
+def checked_folder(spec: str, flag: str, layout: str, *required: tuple[str, ...]) -> Path:
+    """The DIR of `--flag KIND:DIR`, checked: a folder holding one file of each group of names (or glob
+    patterns); else a FolderError that says what is missing (an "incomplete" folder) and what was expected."""
+    folder = Path(spec.partition(":")[2])
+    if not folder.is_dir():
+        raise FolderError(f"--{flag} {spec}: {folder} is not a folder; expected {layout}")
+    missing = [" or ".join(names) for names in required if not any(any(folder.glob(name)) for name in names)]
+    if missing:
+        raise FolderError(f"--{flag} {spec}: {folder} is incomplete, missing {', '.join(missing)} (expected {layout})")
+    return folder
 
 
 def hf_folder(spec: str, what: str, needs_tokenizer: bool = False) -> tuple[Path, dict]:
-    """'hf:DIR' -> DIR, checked: config.json, safetensors weights and (for an LM) a tokenizer."""
-    folder = Path(spec[3:])
-    layout = "config.json, model.safetensors (or sharded)" + (", tokenizer.json or tokenizer.model" if needs_tokenizer else "")
-    if not folder.is_dir():
-        raise FolderError(f"--{what} {spec}: {folder} is not a folder; expected a transformers save_pretrained "
-                            f"folder ({layout})")
-    missing = missing_files(folder, ("config.json",), ("*.safetensors",),
-                            *[("tokenizer.json", "tokenizer.model")] * needs_tokenizer)
-    if missing:
-        raise FolderError(f"--{what} {spec}: {folder} is missing " + ", ".join(missing) + f" (expected {layout})")
+    """'hf:DIR' -> (DIR, its config.json), checked: config.json, safetensors weights and (an LM) a tokenizer."""
+    folder = checked_folder(spec, what, "a transformers save_pretrained folder (config.json, model.safetensors or "
+                            "sharded" + (", tokenizer.json or tokenizer.model)" if needs_tokenizer else ")"),
+                            ("config.json",), ("*.safetensors",), *[("tokenizer.json", "tokenizer.model")] * needs_tokenizer)
     try:
-        config = json.loads((folder / "config.json").read_text())
+        return folder, json.loads((folder / "config.json").read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FolderError(f"--{what} {spec}: {folder / 'config.json'} is not valid JSON ({e})") from None
-    return folder, config
 
 
 def quiet_transformers() -> None:
@@ -1635,34 +1613,21 @@ def load_hf_vision(spec: str, all_layers: bool) -> FrozenHFVision:
     return FrozenHFVision(model, all_layers, norm.get("image_mean", default[0]), norm.get("image_std", default[1]))
 
 
-class HFProcessor:
-    """Prompts and answers for a transformers LM, with its own tokenizer:
-    [IMAGE] * M <bos> prompt \n | answer <eos>, left-padded (prefix_suffix_batch)."""
+def hf_processor(tok: Any, image_tokens: int, image_size: int,
+                 normalize: Callable[[torch.Tensor], torch.Tensor]) -> Processor:
+    """A transformers LM's processor, with its own tokenizer: [IMAGE] * M <bos> prompt \\n | answer <eos>."""
+    eos, start = tok.eos_token_id, [] if tok.bos_token_id is None else [tok.bos_token_id]
 
-    def __init__(self, tokenizer: Any, image_tokens: int, image_size: int,
-                 normalize: Callable[[torch.Tensor], torch.Tensor]):
-        self.tokenizer, self.image_tokens, self.image_size, self.normalize = tokenizer, image_tokens, image_size, normalize
-        self.eos_token_id = tokenizer.eos_token_id
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
 
-    def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
-                 images: bool = True) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer
-        start = ([HFVLM.IMAGE] * self.image_tokens if images else []) + ([tok.bos_token_id] if tok.bos_token_id is not None else [])
-        prefixes = [start + tok(p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
-        suffixes = ([[] for _ in prompts] if answers is None else
-                    [tok(a, add_special_tokens=False)["input_ids"] + [self.eos_token_id] for a in answers])
-        return prefix_suffix_batch(prefixes, suffixes, self.pad_token_id)
+    def decode(tokens: torch.Tensor) -> list[str]:
+        return [tok.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True)
+                for row in tokens.tolist()]
 
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        return self.normalize(images)
-
-    def decode(self, tokens: torch.Tensor) -> list[str]:
-        out = []
-        for row in tokens.tolist():
-            row = row[:row.index(self.eos_token_id)] if self.eos_token_id in row else row
-            out.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return out
+    return Processor(tok, lambda p, images: [HFVLM.IMAGE] * (image_tokens if images else 0) + start + ids(p + "\n"),
+                     lambda a: ids(a) + [eos], normalize, decode, image_size, eos,
+                     eos if tok.pad_token_id is None else tok.pad_token_id)
 
 
 def load_hf_lm(spec: str) -> tuple[nn.Module, Any]:
@@ -1677,126 +1642,52 @@ def load_hf_lm(spec: str) -> tuple[nn.Module, Any]:
     return lm, AutoTokenizer.from_pretrained(folder)
 
 
-def build_hf_vlm(vcfg: VLMConfig, vision: FrozenViT | FrozenHFVision, lm: nn.Module,
-                 tokenizer: Any) -> tuple[HFVLM, HFProcessor]:
-    """vision + connector sized from the LM's config + the LM, and its processor."""
-    connector, m = make_connector(vcfg, vision.width, vision.layers, vision.num_patches, lm.config.hidden_size)
-    model = HFVLM(vision, connector, lm, m)
-    return model, HFProcessor(tokenizer, m, vision.image_size, vision.normalize)
-
-
 def init_folder(spec: str) -> Path:
     """'paligemma:DIR' -> DIR, checked: config.json, weights (single or sharded) and the tokenizer."""
-    kind, _, path = spec.partition(":")
-    if kind != "paligemma" or not path:
+    if spec.partition(":")[0] != "paligemma" or not spec.partition(":")[2]:
         raise ConfigError(f"--init expects paligemma:DIR (a PaliGemma checkpoint folder), got {spec!r}")
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FolderError(f"--init {spec}: {folder} is not a folder; expected a PaliGemma checkpoint "
-                              f"folder (config.json, model.safetensors, tokenizer.json)")
-    missing = missing_files(folder, ("config.json",), ("model.safetensors", "model.safetensors.index.json"),
-                            ("tokenizer.json", "tokenizer.model"))
-    if missing:
-        raise FolderError(f"--init {spec}: {folder} is an incomplete PaliGemma checkpoint, missing "
-                              + ", ".join(missing))
-    return folder
+    return checked_folder(spec, "init", "a PaliGemma checkpoint folder (config.json, model.safetensors, tokenizer.json)",
+                          ("config.json",), ("model.safetensors", "model.safetensors.index.json"),
+                          ("tokenizer.json", "tokenizer.model"))
 
 
-class CheckpointProcessor:
-    """The checkpoint's own tokenizer and image preprocessing (paligemma.PaliGemmaProcessor), with
-    the same sequence layout as WordProcessor: <image> * N <bos> prompt \\n | answer <eos>."""
+def checkpoint_processor(folder: str | Path, config: pg.PaliGemmaConfig) -> Processor:
+    """The checkpoint's own tokenizer and image preprocessing (paligemma.PaliGemmaProcessor), in the
+    same layout: <image> * M <bos> prompt \\n | answer <eos>."""
+    processor = pg.PaliGemmaProcessor.from_pretrained(folder, config)
+    tok, image = processor.tokenizer, processor.IMAGE_TOKEN * config.num_image_tokens
 
-    def __init__(self, folder: str | Path, config: pg.PaliGemmaConfig):
-        self.processor, self.config = pg.PaliGemmaProcessor.from_pretrained(folder, config), config
-        self.tokenizer = self.processor.tokenizer
-        self.image_size = config.vision.image_size
-        self.eos_token_id = self.tokenizer.eos_token_id
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
 
-    def __call__(self, prompts: Sequence[str], answers: Sequence[str] | None = None,
-                 images: bool = True) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer
-        image = self.processor.IMAGE_TOKEN * self.config.num_image_tokens if images else ""
-        prefixes = [tok(image + tok.bos_token + p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
-        suffixes = ([[] for _ in prompts] if answers is None else
-                    [tok(a + tok.eos_token, add_special_tokens=False)["input_ids"] for a in answers])
-        pad = tok.pad_token_id if tok.pad_token_id is not None else self.config.text.pad_token_id
-        return prefix_suffix_batch(prefixes, suffixes, pad)
+    def pixels(images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([processor.preprocess_image(Image.fromarray(x.numpy())) for x in images])
 
-    def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.processor.preprocess_image(Image.fromarray(x.numpy())) for x in images])
-
-    def decode(self, tokens: torch.Tensor) -> list[str]:
-        return self.processor.decode(tokens)
+    return Processor(tok, lambda p, images: ids((image if images else "") + tok.bos_token + p + "\n"),
+                     lambda a: ids(a + tok.eos_token), pixels, processor.decode, config.vision.image_size,
+                     tok.eos_token_id, config.text.pad_token_id if tok.pad_token_id is None else tok.pad_token_id)
 
 
-def build_init_vlm(spec: str, vcfg: VLMConfig, device: torch.device | str) -> VLM:
-    """PaliGemma.from_pretrained(DIR) in fp32; its projector is the connector (linear, or dense)."""
-    folder = init_folder(spec)
-    if vcfg.connector not in ("linear", "dense"):
-        raise ConfigError(f"--init paligemma uses the checkpoint's own projector: --connector linear or dense, "
-                          f"got {vcfg.connector!r}")
-    model = pg.PaliGemma.from_pretrained(folder, dtype=torch.float32, device=device, connector=vcfg.connector)
-    return checkpoint_vlm(model, CheckpointProcessor(folder, model.config), vcfg)
+def checkpoint_vlm(folder: Path, vcfg: VLMConfig, device: torch.device | str, connector: str | None = None) -> VLM:
+    """A PaliGemma checkpoint (PaliGemma.from_pretrained, fp32) as a VLM: its tower reads pixels inside the
+    model, its projector is the connector (connector="dense" widens a linear one); PaliGemma's prompts."""
+    model = pg.PaliGemma.from_pretrained(folder, dtype=torch.float32, device=device, connector=connector)
+    return VLM(model, checkpoint_processor(folder, model.config), vcfg, None, model.multi_modal_projector,
+               model.language_model, "caption en", "answer en ")
 
 
-def checkpoint_vlm(model: pg.PaliGemma, processor: CheckpointProcessor, vcfg: VLMConfig) -> VLM:
-    """A PaliGemma checkpoint as a VLM: its tower reads pixels inside the model; PaliGemma's prompts."""
-    return VLM(model, processor, vcfg, None, model.multi_modal_projector, model.language_model, "caption en",
-               "answer en ")
+# -- out/model: one format for every model, written by save_vlm, read by load_vlm ---------------------
+#
+#   vlm.json            the manifest: config, stage-2 mode, the parts the folder holds, the default LM's
+#                       vocabulary or --init's source checkpoint
+#   model.safetensors   base weights (LoRA layers unwrapped, the LM before NF4) that no folder below holds
+#   lm/, vision/        --lm, --vision: transformers folders (lm/ save_pretrained after full tuning, else
+#                       a copy of its source; with its tokenizer)
+#   base/               --init: the whole model as a transformers PaliGemma, with the checkpoint's tokenizer
+#   adapter/            LoRA / QLoRA, in peft's format on the module names of what it extends: lm/'s
+#                       (PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm/), adapter/)),
+#                       base/'s as transformers names them, or ours
 
-
-def transformers_adapter_key(key: str) -> str:
-    """Our module names -> transformers 5.23 PaliGemmaForConditionalGeneration's (what peft sees)."""
-    prefix = lora.PEFT_PREFIX
-    name = key.removeprefix(prefix)
-    for ours, theirs in (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
-                         ("multi_modal_projector.", "model.multi_modal_projector.")):
-        if name.startswith(ours):
-            return prefix + theirs + name.removeprefix(ours)
-    return key
-
-
-def save_init_vlm(vlm: VLM, folder: Path, init: str) -> None:
-    """model/base: a transformers-format PaliGemma (trained projector, LM unchanged under LoRA) with the
-    checkpoint's tokenizer; model/adapter: the LoRA adapter under transformers' module names, which
-    peft's PeftModel.from_pretrained and paligemma.py's adapter= both read."""
-    import shutil
-
-    from safetensors.torch import save_file
-    source = init_folder(init)
-    base = pg.PaliGemma(vlm.model.config)
-    clip.load_strict(base, base_state(vlm), "the trained model")
-    base.save_pretrained(folder / "base")
-    for f in source.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy(f, folder / "base" / f.name)
-    if vlm.stage2 != "full":
-        lora.save_adapter(vlm.model, str(folder / "adapter"))
-        weights = folder / "adapter" / lora.ADAPTER_WEIGHTS
-        tensors = {transformers_adapter_key(k): v for k, v in clip.read_safetensors(weights).items()}
-        atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        # SigLIP's layers are also called q_proj, ...: a regex (peft and lora.py both fullmatch it) names
-        # the decoder's layers under either naming, ours (language_model.model.*) or transformers'
-        config_file = folder / "adapter" / lora.ADAPTER_CONFIG
-        config = json.loads(config_file.read_text())
-        config["target_modules"] = r".*language_model.*\.(" + "|".join(vlm.config.lora_targets) + ")"
-        write_json(config_file, config)
-    write_json(folder / "init.json", {"init": str(source), "stage2": vlm.stage2, "model": asdict(vlm.config)})
-
-
-def load_init_vlm(folder: Path, device: torch.device | str = "cpu") -> VLM:
-    meta = json.loads((folder / "init.json").read_text())
-    model = pg.PaliGemma.from_pretrained(folder / "base", dtype=torch.float32, device=device)
-    vlm = checkpoint_vlm(model, CheckpointProcessor(folder / "base", model.config), VLMConfig(**meta["model"]))
-    if meta["stage2"] != "full":
-        add_lora(vlm, quantize=meta["stage2"] == "qlora")
-        set_stage(vlm, 2, meta["stage2"])
-        pg.load_adapter(model, folder / "adapter")
-    model.eval()
-    return vlm
-
-
-# -- out/model: save_vlm and load_vlm --------------------------------------------------------------
 
 def transformers_parts(vcfg: VLMConfig) -> tuple[str, ...]:
     """State-dict prefixes of the parts that live in their own transformers folders (lm/, vision/)."""
@@ -1813,31 +1704,62 @@ def base_state(vlm: VLM) -> dict[str, torch.Tensor]:
     return state
 
 
+def save_base(vlm: VLM, folder: Path, init: str) -> str:
+    """base/: the trained PaliGemma in transformers' format with the source checkpoint's tokenizer files."""
+    import shutil
+    source, base = init_folder(init), pg.PaliGemma(vlm.model.config)
+    clip.load_strict(base, base_state(vlm), "the trained model")
+    base.save_pretrained(folder)
+    for f in source.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, folder / f.name)
+    return str(source)
+
+
+def transformers_adapter(folder: Path, targets: Sequence[str]) -> None:
+    """adapter/ renamed for transformers' PaliGemmaForConditionalGeneration (what peft sees), with a
+    target regex (peft and lora.py both fullmatch it) that names the decoder's layers under either
+    naming: SigLIP's layers are also called q_proj, ..."""
+    renames = (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
+               ("multi_modal_projector.", "model.multi_modal_projector."))
+
+    def theirs(key: str) -> str:
+        name = key.removeprefix(lora.PEFT_PREFIX)
+        return next((lora.PEFT_PREFIX + new + name.removeprefix(old) for old, new in renames if name.startswith(old)), key)
+
+    save_tensors(folder / lora.ADAPTER_WEIGHTS, {theirs(k): v for k, v in clip.read_safetensors(
+        folder / lora.ADAPTER_WEIGHTS).items()})
+    config = json.loads((folder / lora.ADAPTER_CONFIG).read_text())
+    config["target_modules"] = r".*language_model.*\.(" + "|".join(targets) + ")"
+    write_json(folder / lora.ADAPTER_CONFIG, config)
+
+
 def save_vlm(vlm: VLM, folder: str | Path, init: str | None = None) -> None:
-    """out/model, what load_vlm reads: vlm.json (config, stage-2 mode, the default LM's vocabulary),
-    model.safetensors (base weights: LoRA layers unwrapped, the LM before NF4), adapter/ in peft's
-    format. Transformers parts live in their own folders: the LM in lm/ (save_pretrained after full
-    tuning, else a copy of its source, with its tokenizer; the adapter is then what
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm/), adapter/) reads) and the
-    vision tower's source in vision/. --init writes a transformers PaliGemma instead (save_init_vlm)."""
+    """out/model in the format above, what load_vlm reads; init: --init's paligemma:DIR (then base/)."""
     import shutil
     folder, vcfg, mode = Path(folder), vlm.config, vlm.stage2
+    meta = {"model": asdict(vcfg), "stage2": mode, "parts": []}
     if init is not None:
-        return save_init_vlm(vlm, folder, init)
-    skip = transformers_parts(vcfg)
-    save_tensors(folder / "model.safetensors", {k: v for k, v in base_state(vlm).items() if not k.startswith(skip)})
-    meta = {"model": asdict(vcfg), "stage2": mode}
+        meta["init"], meta["parts"] = save_base(vlm, folder / "base", init), ["base"]
+    else:
+        skip = transformers_parts(vcfg)
+        save_tensors(folder / "model.safetensors", {k: v for k, v in base_state(vlm).items() if not k.startswith(skip)})
+        meta["parts"].append("model.safetensors")
     if vcfg.lm and mode == "full":
         vlm.lm.save_pretrained(folder / "lm")
         vlm.processor.tokenizer.save_pretrained(folder / "lm")
     elif vcfg.lm:
         shutil.copytree(vcfg.lm[3:], folder / "lm", dirs_exist_ok=True)
-    else:
+    elif init is None:
         meta["vocab"] = vlm.processor.tokenizer.itos
-    if mode != "full":
-        lora.save_adapter(vlm.lm if vcfg.lm else vlm.model, str(folder / "adapter"))
     if vcfg.vision:
         shutil.copytree(vcfg.vision[3:], folder / "vision", dirs_exist_ok=True)
+    meta["parts"] += [part for part, has in (("lm", vcfg.lm), ("vision", vcfg.vision), ("adapter", mode != "full"))
+                      if has]
+    if mode != "full":
+        lora.save_adapter(vlm.lm if vcfg.lm else vlm.model, str(folder / "adapter"))
+        if init is not None:
+            transformers_adapter(folder / "adapter", vcfg.lora_targets)
     write_json(folder / "vlm.json", meta)
 
 
@@ -1845,30 +1767,29 @@ def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
     """The trained VLM of a `--train` run (out_dir or out_dir/model), ready for answer()."""
     folder = Path(out_dir)
     folder = folder / "model" if (folder / "model").is_dir() else folder
-    if (folder / "init.json").exists():
-        return load_init_vlm(folder, device)
     if not (folder / "vlm.json").exists():
         raise CheckpointError(f"{folder} has no vlm.json: expected the `model` folder a vlm_train.py run writes")
     meta = json.loads((folder / "vlm.json").read_text())
-    vcfg = VLMConfig(**meta["model"])
-    dense = vcfg.connector == "dense"
-    # the transformers parts from the copies in the folder, not from where they were trained
-    vision = (load_hf_vision(f"hf:{folder / 'vision'}", dense) if vcfg.vision else FrozenViT(
-        clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model, dense))
-    if vcfg.lm:
-        model, processor = build_hf_vlm(vcfg, vision, *load_hf_lm(f"hf:{folder / 'lm'}"))
+    vcfg, parts = VLMConfig(**meta["model"]), meta.get("parts", ())      # older manifests name none
+    if "base" in parts:
+        vlm = checkpoint_vlm(folder / "base", vcfg, device)
     else:
-        tokenizer = WordTokenizer(meta["vocab"])
-        model = ShapesVLM(vcfg, vision, len(tokenizer))
-        processor = WordProcessor(tokenizer, model.config.num_image_tokens, vision.image_size, vision.normalize)
-    skip = transformers_parts(vcfg)
-    kept = {k: v for k, v in model.state_dict().items() if k.startswith(skip)}
-    clip.load_strict(model, {**clip.read_safetensors(folder / "model.safetensors"), **kept}, folder)
-    vlm = VLM(model, processor, vcfg, vision, model.connector, model.language_model)
+        dense = vcfg.connector == "dense"
+        # the transformers parts from the copies in the folder, not from where they were trained
+        vision = (load_hf_vision(f"hf:{folder / 'vision'}", dense) if vcfg.vision else FrozenViT(
+            clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model, dense))
+        words = None if vcfg.lm else WordTokenizer(meta["vocab"])
+        vlm = assemble_vlm(vcfg, vision, vcfg.lm and f"hf:{folder / 'lm'}", words)
+        kept = {k: v for k, v in vlm.model.state_dict().items() if k.startswith(transformers_parts(vcfg))}
+        clip.load_strict(vlm.model, {**clip.read_safetensors(folder / "model.safetensors"), **kept}, folder)
+    model = vlm.model
     if meta["stage2"] != "full":
         add_lora(vlm, quantize=meta["stage2"] == "qlora")
         set_stage(vlm, 2, meta["stage2"])
-        lora.load_adapter(vlm.lm if vcfg.lm else model, str(folder / "adapter"))
+        if "base" in parts:                    # transformers' names -> ours (paligemma.load_adapter)
+            pg.load_adapter(model, folder / "adapter")
+        else:
+            lora.load_adapter(vlm.lm if vcfg.lm else model, str(folder / "adapter"))
     model.to(device).eval()
     return vlm
 
@@ -1883,11 +1804,9 @@ def memory_child(mode: str, vcfg_dict: dict, batch_size: int, vocab_size: int) -
     vcfg = VLMConfig(**vcfg_dict)
     torch.manual_seed(0)
     vit = clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model
-    model = ShapesVLM(vcfg, FrozenViT(vit, vcfg.connector == "dense"), vocab_size)
-    tokenizer = WordTokenizer([f"w{i}" for i in range(vocab_size - len(SPECIALS))])
-    processor = WordProcessor(tokenizer, model.config.num_image_tokens, vit.cfg.image_size)
-    data = shapes_data(batch_size, 0, "train", vit.cfg.image_size, all_questions=False)
-    vlm = VLM(model, processor, vcfg, model.vision, model.connector, model.language_model)
+    words = WordTokenizer([f"w{i}" for i in range(vocab_size - len(SPECIALS))])
+    vlm = assemble_vlm(vcfg, FrozenViT(vit, vcfg.connector == "dense"), "", words)
+    model, data = vlm.model, shapes_data(batch_size, 0, "train", vit.cfg.image_size, all_questions=False)
     if mode != "full":
         add_lora(vlm, quantize=mode == "qlora")
     params = set_stage(vlm, 2, mode)
@@ -1960,7 +1879,7 @@ def answer_grid(data: VQAData, predictions: Sequence[str], path: str | Path, n: 
         draw.text((x + cell + 10, y + 20), f"model: {p}", fill=(0, 130, 0) if p == a else (200, 0, 0), font=font)
         draw.text((x + cell + 10, y + 40), f"truth: {a}", fill=(0, 0, 0), font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    clip.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 # -- printing ------------------------------------------------------------------------------------
@@ -1999,11 +1918,17 @@ def print_summary(metrics: dict, out: str | Path) -> None:
 # -- command line ----------------------------------------------------------------------------------
 
 def pick_device(name: str) -> torch.device:
-    """--device auto|cpu|cuda|cuda:N as a torch.device (clip.pick_device checks that a CUDA device exists)."""
+    """--device auto|cpu|cuda|cuda:N (clip.pick_device checks that a CUDA device exists); under torchrun,
+    its process group joined (clip.setup_distributed: gloo on CPU, nccl on CUDA) and cuda:LOCAL_RANK."""
+    import torch.distributed as dist
     try:
-        return torch.device(clip.pick_device(name))
+        device = torch.device(clip.pick_device(name))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    clip.setup_distributed(str(device))
+    if dist.is_initialized() and device.type == "cuda":
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return device
 
 
 def parse_setting(item: str) -> tuple[str, object]:
@@ -2069,7 +1994,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     args.out = args.out or "runs/vlm_train"
     try:
-        device = rank_device(pick_device(args.device))            # torchrun: join its process group
+        device = pick_device(args.device)                         # torchrun: joins its process group
         vcfg, tcfg = configs_from_args(args)
         if args.memory_report:
             return memory_report(vcfg, tcfg.batch_size)
@@ -2085,9 +2010,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         metrics, _ = train_vlm(vcfg, tcfg, run)
         if clip.dist_info()[0] == 0:
             print_summary(metrics, args.out)
-        if args.figure and clip.dist_info()[0] == 0:
-            import shutil
-            shutil.copy(Path(args.out) / "answers.png", args.figure)
+            if args.figure:
+                import shutil
+                shutil.copy(Path(args.out) / "answers.png", args.figure)
         return metrics
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))

@@ -217,6 +217,10 @@ def test_demo_runs_on_the_tiny_preset(tmp_path, capsys):
     for name in ("metrics.json", "metrics.jsonl", "answers.png", "model/vlm.json", "model/adapter/adapter_config.json"):
         assert (tmp_path / name).exists(), name
     assert json.loads((tmp_path / "metrics.json").read_text())["after stage 2"]["test"]["all"]["n"] == 16
+    # the manifest names exactly the parts the folder holds (the default LM: weights + adapter)
+    manifest = json.loads((tmp_path / "model" / "vlm.json").read_text())
+    assert manifest["parts"] == ["model.safetensors", "adapter"] and manifest["stage2"] == "lora"
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["adapter", "model.safetensors", "vlm.json"]
     # load_vlm gives back the trained model: its answers equal the in-memory model's
     vlm = vt.load_vlm(tmp_path)
     images = [im for im, _, _ in vt.synthetic_vqa(4, seed=7, image_size=32)]
@@ -375,6 +379,9 @@ def test_init_paligemma_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path
     vt.main(["--train", "--tiny", "--init", f"paligemma:{ckpt}", "--connector", "linear", "--stage2", "lora",
              "--out", str(out), "--device", "cpu"])
     ours = vt.load_vlm(out)
+    # the same manifest as every other model's; the parts here are a transformers PaliGemma and its adapter
+    manifest = json.loads((out / "model" / "vlm.json").read_text())
+    assert manifest["parts"] == ["base", "adapter"] and manifest["init"] == str(ckpt)
     adapter = load_file(str(out / "model" / "adapter" / "adapter_model.safetensors"))
     assert all(k.startswith("base_model.model.model.language_model.layers.") for k in adapter)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
