@@ -67,6 +67,7 @@ unfreezing the vision encoder.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -713,6 +714,26 @@ def load_image(image: Image.Image | str | Path | bytes | bytearray, size: int) -
         raise ValueError(f"unreadable image ({e})") from None
 
 
+def position_data(n: int, seed: int, image_size: int) -> VQAData:
+    """n relative-position questions about n fresh scenes (one each), answers balanced: n/4 each of
+    left, right, above and below, so always giving one answer scores 25%. Natural scenes would not be
+    balanced: clip.relation says left / right whenever two columns differ, three times as often as
+    above / below, and a model that always says "right" would score about 39% there."""
+    rng = random.Random(f"vlm_train-position-{seed}")
+    quota = {a: n // 4 + (i < n % 4) for i, a in enumerate(("left", "right", "above", "below"))}
+    scenes, qa = [], []
+    while len(qa) < n:
+        scene = clip.random_scene(rng, "test")
+        options = [(q, a) for q, a in clip.questions(scene) if question_kind(q) == "position" and quota[a] > 0]
+        if options:
+            q, a = rng.choice(options)
+            quota[a] -= 1
+            qa.append((len(scenes), q, a, "position"))
+            scenes.append(scene)
+    images = torch.from_numpy(np.stack([np.asarray(clip.render(s, image_size)) for s in scenes]))
+    return VQAData(images, qa, [(i, clip.caption(s)) for i, s in enumerate(scenes)])
+
+
 def shapes_data(n: int, seed: int, split: str, image_size: int, all_questions: bool = True) -> VQAData:
     """The embedded data: n scenes; every question of each (training) or one per scene (evaluation)."""
     scenes, qas = draw_scenes(n, seed, split)
@@ -835,14 +856,19 @@ def generate_answers(vlm: VLM, images: torch.Tensor, prompts: Sequence[str], max
 
 def score_answers(predictions: Sequence[str], truths: Sequence[str],
                   kinds: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Exact match (%) and ROUGE-1/2/L F (x100, rouge.py), overall and per kind."""
+    """Exact match (%) and ROUGE-1/2/L F (x100, rouge.py), overall and per kind, each beside its majority
+    baseline (% for always giving the most common true answer) and the share of each answer given."""
     scorer = rouge.RougeScorer(["rouge1", "rouge2", "rougeL"])
-    rows = [(k, p == t, scorer.score(t, p)) for p, t, k in zip(predictions, truths, kinds)]
+    rows = [(k, p == t, scorer.score(t, p), p, t) for p, t, k in zip(predictions, truths, kinds)]
 
     def summary(subset):
         n = max(1, len(subset))
+        given = collections.Counter(r[3] for r in subset)         # which answers the model gives, and how often
         return {"n": len(subset), "exact": 100 * sum(r[1] for r in subset) / n,
-                **{name: 100 * sum(r[2][name].fmeasure for r in subset) / n for name in ("rouge1", "rouge2", "rougeL")}}
+                **{name: 100 * sum(r[2][name].fmeasure for r in subset) / n for name in ("rouge1", "rouge2", "rougeL")},
+                # always giving the most common true answer: the floor a model must beat
+                "majority": 100 * max(collections.Counter(r[4] for r in subset).values(), default=0) / n,
+                "answers": {a: 100 * c / n for a, c in given.most_common()}}
 
     order = list(KINDS) + sorted(set(kinds) - set(KINDS))           # a loaded data set's own kinds last
     return {"all": summary(rows), **{k: summary([r for r in rows if r[0] == k]) for k in order
@@ -1273,6 +1299,8 @@ def split_data(cache: str | Path, tcfg: TrainConfig, size: int, split: str) -> V
     n, seed = (tcfg.n_train, tcfg.seed) if train else (tcfg.n_eval, tcfg.seed + 1)
     if tcfg.data:
         return load_data(tcfg.data, "train" if train else "eval", n, size, cache)
+    if split == "position":
+        return cached(cache, f"position-{seed}-{n}-{size}", lambda: position_data(n, seed, size))
     name = f"{split}-{seed}-{n}-{size}-{'all' if train else 'one'}"
     return cached(cache, name, lambda: shapes_data(n, seed, split, size, train))
 
@@ -1316,8 +1344,9 @@ def assemble_vlm(vcfg: VLMConfig, vision: FrozenViT | FrozenHFVision, lm: str, w
 
 
 def eval_sets(cache: str | Path, tcfg: TrainConfig, size: int) -> dict[str, VQAData]:
-    """"test" and "heldout" (split_data); with --data, the folder's evaluation split as "test"."""
-    return {split: split_data(cache, tcfg, size, split) for split in (("test",) if tcfg.data else ("test", "heldout"))}
+    """"test", "heldout" and "position" (split_data); with --data, the folder's evaluation split as "test"."""
+    splits = ("test",) if tcfg.data else ("test", "heldout", "position")
+    return {split: split_data(cache, tcfg, size, split) for split in splits}
 
 
 @torch.no_grad()
@@ -1886,16 +1915,21 @@ def answer_grid(data: VQAData, predictions: Sequence[str], path: str | Path, n: 
 
 def results_table(metrics: dict) -> str:
     """The before / after table: exact match, ROUGE-1 and ROUGE-L, overall and per kind, both splits."""
-    lines = ["| split | questions | kind | n | exact after stage 1 | exact after stage 2 | ROUGE-1 after 1 -> 2 "
-             "| ROUGE-L after 1 -> 2 |", "|---|---|---|---:|---:|---:|---:|---:|"]
-    for split, name in (("test", "unseen scenes"), ("heldout", "held-out colour-shape pairs")):
+    lines = ["| split | questions | kind | n | exact after stage 1 | exact after stage 2 | majority baseline "
+             "| ROUGE-1 after 1 -> 2 | ROUGE-L after 1 -> 2 |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for split, name in (("test", "unseen scenes"), ("heldout", "held-out colour-shape pairs"),
+                        ("position", "relative position, answers balanced")):
         if split not in metrics["after stage 2"]:
             continue                                     # --data: the folder's evaluation split only
         before, after = metrics["after stage 1"][split], metrics["after stage 2"][split]
-        for kind in after:
+        for kind in ("all",) if split == "position" else after:
             b, a = before[kind], after[kind]
             lines.append(f"| {split} | {name} | {kind} | {a['n']} | {b['exact']:.1f}% | {a['exact']:.1f}% | "
-                         f"{b['rouge1']:.1f} -> {a['rouge1']:.1f} | {b['rougeL']:.1f} -> {a['rougeL']:.1f} |")
+                         f"{a['majority']:.1f}% | {b['rouge1']:.1f} -> {a['rouge1']:.1f} | "
+                         f"{b['rougeL']:.1f} -> {a['rougeL']:.1f} |")
+    if "position" in metrics["after stage 2"]:
+        given = metrics["after stage 2"]["position"]["all"]["answers"]
+        lines.append("\nposition answers given after stage 2: " + ", ".join(f"{a or '(empty)'} {v:.1f}%" for a, v in given.items()))
     return "\n".join(lines)
 
 

@@ -428,3 +428,21 @@ def test_every_public_function_has_type_hints():
     # vlm_train.py keeps no byte-identical copy of another file's helper (test_plumbing.py): nothing exempt
     from test_clip import unannotated                             # one checker for clip.py, qformer.py and this file
     assert unannotated(vt) == []
+
+
+def test_position_evaluation_is_balanced_and_scored_beside_its_majority_baseline():
+    data = vt.position_data(40, seed=3, image_size=32)
+    answers = [a for _, _, a, _ in data.qa]
+    assert {a: answers.count(a) for a in set(answers)} == {"left": 10, "right": 10, "above": 10, "below": 10}
+    assert all(k == "position" and q.startswith("where is the") for _, q, _, k in data.qa)
+    assert sorted(i for i, *_ in data.qa) == list(range(40)) and data.images.shape == (40, 32, 32, 3)
+    again = vt.position_data(40, seed=3, image_size=32)
+    assert again.qa == data.qa and torch.equal(again.images, data.images)
+    assert data.qa != vt.position_data(40, seed=4, image_size=32).qa          # another seed, other scenes
+    # always answering "right" scores the majority baseline, 25% on this balanced set
+    scores = vt.score_answers(["right"] * 40, answers, ["position"] * 40)["position"]
+    assert scores["exact"] == 25.0 and scores["majority"] == 25.0 and scores["answers"] == {"right": 100.0}
+    # by hand: 2 of 4 right, the most common truth ("left") is half of them, "right" given 3 times in 4
+    s = vt.score_answers(["left", "right", "right", "right"], ["left", "left", "right", "above"], ["position"] * 4)
+    assert s["all"]["exact"] == 50.0 and s["all"]["majority"] == 50.0
+    assert s["all"]["answers"] == {"right": 75.0, "left": 25.0}
