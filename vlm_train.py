@@ -167,6 +167,7 @@ class TrainConfig:
     weight_decay: float = 0.0          # LLaVA uses none
     clip_norm: float = 1.0
     bf16: bool = True                  # autocast where the device supports bf16 (CUDA with bf16); CPU: fp32
+    grad_checkpointing: bool = False   # stage 2: backward re-runs each LM layer instead of keeping its activations
     save_every: int = 200
     seed: int = 0
     data: str = ""                     # "" = the embedded shapes data; else KIND:PATH (see load_data)
@@ -473,6 +474,16 @@ def add_lora(vlm: VLM, quantize: bool = False) -> None:
     if quantize:
         vlm.lm_before_nf4 = quantize_lm(vlm.lm)
     lora.apply_lora(vlm.lm, list(cfg.lora_targets), cfg.lora_r, cfg.lora_alpha)
+
+
+def checkpoint_activations(vlm: VLM) -> None:
+    """Activation (gradient) checkpointing on the LM (Chen et al. 2016): backward re-runs each decoder
+    layer from its input instead of keeping what the layer computed inside. The gradients stay the
+    same; one extra forward pass buys the memory a 3B decoder's activations would take (paligemma.py)."""
+    if isinstance(vlm.lm, pg.GemmaForCausalLM):
+        vlm.lm.model.gradient_checkpointing = True
+    else:                                                  # a transformers LM (--lm hf:DIR)
+        vlm.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def paligemma_3b_arithmetic(r: int = 16) -> dict:
@@ -981,12 +992,15 @@ def align_stages(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> list[Stage]:
 
 def vqa_stage(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> Stage:
     """Stage 2: connector + LM (full, LoRA or QLoRA) on questions, loss on the answer only, kinds balanced."""
+    if tcfg.grad_checkpointing:                       # memory for compute; the same gradients
+        checkpoint_activations(vlm)
     return Stage("stage2", ("vqa",), data, vlm_loss, set_stage(vlm, 2, tcfg.stage2, tcfg.stage2_qformer),
                  tcfg.stage2_steps, tcfg.stage2_lr, stage_config(vlm.config, tcfg, "stage2"),
                  weights=kind_weights(data.qa), save_every=tcfg.save_every)
 
 
-STAGE2_ONLY = ("stage2", "stage2_steps", "stage2_lr", "stage2_qformer", "lora_r", "lora_alpha", "lora_targets")
+STAGE2_ONLY = ("stage2", "stage2_steps", "stage2_lr", "stage2_qformer", "lora_r", "lora_alpha", "lora_targets",
+               "grad_checkpointing")
 
 
 def stage_config(vcfg: VLMConfig, tcfg: TrainConfig, phase: str) -> dict:

@@ -5,6 +5,7 @@ checkpoint fine-tuned here gives an adapter peft loads onto transformers' model 
 Everything runs on the tiny configuration (a random frozen tiny ViT, a one-layer Gemma decoder).
 """
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import clip
+import lora
 import paligemma as pg
 import vlm_train as vt
 
@@ -446,3 +448,31 @@ def test_position_evaluation_is_balanced_and_scored_beside_its_majority_baseline
     s = vt.score_answers(["left", "right", "right", "right"], ["left", "left", "right", "above"], ["position"] * 4)
     assert s["all"]["exact"] == 50.0 and s["all"]["majority"] == 50.0
     assert s["all"]["answers"] == {"right": 75.0, "left": 25.0}
+
+
+
+@pytest.mark.parametrize("mode", vt.STAGE2_MODES)
+def test_activation_checkpointing_in_stage_2_gives_the_same_gradients(mode, cache):
+    vlm, data, _, _ = build("mlp", cache)
+    if mode != "full":
+        vt.add_lora(vlm, quantize=mode == "qlora")
+        with torch.no_grad():                  # B = 0 would leave A without a gradient: give B values
+            for layer in lora.lora_layers(vlm.lm).values():
+                layer.lora_B.normal_(0.0, 0.1)
+    batch = vt.make_batch(vlm, data, list(range(8)), "vqa")
+
+    def gradients():
+        vlm.model.zero_grad(set_to_none=True)
+        vt.vlm_loss(vlm.model.train(), batch).backward()
+        return {n: p.grad.clone() for n, p in vlm.model.named_parameters() if p.grad is not None}
+
+    tcfg = vt.TrainConfig.tiny(stage2=mode)
+    vt.vqa_stage(vlm, data, tcfg)
+    plain = gradients()
+    assert not vlm.lm.model.gradient_checkpointing
+    vt.vqa_stage(vlm, data, replace(tcfg, grad_checkpointing=True))
+    assert vlm.lm.model.gradient_checkpointing
+    recomputed = gradients()
+    assert plain.keys() == recomputed.keys() and any(n.startswith("language_model.") for n in plain)
+    for name in plain:
+        assert torch.allclose(plain[name], recomputed[name], rtol=1e-5, atol=1e-7), name
