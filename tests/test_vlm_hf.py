@@ -4,6 +4,7 @@ saved with save_pretrained as real checkpoint folders are, plug in and train wit
 QLoRA; the LoRA adapter loads in peft onto transformers' own LM with the same logits.
 """
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -102,6 +103,30 @@ def test_hf_parts_plug_in_and_one_step_trains_exactly_the_intended_parameters(fo
     source = AutoModelForCausalLM.from_pretrained(folders[lm])
     assert vlm.model.connector(batch["image_inputs"]).shape[-1] == source.config.hidden_size
 
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_activation_checkpointing_of_an_hf_lm_gives_the_same_gradients(folders, mode):
+    vcfg, tcfg = tiny(folders, "llama", "clip")
+    vlm, data = vt.build_vlm(vcfg, tcfg, vt.Run(folders["cache"], CPU, progress=False))
+    if mode != "full":
+        vt.add_lora(vlm)
+    batch = vt.make_batch(vlm, data, list(range(4)), "vqa")
+
+    def gradients():
+        vlm.model.zero_grad(set_to_none=True)
+        vt.vlm_loss(vlm.model.train(), batch).backward()
+        return {n: p.grad.clone() for n, p in vlm.model.named_parameters() if p.grad is not None}
+
+    tcfg = replace(tcfg, stage2=mode)
+    vt.vqa_stage(vlm, data, tcfg)
+    plain = gradients()
+    vt.vqa_stage(vlm, data, replace(tcfg, grad_checkpointing=True))
+    assert vlm.lm.is_gradient_checkpointing
+    recomputed = gradients()
+    assert plain.keys() == recomputed.keys() and any(n.startswith("language_model.") for n in plain)
+    for name in plain:
+        assert torch.allclose(plain[name], recomputed[name], rtol=1e-5, atol=1e-7), name
 
 def test_features_match_the_towers_own_hidden_states(folders):
     """FrozenHFVision reads transformers' hidden states: CLIP's last layer after its post-LayerNorm
