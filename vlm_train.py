@@ -866,7 +866,7 @@ def generate_answers(vlm: VLM, images: torch.Tensor, prompts: Sequence[str], max
 
 
 def score_answers(predictions: Sequence[str], truths: Sequence[str],
-                  kinds: Sequence[str]) -> dict[str, dict[str, float]]:
+                  kinds: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Exact match (%) and ROUGE-1/2/L F (x100, rouge.py), overall and per kind, each beside its majority
     baseline (% for always giving the most common true answer) and the share of each answer given."""
     scorer = rouge.RougeScorer(["rouge1", "rouge2", "rougeL"])
@@ -886,7 +886,7 @@ def score_answers(predictions: Sequence[str], truths: Sequence[str],
                                      if any(r[0] == k for r in rows)}}
 
 
-def evaluate_vqa(vlm: VLM, data: VQAData, prompt_prefix: str = "") -> tuple[dict[str, dict[str, float]], list[str]]:
+def evaluate_vqa(vlm: VLM, data: VQAData, prompt_prefix: str = "") -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Score greedy answers on every question of `data`."""
     idx = [x[0] for x in data.qa]
     longest = max(len(x[2].split()) for x in data.qa) + 1           # words of the longest answer, + <eos>
