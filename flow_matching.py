@@ -832,17 +832,12 @@ def guided_train_step(model: ConditionalVelocityField, optimizer: torch.optim.Op
                       x1: torch.Tensor, y: torch.Tensor, t: torch.Tensor, lr: float, p_uncond: float,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """One I-CFM step on labelled data, each label replaced by the empty one with probability p_uncond
-    (Ho & Salimans 2022, Alg. 1): one network learns v(t, x, c) and v(t, x, empty) = v(t, x) at once."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    (Ho & Salimans 2022, Alg. 1): one network learns v(t, x, c) and v(t, x, empty) = v(t, x) at once.
+    The rest is `train_step` on I-CFM's sigma = 0 path, with the labels bound to the network."""
     drop = torch.rand(len(y), generator=generator).to(y.device) < p_uncond
     y = torch.where(drop, model.num_classes, y)
-    xt, ut = icfm_path(x0, x1, t)                                                 # (B, 2), (B, 2)
-    loss = F.mse_loss(model(t, xt, y), ut)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    return train_step(lambda tt, xt: model(tt, xt, y), optimizer, ConditionalFlowMatcher(0.0), x0, x1, t, lr,
+                      generator)
 
 
 def guided_velocity(model: ConditionalVelocityField, t: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -904,6 +899,7 @@ def straightness(model: Callable, x0: torch.Tensor, points: int = 33) -> float:
     with torch.no_grad():
         gap = torch.stack([(zs[-1] - zs[0] - model(t, z)).square().sum(1).mean() for t, z in zip(times, zs)])
     return torch.trapezoid(gap, times).item()
+
 
 def train_guided(cfg: FlowConfig, p_uncond: float = 0.2, device: str = "cpu") -> ConditionalVelocityField:
     """A class-conditional flow from cfg.source to the labelled cfg.target, labels dropped with p_uncond."""
