@@ -741,8 +741,7 @@ def position_data(n: int, seed: int, image_size: int) -> VQAData:
             quota[a] -= 1
             qa.append((len(scenes), q, a, "position"))
             scenes.append(scene)
-    images = torch.from_numpy(np.stack([np.asarray(clip.render(s, image_size)) for s in scenes]))
-    return VQAData(images, qa, [(i, clip.caption(s)) for i, s in enumerate(scenes)])
+    return rendered(scenes, qa, image_size)
 
 
 def shapes_data(n: int, seed: int, split: str, image_size: int, all_questions: bool = True) -> VQAData:
@@ -750,8 +749,12 @@ def shapes_data(n: int, seed: int, split: str, image_size: int, all_questions: b
     scenes, qas = draw_scenes(n, seed, split)
     if not all_questions:
         qas = [[x] for x in pick_balanced(qas, random.Random(f"pick-{seed}-{split}"))]
+    return rendered(scenes, [(i, q, a, k) for i, rows in enumerate(qas) for q, a, k in rows], image_size)
+
+
+def rendered(scenes: Sequence[clip.Scene], qa: list, image_size: int) -> VQAData:
+    """The scenes drawn at image_size, their question rows, and one caption each."""
     images = torch.from_numpy(np.stack([np.asarray(clip.render(s, image_size)) for s in scenes]))
-    qa = [(i, q, a, k) for i, rows in enumerate(qas) for q, a, k in rows]
     return VQAData(images, qa, [(i, clip.caption(s)) for i, s in enumerate(scenes)])
 
 
