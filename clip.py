@@ -64,7 +64,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -828,8 +828,11 @@ class ShapesTokenizer:
     sot_token_id, eos_token_id = len(ITOS) - 2, len(ITOS) - 1
     vocab_size = len(ITOS)
 
-    def __init__(self, context_length: int = 24):
+    def __init__(self, context_length: int = 24, words: Iterable[str] | None = None):
         self.context_length = context_length
+        if words is not None:              # another vocabulary in the same layout (vlm_train.py: a --data folder's)
+            self.ITOS = ["<pad>", "<unk>"] + sorted(set(words) - {"<pad>", "<unk>"}) + ["<start_of_text>", "<end_of_text>"]
+            self.sot_token_id, self.eos_token_id, self.vocab_size = len(self.ITOS) - 2, len(self.ITOS) - 1, len(self.ITOS)
         self.stoi = {w: i for i, w in enumerate(self.ITOS)}
 
     @staticmethod
@@ -908,8 +911,9 @@ def recall_at_k(similarity: torch.Tensor, correct: torch.Tensor | None = None,
     """Retrieval metrics from a (B_img, B_txt) similarity matrix, images by texts.
 
     correct[i, j] says that text j describes image i (default: the diagonal). For each query the rank is
-    1 + the number of wrong candidates scored above its best right one; Recall@K is the share of queries
-    with rank <= K. Returns {"i2t R@K", "t2i R@K" (in %), "i2t median rank", "t2i median rank"}.
+    1 + the number of wrong candidates scored at or above its best right one (a tie is not a retrieval:
+    a model that scores every caption alike ranks each query last, not first); Recall@K is the share of
+    queries with rank <= K. Returns {"i2t R@K", "t2i R@K" (in %), "i2t median rank", "t2i median rank"}.
     """
     similarity = torch.as_tensor(similarity, dtype=torch.float64)
     if similarity.dim() != 2:
@@ -925,7 +929,7 @@ def recall_at_k(similarity: torch.Tensor, correct: torch.Tensor | None = None,
         if not bool(c.any(1).all()):
             raise ValueError(f"every {name[0] == 'i' and 'image' or 'text'} needs at least one correct match")
         best_right = s.masked_fill(~c, -math.inf).amax(1, keepdim=True)                   # i2t: (B_img, 1)
-        ranks = 1 + (s.masked_fill(c, -math.inf) > best_right).sum(1)                       # i2t: (B_img,)
+        ranks = 1 + (s.masked_fill(c, -math.inf) >= best_right).sum(1)                      # i2t: (B_img,)
         for k in ks:
             out[f"{name} R@{k}"] = 100 * (ranks <= k).double().mean().item()
         out[f"{name} median rank"] = ranks.double().median().item()

@@ -119,6 +119,7 @@ class VLMConfig:
     lm_init_std: float = 0.05
     num_queries: int = 16              # Q of the Q-Former and the Perceiver's latents
     qformer_head: str = "linear"       # after the Q-Former: "linear" (BLIP-2's projection) or "mlp" (an MLP adapter)
+    qformer_vocab: tuple = ()          # the Q-Former's text words: () = clip.ShapesTokenizer's; --data: the folder's
     perceiver_layers: int = 2
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
@@ -136,7 +137,7 @@ class VLMConfig:
             spec = getattr(self, what)
             if spec and not (spec.startswith("hf:") and len(spec) > 3):
                 raise ValueError(f"--{what} expects hf:DIR (a transformers model saved with save_pretrained), got {spec!r}")
-        self.lora_targets = tuple(self.lora_targets)
+        self.lora_targets, self.qformer_vocab = tuple(self.lora_targets), tuple(self.qformer_vocab)
 
     @classmethod
     def tiny(cls, **overrides) -> VLMConfig:
@@ -287,9 +288,11 @@ class QFormerConnector(nn.Module):
     """qformer.QFormer's Q query outputs through its language_projection (BLIP-2 sec. 3.3), or, with
     head="mlp", through an MLP adapter u = W2 GELU(W1 q + b1) + b2 (the course's Q-Former tutorial)."""
 
-    def __init__(self, vision_width: int, width: int, num_queries: int, tiny: bool, head: str = "linear"):
+    def __init__(self, vision_width: int, width: int, num_queries: int, tiny: bool, head: str = "linear",
+                 words: Sequence[str] = ()):
         super().__init__()
-        config = qformer.shapes_qformer_config(clip.ShapesTokenizer(), vision_width, tiny=tiny)
+        self.tokenizer = clip.ShapesTokenizer(words=words or None)        # its text side's words (ITC, ITM, ITG)
+        config = qformer.shapes_qformer_config(self.tokenizer, vision_width, tiny=tiny)
         self.qformer = qformer.QFormer(replace(config, num_query_tokens=num_queries,
                                                lm_hidden_size=width if head == "linear" else 0))
         self.head = MLPConnector.mlp(config.hidden_size, width) if head == "mlp" else None
@@ -363,7 +366,8 @@ def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_pa
     if cfg.connector == "dense":
         return DenseConnector(vision_width, width, min(cfg.dense_groups, vision_layers), cfg.patch_merge), M
     if cfg.connector == "qformer":
-        return QFormerConnector(vision_width, width, cfg.num_queries, cfg.tiny_vision, cfg.qformer_head), cfg.num_queries
+        return (QFormerConnector(vision_width, width, cfg.num_queries, cfg.tiny_vision, cfg.qformer_head, cfg.qformer_vocab),
+                cfg.num_queries)
     return PerceiverResampler(vision_width, width, cfg.num_queries, cfg.perceiver_layers), cfg.num_queries
 
 
@@ -573,10 +577,9 @@ def step_rows(stage: Stage, batch_size: int, seed: int, step: int) -> tuple[str,
     return phase, torch.randint(0, n_rows, (batch_size,), generator=g)
 
 
-def qformer_text(captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Q-Former's text side (ITC, ITM, ITG) reads clip.ShapesTokenizer's words, cut to its context
-    (24 tokens with start and end): longer captions of a --data folder keep their first 22 words."""
-    tok = clip.ShapesTokenizer()
+def qformer_text(tok: clip.ShapesTokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Q-Former's text side (ITC, ITM, ITG) reads its own word-level tokenizer (QFormerConnector.tokenizer),
+    cut to its context (24 tokens with start and end): longer captions keep their first 22 words."""
     return tok.encode([" ".join(tok.words(c)[:tok.context_length - 2]) for c in captions])
 
 
@@ -594,7 +597,7 @@ def make_batch(vlm: VLM, data: VQAData, rows: Sequence[int], phase: str) -> dict
     if not text_only:
         batch["image_inputs"] = vlm.image_inputs(data.images[index], None if data.features is None else data.features[index])
     if phase == "itc":
-        ids, mask = qformer_text(answers)
+        ids, mask = qformer_text(vlm.connector.tokenizer, answers)
         T = int(mask.sum(1).max())
         batch.update(qf_ids=ids[:, :T], qf_mask=mask[:, :T],
                      matches=torch.tensor([[a == b for b in answers] for a in answers]))
@@ -889,29 +892,38 @@ def score_answers(predictions: Sequence[str], truths: Sequence[str],
                                      if any(r[0] == k for r in rows)}}
 
 
-def evaluate_vqa(vlm: VLM, data: VQAData, prompt_prefix: str = "") -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Score greedy answers on every question of `data`."""
-    idx = [x[0] for x in data.qa]
+def answer_questions(vlm: VLM, data: VQAData, prompt_prefix: str = "", rows: slice = slice(None)) -> list[str]:
+    """Greedy answers to the questions of `data` (rows: to those only; Run.evaluate splits them over ranks)."""
+    qa = data.qa[rows]
+    idx = [x[0] for x in qa]
     longest = max(len(x[2].split()) for x in data.qa) + 1           # words of the longest answer, + <eos>
-    predictions = generate_answers(vlm, data.images[idx], [prompt_prefix + x[1] for x in data.qa], max(4, longest),
-                                   features=None if data.features is None else data.features[idx])
+    return generate_answers(vlm, data.images[idx], [prompt_prefix + x[1] for x in qa], max(4, longest),
+                            features=None if data.features is None else data.features[idx])
+
+
+def evaluate_vqa(vlm: VLM, data: VQAData, prompt_prefix: str = "",
+                 predictions: list[str] | None = None) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Score greedy answers on every question of `data` (predictions: answers already generated)."""
+    predictions = answer_questions(vlm, data, prompt_prefix) if predictions is None else predictions
     return score_answers(predictions, [x[2] for x in data.qa], [x[3] for x in data.qa]), predictions
 
 
 @torch.no_grad()
 def qformer_retrieval(vlm: VLM, data: VQAData, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """R@K of the Q-Former's ITC features (BLIP-2 sec. 3.2): image -> caption and back; captions
-    that describe two scenes alike count as right for both."""
+    that describe two scenes alike count as right for both. Beside them: R@1 of a random ranking
+    (chance) and the share of caption words the Q-Former's tokenizer maps to <unk>."""
     model = vlm.model.eval()
     device = model.device
     captions = [c for _, c in data.captions]
     index = [i for i, _ in data.captions]
     feats = vlm.image_inputs(data.images[index], None if data.features is None else data.features[index]).to(device)
-    ids, mask = qformer_text(captions)
-    q = model.connector.qformer
-    sim = q.itc_logits(feats[:, -1], ids.to(device), mask.to(device)).cpu()   # (n, n)
+    tok = vlm.connector.tokenizer
+    ids, mask = qformer_text(tok, captions)
+    sim = vlm.connector.qformer.itc_logits(feats[:, -1], ids.to(device), mask.to(device)).cpu()   # (n, n)
     correct = torch.tensor([[a == b for b in captions] for a in captions])
-    return clip.recall_at_k(sim, correct, ks)
+    return {**clip.recall_at_k(sim, correct, ks), "chance R@1": 100 * correct.float().mean().item(),
+            "unk %": 100 * (ids == tok.unk_token_id).sum().item() / max(1, int(mask.sum()) - 2 * len(captions))}
 
 
 # == The model with its processor and parts; answer() and answer_batch() on PIL images =============
@@ -976,7 +988,7 @@ def text_stage(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> Stage:
     """Stage 0: the LM alone on the corpus' text, captions and questions with answers in turn."""
     phases = ("text_cap", "text_qa") if data.captions else ("text_qa",)
     return Stage("stage0", phases, data, vlm_loss, set_stage(vlm, 0), tcfg.pretrain_steps, tcfg.pretrain_lr,
-                 {"phase": "stage0", "lm": lm_fingerprint(vlm, tcfg)}, save_every=tcfg.save_every)
+                 lm_fingerprint(vlm, tcfg), save_every=tcfg.save_every)
 
 
 def align_stages(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> list[Stage]:
@@ -1015,12 +1027,17 @@ def stage_config(vcfg: VLMConfig, tcfg: TrainConfig, phase: str) -> dict:
 
 
 def lm_fingerprint(vlm: VLM, tcfg: TrainConfig) -> dict:
-    """Everything the text-only LM depends on: its sizes, the vocabulary and stage 0's recipe."""
+    """Everything the text-only LM depends on, its checkpoint's config and cache key: "lm", what it is (its
+    sizes, the vocabulary, stage 0's recipe); "init", what else drew from the seed before its initial
+    weights (ShapesVLM builds the connector, then the LM), so runs that share --cache with another
+    connector, vision encoder or Q-Former vocabulary each train the LM they would train alone."""
     keys = ("lm_width", "lm_layers", "lm_heads", "lm_kv_heads", "lm_mlp", "lm_init_std")
     train = ("n_train", "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "warmup", "weight_decay",
              "clip_norm", "seed")
-    return {**{k: getattr(vlm.config, k) for k in keys}, **{k: getattr(tcfg, k) for k in train},
-            "vocab": vlm.processor.tokenizer.itos, **({"data": tcfg.data} if tcfg.data else {})}
+    lm = {**{k: getattr(vlm.config, k) for k in keys}, **{k: getattr(tcfg, k) for k in train},
+          "vocab": vlm.processor.tokenizer.itos, **({"data": tcfg.data} if tcfg.data else {})}
+    init = {k: v for k, v in asdict(vlm.config).items() if k not in keys and k not in STAGE2_ONLY}
+    return {"phase": "stage0", "lm": lm, "init": init}
 
 
 def train_stage(vlm: VLM, stage: Stage, tcfg: TrainConfig, run: Run) -> list[float]:
@@ -1063,7 +1080,7 @@ def train_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[dict, VLM]:
     """The recipe: stage 0 (a from-scratch LM learns the language; cached), stage 1, evaluation, stage 2,
     evaluation. Writes everything under run.out; returns (metrics, vlm)."""
     vlm, train = build_vlm(vcfg, tcfg, run)           # frozen vision + connector + LM, and the training rows
-    metrics = run.start_metrics(vcfg, tcfg, train)
+    metrics = run.start_metrics(vlm.config, tcfg, train)
     history = metrics["history"]
     if not vcfg.lm and run.init is None:
         cache_features(vlm, train)                    # the frozen ViT runs once per training image
@@ -1074,7 +1091,7 @@ def train_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[dict, VLM]:
     run.lap("stage 1")
     evals = run.eval_sets(vlm, tcfg, metrics)
     if evals and run.evaluate_stage1:
-        metrics["after stage 1"] = {s: evaluate_vqa(vlm, d, vlm.question_prefix)[0] for s, d in evals.items()}
+        metrics["after stage 1"] = {s: run.score(vlm, d)[0] for s, d in evals.items()}
         if vcfg.connector == "qformer" and run.init is None and evals["test"].captions:
             metrics["retrieval after stage 1"] = qformer_retrieval(vlm, evals["test"])
     if tcfg.stage2 != "full":
@@ -1083,7 +1100,7 @@ def train_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[dict, VLM]:
     run.lap("stage 2")
     metrics["loss"] = {k: [v[0], v[-1]] for k, v in history.items() if v}
     metrics["trainable parameters"] = sum(p.numel() for p in vlm.model.parameters() if p.requires_grad)
-    answers = {s: evaluate_vqa(vlm, d, vlm.question_prefix) for s, d in evals.items()}
+    answers = {s: run.score(vlm, d) for s, d in evals.items()}
     if answers:
         metrics["after stage 2"] = {s: r[0] for s, r in answers.items()}
     run.finish(vlm, metrics, answers)                 # rank 0: model/, metrics.json, answers.png
@@ -1127,11 +1144,13 @@ class Run:
     evaluate: bool = True
     evaluate_stage1: bool = True
     stage1_dir: Path | None = None       # a stage-1 folder shared by runs that differ only in stage 2
+    lm_dir: Path | None = None           # a stage-0 LM shared on purpose by runs whose "init" differs (benchmark)
     stop_after: tuple[str, int] | None = None        # tests: raise Killed after this stage's step
 
     def __post_init__(self) -> None:
         self.out, self.cache = Path(self.out), Path(self.cache or self.out)
         self.stage1_dir = None if self.stage1_dir is None else Path(self.stage1_dir)
+        self.lm_dir = None if self.lm_dir is None else Path(self.lm_dir)
         self.rank, self.world = clip.dist_info()
         self.t0 = self.t_lap = time.time()
         self.seconds, self.eval_data = {}, {}        # metrics["seconds"]; the evaluation sets (answers.png)
@@ -1139,7 +1158,7 @@ class Run:
 
     def folder(self, stage: Stage) -> Path:
         if stage.name == "stage0":
-            return self.cache / ("lm-" + f"{hash_str(json.dumps(stage.config['lm'])):x}"[:12])
+            return self.lm_dir or self.cache / ("lm-" + f"{hash_str(json.dumps(stage.config)):x}"[:12])
         stage1 = self.stage1_dir or self.out / "stage1"
         return {"stage1a": stage1 / "itc", "stage1": stage1, "stage2": self.out / "stage2"}[stage.name]
 
@@ -1152,7 +1171,7 @@ class Run:
         info, tensors = clip.read_trainer_state(latest)
         if "rng.torch" not in tensors or "config" not in info:
             raise CheckpointError(f"{latest} is not a vlm_train.py stage checkpoint; use a new --out (or --cache)")
-        differ = clip.config_differences(info["config"], stage.config, ignore=())
+        differ = clip.config_differences(info["config"], stage.config, ignore=("init",) if self.lm_dir else ())
         if differ:
             raise ConfigError(f"--resume: {latest.parent} was written with a different configuration; differing "
                               f"fields: {'; '.join(differ)}. Resume with the same flags, or use a new --out.")
@@ -1244,6 +1263,17 @@ class Run:
         unused = any(p.requires_grad for m in net.modules() if isinstance(m, qformer.QFormer) for p in m.parameters())
         return nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                                    find_unused_parameters=unused)
+
+    def score(self, vlm: VLM, data: VQAData) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """evaluate_vqa with the questions split over the ranks (rank r answers questions r, r + W, ...) and
+        the answers gathered back in order: every rank scores the whole set, as one process would."""
+        if self.world == 1:
+            return evaluate_vqa(vlm, data, vlm.question_prefix)
+        import torch.distributed as dist
+        parts = [None] * self.world
+        dist.all_gather_object(parts, answer_questions(vlm, data, vlm.question_prefix, slice(self.rank, None, self.world)))
+        predictions = [parts[i % self.world][i // self.world] for i in range(len(data.qa))]
+        return evaluate_vqa(vlm, data, predictions=predictions)
 
     def no_sync(self, net: nn.Module, quiet: bool) -> contextlib.AbstractContextManager:
         """DDP's no_sync for all micro-batches but the last: the gradients are averaged once per step."""
@@ -1337,6 +1367,8 @@ def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQADat
     vision = (load_hf_vision(vcfg.vision, dense).to(run.device) if vcfg.vision else
               FrozenViT(load_or_train_vit(run.cache, vcfg.tiny_vision, run.device, tcfg.seed, run.progress), dense))
     train = split_data(run.cache, tcfg, vision.image_size, "train")
+    if tcfg.data and vcfg.connector == "qformer" and not vcfg.qformer_vocab:    # the Q-Former reads the folder's words
+        vcfg = replace(vcfg, qformer_vocab=sorted({w for _, c in train.captions for w in clip.ShapesTokenizer.words(c)}))
     torch.manual_seed(tcfg.seed)
     words = None if vcfg.lm else WordTokenizer.from_texts([c for _, c in train.captions] + [tcfg.caption_prompt]
                                                           + [q + " " + a for _, q, a, _ in train.qa])

@@ -1,7 +1,9 @@
 """vlm_train.py's five connectors x three stage-2 modes on the same shapes VQA task, in one table.
 
-Every run shares one cache (the shapes ViT of clip.py, the rendered data, the text-only LM), and the
-three stage-2 modes of a connector share its stage 1. Each (connector, mode) runs in a fresh process
+Every run shares one cache (the shapes ViT of clip.py, the rendered data) and one text-only LM, the
+one the default connector's configuration trains (`Run.lm_dir`: every connector reads the same
+pretrained LM, as they would read one downloaded LM), and the three stage-2 modes of a connector
+share its stage 1. Each (connector, mode) runs in a fresh process
 (forked from a server that imported vlm_train once), so its peak RSS is its own. By default every run
 uses `vlm_train.py --train`'s schedule, so the "mlp / full" row is the --train run; --stage1-steps /
 --stage2-steps shorten it. --jobs 2 runs two rows at a time, one thread each (a 2-core machine): the
@@ -43,7 +45,7 @@ def one_run(connector, mode, args):
     out = Path(args.out)
     t0 = time.time()
     run = vt.Run(out / f"{connector}-{mode}", torch.device(args.device), cache=out / "cache", progress=False,
-                 evaluate_stage1=False, stage1_dir=out / connector / "stage1")
+                 evaluate_stage1=False, stage1_dir=out / connector / "stage1", lm_dir=args.lm_dir)
     metrics, _ = vt.train_vlm(vcfg, tcfg, run)
     after = metrics["after stage 2"]
     return {"connector": connector, "mode": mode, "test": after["test"]["all"]["exact"],
@@ -65,8 +67,10 @@ def fill_cache(args):
     run = vt.Run(cache, torch.device(args.device), progress=False)
     vlm, train = vt.build_vlm(vcfg, tcfg, run)
     vt.cache_features(vlm, train)
-    vt.train_stage(vlm, vt.text_stage(vlm, train, tcfg), tcfg, run)           # stage 0, into cache/lm-HASH
+    stage0 = vt.text_stage(vlm, train, tcfg)
+    vt.train_stage(vlm, stage0, tcfg, run)                                    # stage 0, into cache/lm-HASH
     vt.eval_sets(cache, tcfg, vlm.processor.image_size)
+    return run.folder(stage0)
 
 
 def main(argv=None):
@@ -91,7 +95,7 @@ def main(argv=None):
         ctx.set_forkserver_preload(["vlm_train"])
     connectors, modes = args.connectors.split(","), args.modes.split(",")
     with ctx.Pool(1) as pool:
-        pool.apply(fill_cache, (args,))
+        args.lm_dir = pool.apply(fill_cache, (args,))
     # the first mode of each connector trains its stage 1, which the other modes then read
     waves = [[(c, modes[0]) for c in connectors], [(c, m) for c in connectors for m in modes[1:]]]
     done = {}

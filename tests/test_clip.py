@@ -271,6 +271,9 @@ def test_recall_at_k_and_median_rank_by_hand():
     correct[1, 2] = True
     assert clip.recall_at_k(sim, correct, ks=(1,))["i2t R@1"] == pytest.approx(200 / 3)
     assert clip.recall_at_k(sim, correct, ks=(2,))["i2t R@2"] == pytest.approx(100.0)
+    # ties count against: scores that cannot tell the texts apart retrieve nothing
+    flat = clip.recall_at_k(torch.zeros(3, 3), ks=(1, 3))
+    assert flat["i2t R@1"] == 0 and flat["i2t median rank"] == 3 and flat["t2i R@3"] == 100
 
 
 # ---------------------------------------------------------------------------------------------

@@ -211,13 +211,45 @@ def test_the_qformer_recipe_trains_on_long_captions_of_a_folder(tmp_path):
     long = " ".join(["a photograph showing"] + [f"word{i}" for i in range(36)] + ["at dusk"])
     (tmp_path / "data" / "captions.jsonl").write_text("\n".join(json.dumps({**r, "caption": r["caption"] + " " + long})
                                                                 for r in rows) + "\n")
-    ids, mask = vt.qformer_text([rows[0]["caption"] + " " + long])
+    ids, mask = vt.qformer_text(vt.clip.ShapesTokenizer(), [rows[0]["caption"] + " " + long])
     assert int(mask.sum()) == 24 and ids.shape == (1, 24)
     metrics = vt.main(["--train", "--tiny", "--preset", "smolvlm", "--data", f"captions:{tmp_path / 'data'}",
                        "--out", str(tmp_path / "run"), "--set", "itc_steps=2", "--set", "stage1_steps=2",
                        "--set", "stage2_steps=2"])
     assert {"stage1a", "stage1", "stage2"} <= set(metrics["history"])
     assert all(v == v for losses in metrics["history"].values() for v in losses)
+
+
+SYNONYMS = {"red": "crimson", "green": "emerald", "blue": "sapphire", "yellow": "lemon", "purple": "violet",
+            "orange": "tangerine"}
+
+
+def test_the_qformer_text_side_speaks_the_words_of_a_caption_folder(tmp_path):
+    """Captions in words the shapes vocabulary lacks: the Q-Former's tokenizer is built from the folder's
+    captions, so almost no caption word is <unk>, and a short stage 1a of ITC + ITM + ITG retrieves the
+    right caption far above chance. Given a vocabulary without those words (the shapes one, say), every
+    colour word is <unk>, the captions are alike to it, and retrieval stays at chance."""
+    rows = []
+    for i in range(300):                             # every 10th image is held out: all six colours there too
+        colour = COLOURS[(i // 10 + i) % 6]
+        picture(tmp_path / "data" / "img" / f"{i:03d}.jpg", colour)
+        rows.append({"image": f"img/{i:03d}.jpg", "caption": f"a snapshot tinted {SYNONYMS[colour]} all over"})
+    (tmp_path / "data" / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    def run(name, *extra):
+        argv = ["--train", "--tiny", "--connector", "qformer", "--data", f"captions:{tmp_path / 'data'}", "--out",
+                str(tmp_path / name), "--cache", str(tmp_path / "cache"), "--set", "n_train=300", "--set", "n_eval=30",
+                "--set", "itc_steps=100", "--set", "stage1_steps=1", "--set", "stage2_steps=1", "--set", "batch_size=16"]
+        return vt.main(argv + list(extra))["retrieval after stage 1"]
+
+    ours = run("folder-words")
+    assert set(SYNONYMS.values()) <= set(vt.load_vlm(tmp_path / "folder-words").connector.tokenizer.stoi)
+    assert ours["unk %"] < 2
+    assert ours["chance R@1"] == pytest.approx(100 / 6, abs=0.1)                   # 30 images, 5 of each colour
+    assert ours["i2t R@1"] > 3 * ours["chance R@1"] and ours["t2i R@1"] > 3 * ours["chance R@1"]
+    blind = run("shapes-words", "--set", "qformer_vocab=" + ",".join(vt.clip.ShapesTokenizer.WORDS))
+    assert blind["unk %"] > 30
+    assert blind["i2t R@1"] < 2 * blind["chance R@1"]
 
 
 # --- torchrun: 2 gloo processes == 1 process on the same global batch; resume under 2 processes -----------

@@ -261,6 +261,33 @@ def test_resume_with_a_different_config_is_refused(cache, tmp_path):
                                                                      progress=False, evaluate=False))
 
 
+def stage0_lm(cache, connector, **run):
+    """(the text-only LM after stage 0 of a tiny run whose cache is `cache`, trained there or read back;
+    the folder it lives in)."""
+    vcfg, tcfg = tiny(connector)
+    r = vt.Run(cache, CPU, progress=False, **run)
+    vlm, train = vt.build_vlm(vcfg, tcfg, r)
+    stage = vt.text_stage(vlm, train, tcfg)
+    vt.train_stage(vlm, stage, tcfg, r)
+    return {k: v.clone() for k, v in vlm.lm.state_dict().items()}, r.folder(stage)
+
+
+def test_runs_sharing_a_cache_each_get_the_stage0_lm_their_configuration_builds(tmp_path):
+    """ShapesVLM draws the connector's weights from the seed before the LM's, so the text-only LM depends
+    on the connector: a run sharing --cache with another connector's run trains its own, the one it
+    would train alone; a run given Run.lm_dir reads that LM whatever its connector (the benchmark's
+    shared stage 0)."""
+    shared = tmp_path / "shared"
+    mlp, mlp_folder = stage0_lm(shared, "mlp")
+    perceiver, folder = stage0_lm(shared, "perceiver")
+    alone, _ = stage0_lm(tmp_path / "alone", "perceiver")
+    assert folder != mlp_folder and folder.parent == mlp_folder.parent == shared
+    assert all(torch.equal(perceiver[k], alone[k]) for k in alone)
+    assert not all(torch.equal(perceiver[k], mlp[k]) for k in mlp)                 # the two LMs do differ
+    given, _ = stage0_lm(tmp_path / "reader", "perceiver", lm_dir=mlp_folder)
+    assert all(torch.equal(given[k], mlp[k]) for k in mlp)
+
+
 def replace_cfg(cfg, **changes):
     from dataclasses import replace
     return replace(cfg, **changes)
