@@ -38,8 +38,10 @@ Blip2ForImageTextRetrieval, so `QFormer.from_pretrained` loads such a checkpoint
 `itc_logits` / `itm_logits` reproduce its outputs (tests/test_qformer.py). The image features it
 expects are what that model's vision tower returns: BLIP-2's LayerNorm on the frozen features
 (`ln_vision` in LAVIS) is `vision_model.post_layernorm` there, so it belongs to the image side.
-Left out: the frozen ViT-g and the language model themselves, multi-GPU gathering of negatives,
-beam search (captions are greedy), and the BERT initialisation of the paper (we train from scratch).
+Under torchrun (DDP) `losses` gathers over the ranks as BLIP-2 does, so that W processes with b pairs each
+take one process's step on the W b pairs: ITC's negatives and ITM's hard negatives come from the whole
+global batch (`losses_across_ranks`). Left out: the frozen ViT-g and the language model themselves, beam
+search (captions are greedy), and the BERT initialisation of the paper (we train from scratch).
 
     python qformer.py            # seconds: a tiny Q-Former on random features, three losses fall
     python qformer.py --train    # minutes: align the ViT of `clip.py --train` with shapes captions
@@ -210,14 +212,14 @@ class GatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, x.contiguous())
         ctx.rows = x.shape[0]
         return torch.cat(parts)                                         # W x (b, ...) -> (B, ...)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()             # all_reduce writes in place; autograd owns `grad`
         dist.all_reduce(grad)                                           # sum_r' dL_r'/dX
         start = dist.get_rank() * ctx.rows
@@ -651,7 +653,8 @@ class QFormer(nn.Module):
         if clip.dist_info()[1] > 1:
             return self.losses_across_ranks(image_embeds, input_ids, attention_mask, matches, generator)
         c = self.config
-        image_feats, text_feats = self._itc_features(image_embeds, input_ids, attention_mask)
+        # ITC: one pass with the uni-modal mask gives both the query and the [CLS] features
+        image_feats, text_feats = self._itc_features(image_embeds, input_ids, attention_mask)   # (B, Q, E), (B, E)
         similarity = itc_similarity(image_feats, text_feats)                         # (B, B)
         loss_itc = itc_loss(similarity, self.temp, c.label_smoothing)
 
@@ -696,7 +699,8 @@ class QFormer(nn.Module):
         ids, mask = pad_right(input_ids, T, c.pad_token_id), pad_right(attention_mask, T, 0)   # (b, T)
         all_ids, all_masks, all_images = gather_rows(ids), gather_rows(mask), gather_rows(image_embeds)  # (B, ...)
         matches = same_caption(all_ids) if matches is None else matches                         # (B, B)
-        similarity = itc_similarity(all_image_feats.detach(), all_text_feats.detach())          # (B, B), for sampling
+        # one process's (B, B) ITC similarity, on every rank alike; sampling needs no gradient
+        similarity = itc_similarity(all_image_feats.detach(), all_text_feats.detach())          # (B, B)
         hard_text, hard_image = hard_negatives_of_rows(similarity, self.temp, matches, rows, generator)   # (b,), (b,)
         loss_itm = self._itm_loss(image_embeds, ids, mask,
                                   (all_images[hard_image], all_ids[hard_text], all_masks[hard_text]))

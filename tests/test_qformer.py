@@ -2,7 +2,8 @@
 
 Oracles: hand-drawn masks and hand-computed losses; transformers' Blip2ForImageTextRetrieval on a
 small random checkpoint saved in its real on-disk format; invariants (what a token may not see cannot
-change it; a joint ITC pass equals the two uni-modal passes; a negative is never the positive).
+change it; a joint ITC pass equals the two uni-modal passes; a negative is never the positive; two gloo
+processes with half the batch each take one process's step).
 """
 import json
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import qformer
+from conftest import run_gloo_workers
 from crash_hook import Crash, crash_after
 from qformer import QFormer, QFormerConfig, build_attention_mask
 
@@ -250,23 +252,31 @@ def losses_by_the_paper(model, image_embeds, ids, mask, matches, generator):
     return {"itc": itc, "itm": itm, "itg": itg}
 
 
+def ranks_model():
+    # tau = 0.5 (LAVIS's upper clamp) spreads the hard-negative draws over the batch: a caption equal to the
+    # positive would be drawn often if `matches` were ignored
+    return tiny_model(seed=3, label_smoothing=0.1, temp_init=0.5)
+
+
 def global_batch(config):
-    """8 pairs, 4 per rank of 2. Captions 1 and 5 are equal (on different ranks, padded to different lengths),
-    so are 2 and 3: `matches` decides. Rank 0's captions are at most 5 tokens long, rank 1's 7."""
+    """8 pairs, 4 per rank of 2, of five captions A..E: [A B C A | B C D E]. A, B and C come twice (B and C on
+    both ranks, padded to different lengths there), so `matches` decides many draws. Rank 0's captions are at
+    most 5 tokens long, rank 1's 7."""
     g = torch.Generator().manual_seed(0)
-    lengths = torch.tensor([3, 5, 4, 4, 7, 5, 2, 6])
-    ids = torch.randint(4, config.vocab_size, (8, 7), generator=g)
-    ids[:, 0] = config.cls_token_id
-    ids[5], ids[3] = ids[1], ids[2]
-    mask = (torch.arange(7) < lengths[:, None]).long()                       # right padding
-    return torch.randn(8, 6, config.encoder_hidden_size, generator=g), ids * mask, mask
+    lengths = torch.tensor([3, 5, 4, 7, 6])                                   # of A..E
+    captions = torch.randint(4, config.vocab_size, (5, 7), generator=g)
+    captions[:, 0] = config.cls_token_id
+    captions *= torch.arange(7) < lengths[:, None]                          # right padding
+    which = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4])
+    ids = captions[which]
+    return torch.randn(8, 6, config.encoder_hidden_size, generator=g), ids, (ids != config.pad_token_id).long()
 
 
 def also_forbidden(ids):
-    """An explicit global `matches`: equal captions, and pairs (0, 6), (6, 0) as if they matched too."""
-    matches = (ids[:, None] == ids[None]).all(-1)
-    matches[0, 6] = matches[6, 0] = True
-    return matches
+    """An explicit global `matches`: equal captions, and every pair (i, j) with i + j a multiple of 3 as if
+    they matched too (a third of the batch: ignoring them would change many draws)."""
+    i = torch.arange(len(ids))
+    return qformer.same_caption(ids) | ((i[:, None] + i[None]) % 3 == 0)
 
 
 def losses_and_gradients(model, feats, ids, mask, matches):
@@ -291,7 +301,7 @@ def losses_and_gradients(model, feats, ids, mask, matches):
 
 def test_one_process_losses_are_the_papers_bit_for_bit():
     feats, ids, mask = global_batch(QFormerConfig.tiny())
-    models = [tiny_model(seed=3, label_smoothing=0.1), tiny_model(seed=3, label_smoothing=0.1)]
+    models = [ranks_model(), ranks_model()]
     for matches, seed in ((None, None), (also_forbidden(ids), 4)):
         values, states = [], []
         for model, compute in zip(models, (QFormer.losses, losses_by_the_paper)):
@@ -323,7 +333,7 @@ def ddp_worker(rank, world, tmp):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
-    model = tiny_model(seed=3, label_smoothing=0.1)
+    model = ranks_model()
     feats, ids, mask = global_batch(model.config)
     b = len(ids) // world
     mine = slice(rank * b, (rank + 1) * b)
@@ -346,10 +356,10 @@ def ddp_worker(rank, world, tmp):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_losses_gradients_and_negatives(tmp_path):
-    from conftest import run_gloo_workers
     assert run_gloo_workers(ddp_worker, 2, tmp_path) == [0, 0]
-    model = tiny_model(seed=3, label_smoothing=0.1)
+    model = ranks_model()
     feats, ids, mask = global_batch(model.config)
     one_losses, one_itm, one_rng = losses_and_gradients(model, feats, ids, mask, also_forbidden(ids))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -369,6 +379,14 @@ def test_two_gloo_processes_equal_one_process_losses_gradients_and_negatives(tmp
                 expected = torch.cat([one[k * G + r * b:k * G + (r + 1) * b] for k in range(3)])
                 assert torch.equal(mine.detach(), expected.detach()), (r, call)
         assert "same number of pairs" in rank["errors"][0] and "(8, 8)" in rank["errors"][1]
+        # no negative is a match of the global batch: matches[i, j], caption j describes image i
+        for call, matches in enumerate((qformer.same_caption(ids), also_forbidden(ids))):
+            images, texts, _ = rank["itm"][call]
+            for i in range(r * b, (r + 1) * b):
+                k = i - r * b
+                captions = [j for j in range(G) if torch.equal(ids[j], texts[b + k])]          # equal captions
+                image = [j for j in range(G) if torch.equal(feats[j], images[2 * b + k])]
+                assert not matches[i, captions].any() and not matches[image, i].any(), (r, call, i)
 
 
 # ------------------------------------------------------------------------------------------------
