@@ -38,8 +38,10 @@ Blip2ForImageTextRetrieval, so `QFormer.from_pretrained` loads such a checkpoint
 `itc_logits` / `itm_logits` reproduce its outputs (tests/test_qformer.py). The image features it
 expects are what that model's vision tower returns: BLIP-2's LayerNorm on the frozen features
 (`ln_vision` in LAVIS) is `vision_model.post_layernorm` there, so it belongs to the image side.
-Left out: the frozen ViT-g and the language model themselves, multi-GPU gathering of negatives,
-beam search (captions are greedy), and the BERT initialisation of the paper (we train from scratch).
+Under torchrun (DDP) `losses` gathers over the ranks as BLIP-2 does, so that W processes with b pairs each
+take one process's step on the W b pairs: ITC's negatives and ITM's hard negatives come from the whole
+global batch (`losses_across_ranks`). Left out: the frozen ViT-g and the language model themselves, beam
+search (captions are greedy), and the BERT initialisation of the paper (we train from scratch).
 
     python qformer.py            # seconds: a tiny Q-Former on random features, three losses fall
     python qformer.py --train    # minutes: align the ViT of `clip.py --train` with shapes captions
@@ -57,6 +59,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -158,12 +161,117 @@ def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def itg_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             label_smoothing: float = 0.0) -> torch.Tensor:
-    """Next-token cross-entropy: position t predicts token t+1; padding is not a target."""
+             label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts token t+1; padding is not a target.
+    reduction="sum" gives the sum over the n target tokens instead of their mean."""
     targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)   # (B, T-1)
     # L = -1/n sum_t log p(w_{t+1} | queries, w_<=t)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
-                           ignore_index=-100, label_smoothing=label_smoothing)
+                           ignore_index=-100, label_smoothing=label_smoothing, reduction=reduction)
+
+
+def same_caption(input_ids: torch.Tensor) -> torch.Tensor:
+    """The default `matches` of ITM: (B, T) -> (B, B) bool, True where captions i and j have equal ids."""
+    return (input_ids[:, None] == input_ids[None]).all(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same losses over torchrun's W ranks, equal to one process on the global batch
+# ----------------------------------------------------------------------------------------------
+#
+# Under DDP each of W ranks holds b pairs of a global batch of B = W b, computes a loss L_r and its
+# gradient g_r, and DDP steps along the mean (1/W) sum_r g_r. One process would step along the gradient
+# of its loss L on all B pairs. The two agree when (1/W) sum_r L_r = L and g_r counts every rank's use of
+# this rank's rows (`GatherRows`). So rank r
+#   ITC  scores its b images against all B captions and its b captions against all B images, the right
+#        answer of its pair i at column r b + i: the mean over ranks of its row-averaged cross-entropies
+#        is one process's average over all B rows;
+#   ITM  draws hard negatives for all B rows from the global similarity, exactly as one process draws
+#        them (same generator, same calls), and keeps its own b rows: its 3b pairs are one process's 3B
+#        cut into W equal parts;
+#   ITG  weighs its token mean by W n_r / N (n_r its target tokens, N all ranks'): the mean over ranks is
+#        sum of all N token losses / N, one process's mean (vlm_train.py's `token_share`).
+# LAVIS (blip2_qformer.py) gathers as well, but ITC's other-rank features without gradient
+# (concat_all_gather) and each rank draws negatives for its own rows from its own RNG: equal to one
+# process in expectation, not step for step as here.
+
+class GatherRows(torch.autograd.Function):
+    """Every rank's rows in rank order: (b, ...) -> (W b, ...); the backward sums over ranks.
+
+    Forward: all_gather. Backward: rank r' receives dL_r'/dX for the whole gathered X, which holds rank
+    r's rows x_r at rows r b .. r b + b - 1. The all-reduce sums over r', and rank r keeps its own rows,
+    sum_r' dL_r'/dx_r: what every rank's loss asks of x_r (the direct uses of x_r in L_r add theirs
+    locally). Rank r's backward carries it through its own network, and DDP's mean over ranks is
+
+        (1/W) sum_r sum_r' dL_r'/dx_r dx_r/dtheta = d/dtheta (1/W) sum_r' L_r' = dL/dtheta,
+
+    one process's gradient, L being the mean of the ranks' losses on equal-sized batches. clip.py's
+    gather_with_grad keeps the local slice instead and lets every rank compute the whole loss, whose
+    gradients are then SUMMED; under DDP's mean that would shrink the encoders' gradient W times.
+    An input without gradient (token ids, frozen image features) is only gathered: nothing comes back.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = x.shape[0]
+        return torch.cat(parts)                                         # W x (b, ...) -> (B, ...)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()             # all_reduce writes in place; autograd owns `grad`
+        dist.all_reduce(grad)                                           # sum_r' dL_r'/dX
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows]                             # (B, ...) -> (b, ...)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """GatherRows: every rank's (b, ...) in rank order -> (W b, ...), gradients summed back to their rank."""
+    return GatherRows.apply(x)
+
+
+def global_text_length(input_ids: torch.Tensor) -> int:
+    """Longest caption length T of any rank; every rank must hold the same number b of pairs."""
+    sizes = gather_rows(torch.tensor([input_ids.shape], device=input_ids.device))   # (W, 2): each rank's (b, T)
+    if bool((sizes[:, 0] != sizes[0, 0]).any()):
+        raise ValueError(f"under torch.distributed every rank must pass the same number of pairs (its rows "
+                         f"of the global batch); got {sizes[:, 0].tolist()} pairs on ranks 0..{len(sizes) - 1}")
+    return int(sizes[:, 1].max())
+
+
+def pad_right(x: torch.Tensor, T: int, value: int) -> torch.Tensor:
+    """Right-pad (b, T_r) token ids or mask with `value` to (b, T): ranks' captions differ in length."""
+    return F.pad(x, (0, T - x.shape[1]), value=value)                   # (b, T_r) -> (b, T)
+
+
+def itc_loss_of_rows(image_to_text: torch.Tensor, text_to_image: torch.Tensor, rows: torch.Tensor,
+                     temp: torch.Tensor | float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """ITC of this rank's b pairs. image_to_text (b, B): its images against every caption; text_to_image
+    (b, B): its captions against every image; rows (b,): its pairs' global indices, the right answers.
+    With rows = arange(B) and the full matrices it is itc_loss."""
+    # L_r = (CE over this rank's rows + CE over this rank's columns) / 2;  mean_r L_r = itc_loss of all B
+    return (F.cross_entropy(image_to_text / temp, rows, label_smoothing=label_smoothing)
+            + F.cross_entropy(text_to_image / temp, rows, label_smoothing=label_smoothing)) / 2
+
+
+def hard_negatives_of_rows(similarity: torch.Tensor, temp: torch.Tensor | float, matches: torch.Tensor,
+                           rows: torch.Tensor,
+                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One process's two draws (a caption for every image, an image for every caption) on the global (B, B)
+    similarity, kept for `rows`: (b,) global indices of the hard captions and of the hard images.
+    Every rank draws all B rows, so every rank and one process use the generator alike; they draw the
+    same negatives when the generator (or torch's global RNG) is in the same state on every rank."""
+    hard_text = sample_hard_negatives(similarity, temp, matches, generator)           # image i -> text
+    hard_image = sample_hard_negatives(similarity.t(), temp, matches.t(), generator)  # text i -> image
+    return hard_text[rows], hard_image[rows]                                          # (B,) -> (b,)
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' x added up (an all-reduce of a copy)."""
+    total = x.clone()
+    dist.all_reduce(total)
+    return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,33 +646,100 @@ class QFormer(nn.Module):
 
         matches: optional (B, B) bool, True where caption j also describes image i (a synthetic data
         set repeats descriptions); such pairs are never drawn as ITM negatives. Default: equal ids.
+        Under torch.distributed with W > 1 ranks each rank passes its own b pairs (the same b on every
+        rank) and gets `losses_across_ranks`: the mean over ranks of each loss, and DDP's mean of the
+        gradients, are one process's on all W b pairs.
         """
-        c, Q, B = self.config, self.config.num_query_tokens, input_ids.shape[0]
+        if clip.dist_info()[1] > 1:
+            return self.losses_across_ranks(image_embeds, input_ids, attention_mask, matches, generator)
+        c = self.config
         # ITC: one pass with the uni-modal mask gives both the query and the [CLS] features
-        h = self(image_embeds, input_ids, attention_mask, mask_kind="itc")          # (B, Q+T, D)
-        image_feats = F.normalize(self.vision_projection(h[:, :Q]), dim=-1)          # (B, Q, E)
-        text_feats = F.normalize(self.text_projection(h[:, Q]), dim=-1)              # (B, E)
+        image_feats, text_feats = self._itc_features(image_embeds, input_ids, attention_mask)   # (B, Q, E), (B, E)
         similarity = itc_similarity(image_feats, text_feats)                         # (B, B)
         loss_itc = itc_loss(similarity, self.temp, c.label_smoothing)
 
         # ITM: B matched pairs, B (image, hard caption), B (hard image, caption)
         if matches is None:
-            matches = (input_ids[:, None] == input_ids[None]).all(-1)                # (B, B)
+            matches = same_caption(input_ids)                                        # (B, B)
         hard_text = sample_hard_negatives(similarity, self.temp, matches, generator)       # image i -> text
         hard_image = sample_hard_negatives(similarity.t(), self.temp, matches.t(), generator)  # text i -> image
-        images = torch.cat([image_embeds, image_embeds, image_embeds[hard_image]])   # (3B, N, Dv)
-        texts = torch.cat([input_ids, input_ids[hard_text], input_ids])              # (3B, T)
-        masks = torch.cat([attention_mask, attention_mask[hard_text], attention_mask])
-        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(input_ids.device)
-        loss_itm = itm_loss(self.itm_logits(images, texts, masks), labels)
+        loss_itm = self._itm_loss(image_embeds, input_ids, attention_mask,
+                                  (image_embeds[hard_image], input_ids[hard_text], attention_mask[hard_text]))
+        return {"itc": loss_itc, "itm": loss_itm, "itg": self._itg_loss(image_embeds, input_ids, attention_mask)}
 
-        # ITG: the same caption with [CLS] swapped for [DEC], under the multimodal-causal mask
+    def losses_across_ranks(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            matches: torch.Tensor | None = None,
+                            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """`losses` of this rank's b pairs under torch.distributed: rank r holds rows r b .. r b + b - 1 of a
+        global batch of B = W b. Each loss is this rank's part (the section "The same losses over torchrun's
+        W ranks" says which): their mean over ranks, and DDP's mean of the gradients, are one process's.
+
+        matches: the GLOBAL (B, B) bool matrix, the same on every rank (default: equal ids, compared over
+        all ranks' captions). generator: in the same state on every rank (or None: torch's global RNG,
+        seeded alike); every rank draws all B rows' negatives, as one process would, and keeps its own.
+        Captions may be padded to different lengths on different ranks. image_embeds should be frozen
+        features; if they require grad, the negative images from other ranks send their gradient back to
+        their rank (`gather_rows`), so every rank must then require it.
+        """
+        c, b = self.config, input_ids.shape[0]
+        rank, world = clip.dist_info()
+        T = global_text_length(input_ids)                           # and checks b is equal on every rank
+        rows = rank * b + torch.arange(b, device=input_ids.device)  # this rank's pairs in the global batch
+        if matches is not None and tuple(matches.shape) != (world * b, world * b):
+            raise ValueError(f"under torch.distributed matches must be the global batch's ({world * b}, {world * b}) "
+                             f"matrix ({world} ranks x {b} pairs), the same on every rank; got {tuple(matches.shape)}")
+        # ITC: this rank's images against all captions, its captions against all images
+        image_feats, text_feats = self._itc_features(image_embeds, input_ids, attention_mask)   # (b, Q, E), (b, E)
+        all_image_feats, all_text_feats = gather_rows(image_feats), gather_rows(text_feats)     # (B, Q, E), (B, E)
+        loss_itc = itc_loss_of_rows(itc_similarity(image_feats, all_text_feats),                # (b, B)
+                                    itc_similarity(all_image_feats, text_feats).t(),            # (B, b) -> (b, B)
+                                    rows, self.temp, c.label_smoothing)
+
+        # ITM: negatives drawn from the global batch; captions padded to the longest rank's T to travel
+        ids, mask = pad_right(input_ids, T, c.pad_token_id), pad_right(attention_mask, T, 0)   # (b, T)
+        all_ids, all_masks, all_images = gather_rows(ids), gather_rows(mask), gather_rows(image_embeds)  # (B, ...)
+        matches = same_caption(all_ids) if matches is None else matches                         # (B, B)
+        # one process's (B, B) ITC similarity, on every rank alike; sampling needs no gradient
+        similarity = itc_similarity(all_image_feats.detach(), all_text_feats.detach())          # (B, B)
+        hard_text, hard_image = hard_negatives_of_rows(similarity, self.temp, matches, rows, generator)   # (b,), (b,)
+        loss_itm = self._itm_loss(image_embeds, ids, mask,
+                                  (all_images[hard_image], all_ids[hard_text], all_masks[hard_text]))
+
+        # ITG: the sum of this rank's n_r token losses x W / N = its token mean x W n_r / N; written as a sum
+        # so that a rank without target tokens adds 0, not 0/0
+        n_all = sum_over_ranks((attention_mask[:, 1:] != 0).sum().float().reshape(1))          # N: all targets
+        loss_itg = self._itg_loss(image_embeds, input_ids, attention_mask, "sum") * world / n_all[0].clamp(min=1)
+        return {"itc": loss_itc, "itm": loss_itm, "itg": loss_itg}
+
+    def _itc_features(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITC's features from one pass with the uni-modal mask: (B, Q, E) queries and (B, E) [CLS], unit length."""
+        Q = self.config.num_query_tokens
+        h = self(image_embeds, input_ids, attention_mask, mask_kind="itc")          # (B, Q+T, D)
+        image_feats = F.normalize(self.vision_projection(h[:, :Q]), dim=-1)          # (B, Q, E)
+        text_feats = F.normalize(self.text_projection(h[:, Q]), dim=-1)              # (B, E)
+        return image_feats, text_feats
+
+    def _itm_loss(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  negatives: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """ITM on B matched pairs, B (image, hard caption), B (hard image, caption); negatives = (hard images
+        (B, N, Dv), hard captions' ids and masks (B, T))."""
+        hard_images, hard_ids, hard_masks = negatives
+        B = input_ids.shape[0]
+        images = torch.cat([image_embeds, image_embeds, hard_images])                # (3B, N, Dv)
+        texts = torch.cat([input_ids, hard_ids, input_ids])                          # (3B, T)
+        masks = torch.cat([attention_mask, hard_masks, attention_mask])
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(input_ids.device)
+        return itm_loss(self.itm_logits(images, texts, masks), labels)
+
+    def _itg_loss(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  reduction: str = "mean") -> torch.Tensor:
+        """ITG: the same caption with [CLS] swapped for [DEC], under the multimodal-causal mask."""
         self._check_generation_tokens()
         decoder_input_ids = input_ids.clone()
-        decoder_input_ids[:, 0] = c.dec_token_id
+        decoder_input_ids[:, 0] = self.config.dec_token_id
         logits = self.itg_logits(image_embeds, decoder_input_ids, attention_mask)    # (B, T, V)
-        loss_itg = itg_loss(logits, decoder_input_ids, attention_mask, c.label_smoothing)
-        return {"itc": loss_itc, "itm": loss_itm, "itg": loss_itg}
+        return itg_loss(logits, decoder_input_ids, attention_mask, self.config.label_smoothing, reduction)
 
     @torch.no_grad()
     def generate(self, image_embeds: torch.Tensor, max_new_tokens: int = 20) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Oracles: hand-drawn masks and hand-computed losses; transformers' Blip2ForImageTextRetrieval on a
 small random checkpoint saved in its real on-disk format; invariants (what a token may not see cannot
-change it; a joint ITC pass equals the two uni-modal passes; a negative is never the positive).
+change it; a joint ITC pass equals the two uni-modal passes; a negative is never the positive; two gloo
+processes with half the batch each take one process's step).
 """
 import json
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import qformer
+from conftest import run_gloo_workers
 from crash_hook import Crash, crash_after
 from qformer import QFormer, QFormerConfig, build_attention_mask
 
@@ -224,6 +226,167 @@ def test_rerank_scores_only_the_top_k_and_recall_by_hand():
     correct = torch.tensor([[False, True, False], [True, False, False]])
     assert qformer.recall_at_k(sim, correct, (1, 2, 3)) == {1: 0.0, 2: 0.5, 3: 1.0}
     assert qformer.recall_at_k(scores, correct, (1,)) == {1: 0.5}
+
+
+# ------------------------------------------------------------------------------------------------
+# The losses of a batch: one process as written in the paper; torchrun's ranks equal one process
+# ------------------------------------------------------------------------------------------------
+
+def losses_by_the_paper(model, image_embeds, ids, mask, matches, generator):
+    """QFormer.losses on one process, written out from the pure functions: the three losses on all B pairs."""
+    c, Q, B = model.config, model.config.num_query_tokens, ids.shape[0]
+    h = model(image_embeds, ids, mask, mask_kind="itc")
+    image_feats = torch.nn.functional.normalize(model.vision_projection(h[:, :Q]), dim=-1)
+    text_feats = torch.nn.functional.normalize(model.text_projection(h[:, Q]), dim=-1)
+    similarity = qformer.itc_similarity(image_feats, text_feats)
+    itc = qformer.itc_loss(similarity, model.temp, c.label_smoothing)
+    matches = (ids[:, None] == ids[None]).all(-1) if matches is None else matches
+    hard_text = qformer.sample_hard_negatives(similarity, model.temp, matches, generator)
+    hard_image = qformer.sample_hard_negatives(similarity.t(), model.temp, matches.t(), generator)
+    logits = model.itm_logits(torch.cat([image_embeds, image_embeds, image_embeds[hard_image]]),
+                              torch.cat([ids, ids[hard_text], ids]), torch.cat([mask, mask[hard_text], mask]))
+    itm = qformer.itm_loss(logits, torch.cat([torch.ones(B), torch.zeros(2 * B)]).long())
+    decoder_ids = ids.clone()
+    decoder_ids[:, 0] = c.dec_token_id
+    itg = qformer.itg_loss(model.itg_logits(image_embeds, decoder_ids, mask), decoder_ids, mask, c.label_smoothing)
+    return {"itc": itc, "itm": itm, "itg": itg}
+
+
+def ranks_model():
+    # tau = 0.5 (LAVIS's upper clamp) spreads the hard-negative draws over the batch: a caption equal to the
+    # positive would be drawn often if `matches` were ignored
+    return tiny_model(seed=3, label_smoothing=0.1, temp_init=0.5)
+
+
+def global_batch(config):
+    """8 pairs, 4 per rank of 2, of five captions A..E: [A B C A | B C D E]. A, B and C come twice (B and C on
+    both ranks, padded to different lengths there), so `matches` decides many draws. Rank 0's captions are at
+    most 5 tokens long, rank 1's 7."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([3, 5, 4, 7, 6])                                   # of A..E
+    captions = torch.randint(4, config.vocab_size, (5, 7), generator=g)
+    captions[:, 0] = config.cls_token_id
+    captions *= torch.arange(7) < lengths[:, None]                          # right padding
+    which = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4])
+    ids = captions[which]
+    return torch.randn(8, 6, config.encoder_hidden_size, generator=g), ids, (ids != config.pad_token_id).long()
+
+
+def also_forbidden(ids):
+    """An explicit global `matches`: equal captions, and every pair (i, j) with i + j a multiple of 3 as if
+    they matched too (a third of the batch: ignoring them would change many draws)."""
+    i = torch.arange(len(ids))
+    return qformer.same_caption(ids) | ((i[:, None] + i[None]) % 3 == 0)
+
+
+def losses_and_gradients(model, feats, ids, mask, matches):
+    """Two calls of `losses` (default matches and torch's global RNG; the given matches and a generator),
+    backward of their sum. Returns the losses, the ITM batches of the two calls and the RNG states after."""
+    itm_batches, itm_logits = [], model.itm_logits
+
+    def recorded(images, texts, masks):                                      # the ITM pairs, negatives included
+        itm_batches.append((images, texts, masks))
+        return itm_logits(images, texts, masks)
+
+    model.itm_logits = recorded
+    torch.manual_seed(5)
+    generator = torch.Generator().manual_seed(9)
+    first = model.losses(feats, ids, mask)
+    second = model.losses(feats, ids, mask, matches, generator)
+    sum(first.values()).backward()
+    sum(second.values()).backward()
+    losses = torch.stack([torch.stack(list(x.values())) for x in (first, second)]).detach()   # (2, 3)
+    return losses, itm_batches, (torch.get_rng_state(), generator.get_state())
+
+
+def test_one_process_losses_are_the_papers_bit_for_bit():
+    feats, ids, mask = global_batch(QFormerConfig.tiny())
+    models = [ranks_model(), ranks_model()]
+    for matches, seed in ((None, None), (also_forbidden(ids), 4)):
+        values, states = [], []
+        for model, compute in zip(models, (QFormer.losses, losses_by_the_paper)):
+            torch.manual_seed(11)
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            losses = compute(model, feats, ids, mask, matches, generator)
+            sum(losses.values()).backward()
+            values.append(losses)
+            states.append(torch.get_rng_state() if generator is None else generator.get_state())
+        assert all(torch.equal(values[0][k], values[1][k]) for k in ("itc", "itm", "itg"))
+        assert torch.equal(states[0], states[1])                             # the same draws consumed
+        for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+            assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+
+
+def test_itc_of_each_ranks_rows_averages_to_the_whole_batchs():
+    similarity, temp, B = torch.randn(6, 6), 0.1, 6
+    whole = qformer.itc_loss(similarity, temp, 0.1)
+    rows = torch.arange(B)
+    assert torch.allclose(qformer.itc_loss_of_rows(similarity, similarity.t(), rows, temp, 0.1), whole)
+    # 3 ranks of 2 pairs: rank r's images against all captions, its captions against all images
+    parts = [qformer.itc_loss_of_rows(similarity[r], similarity.t()[r], r, temp, 0.1) for r in rows.view(3, 2)]
+    assert torch.allclose(torch.stack(parts).mean(), whole)
+
+
+def ddp_worker(rank, world, tmp):
+    """One rank of 2: its half of the global batch, cut to its own longest caption; the gradients averaged
+    over ranks as DDP averages them; then the two mistakes that must be refused on every rank."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    model = ranks_model()
+    feats, ids, mask = global_batch(model.config)
+    b = len(ids) // world
+    mine = slice(rank * b, (rank + 1) * b)
+    T = int(mask[mine].sum(1).max())
+    losses, itm_batches, rng = losses_and_gradients(model, feats[mine], ids[mine, :T], mask[mine, :T],
+                                                     also_forbidden(ids))
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            grads[name] = p.grad / world                                     # DDP's mean
+    errors = []
+    for rows, matches in ((b - rank, None), (b, qformer.same_caption(ids[mine]))):   # unequal b; a local matches
+        try:
+            model.losses(feats[:rows], ids[:rows], mask[:rows], matches)
+        except ValueError as e:
+            errors.append(str(e))
+    torch.save({"losses": losses, "grads": grads, "itm": itm_batches, "rng": rng, "errors": errors},
+               f"{tmp}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_losses_gradients_and_negatives(tmp_path):
+    assert run_gloo_workers(ddp_worker, 2, tmp_path) == [0, 0]
+    model = ranks_model()
+    feats, ids, mask = global_batch(model.config)
+    one_losses, one_itm, one_rng = losses_and_gradients(model, feats, ids, mask, also_forbidden(ids))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    # the mean over ranks of each loss is one process's loss on the whole batch
+    assert torch.allclose((ranks[0]["losses"] + ranks[1]["losses"]) / 2, one_losses, atol=1e-5)
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (name not in ranks[0]["grads"]), name
+        if p.grad is not None:
+            assert torch.allclose(ranks[0]["grads"][name], p.grad, atol=1e-5), name
+    # rank r's ITM pairs (matched, image + hard caption, hard image + caption) are one process's rows r b .. r b + b - 1
+    # of each third, captions padded to the longest rank's length: the same negatives were drawn
+    G, b = len(ids), len(ids) // 2
+    for r, rank in enumerate(ranks):
+        assert rank["rng"][0].equal(one_rng[0]) and rank["rng"][1].equal(one_rng[1])   # RNGs used alike
+        for call in range(2):
+            for mine, one in zip(rank["itm"][call], one_itm[call]):
+                expected = torch.cat([one[k * G + r * b:k * G + (r + 1) * b] for k in range(3)])
+                assert torch.equal(mine.detach(), expected.detach()), (r, call)
+        assert "same number of pairs" in rank["errors"][0] and "(8, 8)" in rank["errors"][1]
+        # no negative is a match of the global batch: matches[i, j], caption j describes image i
+        for call, matches in enumerate((qformer.same_caption(ids), also_forbidden(ids))):
+            images, texts, _ = rank["itm"][call]
+            for i in range(r * b, (r + 1) * b):
+                k = i - r * b
+                captions = [j for j in range(G) if torch.equal(ids[j], texts[b + k])]          # equal captions
+                image = [j for j in range(G) if torch.equal(feats[j], images[2 * b + k])]
+                assert not matches[i, captions].any() and not matches[image, i].any(), (r, call, i)
 
 
 # ------------------------------------------------------------------------------------------------
