@@ -1245,6 +1245,9 @@ class Run:
                               f"batch_size a multiple of grad_accum x {self.world}")
         b = len(rows) // self.world
         batch = make_batch(vlm, data, rows[self.rank * b:(self.rank + 1) * b].tolist(), phase)
+        if self.world > 1 and phase == "itc":                 # ITM's negatives come from the whole batch
+            captions = [data.captions[i][1] for i in rows.tolist()]
+            batch["matches"] = torch.tensor([[a == c for c in captions] for a in captions], device=batch["qf_ids"].device)
         if self.world > 1:
             import torch.distributed as dist
             n = (batch["labels"] != -100).sum().float().reshape(1)
@@ -1255,8 +1258,8 @@ class Run:
 
     def wrap(self, net: StageLoss) -> nn.Module:
         """DDP(net) under torchrun, new per stage (each trains other parameters). The Q-Former leaves some
-        unused (ITC its projection, the caption loss its text side): DDP is told so. ITC's negatives are
-        the rank's own rows (BLIP-2 gathers them over GPUs), so stage 1a alone differs from one process."""
+        unused (ITC its projection, the caption loss its text side): DDP is told so. Stage 1a's ITC and ITM
+        draw their negatives from every rank's rows (qformer.QFormer.losses_across_ranks)."""
         if self.world == 1:
             return net
         device = net.model.device

@@ -306,3 +306,52 @@ def test_two_gloo_processes_equal_one_process_and_resume_equals_the_uninterrupte
     # rank 0 alone logs: every step once in the uninterrupted run's metrics.jsonl
     steps = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for s in steps if s["phase"] == "stage2") == tcfg.stage2_steps
+
+
+def qformer_configs():
+    # the shapes captions repeat, so ITM's "never a negative that matches" spans ranks here
+    return vt.VLMConfig.tiny(connector="qformer"), vt.TrainConfig.tiny(stage2="full")
+
+
+def qformer_ddp_worker(rank, world, tmp):
+    """One rank: the whole Q-Former recipe (stage 1a's ITC + ITM + ITG with negatives from both ranks);
+    then the one-process run's model scored with the questions split over the ranks (Run.score)."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    vcfg, tcfg = qformer_configs()
+    vt.train_vlm(vcfg, tcfg, vt.Run(f"{tmp}/ddp", CPU, cache=f"{tmp}/cache", progress=False))
+    vlm = vt.load_vlm(f"{tmp}/one")
+    data = vt.cache_features(vlm, vt.eval_sets(f"{tmp}/one-cache", tcfg, vlm.processor.image_size)["test"])
+    scores, answers = vt.Run(f"{tmp}/eval-{rank}", CPU, progress=False).score(vlm, data)
+    vt.write_json(f"{tmp}/eval-{rank}.json", {"scores": scores, "answers": answers})
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_the_qformer_and_score_as_one_process(tmp_path):
+    vcfg, tcfg = qformer_configs()
+    one, _ = vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path / "one", CPU, cache=tmp_path / "one-cache", progress=False))
+    assert run_gloo_workers(qformer_ddp_worker, 2, tmp_path, timeout=900) == [0, 0]
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["processes"] == 2
+    for stage, losses in one["history"].items():                                 # stage 1a's ITC + ITM + ITG too
+        assert ddp["history"][stage] == pytest.approx(losses, rel=1e-5), stage
+    # The Q-Former after stage 1a. Its key biases are left out: q . (k + b) adds the same q . b to every
+    # score of a query, which softmax ignores, so their gradient is zero but for rounding, and AdamW's
+    # g / sqrt(v) turns that rounding into steps of the learning rate's size, in both runs alike.
+    one_1a, ddp_1a = (vt.clip.read_trainer_state(vt.clip.latest_checkpoint(tmp_path / run / "stage1" / "itc"))[1]
+                      for run in ("one", "ddp"))
+    params = [k for k in one_1a if k.startswith("param.")]
+    assert len(params) > 20 and one_1a.keys() == ddp_1a.keys()
+    for name in params:
+        if not name.endswith("key.bias"):
+            assert torch.allclose(one_1a[name], ddp_1a[name], atol=1e-4), name
+    # evaluation split over two ranks: every answer, so every score, is the one process's
+    model = vt.load_vlm(tmp_path / "one")
+    data = vt.cache_features(model, vt.eval_sets(tmp_path / "one-cache", tcfg, model.processor.image_size)["test"])
+    scores, answers = vt.evaluate_vqa(model, data, model.question_prefix)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"eval-{rank}.json").read_text())
+        assert got["answers"] == answers and got["scores"] == json.loads(json.dumps(scores))
+    assert len(answers) == tcfg.n_eval and ddp["after stage 2"]["test"]["all"]["n"] == tcfg.n_eval
