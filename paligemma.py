@@ -58,6 +58,12 @@ a peft-format LoRA adapter through lora.py. The tests check it all against trans
 PaliGemmaForConditionalGeneration (fp32 logits to 1e-4, bf16 bit for bit on CPU, greedy tokens,
 training loss), bitsandbytes and peft. Left out: several images per prompt, position-embedding
 interpolation for other resolutions, SigLIP's unused attention-pooling head, training (vlm_train.py).
+
+What training would cost: memory_estimate adds up bf16 weights and gradients, fp32 AdamW moments (NF4
+weights for QLoRA) and the activations that one training forward saves for backward, counted on the
+meta device, so no weights are needed. `python paligemma.py --memory-report` tabulates full
+fine-tuning, LoRA and QLoRA of the 3B model, with and without activation checkpointing, and names
+the smallest common GPU that holds each.
 """
 from __future__ import annotations
 
@@ -108,7 +114,10 @@ def prefix_lm_mask(groups: torch.Tensor, key_ok: torch.Tensor, query_start: int,
     # A query always sees itself, so a padding query never has an empty row (softmax of nothing is
     # NaN, and a NaN value vector poisons every later layer through 0 * NaN).
     allowed |= q_idx[:, None] == k_idx[None, :]
-    return None if bool(allowed.all()) else allowed[:, None]                          # (B, 1, T, S)
+    # a meta tensor (memory_estimate) has no values to test; a training batch always has a causal suffix
+    if allowed.is_meta or not bool(allowed.all()):
+        return allowed[:, None]                                                        # (B, 1, T, S)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,16 +659,21 @@ class PaliGemma(nn.Module):
         is_image = input_ids == c.image_token_index                                   # (B, T)
         x = embed(input_ids.masked_fill(is_image, 0)).float()                          # (B, T, D)
         s = torch.tensor(c.text.hidden_size ** 0.5, dtype=self.dtype).float()
+        # the value checks need values: a meta tensor (memory_estimate) has shapes only
+        check = not input_ids.is_meta
         if pixel_values is not None:
             counts = is_image.sum(-1)
-            if pixel_values.shape[0] != input_ids.shape[0] or bool((counts != c.num_image_tokens).any()):
+            if pixel_values.shape[0] != input_ids.shape[0] or (check and bool((counts != c.num_image_tokens).any())):
                 raise ValueError(f"each prompt needs exactly {c.num_image_tokens} <image> tokens (id "
-                                 f"{c.image_token_index}) for its one image, got {counts.tolist()} for "
+                                 f"{c.image_token_index}) for its one image, got "
+                                 f"{counts.tolist() if check else 'an unknown count'} for "
                                  f"{pixel_values.shape[0]} image(s)")
             u = self.image_features(pixel_values).float()                              # (B, N, D)
-            # x_img = u / sqrt(D), so that the sqrt(D) below gives back u
-            x[is_image] = (u / s).reshape(-1, x.shape[-1])
-        elif bool(is_image.any()):
+            # x_img = u / sqrt(D), so that the sqrt(D) below gives back u. masked_scatter fills the
+            # <image> positions row by row with u's N vectors, as transformers does; unlike x[is_image] = ...
+            # it needs no count of the positions, so it also runs on the meta device
+            x = x.masked_scatter(is_image[..., None], u / s)                          # (B, T, D)
+        elif check and bool(is_image.any()):
             raise ValueError("the prompt contains <image> tokens but no pixel_values were given")
         # x <- x sqrt(D): Gemma's input scaling (its reference code; transformers' GemmaTextScaledWordEmbedding)
         return (x * s).to(self.dtype)                                                  # (B, T, D)
@@ -826,8 +840,109 @@ class PaliGemma(nn.Module):
         atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
 
 
+# ----------------------------------------------------------------------------------------------
+# What fine-tuning costs in memory: weights, gradients, AdamW's moments, activations
+# ----------------------------------------------------------------------------------------------
+
+# QLoRA's NF4 (nf4.py; Dettmers et al. 2023, sec. 3): a 4-bit code per weight, an 8-bit absmax per
+# 64-weight block, and an fp32 scale per 256 of those absmax constants (double quantization)
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)                     # = 4.127 bits per weight
+MODES = ("full", "lora", "qlora")
+
+
+def memory_estimate(config: PaliGemmaConfig, mode: str, batch_size: int, seq_len: int,
+                    grad_checkpointing: bool = False, lora_r: int = 16) -> dict:
+    """Bytes a fine-tuning step keeps on the device, for batch_size rows of N image + seq_len text tokens.
+
+        weights     = 2 P                bf16 (QLoRA: 2 (P - P_nf4) + P_nf4 NF4_BITS / 8)
+        grads       = 2 P_train          bf16, like the weights they update
+        optimizer   = 8 P_train          AdamW's m and v in fp32 (no fp32 master copy of the weights)
+        activations = what one training forward leaves for backward, counted (activation_bytes)
+        total       = the sum of the four
+
+    The SigLIP tower is frozen in every mode. "full" trains the projector and the Gemma decoder;
+    "lora" trains the projector and rank-r adapters (lora.py) on every linear layer of the decoder,
+    which stays frozen in bf16; "qlora" is "lora" with those frozen layers in NF4 (nf4.py), the tied
+    embedding / output layer kept in bf16 as bitsandbytes keeps it. P counts every parameter of the
+    trained model, adapters included, an NF4 weight as its out x in values.
+
+    Activations are counted, not guessed: the model is built on the meta device (shapes, no memory)
+    and one forward pass of a batch of meta tensors is watched by saved_tensors_hooks. What that
+    finds: QLoRA keeps what LoRA keeps. nf4.NF4Matmul saves only its packed 4-bit weight (a buffer,
+    already among the weights) and no input, as W is frozen; the input x is kept by the adapter's
+    A x either way. Dequantizing W makes a full-precision copy of it in each layer, forward and
+    backward, freed as soon as the layer is done. With grad_checkpointing each decoder layer keeps
+    only its inputs, and what remains is mostly the logits: 6 V bytes a token (bf16 logits, their fp32
+    log-softmax), 1.5 MiB at Gemma's V = 257,216, against 2 D L = 72 KiB for the 3B decoder's inputs.
+    Left out: the transient peaks of backward (the largest is the gradient of the fp32 logits,
+    B (N + seq_len) V 4 bytes) and of the optimizer step, the CUDA context and the allocator's
+    fragmentation (memory_table keeps a margin for the last two).
+    Returns {"mode", "grad_checkpointing", "batch_size", "seq_len", "params", "trainable", "weights",
+    "grads", "optimizer", "activations", "total"}: the arguments, parameter counts and bytes.
+    """
+    import lora
+    import nf4
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be at least 1, got {batch_size} and {seq_len}")
+    model = training_model(config, mode, lora_r)
+    model.language_model.model.gradient_checkpointing = grad_checkpointing
+    p_train, params = lora.count_parameters(model)
+    p_nf4 = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, nf4.LinearNF4))
+    out = {"mode": mode, "grad_checkpointing": grad_checkpointing, "batch_size": batch_size, "seq_len": seq_len,
+           "params": params, "trainable": p_train,
+           "weights": round(2 * (params - p_nf4) + p_nf4 * NF4_BITS / 8),
+           "grads": 2 * p_train,
+           "optimizer": 8 * p_train,
+           "activations": activation_bytes(model, meta_batch(config, batch_size, seq_len))}
+    out["total"] = out["weights"] + out["grads"] + out["optimizer"] + out["activations"]
+    return out
+
+
+def training_model(config: PaliGemmaConfig, mode: str, lora_r: int = 16) -> PaliGemma:
+    """The bf16 model that a `mode` fine-tuning run trains (memory_estimate), on the meta device."""
+    import lora
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    with torch.device("meta"):
+        model = PaliGemma(config).to(torch.bfloat16).train()
+    model.vision_tower.requires_grad_(False)
+    if mode == "qlora":
+        for name, layer in list(model.language_model.named_modules()):
+            if isinstance(layer, nn.Linear) and not name.endswith("lm_head"):
+                model.language_model.set_submodule(name, nf4_on_meta(layer))
+    if mode != "full":
+        # every linear layer of the decoder (q, k, v, o, gate, up, down: vlm_train.py's lora_targets);
+        # alpha scales the update and changes no memory
+        lora.apply_lora(model.language_model, "all-linear", lora_r, alpha=2 * lora_r)
+    return model
+
+
+def activation_bytes(model: PaliGemma, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes one training forward of `batch` leaves for backward: every distinct storage that autograd
+    saves, plus the logits and the loss the forward returns (at the loss, all of it is alive at once).
+
+    A storage counts once however many ops save it or views of it (a normed input feeds q, k and v),
+    and not at all if it is a parameter or a buffer: those are the weights. Real and meta tensors
+    are counted alike (the tests hold a CPU model to its meta twin); on meta, attention runs through
+    _FusedAttention, so that what is counted is what a device keeps. Non-reentrant checkpointing
+    packs what a checkpointed layer saves into placeholders of its own: only the layer's inputs
+    reach this count.
+    """
+    def key(t: torch.Tensor) -> int:
+        return t.untyped_storage()._cdata        # the storage's identity (data_ptr is 0 on the meta device)
+
+    weights = {key(t) for t in [*model.parameters(), *model.buffers()]}
+    saved = []                                   # holding them keeps every storage, and so its identity, alive
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), _FusedAttention():
+        out = model(**batch)
+    returned = [t for t in (out.logits, out.loss) if t is not None]
+    kept = {key(t): t.untyped_storage().nbytes() for t in [*saved, *returned]}
+    return sum(nbytes for k, nbytes in kept.items() if k not in weights)
+
+
 # ==============================================================================================
-# Plumbing: config.json and its defaults, reading safetensors checkpoints, the processor, the CLI.
+# Plumbing: config.json and its defaults, reading safetensors checkpoints, the processor, the memory
+# report, the CLI.
 # A reader learning PaliGemma can stop here; PaliGemma.from_pretrained above is the entry point.
 # ==============================================================================================
 
@@ -1180,6 +1295,90 @@ class PaliGemmaProcessor:
 
 
 # ----------------------------------------------------------------------------------------------
+# Memory on the meta device: an NF4 layer and a batch of shapes only, attention as a device runs it
+# ----------------------------------------------------------------------------------------------
+
+def nf4_on_meta(linear: nn.Linear, blocksize: int = 64) -> nn.Module:
+    """The nf4.LinearNF4 that nf4.quantize_nf4 would make of `linear`, built from empty meta tensors of
+    its shapes: quantize_nf4 reads the weight's values (it refuses NaN), which a meta tensor has not."""
+    import nf4
+    n, meta = linear.weight.numel(), torch.device("meta")
+    blocks = -(-n // blocksize)
+    state = nf4.NF4State(absmax=torch.empty(blocks, dtype=torch.uint8, device=meta), shape=linear.weight.shape,
+                         dtype=linear.weight.dtype, blocksize=blocksize, code=nf4.NF4_CODE.to(meta),
+                         offset=torch.empty((), device=meta),
+                         nested_absmax=torch.empty(-(-blocks // nf4.NESTED_BLOCKSIZE), device=meta),
+                         nested_code=nf4.DYNAMIC_MAP.to(meta))
+    packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=meta)    # two 4-bit codes a byte
+    return nf4.LinearNF4(packed, state, linear.bias)
+
+
+def meta_batch(config: PaliGemmaConfig, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """A training batch of shapes only: (B, N + seq_len) token ids, masks and labels, (B, C, I, I) pixels."""
+    v, meta = config.vision, torch.device("meta")
+    ids = torch.empty(batch_size, config.num_image_tokens + seq_len, dtype=torch.long, device=meta)
+    pixels = torch.empty(batch_size, v.num_channels, v.image_size, v.image_size, dtype=torch.bfloat16, device=meta)
+    return {"input_ids": ids, "pixel_values": pixels, "attention_mask": torch.empty_like(ids),
+            "token_type_ids": torch.empty_like(ids), "labels": torch.empty_like(ids)}
+
+
+class _FusedAttention(torch.overrides.TorchFunctionMode):
+    """On meta tensors, F.scaled_dot_product_attention takes its math path, which saves the (T, S)
+    attention probabilities in fp32 for backward. CPU and CUDA run fused kernels instead, which save
+    only q, k, v, the output, each query's log-sum-exp and the mask as an additive bias in q's dtype
+    (CPU's flash kernel exactly so; CUDA's kernels that take a mask, memory-efficient or cuDNN, the
+    same up to a little padding). So meta calls go to CPU's fused kernel, whose shapes and backward
+    torch knows on meta as well."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # grouped_attention's calls: q, k, v by position, the rest by keyword
+        if func is not F.scaled_dot_product_attention or len(args) != 3 or not args[0].is_meta \
+                or kwargs.get("enable_gqa"):
+            return func(*args, **kwargs)
+        (q, k, v), mask = args, kwargs.get("attn_mask")
+        # the bool mask becomes 0 / -inf in q's dtype, as torch turns it before any fused kernel
+        bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~mask, float("-inf"))
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias,
+                                                                          scale=kwargs.get("scale"))[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory report: memory_estimate's rows as a table, with the smallest common GPU for each
+# ----------------------------------------------------------------------------------------------
+
+# Total memory as nvidia-smi reports it, in MiB, smallest first: a "16 GB" T4 holds 15360 MiB = 15 GiB
+GPUS_MIB = (("T4 16 GB", 15360), ("A10 24 GB", 23028), ("L4 24 GB", 23034), ("A100 40 GB", 40960),
+            ("H100 80 GB", 81559), ("A100 80 GB", 81920), ("H200 141 GB", 143771))
+# Kept free beyond the estimate: the CUDA context (a few hundred MiB) and the allocator's fragmentation
+GPU_MARGIN_GIB = 1.0
+
+
+def smallest_gpu(total_bytes: int) -> str:
+    """The first card of GPUS_MIB with more memory than total_bytes + GPU_MARGIN_GIB, or "none"."""
+    need = total_bytes + GPU_MARGIN_GIB * 2**30
+    return next((name for name, mib in GPUS_MIB if mib * 2**20 > need), "none")
+
+
+def memory_table(rows: list[dict]) -> str:
+    """memory_estimate's rows as a markdown table (GiB = 2^30 bytes), captioned with what it assumes."""
+    gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
+    lines = ["| mode | trainable | weights GiB | grads GiB | AdamW GiB | activations GiB | total GiB | smallest GPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        mode = r["mode"] + (" + checkpointing" if r["grad_checkpointing"] else "")
+        lines.append(f"| {mode} | {r['trainable'] / 1e6:,.1f} M | {gib(r['weights'])} | {gib(r['grads'])} | "
+                     f"{gib(r['optimizer'])} | {gib(r['activations'])} | {gib(r['total'])} | "
+                     f"{smallest_gpu(r['total'])} |")
+    caption = ("bf16 weights and gradients, fp32 AdamW moments, NF4 at 4.127 bits per weight (QLoRA), "
+               "activations counted on the meta device. "
+               f"smallest GPU: the first of {', '.join(name for name, _ in GPUS_MIB)} whose memory exceeds "
+               f"total + {GPU_MARGIN_GIB:.1f} GiB (CUDA context and allocator), or none.")
+    return "\n".join(lines + ["", caption])
+
+
+# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
@@ -1267,10 +1466,22 @@ def answer(args: argparse.Namespace, device: torch.device) -> None:
     print(processor.decode(out.tokens)[0])
 
 
+def memory_report(args: argparse.Namespace) -> None:
+    """What fine-tuning PaliGemma-3B takes: full / LoRA / QLoRA, with and without activation checkpointing."""
+    config = PaliGemmaConfig()   # paligemma-3b-pt-224: SigLIP So400m/14 at 224 px + Gemma 2B
+    rows = [memory_estimate(config, mode, args.batch_size, args.seq_len, checkpointing)
+            for mode in MODES for checkpointing in (False, True)]
+    print(f"Fine-tuning PaliGemma-3B ({rows[0]['params']:,} parameters; "
+          f"LoRA r = 16 on every decoder linear layer), batch of {args.batch_size} x ({config.num_image_tokens} "
+          f"image + {args.seq_len} text tokens); activations counted on the meta device:")
+    print(memory_table(rows))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="paligemma.py", description="PaliGemma: answer a prompt about an image, or follow a tiny random "
-                                         "model's forward pass (no --model).",
+        prog="paligemma.py", description="PaliGemma: answer a prompt about an image, follow a tiny random "
+                                         "model's forward pass (no --model), or tabulate what fine-tuning the "
+                                         "3B model takes in memory (--memory-report).",
         epilog="No --train, --resume or --tiny: paligemma.py is the forward pass (vlm_train.py trains it), and "
                "its demo always builds the tiny preset.")
     parser.add_argument("--model", type=str, default=None, help="folder with config.json, *.safetensors, tokenizer")
@@ -1285,6 +1496,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapter", type=str, default=None, help="a LoRA adapter folder in peft's format (lora.py)")
     parser.add_argument("--connector", type=str, default="linear", choices=["linear", "dense"],
                         help="demo only: the projector's input")
+    parser.add_argument("--memory-report", action="store_true",
+                        help="print the memory of fine-tuning PaliGemma-3B (full, LoRA, QLoRA; activations "
+                             "counted on the meta device, no weights needed) and the smallest GPU for each")
+    parser.add_argument("--batch-size", type=int, default=8, help="--memory-report: rows per batch (default 8)")
+    parser.add_argument("--seq-len", type=int, default=128,
+                        help="--memory-report: text tokens per row, on top of the 256 image tokens (default 128)")
     # the shared flags, in clip.py's words (tests/test_plumbing.py checks every file's --help says the same)
     parser.add_argument("--out", type=str, default="runs/paligemma/tiny",
                         help="demo: the folder its tiny checkpoint is saved to and reloaded from "
@@ -1295,7 +1512,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         device = pick_device(args.device)
-        if args.model is None:
+        if args.memory_report:
+            memory_report(args)
+        elif args.model is None:
             demo(args, device)
         else:
             answer(args, device)

@@ -655,3 +655,138 @@ def test_bf16_on_cuda_matches_transformers(mqa):
     g_ref = hf16.generate(input_ids=ids[:, :-4], pixel_values=pixels.bfloat16(), max_new_tokens=8, do_sample=False)
     assert ours.generate(ids[:, :-4], pixels.bfloat16(), max_new_tokens=8).tokens.tolist() == \
         g_ref[:, ids.shape[1] - 4:].tolist()
+
+
+# --- the memory of fine-tuning: full, LoRA, QLoRA -----------------------------------------------
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def trained_on_cpu(path, mode, r):
+    """The model memory_estimate describes, built the ordinary way: real bf16 weights on the CPU, the
+    vision tower frozen, the decoder's linear layers in NF4 (nf4.py) for QLoRA, LoRA adapters (lora.py)."""
+    import lora
+    import nf4
+    model = pg.PaliGemma.from_pretrained(path, dtype=torch.bfloat16).train()
+    model.vision_tower.requires_grad_(False)
+    if mode == "qlora":
+        nf4.quantize_model(model.language_model, skip=("lm_head",))
+    if mode != "full":
+        lora.apply_lora(model.language_model, LORA_TARGETS, r, alpha=2 * r)
+    return model
+
+
+def training_batch(batch, prompt_len, answer_len):
+    pixels, ids, types = inputs(batch=batch, prompt_len=prompt_len, answer_len=answer_len)
+    return {"input_ids": ids, "pixel_values": pixels.bfloat16(), "attention_mask": torch.ones_like(ids),
+            "token_type_ids": types, "labels": pg.suffix_labels(ids, types)}
+
+
+@pytest.mark.parametrize("mode", pg.MODES)
+@pytest.mark.parametrize("which", ["mqa", "gemma2"])
+def test_activations_counted_on_meta_equal_those_of_a_real_cpu_model(which, mode, request):
+    path, _ = request.getfixturevalue(which)
+    batch = training_batch(3, prompt_len=6, answer_len=4)
+    model, config = trained_on_cpu(path, mode, r=4), pg.read_config(path)
+    kept = {}
+    for checkpointing in (False, True):
+        model.language_model.model.gradient_checkpointing = checkpointing
+        kept[checkpointing] = pg.activation_bytes(model, batch)
+        estimate = pg.memory_estimate(config, mode, 3, batch["input_ids"].shape[1] - N_IMG, checkpointing, lora_r=4)
+        assert estimate["activations"] == kept[checkpointing], (checkpointing, estimate["activations"])
+    assert kept[True] < 0.7 * kept[False], kept
+
+
+def test_what_checkpointed_lora_training_keeps_by_hand(mqa):
+    """LoRA with activation checkpointing on the 2-layer MQA model, tensor by tensor."""
+    path, _ = mqa
+    c = pg.read_config(path)
+    batch = training_batch(3, prompt_len=6, answer_len=4)
+    model = trained_on_cpu(path, "lora", r=4)
+    model.language_model.model.gradient_checkpointing = True
+    B, T = batch["input_ids"].shape
+    N, Dv, D, d, V, L = N_IMG, c.vision.hidden_size, c.text.hidden_size, c.text.head_dim, VOCAB, 2
+    expected = (B * N * Dv * 2          # the projector's input z (bf16): the projector is trained
+                + 4                     # sqrt(D), the fp32 scalar the text embeddings are multiplied by
+                + B * T                 # where the <image> tokens go (bool)
+                + L * B * T * D * 2     # each decoder layer's input x, all a checkpointed layer keeps...
+                + 2 * B * T * d * 2     # ...with the RoPE cos and sin (B, 1, T, d) it shares with the others
+                + B * T * T             # ...and the prefix-LM mask (B, 1, T, S) (bool)
+                + B * T * D * 4 + B * T * 4 + D * 4   # the final RMSNorm: x in fp32, 1 / rms(x), 1 + w in fp32
+                + B * T * V * 2         # the logits (bf16); the frozen output layer keeps no input
+                + B * (T - 1) * V * 4   # log-softmax of the shifted logits (fp32), kept by the cross-entropy
+                + B * (T - 1) * 8       # the shifted labels (int64)
+                + 4 + 4)                # the cross-entropy's total weight and the loss
+    assert pg.activation_bytes(model, batch) == expected
+    assert pg.memory_estimate(c, "lora", B, T - N, True, lora_r=4)["activations"] == expected
+
+
+def test_smallest_gpu_and_the_memory_table_by_hand():
+    GiB = 2**30
+    assert pg.smallest_gpu(0) == "T4 16 GB"
+    assert pg.smallest_gpu(14 * GiB - 1) == "T4 16 GB"          # 15360 MiB = 15 GiB > 14 GiB + the 1 GiB margin
+    assert pg.smallest_gpu(14 * GiB) == "A10 24 GB"             # not strictly more: the next card
+    assert pg.smallest_gpu(139 * GiB) == "H200 141 GB" and pg.smallest_gpu(140 * GiB) == "none"
+    row = {"mode": "qlora", "grad_checkpointing": True, "trainable": 21_972_992, "weights": 3 * GiB,
+           "grads": GiB // 2, "optimizer": 2 * GiB, "activations": 5 * GiB // 4, "total": 27 * GiB // 4}
+    table = pg.memory_table([row, {**row, "mode": "full", "grad_checkpointing": False, "total": 90 * GiB}])
+    lines = table.splitlines()
+    assert lines[0] == ("| mode | trainable | weights GiB | grads GiB | AdamW GiB | activations GiB | total GiB "
+                        "| smallest GPU |")
+    assert lines[2] == "| qlora + checkpointing | 22.0 M | 3.00 | 0.50 | 2.00 | 1.25 | 6.75 | T4 16 GB |"
+    assert lines[3].startswith("| full | 22.0 M |") and lines[3].endswith("| 90.00 | H200 141 GB |")
+    assert "1.0 GiB" in lines[-1]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        pg.memory_estimate(pg.PaliGemmaConfig.tiny(), "dora", 1, 8)
+
+
+@pytest.mark.slow
+def test_3b_estimate_follows_the_bytes_per_parameter_of_each_mode():
+    config = pg.PaliGemmaConfig()                 # paligemma-3b-pt-224
+    with torch.device("meta"):
+        model = pg.PaliGemma(config)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    vision, proj, lm = count(model.vision_tower), count(model.multi_modal_projector), count(model.language_model)
+    # keras-hub's pali_gemma_3b_224 counts 2,923,335,408 with the tokenizer's 257,152-row embedding;
+    # transformers' checkpoint (and this config) pads it to 257,216 rows of 2048
+    assert vision + proj + lm == 2_923_335_408 + 64 * 2048
+    assert config.num_image_tokens == 256
+    linears = [m for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 18 * 7                 # q, k, v, o, gate, up, down; the output layer is tied
+    nf4_weights = sum(m.weight.numel() for m in linears)
+    adapters = sum(16 * (m.in_features + m.out_features) for m in linears)
+    est = {mode: pg.memory_estimate(config, mode, 1, 64) for mode in pg.MODES}
+    assert est["full"]["params"] == vision + proj + lm and est["full"]["trainable"] == proj + lm
+    for mode in ("lora", "qlora"):
+        assert est[mode]["params"] == vision + proj + lm + adapters and est[mode]["trainable"] == proj + adapters
+    for e in est.values():
+        assert e["grads"] == 2 * e["trainable"] and e["optimizer"] == 8 * e["trainable"]
+        assert e["total"] == e["weights"] + e["grads"] + e["optimizer"] + e["activations"]
+    assert est["full"]["weights"] == 2 * (vision + proj + lm)
+    assert est["lora"]["weights"] == 2 * (vision + proj + lm + adapters)
+    bits = 4 + 8 / 64 + 32 / (64 * 256)
+    assert est["qlora"]["weights"] == 2 * (vision + proj + lm - nf4_weights + adapters) + nf4_weights * bits / 8
+    assert est["qlora"]["total"] < est["lora"]["total"] < est["full"]["total"]
+    # NF4Matmul saves only its packed weight: QLoRA keeps exactly what LoRA keeps
+    assert est["qlora"]["activations"] == est["lora"]["activations"] < est["full"]["activations"]
+    # linear in the batch: a + b B, where a is what no row owns (the fp32 1 + w of each RMSNorm, sqrt(D)).
+    # From B = 2 on: a single row's shifted labels are a view of the labels, several rows' a copy
+    two, three, four = (pg.memory_estimate(config, "lora", b, 64)["activations"] for b in (2, 3, 4))
+    assert four - three == three - two and 0 < two - 2 * (three - two) < 2**20
+
+
+@pytest.mark.slow
+def test_memory_report_cli_prints_the_3b_table(capsys):
+    pg.main(["--memory-report", "--batch-size", "2", "--seq-len", "64"])
+    out = capsys.readouterr().out
+    assert "2,923,466,480 parameters" in out and "batch of 2 x (256 image + 64 text tokens)" in out
+    assert "| smallest GPU |" in out and "total + 1.0 GiB" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "GiB |" not in line]
+    assert [r[0].strip() for r in rows] == ["full", "full + checkpointing", "lora", "lora + checkpointing",
+                                            "qlora", "qlora + checkpointing"]
+    totals = [float(r[6]) for r in rows]
+    assert totals[1] < totals[0] and totals[3] < totals[2] and totals[5] < totals[3] < totals[1]
+    assert [r[7].strip() for r in rows] == [pg.smallest_gpu(t * 2**30) for t in totals]
+    with pytest.raises(SystemExit) as exit_info:
+        pg.main(["--memory-report", "--batch-size", "0"])
+    assert exit_info.value.code == 2 and "batch_size and seq_len must be at least 1" in capsys.readouterr().err
