@@ -635,9 +635,11 @@ class PaliGemma(nn.Module):
         dense = dense_channel_integration(hidden, final, self.config.dense_groups)   # (B, N, (G+1) Dv)
         return self.multi_modal_projector(dense)                                        # (B, N, D)
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     generated: bool = False) -> torch.Tensor:
         """The decoder's input vectors: image tokens at the <image> positions, text embeddings elsewhere,
-        everything times sqrt(D).
+        everything times sqrt(D). generated=True (a decoding step after the prompt): an <image> id the
+        model wrote is embedded as the text token it is, as transformers does, not taken for a picture.
 
         Why 1/sqrt(D) on the image: Gemma ties its input embedding E to its output layer (logits =
         h E^T), which keeps the rows of E small, and so it multiplies its inputs by sqrt(D), as the
@@ -656,7 +658,7 @@ class PaliGemma(nn.Module):
         bit-identical to transformers 5.23 in bf16 as well as in fp32.
         """
         c, embed = self.config, self.language_model.model.embed_tokens
-        is_image = input_ids == c.image_token_index                                   # (B, T)
+        is_image = (input_ids == c.image_token_index) & (not generated)               # (B, T)
         x = embed(input_ids.masked_fill(is_image, 0)).float()                          # (B, T, D)
         s = torch.tensor(c.text.hidden_size ** 0.5, dtype=self.dtype).float()
         # the value checks need values: a meta tensor (memory_estimate) has shapes only
@@ -706,7 +708,7 @@ class PaliGemma(nn.Module):
                              f"got {tuple(attention_mask.shape)}")
         if token_type_ids is None:
             token_type_ids = torch.full_like(input_ids, 0 if t.use_bidirectional_attention else 1)
-        x = self.embed_inputs(input_ids, pixel_values)                                 # (B, T, D)
+        x = self.embed_inputs(input_ids, pixel_values, generated=start > 0)            # (B, T, D)
         masks = self._masks(token_type_ids, attention_mask.bool(), cache)
         # PaliGemma counts positions from 1; left padding does not move them (p = #real tokens so far)
         positions = attention_mask.long().cumsum(-1)[:, start:]                        # (B, T)

@@ -199,11 +199,13 @@ PRESETS = {
     "blip2": (dict(connector="qformer"), dict(stage2="lora", weight_decay=0.05)),
     # The homework fine-tunes PaliGemma with LoRA / QLoRA. The homework gives no numbers; these are
     # Hugging Face's PaliGemma fine-tuning notebook's (Noyan 2024), which such homeworks follow: AdamW,
-    # lr 2e-5, batch 4 x 4 accumulation steps, 2 warm-up steps, weight decay 1e-6, LoRA r = 8 on all
-    # seven linear layers of the decoder. Meant for --init paligemma:DIR; --stage2 qlora for QLoRA.
+    # lr 2e-5, batch 4 x 4 accumulation steps (16 rows a step), 2 warm-up steps, weight decay 1e-6, LoRA
+    # r = 8 on all seven linear layers of the decoder. Meant for --init paligemma:DIR; --stage2 qlora for
+    # QLoRA. No stage 1: the checkpoint's projector is trained already, so "after stage 1" scores the
+    # checkpoint itself, the homework's "before".
     "paligemma-homework": (dict(connector="linear", lora_r=8, lora_alpha=8),
-                           dict(stage2="lora", stage2_lr=2e-5, batch_size=4, grad_accum=4, warmup=2,
-                                weight_decay=1e-6)),
+                           dict(stage2="lora", stage1_steps=0, stage2_lr=2e-5, batch_size=16, grad_accum=4,
+                                warmup=2, weight_decay=1e-6)),
     # The course's Q-Former VLM tutorial (a SmolVLM-like model: BLIP-2's Q-Former in front of a small
     # SmolLM-style LM): 32 queries; stage 1 trains the Q-Former (ITC + ITM + ITG here, then captions
     # through the frozen LM) at lr 1e-4 with 10x on its cross-attention and query tokens, the parts
@@ -490,27 +492,6 @@ def checkpoint_activations(vlm: VLM) -> None:
         vlm.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def paligemma_3b_arithmetic(r: int = 16) -> dict:
-    """The same accounting for PaliGemma-3B's real sizes (counted on the meta device): bf16 weights and
-    gradients, fp32 AdamW moments (8 bytes per trainable weight), NF4 at 4 + 0.127 bits per weight
-    (64-weight blocks; their absmax constants double-quantized to bitsandbytes' dynamic 8-bit map, as
-    nf4.py does, in blocks of 256 with one fp32 constant each: Dettmers et al. 2023, sec. 3)."""
-    with torch.device("meta"):
-        model = pg.PaliGemma(pg.PaliGemmaConfig())
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    linears = [m for m in model.language_model.modules() if isinstance(m, nn.Linear)]
-    lm_linear = sum(m.weight.numel() for m in linears)
-    lora_n = sum(r * (m.in_features + m.out_features) for m in linears)
-    vision, proj, lm = count(model.vision_tower), count(model.multi_modal_projector), count(model.language_model)
-    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)
-    rows = {"full": (2 * (vision + proj + lm), 2 * (proj + lm), 8 * (proj + lm)),
-            "lora": (2 * (vision + proj + lm + lora_n), 2 * (proj + lora_n), 8 * (proj + lora_n)),
-            "qlora": (2 * (vision + proj + lm - lm_linear + lora_n) + lm_linear * nf4_bits / 8,
-                      2 * (proj + lora_n), 8 * (proj + lora_n))}
-    return {"params": vision + proj + lm, "lora_params": lora_n, "r": r,
-            "rows": {k: dict(zip(("weights", "grads", "optimizer"), v)) for k, v in rows.items()}}
-
-
 # == Training: the losses of each stage, the optimizer, the schedule, the rows of a step, a batch ===
 
 def vlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -547,10 +528,14 @@ def stage_optimizer(params: Sequence[nn.Parameter], lr: float, weight_decay: flo
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
+def bf16_device(device: torch.device, enabled: bool = True) -> bool:
+    """bf16 where it pays: CUDA devices that support it (on a CPU bf16 is slower here)."""
+    return enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """bf16 autocast on CUDA devices that support it; a no-op elsewhere (CPU bf16 is slower here)."""
-    use = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
+    """bf16 autocast on a bf16_device; a no-op elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_device(device, enabled))
 
 
 def hash_str(text: str) -> int:
@@ -952,7 +937,9 @@ class VLM:
         if features is not None:
             return features
         pixels = self.processor.pixels(images)
-        return pixels if self.vision is None else self.vision(pixels.to(self.model.device))
+        if self.vision is None:                            # a checkpoint's tower, in the model's dtype
+            return pixels.to(self.model.dtype)
+        return self.vision(pixels.to(self.model.device))
 
     def answer_batch(self, images: Sequence[Image.Image | str | Path | bytes], questions: Sequence[str],
                      max_new_tokens: int = 4) -> list[str]:
@@ -1109,7 +1096,7 @@ def train_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[dict, VLM]:
 
 # ----------------------------------------------------------------------------------------------
 # Plumbing: the run object (checkpoints, --resume, log, torchrun / DDP, kill switch), the pipeline,
-# data on disk, transformers parts, --init paligemma:DIR, save and load, memory report, command line
+# data on disk, transformers parts, --init paligemma:DIR, save and load, memory estimate, command line
 # ----------------------------------------------------------------------------------------------
 
 CheckpointError = clip.CheckpointError          # a checkpoint that cannot be used; the message says why
@@ -1364,7 +1351,9 @@ def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQADat
         if vcfg.connector not in ("linear", "dense"):
             raise ConfigError(f"--init paligemma uses the checkpoint's own projector: --connector linear or dense, "
                               f"got {vcfg.connector!r}")
-        vlm = checkpoint_vlm(folder, vcfg, run.device, vcfg.connector)
+        # bf16 weights on a bf16 device (half of fp32's memory; paligemma.memory_estimate's assumption)
+        dtype = torch.bfloat16 if bf16_device(run.device, tcfg.bf16) else torch.float32
+        vlm = checkpoint_vlm(folder, vcfg, run.device, vcfg.connector, dtype)
         return vlm, split_data(run.cache, tcfg, vlm.processor.image_size, "train")
     dense = vcfg.connector == "dense"
     vision = (load_hf_vision(vcfg.vision, dense).to(run.device) if vcfg.vision else
@@ -1749,10 +1738,12 @@ def checkpoint_processor(folder: str | Path, config: pg.PaliGemmaConfig) -> Proc
                      tok.eos_token_id, config.text.pad_token_id if tok.pad_token_id is None else tok.pad_token_id)
 
 
-def checkpoint_vlm(folder: Path, vcfg: VLMConfig, device: torch.device | str, connector: str | None = None) -> VLM:
-    """A PaliGemma checkpoint (PaliGemma.from_pretrained, fp32) as a VLM: its tower reads pixels inside the
-    model, its projector is the connector (connector="dense" widens a linear one); PaliGemma's prompts."""
-    model = pg.PaliGemma.from_pretrained(folder, dtype=torch.float32, device=device, connector=connector)
+def checkpoint_vlm(folder: Path, vcfg: VLMConfig, device: torch.device | str, connector: str | None = None,
+                   dtype: torch.dtype = torch.float32) -> VLM:
+    """A PaliGemma checkpoint (PaliGemma.from_pretrained) as a VLM: its tower reads pixels inside the model,
+    its projector is the connector (connector="dense" widens a linear one); every weight in `dtype`, the
+    trained ones too (bf16 training keeps no fp32 copy); PaliGemma's prompts."""
+    model = pg.PaliGemma.from_pretrained(folder, dtype=dtype, device=device, connector=connector)
     return VLM(model, checkpoint_processor(folder, model.config), vcfg, None, model.multi_modal_projector,
                model.language_model, "caption en", "answer en ")
 
@@ -1875,69 +1866,21 @@ def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
     return vlm
 
 
-# -- memory: full vs LoRA vs QLoRA, one stage-2 step each in a fresh process --------------------
+# -- memory: what fine-tuning a PaliGemma takes, per stage-2 mode ------------------------------------
 
-def memory_child(mode: str, vcfg_dict: dict, batch_size: int, vocab_size: int) -> dict:
-    """One stage-2 step of `mode` in this (fresh) process: bytes of weights, gradients, AdamW state,
-    the tensors autograd saved for backward (activations), and the process's peak RSS."""
-    lora.return_freed_memory_to_the_os()
-    baseline = lora.peak_rss_bytes()
-    vcfg = VLMConfig(**vcfg_dict)
-    torch.manual_seed(0)
-    vit = clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model
-    words = WordTokenizer([f"w{i}" for i in range(vocab_size - len(SPECIALS))])
-    vlm = assemble_vlm(vcfg, FrozenViT(vit, vcfg.connector == "dense"), "", words)
-    model, data = vlm.model, shapes_data(batch_size, 0, "train", vit.cfg.image_size, all_questions=False)
-    if mode != "full":
-        add_lora(vlm, quantize=mode == "qlora")
-    params = set_stage(vlm, 2, mode)
-    optimizer = stage_optimizer(params, 1e-3, 0.0)
-    batch = make_batch(vlm, data, list(range(batch_size)), "vqa")
-    saved = {}
-
-    def pack(t):      # every tensor autograd keeps for backward, counted once per storage
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = vlm_loss(model.train(), batch)
-    loss.backward()
-    optimizer.step()
-    out = lora.training_state_bytes(model, optimizer)
-    out.update(mode=mode, activations=sum(saved.values()), peak=lora.peak_rss_bytes(), baseline=baseline,
-               trainable=sum(p.numel() for p in params))
-    return out
-
-
-def memory_report(vcfg: VLMConfig, batch_size: int, vocab_size: int = 64) -> dict:
-    """Measure each mode in a fresh spawned process; print the table and the 3B extrapolation."""
-    import multiprocessing as mp
-    # a fresh process per mode, forked from a server that has imported this file once (lora.py does the same)
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload(["vlm_train"])
-    rows = []
-    for mode in STAGE2_MODES:
-        with ctx.Pool(1) as pool:
-            rows.append(pool.apply(memory_child, (mode, asdict(vcfg), batch_size, vocab_size)))
-    mib, gib = (lambda b: f"{b / 2**20:,.2f}"), (lambda b: f"{b / 2**30:,.2f}")
-    print(f"\n## one stage-2 step, batch {batch_size}, connector {vcfg.connector} (measured, each in a fresh process)\n")
-    print("| mode | trainable | weights MiB | grads MiB | AdamW MiB | training state MiB | activations MiB "
-          "| peak RSS MiB | peak - start MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        r["state"] = r["weights"] + r["grads"] + r["optimizer"]
-        print(f"| {r['mode']} | {r['trainable']:,} | {mib(r['weights'])} | {mib(r['grads'])} | {mib(r['optimizer'])} "
-              f"| {mib(r['state'])} | {mib(r['activations'])} | {mib(r['peak'])} | {mib(r['peak'] - r['baseline'])} |")
-    big = paligemma_3b_arithmetic()
-    print(f"\n## the same arithmetic at PaliGemma-3B's sizes ({big['params'] / 1e9:.2f} B weights; LoRA r = "
-          f"{big['r']} on every decoder linear layer: {big['lora_params'] / 1e6:.1f} M; activations not included)\n")
-    print("| mode | weights GiB | grads GiB | AdamW GiB | training state GiB |")
-    print("|---|---:|---:|---:|---:|")
-    for mode, r in big["rows"].items():
-        print(f"| {mode} | {gib(r['weights'])} | {gib(r['grads'])} | {gib(r['optimizer'])} | {gib(sum(r.values()))} |")
-    return {"measured": rows, "paligemma-3b": big}
+def memory_report(vcfg: VLMConfig, tcfg: TrainConfig, init: str | None, text_tokens: int = 128) -> list[dict]:
+    """paligemma.memory_estimate for each stage-2 mode, with and without activation checkpointing: weights,
+    gradients, AdamW state and the activations of one micro-batch (batch_size / grad_accum rows of the
+    image tokens + text_tokens), counted on the meta device, so no weights are read. The --init checkpoint's
+    config (its config.json), else PaliGemma-3B's; LoRA of rank lora_r on every decoder linear layer."""
+    config = pg.read_config(init_folder(init)) if init else pg.PaliGemmaConfig()
+    rows = [pg.memory_estimate(config, mode, max(1, tcfg.batch_size // tcfg.grad_accum), text_tokens, ckpt, vcfg.lora_r)
+            for mode in STAGE2_MODES for ckpt in (False, True)]
+    name = f"the checkpoint {init_folder(init)}" if init else "PaliGemma-3B"
+    print(f"\n## fine-tuning {name} ({rows[0]['params']:,} parameters), micro-batch {rows[0]['batch_size']} x "
+          f"({config.num_image_tokens} image + {text_tokens} text tokens), LoRA r = {vcfg.lora_r}\n")
+    print(pg.memory_table(rows))
+    return rows
 
 
 # -- pictures ------------------------------------------------------------------------------------
@@ -1969,7 +1912,9 @@ def results_table(metrics: dict) -> str:
     """The before / after table: exact match, ROUGE-1 and ROUGE-L, overall and per kind, both splits."""
     lines = ["| split | questions | kind | n | exact after stage 1 | exact after stage 2 | majority baseline "
              "| ROUGE-1 after 1 -> 2 | ROUGE-L after 1 -> 2 |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for split, name in (("test", "unseen scenes"), ("heldout", "held-out colour-shape pairs"),
+    data = metrics["config"]["train"]["data"]
+    for split, name in (("test", f"{data.partition(':')[0]} evaluation split" if data else "unseen scenes"),
+                        ("heldout", "held-out colour-shape pairs"),
                         ("position", "relative position, answers balanced")):
         if split not in metrics["after stage 2"]:
             continue                                     # --data: the folder's evaluation split only
@@ -2074,7 +2019,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     parser.add_argument("--steps", type=int, default=None, help="stage-2 steps (default: the configuration's)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a VLMConfig or TrainConfig "
                         "field, e.g. --set patch_merge=1 --set lm_layers=3 (repeatable)")
-    parser.add_argument("--memory-report", action="store_true", help="full vs LoRA vs QLoRA stage-2 memory, measured")
+    parser.add_argument("--memory-report", action="store_true", help="full vs LoRA vs QLoRA: what fine-tuning "
+                        "PaliGemma-3B (or the --init checkpoint) takes, activations included (estimated, no weights read)")
     parser.add_argument("--figure", type=str, default=None, help="also write the answers grid PNG here "
                         "(e.g. assets/vlm_train_answers.png); without --train, from --out's trained model")
     args = parser.parse_args(argv)
@@ -2083,7 +2029,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         device = pick_device(args.device)                         # torchrun: joins its process group
         vcfg, tcfg = configs_from_args(args)
         if args.memory_report:
-            return memory_report(vcfg, tcfg.batch_size)
+            return memory_report(vcfg, tcfg, args.init)
         if args.figure and not args.train:
             vlm = load_vlm(args.out, device)
             data = eval_sets(args.cache or args.out, tcfg, vlm.processor.image_size)["test"]
@@ -2096,6 +2042,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         metrics, _ = train_vlm(vcfg, tcfg, run)
         if clip.dist_info()[0] == 0:
             print_summary(metrics, args.out)
+            if args.init:                                         # the homework: what this model needs where
+                memory_report(vcfg, tcfg, args.init)
             if args.figure:
                 import shutil
                 shutil.copy(Path(args.out) / "answers.png", args.figure)

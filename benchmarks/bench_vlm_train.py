@@ -11,6 +11,13 @@ first mode of every connector first (it trains the connector's stage 1), then th
 
     python benchmarks/bench_vlm_train.py --out DIR --jobs 2    # CPU, the default model: about 45 min on 2 cores
     python benchmarks/bench_vlm_train.py --tiny --out /tmp/b   # seconds: the tiny model (a smoke test)
+
+--memory measures instead one stage-2 step of the default model per mode (full, LoRA, QLoRA), each in a
+fresh process: weights, gradients and AdamW state counted tensor by tensor, the tensors autograd keeps
+for backward (activations), and the process's peak RSS (glibc told to hand freed memory back, so the
+peak is the step's own):
+
+    python benchmarks/bench_vlm_train.py --memory              # batch 64, about a minute
 """
 import argparse
 import multiprocessing as mp
@@ -55,6 +62,57 @@ def one_run(connector, mode, args):
             "stage1_steps": tcfg.stage1_steps, "stage2_steps": tcfg.stage2_steps, "n_eval": tcfg.n_eval}
 
 
+def memory_child(mode, vcfg, batch_size, vocab_size):
+    """One stage-2 step of `mode` in this (fresh) process: bytes of weights, gradients, AdamW state,
+    the tensors autograd saved for backward (activations), and the process's peak RSS."""
+    import clip
+    import lora
+    lora.return_freed_memory_to_the_os()
+    baseline = lora.peak_rss_bytes()
+    torch.manual_seed(0)
+    vit = clip.CLIP(clip.CLIPConfig.tiny() if vcfg.tiny_vision else clip.CLIPConfig()).vision_model
+    words = vt.WordTokenizer([f"w{i}" for i in range(vocab_size - len(vt.SPECIALS))])
+    vlm = vt.assemble_vlm(vcfg, vt.FrozenViT(vit, vcfg.connector == "dense"), "", words)
+    data = vt.shapes_data(batch_size, 0, "train", vit.cfg.image_size, all_questions=False)
+    if mode != "full":
+        vt.add_lora(vlm, quantize=mode == "qlora")
+    params = vt.set_stage(vlm, 2, mode)
+    optimizer = vt.stage_optimizer(params, 1e-3, 0.0)
+    batch = vt.make_batch(vlm, data, list(range(batch_size)), "vqa")
+    saved = {}
+
+    def pack(t):      # every tensor autograd keeps for backward, counted once per storage
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = vt.vlm_loss(vlm.model.train(), batch)
+    loss.backward()
+    optimizer.step()
+    out = lora.training_state_bytes(vlm.model, optimizer)
+    out.update(mode=mode, activations=sum(saved.values()), peak=lora.peak_rss_bytes(), baseline=baseline,
+               trainable=sum(p.numel() for p in params))
+    out["state"] = out["weights"] + out["grads"] + out["optimizer"]
+    return out
+
+
+def memory_table(ctx, vcfg, batch_size, vocab_size=64):
+    """Each mode's step in a fresh process; prints the table, returns its rows."""
+    rows = []
+    for mode in vt.STAGE2_MODES:
+        with ctx.Pool(1) as pool:
+            rows.append(pool.apply(memory_child, (mode, vcfg, batch_size, vocab_size)))
+    mib = lambda b: f"{b / 2**20:,.2f}"  # noqa: E731
+    print(f"\n## one stage-2 step, batch {batch_size}, connector {vcfg.connector} (measured, each in a fresh process)\n")
+    print("| mode | trainable | weights MiB | grads MiB | AdamW MiB | training state MiB | activations MiB "
+          "| peak RSS MiB | peak - start MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['trainable']:,} | {mib(r['weights'])} | {mib(r['grads'])} | {mib(r['optimizer'])} "
+              f"| {mib(r['state'])} | {mib(r['activations'])} | {mib(r['peak'])} | {mib(r['peak'] - r['baseline'])} |")
+    return rows
+
+
 def fill_cache(args):
     """The ViT, the data and the text-only LM, trained once into the shared cache before the runs
     start, so that parallel runs never train them side by side."""
@@ -86,6 +144,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--memory", action="store_true", help="the memory table instead (one step per mode)")
+    parser.add_argument("--batch-size", type=int, default=64, help="--memory: rows per step")
     args = parser.parse_args(argv)
     if args.tiny:
         args.stage1_steps, args.stage2_steps, args.n_eval = None, None, None
@@ -93,6 +153,8 @@ def main(argv=None):
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(["vlm_train"])
+    if args.memory:
+        return memory_table(ctx, (vt.VLMConfig.tiny if args.tiny else vt.VLMConfig)(), args.batch_size)
     connectors, modes = args.connectors.split(","), args.modes.split(",")
     with ctx.Pool(1) as pool:
         args.lm_dir = pool.apply(fill_cache, (args,))

@@ -179,6 +179,22 @@ def test_greedy_tokens_match_transformers_on_a_padded_batch(which, request):
     assert eos in got[0].tolist() and len(set(free[1].tolist())) > 1   # EOS exercised, output not constant
 
 
+def test_a_generated_image_token_is_text_as_in_transformers(mqa):
+    """A model may write the <image> id itself (a random one, or a fine-tuned one early on): the next step
+    embeds it as the token it is, as transformers does, instead of asking for a picture."""
+    import copy
+    path, hf = mqa
+    ours, hf = pg.PaliGemma.from_pretrained(path), copy.deepcopy(hf)          # the fixture's model stays as it is
+    pixels, ids, _ = inputs(prompt_len=8, answer_len=0, seed=3)
+    with torch.no_grad():                      # make <image> the greedy choice: its tied output row, scaled up
+        for model in (ours.language_model.model.embed_tokens, hf.get_input_embeddings()):
+            model.weight[IMAGE_ID] *= 30
+    got = ours.generate(ids, pixels, max_new_tokens=4, eos_token_id=[]).tokens
+    ref = hf.generate(input_ids=ids, pixel_values=pixels, token_type_ids=torch.zeros_like(ids), max_new_tokens=4,
+                      do_sample=False, eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:]
+    assert (got == IMAGE_ID).any() and got.tolist() == ref.tolist()
+
+
 def test_bf16_is_bit_identical_to_transformers_on_cpu(mqa):
     """The merge runs in fp32 and is cast once, so image rows round back to exactly the projector's
     output and text rows to E * bf16(sqrt(D)): bit for bit what transformers feeds its first layer."""

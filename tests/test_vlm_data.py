@@ -198,7 +198,7 @@ def test_train_on_a_caption_folder_end_to_end(tmp_path, capsys):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["malformed_lines"] == 1 and saved["config"]["train"]["data"].startswith("captions:")
     printed = capsys.readouterr().out
-    assert "1 malformed lines" in printed and "| test | unseen scenes | question |" in printed
+    assert "1 malformed lines" in printed and "| test | captions evaluation split | question |" in printed
     vlm = vt.load_vlm(out)
     assert "green" in vlm.processor.tokenizer.stoi                                  # the vocabulary is the data's
     assert isinstance(vlm.answer(tmp_path / "data" / "img" / "001.jpg", "what colour is it?"), str)

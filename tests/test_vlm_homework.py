@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import vlm_train as vt
+from test_vlm_train import save_tiny_paligemma
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
@@ -134,8 +135,6 @@ def tiny_clevr_paligemma(path):
     real vocabulary does: a vocabulary entry without merges that reach it is never produced, and an
     answer spelled letter by letter would not fit the evaluation's generation budget (the answer's
     words + 1 tokens)."""
-    from transformers import (AddedToken, GemmaTokenizer, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
-                              PaliGemmaProcessor, SiglipImageProcessorPil)
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
     vocab.update({f"<0x{i:02X}>": 5 + i for i in range(256)})
     for piece in list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\n?") + ["\u2581"]:
@@ -148,33 +147,20 @@ def tiny_clevr_paligemma(path):
             if word[:k] not in vocab:
                 vocab[word[:k]] = len(vocab)
                 merges.append((word[:k - 1], word[k - 1]))
-    vocab["<image>"] = image_id = len(vocab)
-    tok = GemmaTokenizer(vocab=vocab, merges=merges)
-    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]})
-    images = SiglipImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    images.image_seq_length = 16
-    PaliGemmaProcessor(image_processor=images, tokenizer=tok).save_pretrained(path)
-    vocab_size = len(vocab) + 1024 + 128                                   # + the <loc> and <seg> tokens
-    config = PaliGemmaConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=28, patch_size=7, vision_use_head=False),
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=1, head_dim=8, vocab_size=vocab_size, max_position_embeddings=256),
-        image_token_index=image_id, vocab_size=vocab_size, projection_dim=32, hidden_size=32)
-    torch.manual_seed(0)
-    model = PaliGemmaForConditionalGeneration(config)
-    # A random model with tied embeddings repeats its last input token ("\n", which decodes to nothing)
-    # or lands on one of the 1152 <loc> / <seg> tokens (skipped when decoding), so every answer would be
-    # empty and every score a trivial 0. With the rows of all tokens but "yes", "no" and <eos> zero, their
-    # logits are 0 and greedy answers are made of yes and no: right or wrong, and scored, for three types.
-    keep = [vocab["<eos>"]] + [vocab[w] for w in ("yes", "no", "\u2581yes", "\u2581no")]
-    with torch.no_grad():
-        embedding = model.get_input_embeddings().weight                   # (V, D), tied to the output layer
-        zero = torch.ones(embedding.shape[0], dtype=torch.bool)
-        zero[keep] = False
-        embedding[zero] = 0
-    model.save_pretrained(path)
-    return tok
+
+    def yes_no_only(model, vocab):
+        # A random model with tied embeddings repeats its last input token ("\n", which decodes to nothing)
+        # or lands on one of the 1152 <loc> / <seg> tokens (skipped when decoding), so every answer would be
+        # empty and every score a trivial 0. With the rows of all tokens but "yes", "no" and <eos> zero, their
+        # logits are 0 and greedy answers are made of yes and no: right or wrong, and scored, for three types.
+        keep = [vocab["<eos>"]] + [vocab[w] for w in ("yes", "no", "\u2581yes", "\u2581no")]
+        with torch.no_grad():
+            embedding = model.get_input_embeddings().weight                   # (V, D), tied to the output layer
+            zero = torch.ones(embedding.shape[0], dtype=torch.bool)
+            zero[keep] = False
+            embedding[zero] = 0
+
+    return save_tiny_paligemma(path, vocab, merges, yes_no_only)
 
 
 # --- the homework, end to end -------------------------------------------------------------------------
@@ -232,11 +218,11 @@ def test_homework_qlora_on_clevr_scores_before_and_after_and_its_adapter_loads_i
     assert sorted(vt.clevr_kind(q) for q in val) == sorted(TYPES)
 
     # the homework's command line, made tiny: 9 train images (one corrupt), 5 val images, 4 QLoRA steps
-    # of 4 rows in 4 micro-batches (the preset's grad_accum); no stage 1, so "after stage 1" is the checkpoint
+    # of 4 rows in 4 micro-batches (the preset's grad_accum); the preset has no stage 1, so "after stage 1"
+    # is the checkpoint itself, the homework's "before"
     metrics = vt.main(["--train", "--preset", "paligemma-homework", "--init", f"paligemma:{ckpt}",
                        "--data", f"clevr:{data}", "--stage2", "qlora", "--out", str(out), "--device", "cpu",
-                       "--steps", "4", "--set", "stage1_steps=0", "--set", "n_train=9", "--set", "n_eval=5",
-                       "--set", "batch_size=4"])
+                       "--steps", "4", "--set", "n_train=9", "--set", "n_eval=5", "--set", "batch_size=4"])
     printed = capsys.readouterr().out
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["after stage 2"] == metrics["after stage 2"]
@@ -246,6 +232,8 @@ def test_homework_qlora_on_clevr_scores_before_and_after_and_its_adapter_loads_i
     assert saved["history"]["stage1"] == [] and len(saved["history"]["stage2"]) == 4
     assert saved["skipped_images"] == 1 and saved["malformed_lines"] == 0     # the corrupt PNG's question
     assert "skipped: 1 rows with an unreadable image" in printed
+    # ... and what this model needs in memory, per mode (paligemma.memory_estimate on its config.json)
+    assert f"fine-tuning the checkpoint {ckpt}" in printed and "| qlora + checkpointing |" in printed
 
     # before and after, per CLEVR question type, each against an independent recomputation: greedy answers
     # of transformers' PaliGemma (the source checkpoint; after stage 2 the saved base under bitsandbytes'
@@ -282,7 +270,7 @@ def test_homework_qlora_on_clevr_scores_before_and_after_and_its_adapter_loads_i
     assert "| exact after stage 1 | exact after stage 2 |" in printed
     for kind in ("all", *TYPES):
         b, a = before[kind], after[kind]
-        assert (f"| test | unseen scenes | {kind} | {a['n']} | {b['exact']:.1f}% | {a['exact']:.1f}% | "
+        assert (f"| test | clevr evaluation split | {kind} | {a['n']} | {b['exact']:.1f}% | {a['exact']:.1f}% | "
                 f"{a['majority']:.1f}% | {b['rouge1']:.1f} -> {a['rouge1']:.1f} | {b['rougeL']:.1f} -> "
                 f"{a['rougeL']:.1f} |") in printed, kind
 

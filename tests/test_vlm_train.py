@@ -5,7 +5,9 @@ checkpoint fine-tuned here gives an adapter peft loads onto transformers' model 
 Everything runs on the tiny configuration (a random frozen tiny ViT, a one-layer Gemma decoder).
 """
 import json
+import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -375,14 +377,22 @@ def test_an_incomplete_init_folder_lists_what_is_missing(tmp_path, capsys):
 def tiny_paligemma_checkpoint(path):
     """transformers' PaliGemma (random, 28-px images) with a small Gemma tokenizer that knows the
     shapes words, saved with save_pretrained as a real checkpoint folder is."""
-    from transformers import (AddedToken, GemmaTokenizer, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
-                              PaliGemmaProcessor, SiglipImageProcessorPil)
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
     vocab.update({f"<0x{i:02X}>": 5 + i for i in range(256)})
     for piece in list("abcdefghijklmnopqrstuvwxyz\n?") + ["\u2581"] + ["\u2581" + w for w in clip.ShapesTokenizer.WORDS]:
         vocab.setdefault(piece, len(vocab))
+    return save_tiny_paligemma(path, vocab)
+
+
+def save_tiny_paligemma(path, vocab, merges=(), edit=None):
+    """A random transformers PaliGemma (28-px images, 16 image tokens, 2 + 2 layers of width 32) saved with
+    its processor: a GemmaTokenizer over `vocab` (+ <image>) and `merges`. edit(model, vocab), if given,
+    changes the weights before they are saved. Returns the tokenizer."""
+    from transformers import (AddedToken, GemmaTokenizer, PaliGemmaConfig, PaliGemmaForConditionalGeneration,
+                              PaliGemmaProcessor, SiglipImageProcessorPil)
+    vocab = dict(vocab)
     vocab["<image>"] = image_id = len(vocab)
-    tok = GemmaTokenizer(vocab=vocab, merges=[])
+    tok = GemmaTokenizer(vocab=vocab, merges=list(merges))
     tok.add_special_tokens({"additional_special_tokens": [AddedToken("<image>", normalized=False, special=True)]})
     images = SiglipImageProcessorPil(size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     images.image_seq_length = 16
@@ -395,7 +405,11 @@ def tiny_paligemma_checkpoint(path):
                          num_key_value_heads=1, head_dim=8, vocab_size=vocab_size, max_position_embeddings=256),
         image_token_index=image_id, vocab_size=vocab_size, projection_dim=32, hidden_size=32)
     torch.manual_seed(0)
-    PaliGemmaForConditionalGeneration(config).save_pretrained(path)
+    model = PaliGemmaForConditionalGeneration(config)
+    if edit is not None:
+        edit(model, vocab)
+    model.save_pretrained(path)
+    return tok
 
 
 @pytest.mark.slow
@@ -436,19 +450,55 @@ def test_init_paligemma_lora_adapter_loads_in_peft_with_the_same_logits(tmp_path
         assert (again(batch["input_ids"], pixels, batch["attention_mask"], batch["token_type_ids"]).logits - want)[keep].abs().max() < 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lora", "qlora"])
+def test_init_on_a_bf16_device_trains_bf16_weights(tmp_path, monkeypatch, mode):
+    """On a bf16 device (a CUDA GPU with bf16; here the CPU, told it is one) --init loads every weight in
+    bf16, half of fp32's memory, and stage 2 trains under bf16 autocast: the run goes through, the
+    adapters move, and the saved model loads and answers."""
+    monkeypatch.setattr(vt, "bf16_device", lambda device, enabled=True: enabled)
+    ckpt, out = tmp_path / "pg", tmp_path / "run"
+    tiny_paligemma_checkpoint(ckpt)
+    metrics = vt.main(["--train", "--tiny", "--init", f"paligemma:{ckpt}", "--connector", "linear", "--stage2", mode,
+                       "--out", str(out), "--device", "cpu"])
+    assert all(math.isfinite(v) for v in metrics["history"]["stage2"])
+    adapter = load_file(str(out / "model" / "adapter" / "adapter_model.safetensors"))
+    assert {v.dtype for v in adapter.values()} == {torch.bfloat16}
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+    monkeypatch.undo()
+    again = vt.load_vlm(out)
+    image = vt.synthetic_vqa(1, seed=5, image_size=28)[0][0]
+    assert isinstance(again.answer(image, "what colour is the circle?"), str)
+
+
 # --- memory -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_memory_report_orders_qlora_below_lora_below_full(capsys):
-    report = vt.main(["--memory-report", "--tiny", "--device", "cpu"])
-    state = {r["mode"]: r["state"] for r in report["measured"]}
-    assert state["qlora"] < state["lora"] < state["full"]
-    assert all(r["activations"] > 0 and r["peak"] >= r["baseline"] for r in report["measured"])
-    big = report["paligemma-3b"]
-    assert 2.8e9 < big["params"] < 3.0e9
-    totals = {m: sum(r.values()) for m, r in big["rows"].items()}
-    assert totals["qlora"] < totals["lora"] < totals["full"]
-    assert "PaliGemma-3B" in capsys.readouterr().out
+def test_measured_memory_orders_qlora_below_lora_below_full():
+    """benchmarks/bench_vlm_train.py --memory: one stage-2 step per mode, each in a fresh process."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_vlm_train
+    rows = {r["mode"]: r for r in bench_vlm_train.main(["--memory", "--tiny", "--batch-size", "8"])}
+    assert rows["qlora"]["state"] < rows["lora"]["state"] < rows["full"]["state"]
+    assert rows["qlora"]["trainable"] == rows["lora"]["trainable"] < rows["full"]["trainable"]
+    assert all(r["activations"] > 0 and r["peak"] >= r["baseline"] for r in rows.values())
+
+
+def test_memory_report_estimates_paligemma_per_mode_for_the_3b_config_and_an_init_checkpoint(tmp_path, capsys):
+    """--memory-report: paligemma.memory_estimate per stage-2 mode, with and without checkpointing, for
+    PaliGemma-3B's config (no weights anywhere) and for an --init checkpoint's own config.json."""
+    tiny_paligemma_checkpoint(tmp_path / "pg")
+    rows = vt.main(["--memory-report", "--preset", "paligemma-homework", "--init", f"paligemma:{tmp_path / 'pg'}"])
+    config = pg.read_config(tmp_path / "pg")
+    want = pg.memory_estimate(config, "qlora", 16 // 4, 128, True, 8)
+    assert [(r["mode"], r["grad_checkpointing"]) for r in rows] == [(m, c) for m in vt.STAGE2_MODES for c in (False, True)]
+    assert rows[-1] == want
+    totals = {(r["mode"], r["grad_checkpointing"]): r["total"] for r in rows}
+    assert totals[("qlora", False)] < totals[("lora", False)] < totals[("full", False)]
+    assert all(totals[(m, True)] < totals[(m, False)] for m in vt.STAGE2_MODES)
+    out = capsys.readouterr().out
+    assert "smallest GPU" in out and str(tmp_path / "pg") in out and "micro-batch 4" in out
 
 
 # --- type hints ---------------------------------------------------------------------------------------
