@@ -18,6 +18,14 @@ for backward (activations), and the process's peak RSS (glibc told to hand freed
 peak is the step's own):
 
     python benchmarks/bench_vlm_train.py --memory              # batch 64, about a minute
+
+--probe DIR asks where a trained model (a `vlm_train.py --train --out DIR`) keeps, and loses, what sits
+where: linear probes fit on frozen features of training scenes and scored on scenes of a seed no run
+saw, each beside its chance level (always the test rows' most common class), on the ViT's tokens, the
+connector's output tokens and the LM's hidden states where the answer to a position question is
+predicted:
+
+    python benchmarks/bench_vlm_train.py --probe DIR           # a minute or two on one thread
 """
 import argparse
 import multiprocessing as mp
@@ -113,6 +121,122 @@ def memory_table(ctx, vcfg, batch_size, vocab_size=64):
     return rows
 
 
+# -- probes ---------------------------------------------------------------------------------------------
+
+def ridge_probe(x_train, y_train, x_test, y_test, lams=(1e-2, 1e-1, 1.0, 10.0, 100.0)):
+    """A linear classifier, closed form: standardise the features, add a bias, W = (X^T X + lam I)^-1 X^T Y
+    on one-hot targets Y, predict the argmax; lam picked on the last fifth of the training rows. Returns
+    {"acc", "chance", "n"} in % on the test rows; chance: always the test rows' most common class."""
+    x_train, x_test = x_train.double().flatten(1), x_test.double().flatten(1)
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    classes = torch.unique(y_train)
+
+    def prep(x):
+        return torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+
+    def fit(x, y, lam):
+        onehot = (y[:, None] == classes[None]).double()
+        return torch.linalg.solve(x.T @ x + lam * len(x) / 100 * torch.eye(x.shape[1], dtype=x.dtype), x.T @ onehot)
+
+    def accuracy(w, x, y):
+        return 100 * (classes[(x @ w).argmax(1)] == y).double().mean().item()
+
+    xtr, xte = prep(x_train), prep(x_test)
+    k = int(0.8 * len(xtr))
+    lam = max(lams, key=lambda la: accuracy(fit(xtr[:k], y_train[:k], la), xtr[k:], y_train[k:]))
+    chance = max((y_test == c).double().mean().item() for c in torch.unique(y_test))
+    return {"acc": accuracy(fit(xtr, y_train, lam), xte, y_test), "chance": 100 * chance, "n": len(y_test)}
+
+
+def cell_labels(scenes):
+    """(S, 9) colour and kind of each cell of the 3 x 3 grid (raster order); an empty cell is the last class."""
+    import clip
+    colours, kinds = list(clip.COLOURS), list(clip.SHAPES)
+    colour = torch.full((len(scenes), 9), len(colours))
+    kind = torch.full((len(scenes), 9), len(kinds))
+    for i, scene in enumerate(scenes):
+        for shape in scene.shapes:
+            colour[i, shape.row * 3 + shape.col] = colours.index(shape.colour)
+            kind[i, shape.row * 3 + shape.col] = kinds.index(shape.kind)
+    return colour, kind
+
+
+def position_rows(scenes, seed):
+    """One relative-position question per scene that has one: (scene, question, answer, cell of a, cell of b)."""
+    import random
+    import clip
+    rng, rows = random.Random(f"probe-{seed}"), []
+    for i, scene in enumerate(scenes):
+        qa = [(q, a) for q, a in clip.questions(scene) if vt.question_kind(q) == "position"]
+        if qa:
+            q, a = rng.choice(qa)
+            words = q.rstrip("?").split()           # where is the C1 K1 relative to the C2 K2
+            cell = {(x.colour, x.kind): x.row * 3 + x.col for x in scene.shapes}
+            rows.append((i, q, a, cell[words[3], words[4]], cell[words[-2], words[-1]]))
+    return rows
+
+
+@torch.no_grad()
+def probe_features(vlm, scenes, seed):
+    """What the probes read for a set of scenes: the ViT's cell tokens (each cell's 2 x 2 patches merged),
+    the connector's output tokens, and each LM layer's output at the last prompt token of a position
+    question about the scene, with that question's answer and the columns of its two shapes."""
+    images = vt.rendered(scenes, [], vlm.processor.image_size).images                  # (S, I, I, C) uint8
+    feats = torch.cat([vlm.image_inputs(images[i:i + 500]) for i in range(0, len(images), 500)])   # (S, Lk, 1+N, Dv)
+    vit = vt.merge_patches(feats[:, -1], 2)                                      # (S, 9, 4 Dv)
+    connector = vlm.connector(feats)                                             # (S, M, D)
+    rows = position_rows(scenes, seed)
+    index = torch.tensor([r[0] for r in rows])
+    got, states = [], []
+    hooks = [layer.register_forward_hook(lambda m, i, o: got.append(o[:, -1].clone()))
+             for layer in vlm.lm.model.layers]
+    try:
+        for s in range(0, len(rows), 256):
+            got.clear()
+            batch = vlm.processor([vlm.question_prefix + r[1] for r in rows[s:s + 256]])
+            vlm.model(batch["input_ids"], feats[index[s:s + 256]], batch["attention_mask"])
+            states.append(torch.stack(got, 1))                                   # (B, L, D)
+    finally:
+        for h in hooks:
+            h.remove()
+    relation = {"left": 0, "right": 1, "above": 2, "below": 3}
+    return {"vit": vit, "connector": connector, "cells": cell_labels(scenes), "lm": torch.cat(states),
+            "answer": torch.tensor([relation[r[2]] for r in rows]), "a column": torch.tensor([r[3] % 3 for r in rows]),
+            "b column": torch.tensor([r[4] % 3 for r in rows])}
+
+
+def probe_table(vlm, n_train=2000, n_test=1000, test_seed=12345):
+    """Every probe, trained on n_train training scenes (seed 0) and scored on n_test scenes of test_seed."""
+    tr, te = (probe_features(vlm, vt.draw_scenes(n, seed, "train" if seed == 0 else "test")[0], seed)
+              for n, seed in ((n_train, 0), (n_test, test_seed)))
+    rows, cells = [], torch.arange(9)
+    empty = tr["cells"][0].max()                     # cell_labels' class of an empty cell (no colour drawn as it)
+    occupied = tr["cells"][0] < empty, te["cells"][0] < empty
+    for name, key in (("ViT, last layer: a cell's own token", "vit"), ("connector output: a cell's own token", "connector")):
+        if tr[key].shape[1] != 9:
+            continue                                 # a query connector's tokens belong to no one cell
+        for what, i in (("colour of the cell", 0), ("kind of the cell", 1)):
+            rows.append((name, what, ridge_probe(tr[key].flatten(0, 1), tr["cells"][i].flatten(),
+                                                 te[key].flatten(0, 1), te["cells"][i].flatten())))
+        for what, label in (("column of an occupied cell", cells % 3), ("row of an occupied cell", cells // 3)):
+            ytr, yte = label.expand_as(occupied[0])[occupied[0]], label.expand_as(occupied[1])[occupied[1]]
+            rows.append((name, what, ridge_probe(tr[key][occupied[0]], ytr, te[key][occupied[1]], yte)))
+    for what, i in (("colour of each cell (9 probes, mean)", 0), ("kind of each cell (9 probes, mean)", 1)):
+        r = [ridge_probe(tr["vit"].mean(1), tr["cells"][i][:, c], te["vit"].mean(1), te["cells"][i][:, c]) for c in range(9)]
+        rows.append(("ViT, last layer: mean of all tokens", what,
+                     {k: sum(x[k] for x in r) / 9 for k in ("acc", "chance")} | {"n": sum(x["n"] for x in r)}))
+    for layer in range(tr["lm"].shape[1]):
+        for what in ("answer", "a column", "b column"):
+            rows.append((f"LM layer {layer + 1}, last prompt token of a position question", what,
+                         ridge_probe(tr["lm"][:, layer], tr[what], te["lm"][:, layer], te[what])))
+    print(f"\n## linear probes: fit on {n_train} training scenes, scored on {n_test} scenes of seed {test_seed}\n")
+    print("| features | target | accuracy | chance | n |")
+    print("|---|---|---:|---:|---:|")
+    for features, target, r in rows:
+        print(f"| {features} | {target} | {r['acc']:.1f}% | {r['chance']:.1f}% | {r['n']} |")
+    return [{"features": f, "target": t, **r} for f, t, r in rows]
+
+
 def fill_cache(args):
     """The ViT, the data and the text-only LM, trained once into the shared cache before the runs
     start, so that parallel runs never train them side by side."""
@@ -146,7 +270,13 @@ def main(argv=None):
     parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument("--memory", action="store_true", help="the memory table instead (one step per mode)")
     parser.add_argument("--batch-size", type=int, default=64, help="--memory: rows per step")
+    parser.add_argument("--probe", type=str, default=None, metavar="DIR", help="the probe table of a trained run")
+    parser.add_argument("--probe-scenes", type=str, default="2000,1000", help="--probe: training, test scenes")
     args = parser.parse_args(argv)
+    if args.probe:
+        torch.set_num_threads(args.threads)
+        n_train, n_test = (int(x) for x in args.probe_scenes.split(","))
+        return probe_table(vt.load_vlm(args.probe), n_train, n_test)
     if args.tiny:
         args.stage1_steps, args.stage2_steps, args.n_eval = None, None, None
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"

@@ -476,10 +476,7 @@ def test_init_on_a_bf16_device_trains_bf16_weights(tmp_path, monkeypatch, mode):
 @pytest.mark.slow
 def test_measured_memory_orders_qlora_below_lora_below_full():
     """benchmarks/bench_vlm_train.py --memory: one stage-2 step per mode, each in a fresh process."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import bench_vlm_train
-    rows = {r["mode"]: r for r in bench_vlm_train.main(["--memory", "--tiny", "--batch-size", "8"])}
+    rows = {r["mode"]: r for r in bench().main(["--memory", "--tiny", "--batch-size", "8"])}
     assert rows["qlora"]["state"] < rows["lora"]["state"] < rows["full"]["state"]
     assert rows["qlora"]["trainable"] == rows["lora"]["trainable"] < rows["full"]["trainable"]
     assert all(r["activations"] > 0 and r["peak"] >= r["baseline"] for r in rows.values())
@@ -499,6 +496,46 @@ def test_memory_report_estimates_paligemma_per_mode_for_the_3b_config_and_an_ini
     assert all(totals[(m, True)] < totals[(m, False)] for m in vt.STAGE2_MODES)
     out = capsys.readouterr().out
     assert "smallest GPU" in out and str(tmp_path / "pg") in out and "micro-batch 4" in out
+
+
+def bench():
+    """benchmarks/bench_vlm_train.py as a module."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_vlm_train
+    return bench_vlm_train
+
+
+def test_the_probe_recovers_a_planted_signal_and_reports_chance_on_a_planted_non_signal():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 16, generator=g)
+    y = (x @ torch.randn(16, 4, generator=g)).argmax(1)                  # a linear function of x: signal
+    r = bench().ridge_probe(x[:2000], y[:2000], x[2000:], y[2000:])
+    assert r["n"] == 1000 and r["chance"] < 40 and r["acc"] > 85
+    noise = torch.randint(0, 4, (3000,), generator=g)                    # independent of x: no signal
+    r = bench().ridge_probe(x[:2000], noise[:2000], x[2000:], noise[2000:])
+    assert 20 < r["acc"] < r["chance"] + 4 and r["chance"] == pytest.approx(25, abs=4)
+
+
+def test_the_probe_command_runs_on_a_trained_run(tmp_path, capsys):
+    vt.main(["--train", "--tiny", "--out", str(tmp_path), "--device", "cpu"])
+    rows = bench().main(["--probe", str(tmp_path), "--probe-scenes", "200,100"])
+    lm = [r for r in rows if r["features"].startswith("LM layer")]
+    assert {r["target"] for r in lm} == {"answer", "a column", "b column"} and len(lm) == 3 * vt.VLMConfig.tiny().lm_layers
+    assert all(0 <= r["acc"] <= 100 and 0 < r["chance"] <= 100 and r["n"] > 0 for r in rows)
+    assert "| features | target | accuracy | chance | n |" in capsys.readouterr().out
+
+
+def test_the_probe_labels_each_cell_and_each_position_question_by_hand():
+    a, b = clip.Shape("circle", "red", "large", 0.8, 0.1), clip.Shape("square", "blue", "small", 0.1, 0.5)   # cells 2, 3
+    colour, kind = bench().cell_labels([clip.Scene((a, b))])
+    empty = [c for c in range(9) if c not in (2, 3)]
+    assert colour[0, 2] == list(clip.COLOURS).index("red") and kind[0, 3] == clip.SHAPES.index("square")
+    assert (colour[0, empty] == len(clip.COLOURS)).all() and (kind[0, empty] == len(clip.SHAPES)).all()
+    rows = bench().position_rows([clip.Scene((a, b))], seed=0)
+    (i, question, answer, cell_a, cell_b), = rows
+    first = question.split()[3:5] == ["red", "circle"]
+    assert answer == ("right" if first else "left") and (cell_a, cell_b) == ((2, 3) if first else (3, 2))
 
 
 # --- type hints ---------------------------------------------------------------------------------------
