@@ -123,6 +123,8 @@ class VLMConfig:
     perceiver_layers: int = 2
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
+    image_pos: str = "none"            # "2d": learned row + column positions added to per-patch tokens (GridPositions)
+    position_answer: str = "word"      # "named": position answers show their work (named_position_answer)
     lora_r: int = 16
     lora_alpha: float = 32
     lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -133,6 +135,9 @@ class VLMConfig:
             raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
         if self.qformer_head not in ("linear", "mlp"):
             raise ValueError(f"qformer_head must be 'linear' or 'mlp', got {self.qformer_head!r}")
+        if self.image_pos not in ("none", "2d") or self.position_answer not in ("word", "named"):
+            raise ValueError(f"image_pos must be 'none' or '2d' and position_answer 'word' or 'named', got "
+                             f"{self.image_pos!r} and {self.position_answer!r}")
         for what in ("lm", "vision"):
             spec = getattr(self, what)
             if spec and not (spec.startswith("hf:") and len(spec) > 3):
@@ -350,6 +355,29 @@ class PerceiverResampler(nn.Module):
         return self.linear(self.norm(latents))                                        # (B, Q, Dv) -> (B, Q, D)
 
 
+class GridPositions(nn.Module):
+    """A per-patch connector whose g x g output tokens (raster order) get learned 2-D positions:
+
+        u_{r,c} <- u_{r,c} + R[r] + C[c]           R, C in R^{g x D}, drawn from N(0, 1)
+
+    Why (benchmarks/bench_vlm_train.py --probe): the ViT's cell tokens still say where their cell is
+    (column 85%, row 83% to a linear probe), the MLP connector's tokens no longer do (chance), and the
+    LM's RoPE rotates queries and keys only, so what attention reads from an image token (its value)
+    carries no place. Added after the connector, the place is in the value again (ViT-style factorised
+    positions; Qwen2-VL's M-RoPE gives the LM rows and columns through the rotation instead).
+    """
+
+    def __init__(self, connector: nn.Module, g: int, width: int):
+        super().__init__()
+        self.connector = connector
+        self.rows, self.cols = nn.Embedding(g, width), nn.Embedding(g, width)        # R, C: one vector per row, column
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        u = self.connector(feats)                                                     # (B, g*g, D)
+        R, C = self.rows.weight, self.cols.weight
+        return u + (R[:, None] + C[None, :]).flatten(0, 1)                            # + R[r] + C[c], raster order
+
+
 def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_patches: int,
                    lm_width: int) -> tuple[nn.Module, int]:
     """The connector of cfg and M, the number of image tokens it gives the LM."""
@@ -361,12 +389,15 @@ def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_pa
         raise ConfigError(f"patch_merge {cfg.patch_merge} needs a square grid of patches whose side is a multiple "
                           f"of {cfg.patch_merge}; the vision encoder gives {num_patches} patches")
     M = num_patches // cfg.patch_merge ** 2
-    if cfg.connector == "linear":
-        return LinearConnector(vision_width, width, cfg.patch_merge), M
-    if cfg.connector == "mlp":
-        return MLPConnector(vision_width, width, cfg.patch_merge), M
-    if cfg.connector == "dense":
-        return DenseConnector(vision_width, width, min(cfg.dense_groups, vision_layers), cfg.patch_merge), M
+    if cfg.image_pos == "2d" and cfg.connector not in ("linear", "mlp", "dense"):
+        raise ConfigError(f"image_pos=2d places per-patch tokens (linear, mlp, dense); {cfg.connector}'s tokens "
+                          f"are learned queries, which sit in no cell")
+    if cfg.connector in ("linear", "mlp", "dense"):
+        connector = {"linear": lambda: LinearConnector(vision_width, width, cfg.patch_merge),
+                     "mlp": lambda: MLPConnector(vision_width, width, cfg.patch_merge),
+                     "dense": lambda: DenseConnector(vision_width, width, min(cfg.dense_groups, vision_layers),
+                                                     cfg.patch_merge)}[cfg.connector]()
+        return (GridPositions(connector, math.isqrt(M), width) if cfg.image_pos == "2d" else connector), M
     if cfg.connector == "qformer":
         return (QFormerConnector(vision_width, width, cfg.num_queries, cfg.tiny_vision, cfg.qformer_head, cfg.qformer_vocab),
                 cfg.num_queries)
@@ -740,6 +771,31 @@ def shapes_data(n: int, seed: int, split: str, image_size: int, all_questions: b
     return rendered(scenes, [(i, q, a, k) for i, rows in enumerate(qas) for q, a, k in rows], image_size)
 
 
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "centre", "right")
+
+
+def named_position_answer(scene: clip.Scene, question: str, answer: str) -> str:
+    """The answer to "where is a relative to b?" with its work shown (a scratchpad; Nye et al. 2021):
+
+        "where is the red circle relative to the blue square?" -> "red circle top left, blue square top right: left"
+
+    Each shape's cell is written right after its name: one lookup of one named shape, which the model
+    does well alone; the relation is then a comparison of words in its own context instead of two
+    lookups composed inside one forward pass. The tokenizer drops the punctuation; evaluation scores
+    the last word (evaluate_vqa)."""
+    w = clip.ShapesTokenizer.words(question)                  # where is the C K relative to the C2 K2
+    a, b = (next(x for x in scene.shapes if (x.colour, x.kind) == pair) for pair in ((w[3], w[4]), (w[8], w[9])))
+    return ", ".join(f"{x.colour} {x.kind} {ROWS[x.row]} {COLUMNS[x.col]}" for x in (a, b)) + f": {answer}"
+
+
+def named_positions(data: VQAData, n: int, seed: int) -> VQAData:
+    """The n training scenes of `seed` (drawn again: the cache keeps images, not scenes) with their position
+    answers written by named_position_answer."""
+    scenes, _ = draw_scenes(n, seed, "train")
+    qa = [(i, q, named_position_answer(scenes[i], q, a) if k == "position" else a, k) for i, q, a, k in data.qa]
+    return replace(data, qa=qa)
+
+
 def rendered(scenes: Sequence[clip.Scene], qa: list, image_size: int) -> VQAData:
     """The scenes drawn at image_size, their question rows, and one caption each."""
     images = torch.from_numpy(np.stack([np.asarray(clip.render(s, image_size)) for s in scenes]))
@@ -882,15 +938,20 @@ def answer_questions(vlm: VLM, data: VQAData, prompt_prefix: str = "", rows: sli
     qa = data.qa[rows]
     idx = [x[0] for x in qa]
     longest = max(len(x[2].split()) for x in data.qa) + 1           # words of the longest answer, + <eos>
+    if vlm.config.position_answer == "named":                        # 9 words of work, then the relation
+        longest = max(longest, 10)
     return generate_answers(vlm, data.images[idx], [prompt_prefix + x[1] for x in qa], max(4, longest),
                             features=None if data.features is None else data.features[idx])
 
 
 def evaluate_vqa(vlm: VLM, data: VQAData, prompt_prefix: str = "",
                  predictions: list[str] | None = None) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Score greedy answers on every question of `data` (predictions: answers already generated)."""
+    """Score greedy answers on every question of `data` (predictions: answers already generated); a position
+    answer that shows its work (position_answer="named") is scored by its last word."""
     predictions = answer_questions(vlm, data, prompt_prefix) if predictions is None else predictions
-    return score_answers(predictions, [x[2] for x in data.qa], [x[3] for x in data.qa]), predictions
+    named = vlm.config.position_answer == "named"
+    final = [p.split()[-1] if named and x[3] == "position" and p else p for p, x in zip(predictions, data.qa)]
+    return score_answers(final, [x[2] for x in data.qa], [x[3] for x in data.qa]), predictions
 
 
 @torch.no_grad()
@@ -1359,6 +1420,8 @@ def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQADat
     vision = (load_hf_vision(vcfg.vision, dense).to(run.device) if vcfg.vision else
               FrozenViT(load_or_train_vit(run.cache, vcfg.tiny_vision, run.device, tcfg.seed, run.progress), dense))
     train = split_data(run.cache, tcfg, vision.image_size, "train")
+    if vcfg.position_answer == "named" and not tcfg.data:
+        train = named_positions(train, tcfg.n_train, tcfg.seed)
     if tcfg.data and vcfg.connector == "qformer" and not vcfg.qformer_vocab:    # the Q-Former reads the folder's words
         vcfg = replace(vcfg, qformer_vocab=sorted({w for _, c in train.captions for w in clip.ShapesTokenizer.words(c)}))
     torch.manual_seed(tcfg.seed)

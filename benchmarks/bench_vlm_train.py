@@ -221,10 +221,12 @@ def probe_table(vlm, n_train=2000, n_test=1000, test_seed=12345):
         for what, label in (("column of an occupied cell", cells % 3), ("row of an occupied cell", cells // 3)):
             ytr, yte = label.expand_as(occupied[0])[occupied[0]], label.expand_as(occupied[1])[occupied[1]]
             rows.append((name, what, ridge_probe(tr[key][occupied[0]], ytr, te[key][occupied[1]], yte)))
-    for what, i in (("colour of each cell (9 probes, mean)", 0), ("kind of each cell (9 probes, mean)", 1)):
-        r = [ridge_probe(tr["vit"].mean(1), tr["cells"][i][:, c], te["vit"].mean(1), te["cells"][i][:, c]) for c in range(9)]
-        rows.append(("ViT, last layer: mean of all tokens", what,
-                     {k: sum(x[k] for x in r) / 9 for k in ("acc", "chance")} | {"n": sum(x["n"] for x in r)}))
+    for name, xtr, xte in (("ViT, last layer: mean of all tokens", tr["vit"].mean(1), te["vit"].mean(1)),
+                           ("connector output: all tokens, concatenated", tr["connector"].flatten(1),
+                            te["connector"].flatten(1))):
+        for what, i in (("colour of each cell (9 probes, mean)", 0), ("kind of each cell (9 probes, mean)", 1)):
+            r = [ridge_probe(xtr, tr["cells"][i][:, c], xte, te["cells"][i][:, c]) for c in range(9)]
+            rows.append((name, what, {k: sum(x[k] for x in r) / 9 for k in ("acc", "chance")} | {"n": sum(x["n"] for x in r)}))
     for layer in range(tr["lm"].shape[1]):
         for what in ("answer", "a column", "b column"):
             rows.append((f"LM layer {layer + 1}, last prompt token of a position question", what,

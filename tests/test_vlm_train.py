@@ -8,6 +8,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -496,6 +497,47 @@ def test_memory_report_estimates_paligemma_per_mode_for_the_3b_config_and_an_ini
     assert all(totals[(m, True)] < totals[(m, False)] for m in vt.STAGE2_MODES)
     out = capsys.readouterr().out
     assert "smallest GPU" in out and str(tmp_path / "pg") in out and "micro-batch 4" in out
+
+
+def test_grid_positions_add_a_row_and_a_column_vector_to_each_token_in_raster_order():
+    torch.manual_seed(0)
+    inner = vt.MLPConnector(16, 8, 2)
+    pos = vt.GridPositions(inner, 3, 8)
+    feats = torch.randn(2, 1, 37, 16)                                      # (B, Lk, 1+N, Dv), N = 6 x 6 patches
+    u, plain = pos(feats), inner(feats)
+    assert u.shape == plain.shape == (2, 9, 8)
+    for r in range(3):
+        for c in range(3):
+            assert torch.allclose(u[:, 3 * r + c] - plain[:, 3 * r + c], pos.rows.weight[r] + pos.cols.weight[c])
+    with torch.no_grad():                                                  # R = C = 0: the connector alone
+        pos.rows.weight.zero_(), pos.cols.weight.zero_()
+    assert torch.equal(pos(feats), plain)
+    with pytest.raises(vt.ConfigError, match="learned queries"):
+        vt.make_connector(vt.VLMConfig.tiny(connector="qformer", image_pos="2d"), 16, 2, 36, 8)
+    with pytest.raises(ValueError, match="image_pos must be"):
+        vt.VLMConfig(image_pos="3d")
+
+
+def test_named_position_answers_show_their_work_and_are_scored_by_their_last_word():
+    a, b = clip.Shape("circle", "red", "large", 0.1, 0.1), clip.Shape("square", "blue", "small", 0.9, 0.5)
+    question = "where is the red circle relative to the blue square?"
+    assert vt.named_position_answer(clip.Scene((a, b)), question, "left") == \
+        "red circle top left, blue square middle right: left"
+    data = vt.VQAData(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), [(0, question, "left", "position"),
+                                                                    (1, "how many shapes are there?", "two", "count")], [])
+    said = ["red circle top left blue square middle right left", "two left"]
+    named = SimpleNamespace(config=vt.VLMConfig(position_answer="named"))
+    scores, _ = vt.evaluate_vqa(named, data, predictions=said)
+    assert scores["position"]["exact"] == 100 and scores["count"]["exact"] == 0      # only position's last word
+    plain, _ = vt.evaluate_vqa(SimpleNamespace(config=vt.VLMConfig()), data, predictions=said)
+    assert plain["position"]["exact"] == 0
+
+
+def test_a_tiny_run_trains_with_named_answers_and_grid_positions(tmp_path):
+    vt.main(["--train", "--tiny", "--out", str(tmp_path), "--set", "position_answer=named", "--set", "image_pos=2d"])
+    vlm = vt.load_vlm(tmp_path)
+    assert isinstance(vlm.connector, vt.GridPositions) and vlm.config.position_answer == "named"
+    assert {"top", "middle", "bottom", "centre"} <= set(vlm.processor.tokenizer.stoi)   # the answers' words
 
 
 def bench():
