@@ -1409,9 +1409,9 @@ def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQADat
     --init paligemma:DIR a whole PaliGemma checkpoint."""
     if run.init is not None:
         folder = init_folder(run.init)
-        if vcfg.connector not in ("linear", "dense"):
-            raise ConfigError(f"--init paligemma uses the checkpoint's own projector: --connector linear or dense, "
-                              f"got {vcfg.connector!r}")
+        if vcfg.connector not in ("linear", "dense") or vcfg.image_pos != "none":
+            raise ConfigError(f"--init paligemma uses the checkpoint's own projector: --connector linear or dense "
+                              f"without image_pos, got {vcfg.connector!r} with image_pos={vcfg.image_pos!r}")
         # bf16 weights on a bf16 device (half of fp32's memory; paligemma.memory_estimate's assumption)
         dtype = torch.bfloat16 if bf16_device(run.device, tcfg.bf16) else torch.float32
         vlm = checkpoint_vlm(folder, vcfg, run.device, vcfg.connector, dtype)

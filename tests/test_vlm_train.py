@@ -347,6 +347,8 @@ def test_a_non_finite_loss_stops_without_overwriting_the_checkpoint(cache, tmp_p
     (["--set", "patch_merge=two"], "--set patch_merge: expected a int like 2, got 'two'"),
     (["--set", "bf16=maybe"], "--set bf16: expected a bool"),
     (["--set", "patch_merge=3"], "patch_merge 3 needs a square grid"),
+    (["--set", "image_pos=3d"], "image_pos must be 'none' or '2d'"),
+    (["--connector", "perceiver", "--set", "image_pos=2d"], "learned queries, which sit in no cell"),
 ])
 def test_bad_command_lines_exit_with_a_clear_message(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -411,6 +413,14 @@ def save_tiny_paligemma(path, vocab, merges=(), edit=None):
         edit(model, vocab)
     model.save_pretrained(path)
     return tok
+
+
+def test_init_keeps_the_checkpoints_projector(tmp_path, capsys):
+    tiny_paligemma_checkpoint(tmp_path / "pg")
+    for extra in (["--connector", "mlp"], ["--connector", "linear", "--set", "image_pos=2d"]):
+        with pytest.raises(SystemExit):
+            vt.main(["--train", "--tiny", "--init", f"paligemma:{tmp_path / 'pg'}", "--out", str(tmp_path / "o"), *extra])
+        assert "uses the checkpoint's own projector" in capsys.readouterr().err
 
 
 @pytest.mark.slow
