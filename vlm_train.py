@@ -393,10 +393,12 @@ def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_pa
         raise ConfigError(f"image_pos=2d places per-patch tokens (linear, mlp, dense); {cfg.connector}'s tokens "
                           f"are learned queries, which sit in no cell")
     if cfg.connector in ("linear", "mlp", "dense"):
-        connector = {"linear": lambda: LinearConnector(vision_width, width, cfg.patch_merge),
-                     "mlp": lambda: MLPConnector(vision_width, width, cfg.patch_merge),
-                     "dense": lambda: DenseConnector(vision_width, width, min(cfg.dense_groups, vision_layers),
-                                                     cfg.patch_merge)}[cfg.connector]()
+        if cfg.connector == "linear":
+            connector = LinearConnector(vision_width, width, cfg.patch_merge)
+        elif cfg.connector == "mlp":
+            connector = MLPConnector(vision_width, width, cfg.patch_merge)
+        else:
+            connector = DenseConnector(vision_width, width, min(cfg.dense_groups, vision_layers), cfg.patch_merge)
         return (GridPositions(connector, math.isqrt(M), width) if cfg.image_pos == "2d" else connector), M
     if cfg.connector == "qformer":
         return (QFormerConnector(vision_width, width, cfg.num_queries, cfg.tiny_vision, cfg.qformer_head, cfg.qformer_vocab),
@@ -934,7 +936,7 @@ def score_answers(predictions: Sequence[str], truths: Sequence[str],
 
 
 def answer_questions(vlm: VLM, data: VQAData, prompt_prefix: str = "", rows: slice = slice(None)) -> list[str]:
-    """Greedy answers to the questions of `data` (rows: to those only; Run.evaluate splits them over ranks)."""
+    """Greedy answers to the questions of `data` (rows: to those only; Run.score splits them over ranks)."""
     qa = data.qa[rows]
     idx = [x[0] for x in qa]
     longest = max(len(x[2].split()) for x in data.qa) + 1           # words of the longest answer, + <eos>
@@ -1936,10 +1938,11 @@ def memory_report(vcfg: VLMConfig, tcfg: TrainConfig, init: str | None, text_tok
     gradients, AdamW state and the activations of one micro-batch (batch_size / grad_accum rows of the
     image tokens + text_tokens), counted on the meta device, so no weights are read. The --init checkpoint's
     config (its config.json), else PaliGemma-3B's; LoRA of rank lora_r on every decoder linear layer."""
-    config = pg.read_config(init_folder(init)) if init else pg.PaliGemmaConfig()
+    folder = init_folder(init) if init else None
+    config = pg.read_config(folder) if folder else pg.PaliGemmaConfig()
     rows = [pg.memory_estimate(config, mode, max(1, tcfg.batch_size // tcfg.grad_accum), text_tokens, ckpt, vcfg.lora_r)
             for mode in STAGE2_MODES for ckpt in (False, True)]
-    name = f"the checkpoint {init_folder(init)}" if init else "PaliGemma-3B"
+    name = f"the checkpoint {folder}" if folder else "PaliGemma-3B"
     print(f"\n## fine-tuning {name} ({rows[0]['params']:,} parameters), micro-batch {rows[0]['batch_size']} x "
           f"({config.num_image_tokens} image + {text_tokens} text tokens), LoRA r = {vcfg.lora_r}\n")
     print(pg.memory_table(rows))
