@@ -900,6 +900,12 @@ def memory_estimate(config: PaliGemmaConfig, mode: str, batch_size: int, seq_len
     return out
 
 
+def memory_rows(config: PaliGemmaConfig, batch_size: int, seq_len: int, lora_r: int = 16) -> list[dict]:
+    """memory_estimate for every mode, without and with activation checkpointing (memory_table's rows)."""
+    return [memory_estimate(config, mode, batch_size, seq_len, checkpointing, lora_r)
+            for mode in MODES for checkpointing in (False, True)]
+
+
 def training_model(config: PaliGemmaConfig, mode: str, lora_r: int = 16) -> PaliGemma:
     """The bf16 model that a `mode` fine-tuning run trains (memory_estimate), on the meta device."""
     import lora
@@ -1471,8 +1477,7 @@ def answer(args: argparse.Namespace, device: torch.device) -> None:
 def memory_report(args: argparse.Namespace) -> None:
     """What fine-tuning PaliGemma-3B takes: full / LoRA / QLoRA, with and without activation checkpointing."""
     config = PaliGemmaConfig()   # paligemma-3b-pt-224: SigLIP So400m/14 at 224 px + Gemma 2B
-    rows = [memory_estimate(config, mode, args.batch_size, args.seq_len, checkpointing)
-            for mode in MODES for checkpointing in (False, True)]
+    rows = memory_rows(config, args.batch_size, args.seq_len)
     print(f"Fine-tuning PaliGemma-3B ({rows[0]['params']:,} parameters; "
           f"LoRA r = 16 on every decoder linear layer), batch of {args.batch_size} x ({config.num_image_tokens} "
           f"image + {args.seq_len} text tokens); activations counted on the meta device:")

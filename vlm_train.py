@@ -601,6 +601,12 @@ def qformer_text(tok: clip.ShapesTokenizer, captions: Sequence[str]) -> tuple[to
     return tok.encode([" ".join(tok.words(c)[:tok.context_length - 2]) for c in captions])
 
 
+def same_texts(texts: Sequence[str]) -> torch.Tensor:
+    """(n, n) bool, True where texts i and j are equal: captions that describe two scenes alike are
+    never ITM negatives of each other, and count as right for both in retrieval."""
+    return torch.tensor([[a == b for b in texts] for a in texts])
+
+
 def make_batch(vlm: VLM, data: VQAData, rows: Sequence[int], phase: str) -> dict[str, torch.Tensor]:
     """Rows of the data -> the model's tensors, on its device. phase: "text_qa"/"text_cap" (stage 0),
     "caption" (stage 1), "itc" (stage 1a), "vqa" (stage 2)."""
@@ -618,7 +624,7 @@ def make_batch(vlm: VLM, data: VQAData, rows: Sequence[int], phase: str) -> dict
         ids, mask = qformer_text(vlm.connector.tokenizer, answers)
         T = int(mask.sum(1).max())
         batch.update(qf_ids=ids[:, :T], qf_mask=mask[:, :T],
-                     matches=torch.tensor([[a == b for b in answers] for a in answers]))
+                     matches=same_texts(answers))
     return {k: v.to(vlm.model.device) for k, v in batch.items()}
 
 
@@ -969,7 +975,7 @@ def qformer_retrieval(vlm: VLM, data: VQAData, ks: Sequence[int] = (1, 5)) -> di
     tok = vlm.connector.tokenizer
     ids, mask = qformer_text(tok, captions)
     sim = vlm.connector.qformer.itc_logits(feats[:, -1], ids.to(device), mask.to(device)).cpu()   # (n, n)
-    correct = torch.tensor([[a == b for b in captions] for a in captions])
+    correct = same_texts(captions)
     return {**clip.recall_at_k(sim, correct, ks), "chance R@1": 100 * correct.float().mean().item(),
             "unk %": 100 * (ids == tok.unk_token_id).sum().item() / max(1, int(mask.sum()) - 2 * len(captions))}
 
@@ -1296,14 +1302,10 @@ class Run:
         b = len(rows) // self.world
         batch = make_batch(vlm, data, rows[self.rank * b:(self.rank + 1) * b].tolist(), phase)
         if self.world > 1 and phase == "itc":                 # ITM's negatives come from the whole batch
-            captions = [data.captions[i][1] for i in rows.tolist()]
-            batch["matches"] = torch.tensor([[a == c for c in captions] for a in captions], device=batch["qf_ids"].device)
+            batch["matches"] = same_texts([data.captions[i][1] for i in rows.tolist()]).to(batch["qf_ids"].device)
         if self.world > 1:
-            import torch.distributed as dist
             n = (batch["labels"] != -100).sum().float().reshape(1)
-            total = n.clone()
-            dist.all_reduce(total)
-            batch["token_share"] = self.world * n[0] / total[0].clamp(min=1)
+            batch["token_share"] = self.world * n[0] / qformer.sum_over_ranks(n)[0].clamp(min=1)
         return batch
 
     def wrap(self, net: StageLoss) -> nn.Module:
@@ -1940,8 +1942,7 @@ def memory_report(vcfg: VLMConfig, tcfg: TrainConfig, init: str | None, text_tok
     config (its config.json), else PaliGemma-3B's; LoRA of rank lora_r on every decoder linear layer."""
     folder = init_folder(init) if init else None
     config = pg.read_config(folder) if folder else pg.PaliGemmaConfig()
-    rows = [pg.memory_estimate(config, mode, max(1, tcfg.batch_size // tcfg.grad_accum), text_tokens, ckpt, vcfg.lora_r)
-            for mode in STAGE2_MODES for ckpt in (False, True)]
+    rows = pg.memory_rows(config, max(1, tcfg.batch_size // tcfg.grad_accum), text_tokens, vcfg.lora_r)
     name = f"the checkpoint {folder}" if folder else "PaliGemma-3B"
     print(f"\n## fine-tuning {name} ({rows[0]['params']:,} parameters), micro-batch {rows[0]['batch_size']} x "
           f"({config.num_image_tokens} image + {text_tokens} text tokens), LoRA r = {vcfg.lora_r}\n")
