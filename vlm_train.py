@@ -95,6 +95,7 @@ import qformer
 import rouge
 
 CONNECTORS = ("linear", "mlp", "qformer", "dense", "perceiver")
+PER_PATCH = ("linear", "mlp", "dense")     # connectors whose tokens are merged patches, one per cell of a grid
 STAGE2_MODES = ("full", "lora", "qlora")
 KINDS = ("count", "colour", "shape", "size", "position", "existence")
 
@@ -167,6 +168,7 @@ class TrainConfig:
     stage1_lr: float = 2e-3
     stage2_steps: int = 4000
     stage2_lr: float = 2e-3
+    grid_questions: tuple = ()         # one-hop training questions (grid_questions): "column", "row", "cell"
     stage2_qformer: bool = True        # stage 2 also tunes the Q-Former (False: only its head, plus the LM)
     caption_prompt: str = "caption"    # the prompt of stage 1's captions
     warmup: float = 0.03               # fraction of each stage's steps (LLaVA-1.5's warm-up ratio)
@@ -181,6 +183,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage2 not in STAGE2_MODES:
             raise ValueError(f"stage 2 mode must be one of {STAGE2_MODES}, got {self.stage2!r}")
+        self.grid_questions = tuple(self.grid_questions)
+        if not set(self.grid_questions) <= {"column", "row", "cell"}:
+            raise ValueError(f"grid_questions must name 'column', 'row' or 'cell', got {self.grid_questions!r}")
 
     @classmethod
     def tiny(cls, **overrides) -> TrainConfig:
@@ -389,10 +394,10 @@ def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_pa
         raise ConfigError(f"patch_merge {cfg.patch_merge} needs a square grid of patches whose side is a multiple "
                           f"of {cfg.patch_merge}; the vision encoder gives {num_patches} patches")
     M = num_patches // cfg.patch_merge ** 2
-    if cfg.image_pos == "2d" and cfg.connector not in ("linear", "mlp", "dense"):
+    if cfg.image_pos == "2d" and cfg.connector not in PER_PATCH:
         raise ConfigError(f"image_pos=2d places per-patch tokens (linear, mlp, dense); {cfg.connector}'s tokens "
                           f"are learned queries, which sit in no cell")
-    if cfg.connector in ("linear", "mlp", "dense"):
+    if cfg.connector in PER_PATCH:
         if cfg.connector == "linear":
             connector = LinearConnector(vision_width, width, cfg.patch_merge)
         elif cfg.connector == "mlp":
@@ -796,11 +801,42 @@ def named_position_answer(scene: clip.Scene, question: str, answer: str) -> str:
     return ", ".join(f"{x.colour} {x.kind} {ROWS[x.row]} {COLUMNS[x.col]}" for x in (a, b)) + f": {answer}"
 
 
-def named_positions(data: VQAData, n: int, seed: int) -> VQAData:
-    """The n training scenes of `seed` (drawn again: the cache keeps images, not scenes) with their position
-    answers written by named_position_answer."""
-    scenes, _ = draw_scenes(n, seed, "train")
-    qa = [(i, q, named_position_answer(scenes[i], q, a) if k == "position" else a, k) for i, q, a, k in data.qa]
+def grid_questions(scene: clip.Scene, kinds: Sequence[str]) -> list[tuple[str, str, str]]:
+    """One-hop training questions, for each kind asked:
+
+        "column", "row": about each shape its colour and kind name uniquely,
+            "which column is the red circle in?" -> "left"      "which row is the red circle in?" -> "top"
+        "cell": about each shape alone in its cell, its attributes looked up by place,
+            "what colour is the shape in the top left?" -> "red"     "what shape is in the top left?" -> "circle"
+
+    A relative-position question composes two lookups of a cell and a comparison; the named answers
+    write the lookups out one at a time, and column / row questions train each lookup on its own, a
+    column as often as a row. Cell questions read a shape's colour and kind with no colour or kind in
+    the question. Training only: every evaluation split asks clip.questions' six kinds."""
+    out = []
+    for x in scene.shapes:
+        named = sum((y.colour, y.kind) == (x.colour, x.kind) for y in scene.shapes) == 1
+        alone = sum((y.row, y.col) == (x.row, x.col) for y in scene.shapes) == 1
+        for kind in kinds:
+            if kind in ("column", "row") and named:
+                answer = COLUMNS[x.col] if kind == "column" else ROWS[x.row]
+                out.append((f"which {kind} is the {x.colour} {x.kind} in?", answer, kind))
+            if kind == "cell" and alone:
+                where = f"{ROWS[x.row]} {COLUMNS[x.col]}"
+                out += [(f"what colour is the shape in the {where}?", x.colour, kind),
+                        (f"what shape is in the {where}?", x.kind, kind)]
+    return out
+
+
+def position_training(data: VQAData, tcfg: TrainConfig, named: bool) -> VQAData:
+    """The training rows with the position levers: the n_train scenes of the seed (drawn again: the cache
+    keeps images, not scenes), their position answers written by named_position_answer (named), then
+    grid_questions' rows for TrainConfig.grid_questions (their own kinds, so stage 2 draws each kind
+    equally often)."""
+    scenes, _ = draw_scenes(tcfg.n_train, tcfg.seed, "train")
+    qa = [(i, q, named_position_answer(scenes[i], q, a) if named and k == "position" else a, k)
+          for i, q, a, k in data.qa]
+    qa += [(i, q, a, k) for i, scene in enumerate(scenes) for q, a, k in grid_questions(scene, tcfg.grid_questions)]
     return replace(data, qa=qa)
 
 
@@ -946,8 +982,8 @@ def answer_questions(vlm: VLM, data: VQAData, prompt_prefix: str = "", rows: sli
     qa = data.qa[rows]
     idx = [x[0] for x in qa]
     longest = max(len(x[2].split()) for x in data.qa) + 1           # words of the longest answer, + <eos>
-    if vlm.config.position_answer == "named":                        # 9 words of work, then the relation
-        longest = max(longest, 10)
+    if vlm.config.position_answer == "named" and any(x[3] == "position" for x in data.qa):
+        longest = max(longest, 10)                                  # 9 words of work, then the relation
     return generate_answers(vlm, data.images[idx], [prompt_prefix + x[1] for x in qa], max(4, longest),
                             features=None if data.features is None else data.features[idx])
 
@@ -1091,7 +1127,8 @@ def lm_fingerprint(vlm: VLM, tcfg: TrainConfig) -> dict:
     train = ("n_train", "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "warmup", "weight_decay",
              "clip_norm", "seed")
     lm = {**{k: getattr(vlm.config, k) for k in keys}, **{k: getattr(tcfg, k) for k in train},
-          "vocab": vlm.processor.tokenizer.itos, **({"data": tcfg.data} if tcfg.data else {})}
+          "vocab": vlm.processor.tokenizer.itos, **({"data": tcfg.data} if tcfg.data else {}),
+          **({"grid_questions": tcfg.grid_questions} if tcfg.grid_questions else {})}
     init = {k: v for k, v in asdict(vlm.config).items() if k not in keys and k not in STAGE2_ONLY}
     return {"phase": "stage0", "lm": lm, "init": init}
 
@@ -1424,8 +1461,8 @@ def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQADat
     vision = (load_hf_vision(vcfg.vision, dense).to(run.device) if vcfg.vision else
               FrozenViT(load_or_train_vit(run.cache, vcfg.tiny_vision, run.device, tcfg.seed, run.progress), dense))
     train = split_data(run.cache, tcfg, vision.image_size, "train")
-    if vcfg.position_answer == "named" and not tcfg.data:
-        train = named_positions(train, tcfg.n_train, tcfg.seed)
+    if not tcfg.data and (vcfg.position_answer == "named" or tcfg.grid_questions):
+        train = position_training(train, tcfg, vcfg.position_answer == "named")
     if tcfg.data and vcfg.connector == "qformer" and not vcfg.qformer_vocab:    # the Q-Former reads the folder's words
         vcfg = replace(vcfg, qformer_vocab=sorted({w for _, c in train.captions for w in clip.ShapesTokenizer.words(c)}))
     torch.manual_seed(tcfg.seed)

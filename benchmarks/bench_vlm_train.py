@@ -65,6 +65,7 @@ def one_run(connector, mode, args):
     after = metrics["after stage 2"]
     return {"connector": connector, "mode": mode, "test": after["test"]["all"]["exact"],
             "heldout": after["heldout"]["all"]["exact"], "rougeL": after["test"]["all"]["rougeL"],
+            "position": after["position"]["all"]["exact"], "position majority": after["position"]["all"]["majority"],
             "trainable": metrics["trainable parameters"], "stage2 s": metrics["seconds"]["stage 2"],
             "total s": time.time() - t0, "peak MiB": (lora.peak_rss_bytes() - start_rss) / 2**20,
             "stage1_steps": tcfg.stage1_steps, "stage2_steps": tcfg.stage2_steps, "n_eval": tcfg.n_eval}
@@ -161,6 +162,13 @@ def cell_labels(scenes):
     return colour, kind
 
 
+def heldout_cells(colour, kind):
+    """(S, 9) True where cell_labels' colour and kind are one of clip.HELDOUT's pairs."""
+    import clip
+    pairs = [(list(clip.COLOURS).index(c), list(clip.SHAPES).index(k)) for c, k in clip.HELDOUT]
+    return torch.stack([(colour == c) & (kind == k) for c, k in pairs]).any(0)
+
+
 def position_rows(scenes, seed):
     """One relative-position question per scene that has one: (scene, question, answer, cell of a, cell of b)."""
     import random
@@ -206,9 +214,12 @@ def probe_features(vlm, scenes, seed):
 
 
 def probe_table(vlm, n_train=2000, n_test=1000, test_seed=12345):
-    """Every probe, trained on n_train training scenes (seed 0) and scored on n_test scenes of test_seed."""
+    """Every probe, trained on n_train training scenes (seed 0) and scored on n_test scenes of test_seed
+    (the cell probes also on the held-out pairs' cells of n_test held-out scenes of test_seed)."""
     tr, te = (probe_features(vlm, vt.draw_scenes(n, seed, "train" if seed == 0 else "test")[0], seed)
               for n, seed in ((n_train, 0), (n_test, test_seed)))
+    ho = probe_features(vlm, vt.draw_scenes(n_test, test_seed, "heldout")[0], test_seed)
+    unseen = heldout_cells(*ho["cells"])
     rows, cells = [], torch.arange(9)
     empty = tr["cells"][0].max()                     # cell_labels' class of an empty cell (no colour drawn as it)
     occupied = tr["cells"][0] < empty, te["cells"][0] < empty
@@ -221,6 +232,10 @@ def probe_table(vlm, n_train=2000, n_test=1000, test_seed=12345):
         for what, label in (("column of an occupied cell", cells % 3), ("row of an occupied cell", cells // 3)):
             ytr, yte = label.expand_as(occupied[0])[occupied[0]], label.expand_as(occupied[1])[occupied[1]]
             rows.append((name, what, ridge_probe(tr[key][occupied[0]], ytr, te[key][occupied[1]], yte)))
+        # the same cell probes on the cells of held-out colour-shape pairs (never in a training image)
+        for what, i in (("colour of a held-out pair's cell", 0), ("kind of a held-out pair's cell", 1)):
+            rows.append((name, what, ridge_probe(tr[key].flatten(0, 1), tr["cells"][i].flatten(),
+                                                 ho[key][unseen], ho["cells"][i][unseen])))
     for name, xtr, xte in (("ViT, last layer: mean of all tokens", tr["vit"].mean(1), te["vit"].mean(1)),
                            ("connector output: all tokens, concatenated", tr["connector"].flatten(1),
                             te["connector"].flatten(1))):
@@ -299,18 +314,20 @@ def main(argv=None):
             for key, result in pending:
                 r = done[key] = result.get()
                 print(f"{key[0]:9s} {key[1]:5s} test {r['test']:5.1f}%  held-out {r['heldout']:5.1f}%  "
+                      f"position {r['position']:5.1f}%  "
                       f"{r['total s']:.0f} s", file=sys.stderr, flush=True)
     rows = [done[(c, m)] for c in connectors for m in modes]
     r0 = rows[0]
     print(f"\nshapes VQA, {r0['stage1_steps']} stage-1 and {r0['stage2_steps']} stage-2 steps (--train uses "
           f"{vt.TrainConfig().stage1_steps} and {vt.TrainConfig().stage2_steps}), exact match of greedy answers "
-          f"on {r0['n_eval']} unseen scenes (one question each) and on {r0['n_eval']} scenes with held-out "
-          f"colour-shape pairs; {args.threads} thread(s) per run, {args.jobs} run(s) at a time, {args.device}\n")
-    print("| connector | stage 2 | exact match | held-out pairs | ROUGE-L | trainable params | stage-2 time s "
+          f"on {r0['n_eval']} unseen scenes (one question each), on {r0['n_eval']} scenes with held-out "
+          f"colour-shape pairs and on the balanced position split (always one answer: "
+          f"{r0['position majority']:.1f}%); {args.threads} thread(s) per run, {args.jobs} run(s) at a time, {args.device}\n")
+    print("| connector | stage 2 | exact match | held-out pairs | position | ROUGE-L | trainable params | stage-2 time s "
           "| run time s | peak RSS above start MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['connector']} | {r['mode']} | {r['test']:.1f}% | {r['heldout']:.1f}% | {r['rougeL']:.1f} | "
+        print(f"| {r['connector']} | {r['mode']} | {r['test']:.1f}% | {r['heldout']:.1f}% | {r['position']:.1f}% | {r['rougeL']:.1f} | "
               f"{r['trainable']:,} | {r['stage2 s']:.0f} | {r['total s']:.0f} | {r['peak MiB']:.0f} |")
     return rows
 

@@ -433,7 +433,11 @@ def test_cuda_matches_cpu():
     w = torch.randn(300, 200)
     packed, state = nf4.quantize_nf4(w)
     packed_c, state_c = nf4.quantize_nf4(w.cuda())
-    assert torch.equal(packed_c.cpu(), packed)
-    assert torch.equal(nf4.dequantize_nf4(packed_c, state_c).cpu(), nf4.dequantize_nf4(packed, state))
+    assert torch.equal(packed_c.cpu(), packed)                       # the 4-bit codes: elementwise, equal
+    # double quantization subtracts the mean of the block constants, a reduction CUDA sums in another
+    # order: the reconstructed constants agree to fp32 rounding, not bit for bit
+    assert torch.allclose(state_c.absmax_fp32().cpu(), state.absmax_fp32(), rtol=1e-6, atol=0)
+    # dequantizing one state (a table lookup and a product per weight) is bit for bit the same
+    assert torch.equal(nf4.dequantize_nf4(packed_c, state.to("cuda")).cpu(), nf4.dequantize_nf4(packed, state))
     layer = nf4.LinearNF4.from_weight(w).cuda()
     assert layer.quant_state.absmax.is_cuda and layer(torch.randn(4, 200, device="cuda")).is_cuda

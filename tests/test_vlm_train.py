@@ -327,7 +327,8 @@ def test_a_non_finite_loss_stops_without_overwriting_the_checkpoint(cache, tmp_p
     folder = tmp_path / "stage1"
     before = (folder / "step-000003" / "trainer.safetensors").read_bytes()
     with torch.no_grad():
-        vlm.model.connector.linear.weight.fill_(float("nan"))
+        for p in vlm.model.connector.parameters():
+            p.fill_(float("nan"))
     with pytest.raises(clip.NonFiniteLossError, match="the last checkpoint is kept"):
         vt.train_stage(vlm, replace_cfg(stage, steps=6), tcfg, run)
     assert (folder / "latest").read_text().strip() == "step-000003"
@@ -348,6 +349,7 @@ def test_a_non_finite_loss_stops_without_overwriting_the_checkpoint(cache, tmp_p
     (["--set", "bf16=maybe"], "--set bf16: expected a bool"),
     (["--set", "patch_merge=3"], "patch_merge 3 needs a square grid"),
     (["--set", "image_pos=3d"], "image_pos must be 'none' or '2d'"),
+    (["--set", "grid_questions=column,diagonal"], "grid_questions must name 'column', 'row' or 'cell'"),
     (["--connector", "perceiver", "--set", "image_pos=2d"], "learned queries, which sit in no cell"),
 ])
 def test_bad_command_lines_exit_with_a_clear_message(argv, message, tmp_path, capsys):
@@ -539,15 +541,45 @@ def test_named_position_answers_show_their_work_and_are_scored_by_their_last_wor
     named = SimpleNamespace(config=vt.VLMConfig(position_answer="named"))
     scores, _ = vt.evaluate_vqa(named, data, predictions=said)
     assert scores["position"]["exact"] == 100 and scores["count"]["exact"] == 0      # only position's last word
-    plain, _ = vt.evaluate_vqa(SimpleNamespace(config=vt.VLMConfig()), data, predictions=said)
+    plain, _ = vt.evaluate_vqa(SimpleNamespace(config=vt.VLMConfig(position_answer="word")), data, predictions=said)
     assert plain["position"]["exact"] == 0
 
 
-def test_a_tiny_run_trains_with_named_answers_and_grid_positions(tmp_path):
-    vt.main(["--train", "--tiny", "--out", str(tmp_path), "--set", "position_answer=named", "--set", "image_pos=2d"])
+def test_grid_questions_by_hand():
+    shapes = (clip.Shape("circle", "red", "large", 0.1, 0.1), clip.Shape("square", "blue", "small", 0.9, 0.5),
+              clip.Shape("triangle", "green", "small", 0.5, 0.9), clip.Shape("triangle", "green", "large", 0.9, 0.9))
+    assert vt.grid_questions(clip.Scene(shapes), ("column", "row")) == [     # the two green triangles: no name picks one
+        ("which column is the red circle in?", "left", "column"), ("which row is the red circle in?", "top", "row"),
+        ("which column is the blue square in?", "right", "column"), ("which row is the blue square in?", "middle", "row")]
+    cells = vt.grid_questions(clip.Scene(shapes), ("cell",))
+    assert cells[:2] == [("what colour is the shape in the top left?", "red", "cell"),
+                         ("what shape is in the top left?", "circle", "cell")]
+    assert ("what shape is in the bottom right?", "triangle", "cell") in cells and len(cells) == 8
+    shared = (shapes[0], clip.Shape("square", "blue", "small", 0.2, 0.2))                # two shapes in one cell
+    assert vt.grid_questions(clip.Scene(shared), ("cell",)) == []
+    assert vt.grid_questions(clip.Scene(shapes), ()) == []
+
+
+def test_position_training_writes_named_answers_and_appends_grid_questions():
+    tcfg = vt.TrainConfig.tiny(n_train=12, grid_questions=("column", "row"))
+    data = vt.shapes_data(12, 0, "train", 16)
+    scenes, _ = vt.draw_scenes(12, 0, "train")
+    out = vt.position_training(data, tcfg, named=True)
+    assert out.qa[: len(data.qa)] == [(i, q, vt.named_position_answer(scenes[i], q, a) if k == "position" else a, k)
+                                      for i, q, a, k in data.qa]
+    grid = [(i, q, a, k) for i, s in enumerate(scenes) for q, a, k in vt.grid_questions(s, ("column", "row"))]
+    assert out.qa[len(data.qa):] == grid and {k for *_, k in grid} == {"column", "row"}
+    plain = vt.position_training(data, replace(tcfg, grid_questions=()), named=False)
+    assert plain.qa == data.qa and out.images is data.images
+
+
+def test_a_tiny_run_trains_with_the_three_position_levers(tmp_path):
+    vt.main(["--train", "--tiny", "--out", str(tmp_path), "--set", "position_answer=named", "--set", "image_pos=2d",
+             "--set", "grid_questions=column,row,cell"])
     vlm = vt.load_vlm(tmp_path)
     assert isinstance(vlm.connector, vt.GridPositions) and vlm.config.position_answer == "named"
-    assert {"top", "middle", "bottom", "centre"} <= set(vlm.processor.tokenizer.stoi)   # the answers' words
+    words = set(vlm.processor.tokenizer.stoi)
+    assert {"top", "middle", "bottom", "centre"} <= words and {"which", "column", "row", "in"} <= words
 
 
 def bench():
@@ -581,6 +613,8 @@ def test_the_probe_command_runs_on_a_trained_run(tmp_path, capsys):
 def test_the_probe_labels_each_cell_and_each_position_question_by_hand():
     a, b = clip.Shape("circle", "red", "large", 0.8, 0.1), clip.Shape("square", "blue", "small", 0.1, 0.5)   # cells 2, 3
     colour, kind = bench().cell_labels([clip.Scene((a, b))])
+    assert ("red", "circle") in clip.HELDOUT and ("blue", "square") not in clip.HELDOUT
+    assert bench().heldout_cells(colour, kind).nonzero().tolist() == [[0, 2]]            # the red circle's cell only
     empty = [c for c in range(9) if c not in (2, 3)]
     assert colour[0, 2] == list(clip.COLOURS).index("red") and kind[0, 3] == clip.SHAPES.index("square")
     assert (colour[0, empty] == len(clip.COLOURS)).all() and (kind[0, empty] == len(clip.SHAPES)).all()
