@@ -41,6 +41,16 @@ sys.path.insert(0, str(ROOT))
 import vlm_train as vt  # noqa: E402
 
 
+def row_configs(args, **fields):
+    """A row's VLMConfig and TrainConfig: --tiny's or the defaults, then every --set KEY=VALUE, then `fields`."""
+    from dataclasses import fields as dataclass_fields
+    given = {**dict(vt.parse_setting(item) for item in args.set), **fields}
+    model = {f.name for f in dataclass_fields(vt.VLMConfig)}
+    vcfg = (vt.VLMConfig.tiny if args.tiny else vt.VLMConfig)(**{k: v for k, v in given.items() if k in model})
+    tcfg = (vt.TrainConfig.tiny if args.tiny else vt.TrainConfig)(**{k: v for k, v in given.items() if k not in model})
+    return vcfg, tcfg
+
+
 def one_run(connector, mode, args):
     """Stage 1 (shared per connector), stage 2, evaluation; returns the row of the table."""
     import lora
@@ -49,8 +59,7 @@ def one_run(connector, mode, args):
     # 128 KiB through mmap / munmap and doubled the stage-2 time (half of it in the kernel). So the
     # peak RSS below includes glibc's slack; `vlm_train.py --memory-report` measures memory exactly.
     start_rss = lora.peak_rss_bytes()
-    vcfg = (vt.VLMConfig.tiny if args.tiny else vt.VLMConfig)(connector=connector)
-    tcfg = (vt.TrainConfig.tiny if args.tiny else vt.TrainConfig)(stage2=mode, seed=args.seed)
+    vcfg, tcfg = row_configs(args, connector=connector, stage2=mode, seed=args.seed)
     if args.stage1_steps is not None:
         tcfg = replace(tcfg, stage1_steps=args.stage1_steps, itc_steps=args.stage1_steps)
     if args.stage2_steps is not None:
@@ -258,8 +267,7 @@ def fill_cache(args):
     """The ViT, the data and the text-only LM, trained once into the shared cache before the runs
     start, so that parallel runs never train them side by side."""
     torch.set_num_threads(max(args.threads, args.jobs))
-    vcfg = (vt.VLMConfig.tiny if args.tiny else vt.VLMConfig)()
-    tcfg = (vt.TrainConfig.tiny if args.tiny else vt.TrainConfig)(seed=args.seed)
+    vcfg, tcfg = row_configs(args, seed=args.seed)
     if args.n_eval is not None:
         tcfg = replace(tcfg, n_eval=args.n_eval)
     cache = Path(args.out) / "cache"
@@ -284,6 +292,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a VLMConfig / TrainConfig field for every row, as vlm_train.py --set")
     parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument("--memory", action="store_true", help="the memory table instead (one step per mode)")
     parser.add_argument("--batch-size", type=int, default=64, help="--memory: rows per step")
@@ -301,7 +311,7 @@ def main(argv=None):
     if method == "forkserver":
         ctx.set_forkserver_preload(["vlm_train"])
     if args.memory:
-        return memory_table(ctx, (vt.VLMConfig.tiny if args.tiny else vt.VLMConfig)(), args.batch_size)
+        return memory_table(ctx, row_configs(args)[0], args.batch_size)
     connectors, modes = args.connectors.split(","), args.modes.split(",")
     with ctx.Pool(1) as pool:
         args.lm_dir = pool.apply(fill_cache, (args,))

@@ -676,3 +676,10 @@ def test_activation_checkpointing_in_stage_2_gives_the_same_gradients(mode, cach
     assert plain.keys() == recomputed.keys() and any(n.startswith("language_model.") for n in plain)
     for name in plain:
         assert torch.allclose(plain[name], recomputed[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_the_benchmark_rows_take_set_fields():
+    args = SimpleNamespace(set=["position_answer=named", "grid_questions=", "stage2_steps=7"], tiny=True)
+    vcfg, tcfg = bench().row_configs(args, connector="qformer", stage2="lora", seed=3)
+    assert (vcfg.connector, vcfg.position_answer, vcfg.lm_width) == ("qformer", "named", vt.VLMConfig.tiny().lm_width)
+    assert (tcfg.grid_questions, tcfg.stage2_steps, tcfg.stage2, tcfg.seed) == ((), 7, "lora", 3)
