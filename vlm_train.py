@@ -2086,6 +2086,15 @@ def parse_setting(item: str) -> tuple[str, object]:
         raise ConfigError(f"--set {key}: expected a {type(default).__name__} like {default!r}, got {text!r}") from None
 
 
+def split_settings(items: Iterable[str]) -> tuple[dict, dict]:
+    """--set KEY=VALUE items -> (VLMConfig fields, TrainConfig fields), each value typed by parse_setting."""
+    model, vcfg_over, tcfg_over = {f.name for f in fields(VLMConfig)}, {}, {}
+    for item in items:
+        key, value = parse_setting(item)
+        (vcfg_over if key in model else tcfg_over)[key] = value
+    return vcfg_over, tcfg_over
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]:
     vcfg_over, tcfg_over = PRESETS.get(args.preset, ({}, {})) if args.preset else ({}, {})
     vcfg_over = {**vcfg_over, **({"connector": args.connector} if args.connector else {}),
@@ -2094,9 +2103,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]
                  **({"data": args.data} if getattr(args, "data", None) else {})}   # a hand-made Namespace may lack it
     if args.steps is not None:
         tcfg_over["stage2_steps"] = args.steps
-    for item in args.set or ():
-        key, value = parse_setting(item)
-        (vcfg_over if key in {f.name for f in fields(VLMConfig)} else tcfg_over)[key] = value
+    vcfg_set, tcfg_set = split_settings(args.set or ())
+    vcfg_over, tcfg_over = {**vcfg_over, **vcfg_set}, {**tcfg_over, **tcfg_set}
     tiny = args.tiny or not (args.train or args.memory_report)
     vcfg = (VLMConfig.tiny if tiny else VLMConfig)(**vcfg_over)
     tcfg = (TrainConfig.tiny if tiny else TrainConfig)(**tcfg_over)

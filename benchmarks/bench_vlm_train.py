@@ -41,13 +41,12 @@ sys.path.insert(0, str(ROOT))
 import vlm_train as vt  # noqa: E402
 
 
-def row_configs(args, **fields):
-    """A row's VLMConfig and TrainConfig: --tiny's or the defaults, then every --set KEY=VALUE, then `fields`."""
-    from dataclasses import fields as dataclass_fields
-    given = {**dict(vt.parse_setting(item) for item in args.set), **fields}
-    model = {f.name for f in dataclass_fields(vt.VLMConfig)}
-    vcfg = (vt.VLMConfig.tiny if args.tiny else vt.VLMConfig)(**{k: v for k, v in given.items() if k in model})
-    tcfg = (vt.TrainConfig.tiny if args.tiny else vt.TrainConfig)(**{k: v for k, v in given.items() if k not in model})
+def row_configs(args, connector=None, **train):
+    """A row's VLMConfig and TrainConfig: --tiny's or the defaults, then every --set KEY=VALUE
+    (vlm_train.split_settings), then the row's connector and TrainConfig fields."""
+    vcfg_over, tcfg_over = vt.split_settings(args.set)
+    vcfg = (vt.VLMConfig.tiny if args.tiny else vt.VLMConfig)(**{**vcfg_over, **({"connector": connector} if connector else {})})
+    tcfg = (vt.TrainConfig.tiny if args.tiny else vt.TrainConfig)(**{**tcfg_over, **train})
     return vcfg, tcfg
 
 
