@@ -193,14 +193,16 @@ def position_rows(scenes, seed):
 
 
 @torch.no_grad()
-def probe_features(vlm, scenes, seed):
+def probe_features(vlm, scenes, seed, lm=True):
     """What the probes read for a set of scenes: the ViT's cell tokens (each cell's 2 x 2 patches merged),
-    the connector's output tokens, and each LM layer's output at the last prompt token of a position
+    the connector's output tokens, and (lm) each LM layer's output at the last prompt token of a position
     question about the scene, with that question's answer and the columns of its two shapes."""
     images = vt.rendered(scenes, [], vlm.processor.image_size).images                  # (S, I, I, C) uint8
     feats = torch.cat([vlm.image_inputs(images[i:i + 500]) for i in range(0, len(images), 500)])   # (S, Lk, 1+N, Dv)
     vit = vt.merge_patches(feats[:, -1], 2)                                      # (S, 9, 4 Dv)
     connector = vlm.connector(feats)                                             # (S, M, D)
+    if not lm:
+        return {"vit": vit, "connector": connector, "cells": cell_labels(scenes)}
     rows = position_rows(scenes, seed)
     index = torch.tensor([r[0] for r in rows])
     got, states = [], []
@@ -226,7 +228,7 @@ def probe_table(vlm, n_train=2000, n_test=1000, test_seed=12345):
     (the cell probes also on the held-out pairs' cells of n_test held-out scenes of test_seed)."""
     tr, te = (probe_features(vlm, vt.draw_scenes(n, seed, "train" if seed == 0 else "test")[0], seed)
               for n, seed in ((n_train, 0), (n_test, test_seed)))
-    ho = probe_features(vlm, vt.draw_scenes(n_test, test_seed, "heldout")[0], test_seed)
+    ho = probe_features(vlm, vt.draw_scenes(n_test, test_seed, "heldout")[0], test_seed, lm=False)
     unseen = heldout_cells(*ho["cells"])
     rows, cells = [], torch.arange(9)
     empty = tr["cells"][0].max()                     # cell_labels' class of an empty cell (no colour drawn as it)
