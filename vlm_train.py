@@ -169,6 +169,7 @@ class TrainConfig:
     stage2_steps: int = 4000
     stage2_lr: float = 2e-3
     grid_questions: tuple = ()         # one-hop training questions (grid_questions): "column", "row", "cell"
+    balance_position: bool = False     # stage 2 draws left, right, above and below equally often (kind_weights)
     stage2_qformer: bool = True        # stage 2 also tunes the Q-Former (False: only its head, plus the LM)
     caption_prompt: str = "caption"    # the prompt of stage 1's captions
     warmup: float = 0.03               # fraction of each stage's steps (LLaVA-1.5's warm-up ratio)
@@ -581,12 +582,18 @@ def hash_str(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
-def kind_weights(qa: Sequence[tuple[int, str, str, str]]) -> torch.Tensor:
-    """Sampling weights 1 / (questions of its kind): every kind is drawn equally often."""
-    counts = {}
-    for row in qa:
-        counts[row[3]] = counts.get(row[3], 0) + 1
-    return torch.tensor([1.0 / counts[row[3]] for row in qa])
+def kind_weights(qa: Sequence[tuple[int, str, str, str]], balance_position: bool = False) -> torch.Tensor:
+    """Sampling weights 1 / (questions of its kind): every kind is drawn equally often.
+
+    balance_position: position questions also give each of their answers an equal share of their
+    kind's draws. Scenes say left / right three times as often as above / below (position_data), so
+    a model trained on them sees a vertical comparison a quarter as often as a horizontal one; the
+    balanced evaluation asks each equally. A position answer's last word is its relation (named answers)."""
+    key = lambda row: (row[3], row[2].split()[-1]) if balance_position and row[3] == "position" else (row[3],)  # noqa: E731
+    counts, answers = collections.Counter(key(row) for row in qa), collections.Counter()
+    for group in counts:
+        answers[group[0]] += 1                   # groups per kind: 4 for balanced position, else 1
+    return torch.tensor([1.0 / (counts[key(row)] * answers[row[3]]) for row in qa])
 
 
 def step_rows(stage: Stage, batch_size: int, seed: int, step: int) -> tuple[str, torch.Tensor]:
@@ -762,6 +769,11 @@ def position_data(n: int, seed: int, image_size: int) -> VQAData:
     left, right, above and below, so always giving one answer scores 25%. Natural scenes would not be
     balanced: clip.relation says left / right whenever two columns differ, three times as often as
     above / below, and a model that always says "right" would score about 39% there."""
+    return rendered(*position_scenes(n, seed), image_size)
+
+
+def position_scenes(n: int, seed: int) -> tuple[list[clip.Scene], list[tuple[int, str, str, str]]]:
+    """position_data's scenes and question rows, before rendering."""
     rng = random.Random(f"vlm_train-position-{seed}")
     quota = {a: n // 4 + (i < n % 4) for i, a in enumerate(("left", "right", "above", "below"))}
     scenes, qa = [], []
@@ -773,7 +785,7 @@ def position_data(n: int, seed: int, image_size: int) -> VQAData:
             quota[a] -= 1
             qa.append((len(scenes), q, a, "position"))
             scenes.append(scene)
-    return rendered(scenes, qa, image_size)
+    return scenes, qa
 
 
 def shapes_data(n: int, seed: int, split: str, image_size: int, all_questions: bool = True) -> VQAData:
@@ -1103,11 +1115,11 @@ def vqa_stage(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> Stage:
         checkpoint_activations(vlm)
     return Stage("stage2", ("vqa",), data, vlm_loss, set_stage(vlm, 2, tcfg.stage2, tcfg.stage2_qformer),
                  tcfg.stage2_steps, tcfg.stage2_lr, stage_config(vlm.config, tcfg, "stage2"),
-                 weights=kind_weights(data.qa), save_every=tcfg.save_every)
+                 weights=kind_weights(data.qa, tcfg.balance_position), save_every=tcfg.save_every)
 
 
 STAGE2_ONLY = ("stage2", "stage2_steps", "stage2_lr", "stage2_qformer", "lora_r", "lora_alpha", "lora_targets",
-               "grad_checkpointing")
+               "grad_checkpointing", "balance_position")
 
 
 def stage_config(vcfg: VLMConfig, tcfg: TrainConfig, phase: str) -> dict:

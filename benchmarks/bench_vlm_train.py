@@ -26,6 +26,13 @@ connector's output tokens and the LM's hidden states where the answer to a posit
 predicted:
 
     python benchmarks/bench_vlm_train.py --probe DIR           # a minute or two on one thread
+
+--scratchpad DIR reads back the shown work of a run trained with position_answer=named: on its balanced
+position split, how often the two shapes' cells are written right and how often the final relation is
+right, and whether a wrong relation follows from the cells written (a lookup error) or not (a comparison
+error):
+
+    python benchmarks/bench_vlm_train.py --scratchpad DIR      # seconds
 """
 import argparse
 import multiprocessing as mp
@@ -264,6 +271,42 @@ def probe_table(vlm, n_train=2000, n_test=1000, test_seed=12345):
     return [{"features": f, "target": t, **r} for f, t, r in rows]
 
 
+def scratchpad_table(out):
+    """Where a named-answer run's wrong position answers go wrong: the balanced position split of its
+    evaluation (vlm_train.position_scenes, the run's seed + 1), each answer's shown work against the
+    truth's (vlm_train.named_position_answer)."""
+    import collections
+    import json
+    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    n, seed = metrics["config"]["train"]["n_eval"], metrics["config"]["train"]["seed"] + 1   # split_data's position split
+    vlm = vt.load_vlm(Path(out) / "model")
+    if vlm.config.position_answer != "named":
+        raise SystemExit(f"--scratchpad reads named position answers; {out} was trained with position_answer="
+                         f"{vlm.config.position_answer!r}")
+    scenes, qa = vt.position_scenes(n, seed)
+    data = vt.cache_features(vlm, vt.rendered(scenes, qa, vlm.processor.image_size))
+    counts = collections.Counter()
+    for (i, q, a, _), said in zip(qa, vt.answer_questions(vlm, data)):
+        truth, words = vt.named_position_answer(scenes[i], q, a).replace(",", "").replace(":", "").split(), said.split()
+        cells = words[:-1] == truth[:-1]
+        implied = None
+        if len(words) == 9 and {words[2], words[6]} <= set(vt.ROWS) and {words[3], words[7]} <= set(vt.COLUMNS):
+            (r1, c1), (r2, c2) = ((vt.ROWS.index(words[k]), vt.COLUMNS.index(words[k + 1])) for k in (2, 6))
+            implied = ("left" if c1 < c2 else "right") if c1 != c2 else ("above" if r1 < r2 else "below")
+        counts[("cells right" if cells else "a cell wrong", "relation right" if words[-1:] == [a] else
+                "relation wrong", "follows from the cells written" if implied == words[-1] else "does not follow")] += 1
+        counts["relation " + a + (" right" if words[-1:] == [a] else " wrong")] += 1
+    print(f"\n## shown work on {len(qa)} balanced position questions (seed {seed}), {out}\n")
+    print("| cells written | final relation | relation vs the cells written | answers |")
+    print("|---|---|---|---:|")
+    for key, n in sorted((k, v) for k, v in counts.items() if isinstance(k, tuple)):
+        print(f"| {' | '.join(key)} | {n} |")
+    print("\nright per true relation: " + ", ".join(
+        f"{r} {counts['relation ' + r + ' right']} / {counts['relation ' + r + ' right'] + counts['relation ' + r + ' wrong']}"
+        for r in ("left", "right", "above", "below")))
+    return counts
+
+
 def fill_cache(args):
     """The ViT, the data and the text-only LM, trained once into the shared cache before the runs
     start, so that parallel runs never train them side by side."""
@@ -300,7 +343,12 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64, help="--memory: rows per step")
     parser.add_argument("--probe", type=str, default=None, metavar="DIR", help="the probe table of a trained run")
     parser.add_argument("--probe-scenes", type=str, default="2000,1000", help="--probe: training, test scenes")
+    parser.add_argument("--scratchpad", type=str, default=None, metavar="DIR",
+                        help="where a position_answer=named run's wrong position answers go wrong")
     args = parser.parse_args(argv)
+    if args.scratchpad:
+        torch.set_num_threads(args.threads)
+        return scratchpad_table(args.scratchpad)
     if args.probe:
         torch.set_num_threads(args.threads)
         n_train, n_test = (int(x) for x in args.probe_scenes.split(","))

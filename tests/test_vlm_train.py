@@ -4,6 +4,7 @@ checkpoint fine-tuned here gives an adapter peft loads onto transformers' model 
 
 Everything runs on the tiny configuration (a random frozen tiny ViT, a one-layer Gemma decoder).
 """
+import collections
 import json
 import math
 from dataclasses import replace
@@ -573,13 +574,51 @@ def test_position_training_writes_named_answers_and_appends_grid_questions():
     assert plain.qa == data.qa and out.images is data.images
 
 
-def test_a_tiny_run_trains_with_the_three_position_levers(tmp_path):
+def test_stage2_draws_each_kind_and_with_balance_position_each_relation_equally_often():
+    data = vt.position_training(vt.shapes_data(200, 0, "train", 16), vt.TrainConfig.tiny(n_train=200), named=True)
+    relation = lambda row: row[2].split()[-1]          # noqa: E731  (a named answer's last word)
+
+    def shares(weights, rows, key):
+        total = collections.Counter()
+        for w, row in zip(weights, rows):
+            total[key(row)] += w
+        return {k: v / sum(total.values()) for k, v in total.items()}
+
+    natural = collections.Counter(relation(r) for r in data.qa if r[3] == "position")
+    assert natural["left"] > 2 * natural["above"]                         # the scenes' own imbalance
+    plain, balanced = vt.kind_weights(data.qa).tolist(), vt.kind_weights(data.qa, balance_position=True).tolist()
+    assert plain == torch.tensor([1.0 / sum(r[3] == row[3] for r in data.qa) for row in data.qa]).tolist()
+    for weights in (plain, balanced):                                      # six kinds, a sixth of the draws each
+        assert all(abs(v - 1 / 6) < 1e-6 for v in shares(weights, data.qa, lambda r: r[3]).values())
+    position = [(w, r) for w, r in zip(balanced, data.qa) if r[3] == "position"]
+    by_relation = shares([w for w, _ in position], [r for _, r in position], relation)
+    assert sorted(by_relation) == ["above", "below", "left", "right"]
+    assert all(abs(v - 0.25) < 1e-6 for v in by_relation.values())
+    same = [(p, b) for p, b, r in zip(plain, balanced, data.qa) if r[3] != "position"]
+    assert all(p == b for p, b in same)                                   # the other kinds' rows keep their weights
+
+
+def test_a_tiny_run_trains_with_the_position_levers_and_the_scratchpad_table_sorts_its_errors(tmp_path, monkeypatch):
     vt.main(["--train", "--tiny", "--out", str(tmp_path), "--set", "position_answer=named", "--set", "image_pos=2d",
-             "--set", "grid_questions=column,row,cell"])
-    vlm = vt.load_vlm(tmp_path)
+             "--set", "grid_questions=column,row,cell", "--set", "balance_position=true"])
+    vlm = vt.load_vlm(tmp_path / "model")
     assert isinstance(vlm.connector, vt.GridPositions) and vlm.config.position_answer == "named"
     words = set(vlm.processor.tokenizer.stoi)
     assert {"top", "middle", "bottom", "centre"} <= words and {"which", "column", "row", "in"} <= words
+    # planted answers: the truth's work for every question, then three kinds of error
+    scenes, qa = vt.position_scenes(16, 1)                   # the tiny run's split: n_eval 16, seed 0 + 1
+    truth = [vt.named_position_answer(scenes[i], q, a) for i, q, a, _ in qa]
+    flip = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    said = [t.replace(",", "").replace(":", "") for t in truth]
+    said[0] = said[0].rsplit(" ", 1)[0] + " " + flip[qa[0][2]]            # cells right, relation flipped
+    w = said[1].split()                                                   # b written in a's cell: "same cell"
+    said[1] = " ".join(w[:6] + w[2:4] + ["above"])                        # and a relation that does not follow
+    monkeypatch.setattr(vt, "answer_questions", lambda vlm, data, *a, **k: said)
+    counts = bench().scratchpad_table(tmp_path)
+    assert counts[("cells right", "relation right", "follows from the cells written")] == 14
+    assert counts[("cells right", "relation wrong", "does not follow")] == 1
+    assert counts[("a cell wrong", "relation wrong", "does not follow")] == 1
+    assert counts[f"relation {qa[0][2]} wrong"] == 1
 
 
 def bench():
