@@ -124,7 +124,7 @@ class VLMConfig:
     perceiver_layers: int = 2
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
-    image_pos: str = "none"            # "2d": learned row + column positions added to per-patch tokens (GridPositions)
+    image_pos: str = "none"            # "2d": learned row + column positions on per-patch tokens (GridPositions), on query connectors' keys (KeyPositions)
     position_answer: str = "word"      # "named": position answers show their work (named_position_answer)
     lora_r: int = 16
     lora_alpha: float = 32
@@ -299,21 +299,25 @@ class DenseConnector(nn.Module):
 
 class QFormerConnector(nn.Module):
     """qformer.QFormer's Q query outputs through its language_projection (BLIP-2 sec. 3.3), or, with
-    head="mlp", through an MLP adapter u = W2 GELU(W1 q + b1) + b2 (the course's Q-Former tutorial)."""
+    qformer_head="mlp", through an MLP adapter u = W2 GELU(W1 q + b1) + b2 (the course's Q-Former tutorial)."""
 
-    def __init__(self, vision_width: int, width: int, num_queries: int, tiny: bool, head: str = "linear",
-                 words: Sequence[str] = ()):
+    def __init__(self, vision_width: int, width: int, cfg: VLMConfig, grid: int = 0):
         super().__init__()
-        self.tokenizer = clip.ShapesTokenizer(words=words or None)        # its text side's words (ITC, ITM, ITG)
-        config = qformer.shapes_qformer_config(self.tokenizer, vision_width, tiny=tiny)
-        self.qformer = qformer.QFormer(replace(config, num_query_tokens=num_queries,
-                                               lm_hidden_size=width if head == "linear" else 0))
-        self.head = MLPConnector.mlp(config.hidden_size, width) if head == "mlp" else None
+        self.tokenizer = clip.ShapesTokenizer(words=cfg.qformer_vocab or None)   # its text side's words (ITC, ITM, ITG)
+        config = qformer.shapes_qformer_config(self.tokenizer, vision_width, tiny=cfg.tiny_vision)
+        self.qformer = qformer.QFormer(replace(config, num_query_tokens=cfg.num_queries,
+                                               lm_hidden_size=width if cfg.qformer_head == "linear" else 0))
+        self.head = MLPConnector.mlp(config.hidden_size, width) if cfg.qformer_head == "mlp" else None
+        self.key_pos = KeyPositions(grid, vision_width) if grid else None
+
+    def keys(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, Lk, 1+N, Dv) -> (B, 1+N, Dv): the last layer, what the queries attend to (+ KeyPositions)."""
+        return feats[:, -1] if self.key_pos is None else self.key_pos(feats[:, -1])
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if self.head is None:
-            return self.qformer.language_model_inputs(feats[:, -1])                  # (B, N, Dv) -> (B, Q, D)
-        return self.head(self.qformer(feats[:, -1]))                                 # (B, Q, Dq) -> (B, Q, D)
+            return self.qformer.language_model_inputs(self.keys(feats))              # (B, N, Dv) -> (B, Q, D)
+        return self.head(self.qformer(self.keys(feats)))                             # (B, Q, Dq) -> (B, Q, D)
 
 
 class PerceiverLayer(nn.Module):
@@ -346,15 +350,16 @@ class PerceiverResampler(nn.Module):
     final LayerNorm and a linear map to the LM's width (Flamingo feeds its cross-attention instead).
     """
 
-    def __init__(self, vision_width: int, width: int, num_latents: int, layers: int, heads: int = 4):
+    def __init__(self, vision_width: int, width: int, num_latents: int, layers: int, heads: int = 4, grid: int = 0):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, vision_width) * vision_width ** -0.5)   # (Q, Dv)
         self.layers = nn.ModuleList(PerceiverLayer(vision_width, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(vision_width)
         self.linear = nn.Linear(vision_width, width)
+        self.key_pos = KeyPositions(grid, vision_width) if grid else None
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        x = feats[:, -1]                                                              # (B, N, Dv)
+        x = feats[:, -1] if self.key_pos is None else self.key_pos(feats[:, -1])     # (B, 1+N, Dv)
         latents = self.latents.expand(x.shape[0], -1, -1)                             # (B, Q, Dv)
         for layer in self.layers:
             latents = layer(x, latents)
@@ -384,6 +389,25 @@ class GridPositions(nn.Module):
         return u + (R[:, None] + C[None, :]).flatten(0, 1)                            # + R[r] + C[c], raster order
 
 
+class KeyPositions(nn.Module):
+    """The same learned 2-D positions for a query connector, on what its queries read (their keys and
+    values): each of the g x g patch features (raster order, after the class token) gets
+
+        z_{r,c} <- z_{r,c} + R[r] + C[c]           R, C in R^{g x Dv}, drawn from N(0, 1)
+
+    A query's attention can then pick a place by its row and column, and what it reads says where it
+    was: the locality a resampler otherwise has only from the ViT's own position embeddings (Honeybee,
+    Cha et al. 2024, sec. 3, on resamplers that lose it)."""
+
+    def __init__(self, g: int, width: int):
+        super().__init__()
+        self.rows, self.cols = nn.Embedding(g, width), nn.Embedding(g, width)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:                               # (B, 1+N, Dv)
+        R, C = self.rows.weight, self.cols.weight
+        return torch.cat([z[:, :1], z[:, 1:] + (R[:, None] + C[None, :]).flatten(0, 1)], dim=1)
+
+
 def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_patches: int,
                    lm_width: int) -> tuple[nn.Module, int]:
     """The connector of cfg and M, the number of image tokens it gives the LM."""
@@ -395,9 +419,7 @@ def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_pa
         raise ConfigError(f"patch_merge {cfg.patch_merge} needs a square grid of patches whose side is a multiple "
                           f"of {cfg.patch_merge}; the vision encoder gives {num_patches} patches")
     M = num_patches // cfg.patch_merge ** 2
-    if cfg.image_pos == "2d" and cfg.connector not in PER_PATCH:
-        raise ConfigError(f"image_pos=2d places per-patch tokens (linear, mlp, dense); {cfg.connector}'s tokens "
-                          f"are learned queries, which sit in no cell")
+    grid = g if cfg.image_pos == "2d" else 0       # query connectors: positions on what the queries read
     if cfg.connector in PER_PATCH:
         if cfg.connector == "linear":
             connector = LinearConnector(vision_width, width, cfg.patch_merge)
@@ -407,9 +429,8 @@ def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_pa
             connector = DenseConnector(vision_width, width, min(cfg.dense_groups, vision_layers), cfg.patch_merge)
         return (GridPositions(connector, math.isqrt(M), width) if cfg.image_pos == "2d" else connector), M
     if cfg.connector == "qformer":
-        return (QFormerConnector(vision_width, width, cfg.num_queries, cfg.tiny_vision, cfg.qformer_head, cfg.qformer_vocab),
-                cfg.num_queries)
-    return PerceiverResampler(vision_width, width, cfg.num_queries, cfg.perceiver_layers), cfg.num_queries
+        return QFormerConnector(vision_width, width, cfg, grid), cfg.num_queries
+    return PerceiverResampler(vision_width, width, cfg.num_queries, cfg.perceiver_layers, grid=grid), cfg.num_queries
 
 
 # == The model: paligemma.py's PaliGemma with clip.py's ViT and one of the connectors in front =====
@@ -545,7 +566,7 @@ def vlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def itc_itm_itg_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """BLIP-2 stage 1 (sec. 3.2): L_itc + L_itm + L_itg of the Q-Former on the frozen image features.
     ITM's hard negatives are drawn from torch's global generator, which train_stage seeds and checkpoints."""
-    losses = model.connector.qformer.losses(batch["image_inputs"][:, -1], batch["qf_ids"], batch["qf_mask"],
+    losses = model.connector.qformer.losses(model.connector.keys(batch["image_inputs"]), batch["qf_ids"], batch["qf_mask"],
                                             batch["matches"], None)
     return sum(losses.values())
 
@@ -1022,7 +1043,7 @@ def qformer_retrieval(vlm: VLM, data: VQAData, ks: Sequence[int] = (1, 5)) -> di
     feats = vlm.image_inputs(data.images[index], None if data.features is None else data.features[index]).to(device)
     tok = vlm.connector.tokenizer
     ids, mask = qformer_text(tok, captions)
-    sim = vlm.connector.qformer.itc_logits(feats[:, -1], ids.to(device), mask.to(device)).cpu()   # (n, n)
+    sim = vlm.connector.qformer.itc_logits(vlm.connector.keys(feats), ids.to(device), mask.to(device)).cpu()   # (n, n)
     correct = same_texts(captions)
     return {**clip.recall_at_k(sim, correct, ks), "chance R@1": 100 * correct.float().mean().item(),
             "unk %": 100 * (ids == tok.unk_token_id).sum().item() / max(1, int(mask.sum()) - 2 * len(captions))}

@@ -351,7 +351,6 @@ def test_a_non_finite_loss_stops_without_overwriting_the_checkpoint(cache, tmp_p
     (["--set", "patch_merge=3"], "patch_merge 3 needs a square grid"),
     (["--set", "image_pos=3d"], "image_pos must be 'none' or '2d'"),
     (["--set", "grid_questions=column,diagonal"], "grid_questions must name 'column', 'row' or 'cell'"),
-    (["--connector", "perceiver", "--set", "image_pos=2d"], "learned queries, which sit in no cell"),
 ])
 def test_bad_command_lines_exit_with_a_clear_message(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -525,10 +524,27 @@ def test_grid_positions_add_a_row_and_a_column_vector_to_each_token_in_raster_or
     with torch.no_grad():                                                  # R = C = 0: the connector alone
         pos.rows.weight.zero_(), pos.cols.weight.zero_()
     assert torch.equal(pos(feats), plain)
-    with pytest.raises(vt.ConfigError, match="learned queries"):
-        vt.make_connector(vt.VLMConfig.tiny(connector="qformer", image_pos="2d"), 16, 2, 36, 8)
     with pytest.raises(ValueError, match="image_pos must be"):
         vt.VLMConfig(image_pos="3d")
+
+
+@pytest.mark.parametrize("connector", ["qformer", "perceiver"])
+def test_key_positions_add_a_row_and_a_column_vector_to_what_the_queries_read(connector):
+    feats = torch.randn(2, 1, 37, 16)                                      # (B, Lk, 1+N, Dv), N = 6 x 6 patches
+    torch.manual_seed(0)
+    plain, M = vt.make_connector(vt.VLMConfig.tiny(connector=connector), 16, 2, 36, 8)
+    torch.manual_seed(0)
+    placed, M2 = vt.make_connector(vt.VLMConfig.tiny(connector=connector, image_pos="2d"), 16, 2, 36, 8)
+    assert M == M2 and isinstance(placed.key_pos, vt.KeyPositions) and plain.key_pos is None
+    z = placed.key_pos(feats[:, -1])
+    assert torch.equal(z[:, 0], feats[:, -1, 0])                           # the class token keeps its value
+    for r in range(6):
+        for c in range(6):
+            want = feats[:, -1, 1 + 6 * r + c] + (placed.key_pos.rows.weight[r] + placed.key_pos.cols.weight[c])
+            assert torch.equal(z[:, 1 + 6 * r + c], want)
+    placed.load_state_dict({k: v for k, v in plain.state_dict().items()} | {
+        k: torch.zeros_like(v) for k, v in placed.state_dict().items() if k.startswith("key_pos.")})
+    assert torch.equal(placed(feats), plain(feats))                        # R = C = 0: the connector alone
 
 
 def test_named_position_answers_show_their_work_and_are_scored_by_their_last_word():
