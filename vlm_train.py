@@ -308,11 +308,11 @@ class QFormerConnector(nn.Module):
         self.qformer = qformer.QFormer(replace(config, num_query_tokens=cfg.num_queries,
                                                lm_hidden_size=width if cfg.qformer_head == "linear" else 0))
         self.head = MLPConnector.mlp(config.hidden_size, width) if cfg.qformer_head == "mlp" else None
-        self.key_pos = KeyPositions(grid, vision_width) if grid else None
+        self.key_pos = KeyPositions(grid, vision_width) if grid else nn.Identity()
 
     def keys(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, Lk, 1+N, Dv) -> (B, 1+N, Dv): the last layer, what the queries attend to (+ KeyPositions)."""
-        return feats[:, -1] if self.key_pos is None else self.key_pos(feats[:, -1])
+        return self.key_pos(feats[:, -1])
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if self.head is None:
@@ -356,10 +356,10 @@ class PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList(PerceiverLayer(vision_width, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(vision_width)
         self.linear = nn.Linear(vision_width, width)
-        self.key_pos = KeyPositions(grid, vision_width) if grid else None
+        self.key_pos = KeyPositions(grid, vision_width) if grid else nn.Identity()
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        x = feats[:, -1] if self.key_pos is None else self.key_pos(feats[:, -1])     # (B, 1+N, Dv)
+        x = self.key_pos(feats[:, -1])                                                # (B, 1+N, Dv)
         latents = self.latents.expand(x.shape[0], -1, -1)                             # (B, Q, Dv)
         for layer in self.layers:
             latents = layer(x, latents)
@@ -384,9 +384,12 @@ class GridPositions(nn.Module):
         self.rows, self.cols = nn.Embedding(g, width), nn.Embedding(g, width)        # R, C: one vector per row, column
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        u = self.connector(feats)                                                     # (B, g*g, D)
-        R, C = self.rows.weight, self.cols.weight
-        return u + (R[:, None] + C[None, :]).flatten(0, 1)                            # + R[r] + C[c], raster order
+        return self.connector(feats) + grid_table(self.rows, self.cols)              # (B, g*g, D) + R[r] + C[c]
+
+
+def grid_table(rows: nn.Embedding, cols: nn.Embedding) -> torch.Tensor:
+    """(g*g, D): R[r] + C[c] for every cell (r, c) of a g x g grid, in raster order."""
+    return (rows.weight[:, None] + cols.weight[None, :]).flatten(0, 1)
 
 
 class KeyPositions(nn.Module):
@@ -404,8 +407,7 @@ class KeyPositions(nn.Module):
         self.rows, self.cols = nn.Embedding(g, width), nn.Embedding(g, width)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:                               # (B, 1+N, Dv)
-        R, C = self.rows.weight, self.cols.weight
-        return torch.cat([z[:, :1], z[:, 1:] + (R[:, None] + C[None, :]).flatten(0, 1)], dim=1)
+        return torch.cat([z[:, :1], z[:, 1:] + grid_table(self.rows, self.cols)], dim=1)
 
 
 def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_patches: int,
@@ -611,9 +613,8 @@ def kind_weights(qa: Sequence[tuple[int, str, str, str]], balance_position: bool
     a model trained on them sees a vertical comparison a quarter as often as a horizontal one; the
     balanced evaluation asks each equally. A position answer's last word is its relation (named answers)."""
     key = lambda row: (row[3], row[2].split()[-1]) if balance_position and row[3] == "position" else (row[3],)  # noqa: E731
-    counts, answers = collections.Counter(key(row) for row in qa), collections.Counter()
-    for group in counts:
-        answers[group[0]] += 1                   # groups per kind: 4 for balanced position, else 1
+    counts = collections.Counter(key(row) for row in qa)
+    answers = collections.Counter(group[0] for group in counts)     # groups per kind: 4 for balanced position, else 1
     return torch.tensor([1.0 / (counts[key(row)] * answers[row[3]]) for row in qa])
 
 

@@ -277,6 +277,8 @@ def scratchpad_table(out):
     truth's (vlm_train.named_position_answer)."""
     import collections
     import json
+    from types import SimpleNamespace
+    import clip
     metrics = json.loads((Path(out) / "metrics.json").read_text())
     n, seed = metrics["config"]["train"]["n_eval"], metrics["config"]["train"]["seed"] + 1   # split_data's position split
     vlm = vt.load_vlm(Path(out) / "model")
@@ -287,20 +289,20 @@ def scratchpad_table(out):
     data = vt.cache_features(vlm, vt.rendered(scenes, qa, vlm.processor.image_size))
     counts = collections.Counter()
     for (i, q, a, _), said in zip(qa, vt.answer_questions(vlm, data)):
-        truth, words = vt.named_position_answer(scenes[i], q, a).replace(",", "").replace(":", "").split(), said.split()
+        truth, words = (clip.ShapesTokenizer.words(t) for t in (vt.named_position_answer(scenes[i], q, a), said))
         cells = words[:-1] == truth[:-1]
         implied = None
         if len(words) == 9 and {words[2], words[6]} <= set(vt.ROWS) and {words[3], words[7]} <= set(vt.COLUMNS):
-            (r1, c1), (r2, c2) = ((vt.ROWS.index(words[k]), vt.COLUMNS.index(words[k + 1])) for k in (2, 6))
-            implied = ("left" if c1 < c2 else "right") if c1 != c2 else ("above" if r1 < r2 else "below")
+            x, y = (SimpleNamespace(row=vt.ROWS.index(words[k]), col=vt.COLUMNS.index(words[k + 1])) for k in (2, 6))
+            implied = clip.relation(x, y).replace("to the ", "").replace(" of", "")     # as clip.questions words it
         counts[("cells right" if cells else "a cell wrong", "relation right" if words[-1:] == [a] else
                 "relation wrong", "follows from the cells written" if implied == words[-1] else "does not follow")] += 1
         counts["relation " + a + (" right" if words[-1:] == [a] else " wrong")] += 1
     print(f"\n## shown work on {len(qa)} balanced position questions (seed {seed}), {out}\n")
     print("| cells written | final relation | relation vs the cells written | answers |")
     print("|---|---|---|---:|")
-    for key, n in sorted((k, v) for k, v in counts.items() if isinstance(k, tuple)):
-        print(f"| {' | '.join(key)} | {n} |")
+    for key, count in sorted((k, v) for k, v in counts.items() if isinstance(k, tuple)):
+        print(f"| {' | '.join(key)} | {count} |")
     print("\nright per true relation: " + ", ".join(
         f"{r} {counts['relation ' + r + ' right']} / {counts['relation ' + r + ' right'] + counts['relation ' + r + ' wrong']}"
         for r in ("left", "right", "above", "below")))

@@ -535,7 +535,7 @@ def test_key_positions_add_a_row_and_a_column_vector_to_what_the_queries_read(co
     plain, M = vt.make_connector(vt.VLMConfig.tiny(connector=connector), 16, 2, 36, 8)
     torch.manual_seed(0)
     placed, M2 = vt.make_connector(vt.VLMConfig.tiny(connector=connector, image_pos="2d"), 16, 2, 36, 8)
-    assert M == M2 and isinstance(placed.key_pos, vt.KeyPositions) and plain.key_pos is None
+    assert M == M2 and isinstance(placed.key_pos, vt.KeyPositions) and isinstance(plain.key_pos, torch.nn.Identity)
     z = placed.key_pos(feats[:, -1])
     assert torch.equal(z[:, 0], feats[:, -1, 0])                           # the class token keeps its value
     for r in range(6):
