@@ -45,6 +45,15 @@ appear in training images, and split="heldout" scenes each contain one, so gener
 combinations is measured apart. Every stage reads only an iterable of (image, question, answer) or
 (image, caption) (`VQAData`), so other loaders slot in without touching the stages.
 
+Relative position ("where is the red circle relative to the blue square?") needs two lookups and a
+comparison, the skill VLMs are known to miss (Kamath et al. 2023). The recipe gives it four helps,
+each a field that switches it off: learned row + column vectors on what the LM or the queries read
+(image_pos, GridPositions / KeyPositions); answers that write each shape's cell before the relation,
+"red circle top left, blue square top right: left" (position_answer, named_position_answer); one-hop
+"which column / row is the red circle in?" training questions (grid_questions); and left, right,
+above and below drawn equally often in stage 2 (balance_position). The decoder keeps one key / value
+head per query head (lm_kv_heads = lm_heads).
+
 Evaluation: exact match and ROUGE-1/2/L (rouge.py) of greedy answers, overall and per kind, after
 stage 1 and after stage 2; retrieval R@1/5 of the Q-Former's ITC features after stage 1.
 
@@ -115,7 +124,7 @@ class VLMConfig:
     lm_width: int = 64                 # D
     lm_layers: int = 4                 # L
     lm_heads: int = 4                  # H
-    lm_kv_heads: int = 1               # K: multi-query attention, as Gemma 2B
+    lm_kv_heads: int = 4               # K: one key / value head per query head (1: multi-query, as Gemma 2B)
     lm_mlp: int = 256                  # F
     lm_init_std: float = 0.05
     num_queries: int = 16              # Q of the Q-Former and the Perceiver's latents
@@ -124,8 +133,8 @@ class VLMConfig:
     perceiver_layers: int = 2
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
-    image_pos: str = "none"            # "2d": learned row + column positions on per-patch tokens (GridPositions), on query connectors' keys (KeyPositions)
-    position_answer: str = "word"      # "named": position answers show their work (named_position_answer)
+    image_pos: str = "2d"              # learned row + column positions: GridPositions (per-patch), KeyPositions (queries)
+    position_answer: str = "named"     # position answers show their work (named_position_answer); "word": the relation alone
     lora_r: int = 16
     lora_alpha: float = 32
     lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -147,7 +156,7 @@ class VLMConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> VLMConfig:
-        return cls(**{"lm_width": 32, "lm_layers": 1, "lm_heads": 2, "lm_mlp": 64, "num_queries": 4,
+        return cls(**{"lm_width": 32, "lm_layers": 1, "lm_heads": 2, "lm_kv_heads": 2, "lm_mlp": 64, "num_queries": 4,
                       "perceiver_layers": 1, "lora_r": 4, "lora_alpha": 8, "tiny_vision": True, **overrides})
 
 
@@ -168,8 +177,8 @@ class TrainConfig:
     stage1_lr: float = 2e-3
     stage2_steps: int = 4000
     stage2_lr: float = 2e-3
-    grid_questions: tuple = ()         # one-hop training questions (grid_questions): "column", "row", "cell"
-    balance_position: bool = False     # stage 2 draws left, right, above and below equally often (kind_weights)
+    grid_questions: tuple = ("column", "row")   # one-hop training questions (grid_questions): "column", "row", "cell"
+    balance_position: bool = True      # stage 2 draws left, right, above and below equally often (kind_weights)
     stage2_qformer: bool = True        # stage 2 also tunes the Q-Former (False: only its head, plus the LM)
     caption_prompt: str = "caption"    # the prompt of stage 1's captions
     warmup: float = 0.03               # fraction of each stage's steps (LLaVA-1.5's warm-up ratio)
@@ -505,7 +514,8 @@ def set_stage(vlm: VLM, stage: int, mode: str = "full", train_qformer: bool = Tr
 
     stage 0: the LM alone (text). Stage 1: the connector alone. Stage 2: the connector plus the LM
     (mode "full") or plus the LoRA adapters that `add_lora` put on it ("lora", "qlora");
-    train_qformer=False keeps a Q-Former connector's Q-Former frozen there (only its head trains).
+    train_qformer=False keeps a Q-Former connector's Q-Former and its KeyPositions frozen there (only
+    its head trains).
     The vision encoder is frozen in every stage.
     """
     vlm.model.requires_grad_(False)
@@ -521,8 +531,8 @@ def set_stage(vlm: VLM, stage: int, mode: str = "full", train_qformer: bool = Tr
         for layer in lora.lora_layers(vlm.lm).values():
             layer.lora_A.requires_grad_(True), layer.lora_B.requires_grad_(True)
         vlm.connector.requires_grad_(True)
-        if not train_qformer and isinstance(vlm.connector, QFormerConnector):
-            vlm.connector.qformer.requires_grad_(False)
+        if not train_qformer and isinstance(vlm.connector, QFormerConnector):      # and what its queries read
+            vlm.connector.qformer.requires_grad_(False), vlm.connector.key_pos.requires_grad_(False)
     return [p for p in vlm.model.parameters() if p.requires_grad]
 
 
@@ -1027,9 +1037,13 @@ def evaluate_vqa(vlm: VLM, data: VQAData, prompt_prefix: str = "",
     """Score greedy answers on every question of `data` (predictions: answers already generated); a position
     answer that shows its work (position_answer="named") is scored by its last word."""
     predictions = answer_questions(vlm, data, prompt_prefix) if predictions is None else predictions
-    named = vlm.config.position_answer == "named"
-    final = [p.split()[-1] if named and x[3] == "position" and p else p for p, x in zip(predictions, data.qa)]
+    final = [final_answer(vlm.config, x[3], p) for p, x in zip(predictions, data.qa)]
     return score_answers(final, [x[2] for x in data.qa], [x[3] for x in data.qa]), predictions
+
+
+def final_answer(cfg: VLMConfig, kind: str, text: str) -> str:
+    """What a generated text answers: a named position answer's last word (its relation), else the text."""
+    return text.split()[-1] if cfg.position_answer == "named" and kind == "position" and text else text
 
 
 @torch.no_grad()
@@ -1081,14 +1095,20 @@ class VLM:
         return self.vision(pixels.to(self.model.device))
 
     def answer_batch(self, images: Sequence[Image.Image | str | Path | bytes], questions: Sequence[str],
-                     max_new_tokens: int = 4) -> list[str]:
-        """Greedy answers to one question per image (PIL images, paths or bytes)."""
+                     max_new_tokens: int | None = None, work: bool = False) -> list[str]:
+        """Greedy answers to one question per image (PIL images, paths or bytes), up to max_new_tokens
+        (default 4, or 10 where a named position answer writes its work first). A position question
+        ("where is ...") is answered by the work's last word, the relation; work=True: the whole text."""
         if len(images) != len(questions):
             raise ValueError(f"one question per image: got {len(images)} images and {len(questions)} questions")
+        kinds = ["position" if q.startswith("where") else "" for q in questions]
+        named = self.config.position_answer == "named" and "position" in kinds
         pixels = torch.from_numpy(np.stack([load_image(im, self.processor.image_size) for im in images]))
-        return generate_answers(self, pixels, [self.question_prefix + q for q in questions], max_new_tokens)
+        texts = generate_answers(self, pixels, [self.question_prefix + q for q in questions],
+                                 max_new_tokens or (10 if named else 4))
+        return texts if work else [final_answer(self.config, k, t) for k, t in zip(kinds, texts)]
 
-    def answer(self, image: Image.Image | str | Path | bytes, question: str, max_new_tokens: int = 4) -> str:
+    def answer(self, image: Image.Image | str | Path | bytes, question: str, max_new_tokens: int | None = None) -> str:
         return self.answer_batch([image], [question], max_new_tokens)[0]
 
 
@@ -1497,6 +1517,8 @@ def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQADat
     train = split_data(run.cache, tcfg, vision.image_size, "train")
     if not tcfg.data and (vcfg.position_answer == "named" or tcfg.grid_questions):
         train = position_training(train, tcfg, vcfg.position_answer == "named")
+    if tcfg.data:                        # a folder's answers are its own: no shown work to score by its last word
+        vcfg = replace(vcfg, position_answer="word")
     if tcfg.data and vcfg.connector == "qformer" and not vcfg.qformer_vocab:    # the Q-Former reads the folder's words
         vcfg = replace(vcfg, qformer_vocab=sorted({w for _, c in train.captions for w in clip.ShapesTokenizer.words(c)}))
     torch.manual_seed(tcfg.seed)
@@ -2133,6 +2155,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]
     vcfg_over, tcfg_over = PRESETS.get(args.preset, ({}, {})) if args.preset else ({}, {})
     vcfg_over = {**vcfg_over, **({"connector": args.connector} if args.connector else {}),
                  **{k: getattr(args, k) for k in ("lm", "vision") if getattr(args, k, None)}}
+    if getattr(args, "init", None):          # a checkpoint's trained projector reads no new positions
+        vcfg_over = {"image_pos": "none", **vcfg_over}
     tcfg_over = {**tcfg_over, "seed": args.seed, **({"stage2": args.stage2} if args.stage2 else {}),
                  **({"data": args.data} if getattr(args, "data", None) else {})}   # a hand-made Namespace may lack it
     if args.steps is not None:
