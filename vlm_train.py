@@ -1378,7 +1378,7 @@ class Run:
         self.seconds["total"] = time.time() - self.t0
         if self.rank == 0:
             if answers:
-                answer_grid(self.eval_data["test"], answers["test"][1], self.out / "answers.png")
+                answer_grid(self.eval_data["test"], answers["test"][1], self.out / "answers.png", vlm.config)
             save_vlm(vlm, self.out / "model", self.init)
             write_json(self.out / "metrics.json", metrics)
 
@@ -2045,23 +2045,31 @@ def memory_report(vcfg: VLMConfig, tcfg: TrainConfig, init: str | None, text_tok
 
 # -- pictures ------------------------------------------------------------------------------------
 
-def answer_grid(data: VQAData, predictions: Sequence[str], path: str | Path, n: int = 8, cell: int = 112) -> None:
-    """PNG: the first n questions of an evaluation set, each with its image, the generated answer and the truth."""
+def answer_grid(data: VQAData, predictions: Sequence[str], path: str | Path, cfg: VLMConfig, n: int = 8) -> None:
+    """PNG: the first n questions of an evaluation set, each with its image, the model's answer (green where
+    right), the truth and, for a named position answer, the work written before it (grey)."""
     from PIL import ImageFont
     font = ImageFont.load_default_imagefont()     # the bitmap font: FreeType's default draws a 2-px space
-    cols, text_h = 4, 64
+    cols, cell, text_h = 4, 112, 64
+
+    def wrap(text: str, width: int) -> str:
+        lines = [""]
+        for w in text.split():
+            lines[-1:] = [lines[-1] + " " + w] if len(lines[-1]) + len(w) < width else [lines[-1], w]
+        return "\n".join(line.strip() for line in lines)
+
     rows = math.ceil(min(n, len(data.qa)) / cols)
     img = Image.new("RGB", (cols * (cell + 120), rows * (cell + text_h)), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    for j, ((i, q, a, _), p) in enumerate(list(zip(data.qa, predictions))[:n]):
+    for j, ((i, q, a, kind), p) in enumerate(list(zip(data.qa, predictions))[:n]):
         x, y = (j % cols) * (cell + 120), (j // cols) * (cell + text_h)
         img.paste(Image.fromarray(data.images[i].numpy()).resize((cell, cell), Image.NEAREST), (x + 4, y + 4))
-        words, lines = q.split(), [""]
-        for w in words:
-            lines[-1:] = [lines[-1] + " " + w] if len(lines[-1]) + len(w) < 36 else [lines[-1], w]
-        draw.multiline_text((x + 4, y + cell + 6), "\n".join(l.strip() for l in lines), fill=(0, 0, 0), font=font)
-        draw.text((x + cell + 10, y + 20), f"model: {p}", fill=(0, 130, 0) if p == a else (200, 0, 0), font=font)
+        draw.multiline_text((x + 4, y + cell + 6), wrap(q, 36), fill=(0, 0, 0), font=font)
+        final = final_answer(cfg, kind, p)
+        draw.text((x + cell + 10, y + 20), f"model: {final}", fill=(0, 130, 0) if final == a else (200, 0, 0), font=font)
         draw.text((x + cell + 10, y + 40), f"truth: {a}", fill=(0, 0, 0), font=font)
+        if final != p:                                # the shown work: each shape's cell
+            draw.multiline_text((x + cell + 10, y + 60), wrap(p[:p.rindex(final)], 18), fill=(120, 120, 120), font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     clip.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
@@ -2203,7 +2211,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         if args.figure and not args.train:
             vlm = load_vlm(args.out, device)
             data = eval_sets(args.cache or args.out, tcfg, vlm.processor.image_size)["test"]
-            answer_grid(data, evaluate_vqa(vlm, data, vlm.question_prefix)[1], args.figure)
+            answer_grid(data, evaluate_vqa(vlm, data, vlm.question_prefix)[1], args.figure, vlm.config)
             print(f"wrote {args.figure}")
             return None
         run = Run(args.out, device, args.cache, args.resume, progress=args.train, init=args.init)

@@ -9,7 +9,7 @@ uses `vlm_train.py --train`'s schedule, so the "mlp / full" row is the --train r
 --stage2-steps shorten it. --jobs 2 runs two rows at a time, one thread each (a 2-core machine): the
 first mode of every connector first (it trains the connector's stage 1), then the others.
 
-    python benchmarks/bench_vlm_train.py --out DIR --jobs 2    # CPU, the default model: about 45 min on 2 cores
+    python benchmarks/bench_vlm_train.py --out DIR --jobs 2    # CPU, the default model: over an hour on 2 cores
     python benchmarks/bench_vlm_train.py --tiny --out /tmp/b   # seconds: the tiny model (a smoke test)
 
 --memory measures instead one stage-2 step of the default model per mode (full, LoRA, QLoRA), each in a

@@ -622,6 +622,14 @@ def test_a_tiny_run_trains_with_the_position_levers_and_the_scratchpad_table_sor
     assert isinstance(vlm.connector, vt.GridPositions) and vlm.config.position_answer == "named"
     words = set(vlm.processor.tokenizer.stoi)
     assert {"top", "middle", "bottom", "centre"} <= words and {"which", "column", "row", "in"} <= words
+    # answer_batch: room for the work (10 tokens), a position question answered by the work's last word
+    images = [im for im, _, _ in vt.synthetic_vqa(2, seed=7, image_size=vlm.processor.image_size)]
+    questions, planted, asked = ["where is the red circle relative to the blue square?", "how many shapes are there?"], \
+        ["red circle top left blue square top right left", "three"], []
+    monkeypatch.setattr(vt, "generate_answers", lambda vlm, pixels, prompts, n: asked.append(n) or planted)
+    assert vlm.answer_batch(images, questions) == ["left", "three"] and asked == [10]
+    assert vlm.answer_batch(images, questions, work=True) == planted
+    assert vlm.answer_batch(images, questions[1:] * 2) == planted and asked[-1] == 4     # no position question
     # planted answers: the truth's work for every question, then three kinds of error
     scenes, qa = vt.position_scenes(16, 1)                   # the tiny run's split: n_eval 16, seed 0 + 1
     truth = [vt.named_position_answer(scenes[i], q, a) for i, q, a, _ in qa]
