@@ -61,12 +61,26 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def in_gloo_group(target, rank, world, tmp):
+    """One spawned rank: join a gloo group through a file in tmp (as torchrun's ranks would), on one
+    torch thread, run target(rank, world, tmp), then leave the group together. The barrier lets every
+    rank finish its last collective before any rank tears the group down: a rank that destroyed the
+    group while the other still had gloo work in flight was aborted ("terminate called without an
+    active exception") now and then."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    target(rank, world, tmp)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def run_gloo_workers(target, world, tmp, timeout=120):
-    """Start `world` spawned processes running target(rank, world, tmp) (each joins a gloo group
-    through a file in tmp, as torchrun's ranks would); returns their exit codes."""
+    """Start `world` spawned processes, each running target(rank, world, tmp) inside a gloo group
+    (in_gloo_group); returns their exit codes."""
     import multiprocessing
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=target, args=(rank, world, str(tmp))) for rank in range(world)]
+    workers = [context.Process(target=in_gloo_group, args=(target, rank, world, str(tmp))) for rank in range(world)]
     for w in workers:
         w.start()
     for w in workers:

@@ -394,12 +394,8 @@ def train_fixed(rank, world, steps=3):
 
 
 def ddp_worker(rank, world, tmp):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     state, losses = train_fixed(rank, world)
     torch.save({"state": state, "losses": losses}, f"{tmp}/rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow

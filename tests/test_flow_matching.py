@@ -489,16 +489,12 @@ def train_on_fixed_batches(rank, world):
 
 
 def ddp_worker(rank, world, tmp):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     state, first_pairs = train_on_fixed_batches(rank, world)
     from safetensors.torch import save_file
     save_file({**state, "first_pairs": first_pairs.contiguous()}, f"{tmp}/rank{rank}.safetensors")
     # and the real command line under DDP (what torchrun runs): joins the existing process group
     os.environ["WORLD_SIZE"] = str(world)
     fm.main(["--train", "--tiny", "--steps", "12", "--out", f"{tmp}/cli", "--device", "cpu"])
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow

@@ -271,10 +271,6 @@ def ddp_worker(rank, world, tmp):
     """One rank: an uninterrupted run; then a run stopped after stage 2's step-3 checkpoint, resumed by
     the command line (`--resume`, as torchrun would start it: it joins the existing process group)."""
     import os
-
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     vcfg, tcfg = tiny_configs()
     vt.train_vlm(vcfg, tcfg, vt.Run(f"{tmp}/ddp", CPU, cache=f"{tmp}/cache", progress=False, evaluate=False))
     try:
@@ -285,7 +281,6 @@ def ddp_worker(rank, world, tmp):
     os.environ["WORLD_SIZE"] = str(world)
     vt.main(["--train", "--tiny", "--stage2", "full", "--set", "image_pos=none", "--out", f"{tmp}/resumed",
              "--cache", f"{tmp}/cache", "--resume", "--device", "cpu"])
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -319,16 +314,12 @@ def qformer_configs():
 def qformer_ddp_worker(rank, world, tmp):
     """One rank: the whole Q-Former recipe (stage 1a's ITC + ITM + ITG with negatives from both ranks);
     then the one-process run's model scored with the questions split over the ranks (Run.score)."""
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     vcfg, tcfg = qformer_configs()
     vt.train_vlm(vcfg, tcfg, vt.Run(f"{tmp}/ddp", CPU, cache=f"{tmp}/cache", progress=False))
     vlm = vt.load_vlm(f"{tmp}/one")
     data = vt.cache_features(vlm, vt.eval_sets(f"{tmp}/one-cache", tcfg, vlm.processor.image_size)["test"])
     scores, answers = vt.Run(f"{tmp}/eval-{rank}", CPU, progress=False).score(vlm, data)
     vt.write_json(f"{tmp}/eval-{rank}.json", {"scores": scores, "answers": answers})
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
