@@ -674,13 +674,16 @@ def make_batch(vlm: VLM, data: VQAData, rows: Sequence[int], phase: str) -> dict
 
 # == Data: CLEVR-style questions about clip.py's shapes scenes, behind a small interface ===========
 
-def question_kind(question: str) -> str:
-    """The kind of one of clip.questions()'s questions, from its opening words."""
+def question_kind(question: str, other: str | None = None) -> str:
+    """The kind of one of clip.questions()'s questions, from its opening words; any other question is
+    refused, or, where `other` is given, of that kind."""
     for opening, kind in (("how many", "count"), ("what colour", "colour"), ("what shape", "shape"),
                           ("what size", "size"), ("where", "position"), ("is there", "existence")):
         if question.startswith(opening):
             return kind
-    raise ValueError(f"not a shapes question: {question!r}")
+    if other is None:
+        raise ValueError(f"not a shapes question: {question!r}")
+    return other
 
 
 def scene_questions(scene: clip.Scene, rng: random.Random, split: str) -> list[tuple[str, str, str]]:
@@ -1101,7 +1104,7 @@ class VLM:
         ("where is ...") is answered by the work's last word, the relation; work=True: the whole text."""
         if len(images) != len(questions):
             raise ValueError(f"one question per image: got {len(images)} images and {len(questions)} questions")
-        kinds = ["position" if q.startswith("where") else "" for q in questions]
+        kinds = [question_kind(q, other="") for q in questions]
         named = self.config.position_answer == "named" and "position" in kinds
         pixels = torch.from_numpy(np.stack([load_image(im, self.processor.image_size) for im in images]))
         texts = generate_answers(self, pixels, [self.question_prefix + q for q in questions],
@@ -1515,12 +1518,12 @@ def build_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[VLM, VQADat
     vision = (load_hf_vision(vcfg.vision, dense).to(run.device) if vcfg.vision else
               FrozenViT(load_or_train_vit(run.cache, vcfg.tiny_vision, run.device, tcfg.seed, run.progress), dense))
     train = split_data(run.cache, tcfg, vision.image_size, "train")
-    if not tcfg.data and (vcfg.position_answer == "named" or tcfg.grid_questions):
-        train = position_training(train, tcfg, vcfg.position_answer == "named")
     if tcfg.data:                        # a folder's answers are its own: no shown work to score by its last word
         vcfg = replace(vcfg, position_answer="word")
-    if tcfg.data and vcfg.connector == "qformer" and not vcfg.qformer_vocab:    # the Q-Former reads the folder's words
-        vcfg = replace(vcfg, qformer_vocab=sorted({w for _, c in train.captions for w in clip.ShapesTokenizer.words(c)}))
+        if vcfg.connector == "qformer" and not vcfg.qformer_vocab:                # the Q-Former reads the folder's words
+            vcfg = replace(vcfg, qformer_vocab=sorted({w for _, c in train.captions for w in clip.ShapesTokenizer.words(c)}))
+    elif vcfg.position_answer == "named" or tcfg.grid_questions:
+        train = position_training(train, tcfg, vcfg.position_answer == "named")
     torch.manual_seed(tcfg.seed)
     words = None if vcfg.lm else WordTokenizer.from_texts([c for _, c in train.captions] + [tcfg.caption_prompt]
                                                           + [q + " " + a for _, q, a, _ in train.qa])

@@ -630,6 +630,9 @@ def test_a_tiny_run_trains_with_the_position_levers_and_the_scratchpad_table_sor
     assert vlm.answer_batch(images, questions) == ["left", "three"] and asked == [10]
     assert vlm.answer_batch(images, questions, work=True) == planted
     assert vlm.answer_batch(images, questions[1:] * 2) == planted and asked[-1] == 4     # no position question
+    assert vlm.answer_batch(images, ["what is this?", questions[1]]) == planted      # a free question: its whole text
+    with pytest.raises(ValueError, match="not a shapes question"):
+        vt.question_kind("what is this?")                                            # where a kind is needed
     # planted answers: the truth's work for every question, then three kinds of error
     scenes, qa = vt.position_scenes(16, 1)                   # the tiny run's split: n_eval 16, seed 0 + 1
     truth = [vt.named_position_answer(scenes[i], q, a) for i, q, a, _ in qa]
