@@ -131,6 +131,7 @@ class VLMConfig:
     qformer_head: str = "linear"       # after the Q-Former: "linear" (BLIP-2's projection) or "mlp" (an MLP adapter)
     qformer_vocab: tuple = ()          # the Q-Former's text words: () = clip.ShapesTokenizer's; --data: the folder's
     perceiver_layers: int = 2
+    perceiver_attention: str = "softmax"   # "compete": the latents share out each patch (competing_attention)
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
     image_pos: str = "2d"              # learned row + column positions: GridPositions (per-patch), KeyPositions (queries)
@@ -145,6 +146,8 @@ class VLMConfig:
             raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
         if self.qformer_head not in ("linear", "mlp"):
             raise ValueError(f"qformer_head must be 'linear' or 'mlp', got {self.qformer_head!r}")
+        if self.perceiver_attention not in ("softmax", "compete"):
+            raise ValueError(f"perceiver_attention must be 'softmax' or 'compete', got {self.perceiver_attention!r}")
         if self.image_pos not in ("none", "2d") or self.position_answer not in ("word", "named"):
             raise ValueError(f"image_pos must be 'none' or '2d' and position_answer 'word' or 'named', got "
                              f"{self.image_pos!r} and {self.position_answer!r}")
@@ -329,25 +332,49 @@ class QFormerConnector(nn.Module):
         return self.head(self.qformer(self.keys(feats)))                             # (B, Q, Dq) -> (B, Q, D)
 
 
+def competing_attention(attn: nn.MultiheadAttention, q: torch.Tensor, kv: torch.Tensor, n_media: int) -> torch.Tensor:
+    """The latents' read of kv = [image; latents] through attn's projections (no biases), with Slot
+    Attention's competition on the image part (Locatello et al. 2020, sec. 2.1), per head, s = q k^T / sqrt(d):
+
+        A_img = softmax over the Q latents of s_img       each patch is shared out among the latents
+        A_img <- A_img / (sum over the patches + 1e-6)    each latent reads a weighted mean of its share
+        A_own = softmax over the latents' own keys of s_own
+        out   = W_o [ (A_img V_img + A_own V_own) / 2 ]   (B, Q, Dv)
+
+    With softmax over the keys a latent whose attention is spread reads an average of every shape;
+    here a patch that one latent takes is less available to the others."""
+    W, h, D = attn.in_proj_weight, attn.num_heads, q.shape[-1]
+    heads = lambda t: t.unflatten(-1, (h, -1)).transpose(1, 2)                     # noqa: E731  (B, h, *, d)
+    s = heads(q @ W[:D].T) @ heads(kv @ W[D:2 * D].T).transpose(-1, -2) / (D // h) ** 0.5   # (B, h, Q, N + Q)
+    media = s[..., :n_media].softmax(dim=-2)
+    media = media / (media.sum(-1, keepdim=True) + 1e-6)
+    weights = torch.cat([media, s[..., n_media:].softmax(dim=-1)], dim=-1) * 0.5
+    return attn.out_proj((weights @ heads(kv @ W[2 * D:].T)).transpose(1, 2).flatten(2))
+
+
 class PerceiverLayer(nn.Module):
     """One Perceiver Resampler block (Alayrac et al. 2022, Fig. 4 and appendix A.1.1):
 
         kv = [x_f ; latents]                    the latents attend to the image AND to themselves
-        latents <- latents + Attn(q = LN(latents), k = v = LN(kv))
+        latents <- latents + Attn(q = LN(latents), k = v = LN(kv))      (compete: competing_attention)
         latents <- latents + FFW(LN(latents))   FFW = W2 GELU(W1 .), 4x wide, no biases
     """
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, compete: bool = False):
         super().__init__()
         self.norm_media, self.norm_latents = nn.LayerNorm(width), nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, bias=False, batch_first=True)
         self.ffw = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width, bias=False), nn.GELU(),
                                  nn.Linear(4 * width, width, bias=False))
+        self.compete = compete
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         q = self.norm_latents(latents)                                                # (B, Q, Dv)
         kv = torch.cat([self.norm_media(x), q], dim=1)                                # (B, N + Q, Dv)
-        latents = latents + self.attn(q, kv, kv, need_weights=False)[0]               # (B, Q, Dv)
+        if self.compete:
+            latents = latents + competing_attention(self.attn, q, kv, x.shape[1])
+        else:
+            latents = latents + self.attn(q, kv, kv, need_weights=False)[0]           # (B, Q, Dv)
         return latents + self.ffw(latents)
 
 
@@ -359,10 +386,11 @@ class PerceiverResampler(nn.Module):
     final LayerNorm and a linear map to the LM's width (Flamingo feeds its cross-attention instead).
     """
 
-    def __init__(self, vision_width: int, width: int, num_latents: int, layers: int, heads: int = 4, grid: int = 0):
+    def __init__(self, vision_width: int, width: int, cfg: VLMConfig, grid: int = 0, heads: int = 4):
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(num_latents, vision_width) * vision_width ** -0.5)   # (Q, Dv)
-        self.layers = nn.ModuleList(PerceiverLayer(vision_width, heads) for _ in range(layers))
+        self.latents = nn.Parameter(torch.randn(cfg.num_queries, vision_width) * vision_width ** -0.5)   # (Q, Dv)
+        self.layers = nn.ModuleList(PerceiverLayer(vision_width, heads, cfg.perceiver_attention == "compete")
+                                    for _ in range(cfg.perceiver_layers))
         self.norm = nn.LayerNorm(vision_width)
         self.linear = nn.Linear(vision_width, width)
         self.key_pos = KeyPositions(grid, vision_width) if grid else nn.Identity()
@@ -441,7 +469,7 @@ def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_pa
         return (GridPositions(connector, math.isqrt(M), width) if cfg.image_pos == "2d" else connector), M
     if cfg.connector == "qformer":
         return QFormerConnector(vision_width, width, cfg, grid), cfg.num_queries
-    return PerceiverResampler(vision_width, width, cfg.num_queries, cfg.perceiver_layers, grid=grid), cfg.num_queries
+    return PerceiverResampler(vision_width, width, cfg, grid), cfg.num_queries
 
 
 # == The model: paligemma.py's PaliGemma with clip.py's ViT and one of the connectors in front =====

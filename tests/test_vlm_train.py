@@ -172,11 +172,31 @@ def test_connector_shapes_and_the_perceiver_ignores_patch_order(cache):
     shuffled = feats[:, :, torch.randperm(17)]
     # without positions on its keys the latents attend to a set: reordering the patches cannot change what they read
     assert torch.allclose(perceiver(feats), perceiver(shuffled), atol=1e-5)
+    competing, _ = vt.make_connector(vt.VLMConfig.tiny(connector="perceiver", image_pos="none",
+                                                       perceiver_attention="compete"), 48, 1, 16, 32)
+    assert competing.layers[0].compete and torch.allclose(competing(feats), competing(shuffled), atol=1e-5)
     # dense: [last ; mean of each group of earlier layers] through one linear map (one token per patch)
     dense = vt.DenseConnector(8, 4, groups=2)
     stack = torch.randn(2, 5, 5, 8)                                        # h_0..h_3 and the last layer, 1+4 tokens
     manual = torch.cat([stack[:, 4], stack[:, 0:2].mean(1), stack[:, 2:4].mean(1)], -1)[:, 1:]
     assert torch.allclose(dense(stack), dense.linear(manual))
+
+
+def test_competing_attention_with_one_latent_reads_the_mean_of_the_patches():
+    """One latent has nothing to compete with: it takes every patch whole, and reads their mean value
+    (then, as the plain layer, its own value; the two averaged)."""
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(8, 2, bias=False, batch_first=True)
+    q, media = torch.randn(3, 1, 8), torch.randn(3, 5, 8)
+    kv = torch.cat([media, q], dim=1)
+    values = kv @ attn.in_proj_weight[16:].T                                # (B, 5 + 1, D), every head's values
+    oracle = attn.out_proj((values[:, :5].mean(1, keepdim=True) + values[:, 5:]) / 2)
+    assert torch.allclose(vt.competing_attention(attn, q, kv, 5), oracle, atol=1e-5)
+    # Q latents read Q vectors
+    latents = torch.randn(3, 4, 8)
+    assert vt.competing_attention(attn, latents, torch.cat([media, latents], 1), 5).shape == (3, 4, 8)
+    with pytest.raises(ValueError, match="perceiver_attention must be 'softmax' or 'compete', got 'slots'"):
+        vt.VLMConfig(perceiver_attention="slots")
 
 
 def test_merge_patches_concatenates_each_block_of_neighbours():
