@@ -341,7 +341,8 @@ class MultiHeadAttention(nn.Module):
     x (B, T, D) attends to context (B, S, D or Dv): T and S are the README's queries and keys of
     attention. In self-attention x and context are one sequence of width D: [queries; text] (Q + T
     long), the queries alone or the text alone; in the cross-attention x is the queries (T = Q) and the
-    context the frozen image features (S = N, width Dv).
+    context the frozen image features (S = N, width Dv). mask (B, T, S): True where attention may look,
+    or logits to add (a cross-attention bias).
     """
 
     def __init__(self, config: QFormerConfig, context_width: int):
@@ -357,7 +358,7 @@ class MultiHeadAttention(nn.Module):
         q = split(self.query(x))                                    # (B, T, D) -> (B, H, T, d)
         k, v = split(self.key(context)), split(self.value(context))  # (B, S, D or Dv) -> (B, H, S, d)
         mask = None if mask is None else mask[:, None]              # (B, T, S) -> (B, 1, T, S)
-        # softmax(q k^T / sqrt(d) + M) v, M = 0 where mask is True and -inf where it is False
+        # softmax(q k^T / sqrt(d) + M) v, M = 0 where mask is True and -inf where it is False (a float mask: M itself)
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.p if self.training else 0.0)
         return h.transpose(1, 2).reshape(B, T, D)                   # (B, H, T, d) -> (B, T, D)
@@ -400,11 +401,12 @@ class QFormerLayer(nn.Module):
         self.output_query = AddNorm(config.intermediate_size, config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, image_embeds: torch.Tensor | None,
-                num_queries: int) -> torch.Tensor:
+                num_queries: int, cross_bias: torch.Tensor | None = None) -> torch.Tensor:
         x = self.attention(x, x, mask)                              # (B, Q+T, D), queries and text mix
         queries, text = x[:, :num_queries], x[:, num_queries:]      # (B, Q, D), (B, T, D)
         if self.crossattention is not None and num_queries > 0:
-            queries = self.crossattention(queries, image_embeds)    # (B, Q, D): read the image
+            bias = None if cross_bias is None else cross_bias.expand(len(queries), -1, -1)   # (B, Q, N)
+            queries = self.crossattention(queries, image_embeds, bias)   # (B, Q, D): read the image
         # separate feed-forward weights: queries and words are different kinds of token
         queries = self.output_query(self.intermediate_query(queries), queries)
         text = self.output(self.intermediate(text), text)
@@ -457,10 +459,10 @@ class QFormerEncoder(nn.Module):
         self.encoder = LayerStack(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, image_embeds: torch.Tensor | None,
-                num_queries: int) -> torch.Tensor:
+                num_queries: int, cross_bias: torch.Tensor | None = None) -> torch.Tensor:
         x = self.dropout(self.layernorm(x))
         for layer in self.encoder.layer:
-            x = layer(x, mask, image_embeds, num_queries)
+            x = layer(x, mask, image_embeds, num_queries, cross_bias)
         return x
 
 
@@ -518,6 +520,8 @@ class QFormer(nn.Module):
         self.apply(self._init_weights)
         # LAVIS draws the queries like every other weight
         nn.init.normal_(self.query_tokens, std=c.initializer_range)
+        # None, or a module whose output (Q, N) is added to every cross-attention's logits (BLIP-2 has none)
+        self.cross_attention_bias: nn.Module | None = None
 
     def _init_weights(self, module: nn.Module) -> None:
         """BERT's initialisation: N(0, initializer_range^2) weights, zero biases, LayerNorm = identity.
@@ -588,7 +592,8 @@ class QFormer(nn.Module):
             mask = build_attention_mask(mask_kind, num_queries, attention_mask)     # (B, Q+T, Q+T)
         if not parts:
             raise ValueError("give image_embeds, input_ids or both")
-        return self.qformer(torch.cat(parts, dim=1), mask, image_embeds, num_queries)
+        bias = None if self.cross_attention_bias is None or not num_queries else self.cross_attention_bias()
+        return self.qformer(torch.cat(parts, dim=1), mask, image_embeds, num_queries, bias)
 
     # -- features and logits --
 

@@ -132,6 +132,7 @@ class VLMConfig:
     qformer_vocab: tuple = ()          # the Q-Former's text words: () = clip.ShapesTokenizer's; --data: the folder's
     perceiver_layers: int = 2
     perceiver_attention: str = "softmax"   # "compete": the latents share out each patch (competing_attention)
+    query_prior: str = "none"          # "local": each query starts reading a place of its own (LocalPrior)
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
     image_pos: str = "2d"              # learned row + column positions: GridPositions (per-patch), KeyPositions (queries)
@@ -148,6 +149,8 @@ class VLMConfig:
             raise ValueError(f"qformer_head must be 'linear' or 'mlp', got {self.qformer_head!r}")
         if self.perceiver_attention not in ("softmax", "compete"):
             raise ValueError(f"perceiver_attention must be 'softmax' or 'compete', got {self.perceiver_attention!r}")
+        if self.query_prior not in ("none", "local"):
+            raise ValueError(f"query_prior must be 'none' or 'local', got {self.query_prior!r}")
         if self.image_pos not in ("none", "2d") or self.position_answer not in ("word", "named"):
             raise ValueError(f"image_pos must be 'none' or '2d' and position_answer 'word' or 'named', got "
                              f"{self.image_pos!r} and {self.position_answer!r}")
@@ -311,16 +314,19 @@ class DenseConnector(nn.Module):
 
 class QFormerConnector(nn.Module):
     """qformer.QFormer's Q query outputs through its language_projection (BLIP-2 sec. 3.3), or, with
-    qformer_head="mlp", through an MLP adapter u = W2 GELU(W1 q + b1) + b2 (the course's Q-Former tutorial)."""
+    qformer_head="mlp", through an MLP adapter u = W2 GELU(W1 q + b1) + b2 (the course's Q-Former tutorial).
+    g: the side of the ViT's patch grid (KeyPositions, LocalPrior)."""
 
-    def __init__(self, vision_width: int, width: int, cfg: VLMConfig, grid: int = 0):
+    def __init__(self, vision_width: int, width: int, cfg: VLMConfig, g: int):
         super().__init__()
         self.tokenizer = clip.ShapesTokenizer(words=cfg.qformer_vocab or None)   # its text side's words (ITC, ITM, ITG)
         config = qformer.shapes_qformer_config(self.tokenizer, vision_width, tiny=cfg.tiny_vision)
         self.qformer = qformer.QFormer(replace(config, num_query_tokens=cfg.num_queries,
                                                lm_hidden_size=width if cfg.qformer_head == "linear" else 0))
         self.head = MLPConnector.mlp(config.hidden_size, width) if cfg.qformer_head == "mlp" else None
-        self.key_pos = KeyPositions(grid, vision_width) if grid else nn.Identity()
+        self.key_pos = KeyPositions(g, vision_width) if cfg.image_pos == "2d" else nn.Identity()
+        if cfg.query_prior == "local":                # the prior on every cross-attention's logits
+            self.qformer.cross_attention_bias = LocalPrior(cfg.num_queries, g)
 
     def keys(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, Lk, 1+N, Dv) -> (B, 1+N, Dv): the last layer, what the queries attend to (+ KeyPositions)."""
@@ -332,7 +338,8 @@ class QFormerConnector(nn.Module):
         return self.head(self.qformer(self.keys(feats)))                             # (B, Q, Dq) -> (B, Q, D)
 
 
-def competing_attention(attn: nn.MultiheadAttention, q: torch.Tensor, kv: torch.Tensor, n_media: int) -> torch.Tensor:
+def competing_attention(attn: nn.MultiheadAttention, q: torch.Tensor, kv: torch.Tensor, n_media: int,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
     """The latents' read of kv = [image; latents] through attn's projections (no biases), with Slot
     Attention's competition on the image part (Locatello et al. 2020, sec. 2.1), per head, s = q k^T / sqrt(d):
 
@@ -342,10 +349,11 @@ def competing_attention(attn: nn.MultiheadAttention, q: torch.Tensor, kv: torch.
         out   = W_o [ (A_img V_img + A_own V_own) / 2 ]   (B, Q, Dv)
 
     With softmax over the keys a latent whose attention is spread reads an average of every shape;
-    here a patch that one latent takes is less available to the others."""
+    here a patch that one latent takes is less available to the others. bias (Q, N + Q): added to s."""
     W, h, D = attn.in_proj_weight, attn.num_heads, q.shape[-1]
     heads = lambda t: t.unflatten(-1, (h, -1)).transpose(1, 2)                     # noqa: E731  (B, h, *, d)
     s = heads(q @ W[:D].T) @ heads(kv @ W[D:2 * D].T).transpose(-1, -2) / (D // h) ** 0.5   # (B, h, Q, N + Q)
+    s = s if bias is None else s + bias
     media = s[..., :n_media].softmax(dim=-2)
     media = media / (media.sum(-1, keepdim=True) + 1e-6)
     weights = torch.cat([media, s[..., n_media:].softmax(dim=-1)], dim=-1) * 0.5
@@ -368,13 +376,14 @@ class PerceiverLayer(nn.Module):
                                  nn.Linear(4 * width, width, bias=False))
         self.compete = compete
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """bias (Q, N + Q) or None: added to the attention logits (query_prior)."""
         q = self.norm_latents(latents)                                                # (B, Q, Dv)
         kv = torch.cat([self.norm_media(x), q], dim=1)                                # (B, N + Q, Dv)
         if self.compete:
-            latents = latents + competing_attention(self.attn, q, kv, x.shape[1])
+            latents = latents + competing_attention(self.attn, q, kv, x.shape[1], bias)
         else:
-            latents = latents + self.attn(q, kv, kv, need_weights=False)[0]           # (B, Q, Dv)
+            latents = latents + self.attn(q, kv, kv, need_weights=False, attn_mask=bias)[0]   # (B, Q, Dv)
         return latents + self.ffw(latents)
 
 
@@ -384,22 +393,25 @@ class PerceiverResampler(nn.Module):
     Simplified: one image, so Flamingo's learned time embeddings (added per frame, then the frames
     flattened) are left out; the ViT's position embeddings already mark where each patch is. Then a
     final LayerNorm and a linear map to the LM's width (Flamingo feeds its cross-attention instead).
+    g: the side of the ViT's patch grid; query_prior="local" adds LocalPrior's logits in every layer.
     """
 
-    def __init__(self, vision_width: int, width: int, cfg: VLMConfig, grid: int = 0, heads: int = 4):
+    def __init__(self, vision_width: int, width: int, cfg: VLMConfig, g: int, heads: int = 4):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(cfg.num_queries, vision_width) * vision_width ** -0.5)   # (Q, Dv)
         self.layers = nn.ModuleList(PerceiverLayer(vision_width, heads, cfg.perceiver_attention == "compete")
                                     for _ in range(cfg.perceiver_layers))
         self.norm = nn.LayerNorm(vision_width)
         self.linear = nn.Linear(vision_width, width)
-        self.key_pos = KeyPositions(grid, vision_width) if grid else nn.Identity()
+        self.key_pos = KeyPositions(g, vision_width) if cfg.image_pos == "2d" else nn.Identity()
+        self.prior = LocalPrior(cfg.num_queries, g, cfg.num_queries) if cfg.query_prior == "local" else None
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         x = self.key_pos(feats[:, -1])                                                # (B, 1+N, Dv)
         latents = self.latents.expand(x.shape[0], -1, -1)                             # (B, Q, Dv)
+        bias = None if self.prior is None else self.prior()                           # (Q, 1+N+Q)
         for layer in self.layers:
-            latents = layer(x, latents)
+            latents = layer(x, latents, bias)
         return self.linear(self.norm(latents))                                        # (B, Q, Dv) -> (B, Q, D)
 
 
@@ -447,6 +459,37 @@ class KeyPositions(nn.Module):
         return torch.cat([z[:, :1], z[:, 1:] + grid_table(self.rows, self.cols)], dim=1)
 
 
+class LocalPrior(nn.Module):
+    """Learned attention logits that start each of Q = s x s queries reading a place of its own:
+
+        b[q, n] = -|r_q - p_n|^2 / (2 sigma^2) + c_q,   sigma = 1 / (2 g), half a patch
+
+    r_q the centre of query q's cell in an s x s grid over the image, p_n the centre of patch n of the
+    g x g grid (raster order), both in [0, 1]^2; c_q makes the nearest patch's logit 0, and every logit
+    is floored at -10, which the class token and `extra` keys (a Perceiver latent's own) start at: off,
+    but still learnable. Added to every head's logits: a query's softmax starts on the patches nearest
+    its centre (with s = g / 2, its own 2 x 2 block, 96% of its weight) and training may move it.
+    Attention averages what it reads, and an average over two shapes' patches no longer says which
+    colour went with which shape; a query that starts on one place reads one shape. Honeybee's
+    D-Abstractor (Cha et al. 2024, sec. 3.2) starts its queries' deformable attention from reference
+    points on a grid for this locality; ConViT (d'Ascoli et al. 2021, sec. 3) starts its attention
+    local as a learned bias too."""
+
+    def __init__(self, num_queries: int, g: int, extra: int = 0):
+        super().__init__()
+        s = math.isqrt(num_queries)
+        if s * s != num_queries:
+            raise ConfigError(f"query_prior=local places the queries on a square grid: num_queries must be a "
+                              f"square (4, 9, 16, ...), got {num_queries}")
+        centres = lambda k: torch.cartesian_prod(*[(torch.arange(k) + 0.5) / k] * 2)   # noqa: E731  (k*k, 2)
+        b = -torch.cdist(centres(s), centres(g)).square() * 2 * g * g                  # (Q, N)
+        b = F.pad(b - b.amax(1, keepdim=True), (1, extra), value=-10.0).clamp(min=-10.0)
+        self.bias = nn.Parameter(b)                                                    # (Q, 1 + N + extra)
+
+    def forward(self) -> torch.Tensor:
+        return self.bias
+
+
 def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_patches: int,
                    lm_width: int) -> tuple[nn.Module, int]:
     """The connector of cfg and M, the number of image tokens it gives the LM."""
@@ -458,7 +501,6 @@ def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_pa
         raise ConfigError(f"patch_merge {cfg.patch_merge} needs a square grid of patches whose side is a multiple "
                           f"of {cfg.patch_merge}; the vision encoder gives {num_patches} patches")
     M = num_patches // cfg.patch_merge ** 2
-    grid = g if cfg.image_pos == "2d" else 0       # query connectors: positions on what the queries read
     if cfg.connector in PER_PATCH:
         if cfg.connector == "linear":
             connector = LinearConnector(vision_width, width, cfg.patch_merge)
@@ -468,8 +510,8 @@ def make_connector(cfg: VLMConfig, vision_width: int, vision_layers: int, num_pa
             connector = DenseConnector(vision_width, width, min(cfg.dense_groups, vision_layers), cfg.patch_merge)
         return (GridPositions(connector, math.isqrt(M), width) if cfg.image_pos == "2d" else connector), M
     if cfg.connector == "qformer":
-        return QFormerConnector(vision_width, width, cfg, grid), cfg.num_queries
-    return PerceiverResampler(vision_width, width, cfg, grid), cfg.num_queries
+        return QFormerConnector(vision_width, width, cfg, g), cfg.num_queries
+    return PerceiverResampler(vision_width, width, cfg, g), cfg.num_queries
 
 
 # == The model: paligemma.py's PaliGemma with clip.py's ViT and one of the connectors in front =====

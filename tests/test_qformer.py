@@ -132,6 +132,31 @@ def test_cross_attention_every_freq_layers_and_separate_ffns():
     assert layer.crossattention.attention.key.in_features == model.config.encoder_hidden_size
 
 
+def test_a_cross_attention_bias_is_added_to_every_cross_attentions_logits():
+    torch.manual_seed(0)
+    model = QFormer(QFormerConfig.tiny(num_hidden_layers=3, cross_attention_freq=1)).eval()
+    Q, N = model.config.num_query_tokens, 5
+    image = torch.randn(2, N, model.config.encoder_hidden_size)
+    plain = model(image)
+
+    class Bias(torch.nn.Module):
+        def __init__(self, table: torch.Tensor):
+            super().__init__()
+            self.table = table
+
+        def forward(self) -> torch.Tensor:
+            return self.table
+
+    model.cross_attention_bias = Bias(torch.zeros(Q, N))
+    assert torch.equal(model(image), plain)                           # a zero bias: BLIP-2's Q-Former
+    # -inf on every key but the first: each query reads image token 0 alone, in every cross-attention
+    model.cross_attention_bias = Bias(torch.full((Q, N), float("-inf")).index_fill(1, torch.tensor([0]), 0.0))
+    other = torch.cat([image[:, :1], torch.randn(2, N - 1, image.shape[-1])], dim=1)
+    assert torch.allclose(model(image), model(other), atol=1e-6) and not torch.allclose(model(image), plain)
+    model.cross_attention_bias = None
+    assert not torch.allclose(model(image), model(other), atol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------------
 # Losses and hard negatives, hand-computed
 # ------------------------------------------------------------------------------------------------

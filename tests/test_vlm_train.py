@@ -182,6 +182,49 @@ def test_connector_shapes_and_the_perceiver_ignores_patch_order(cache):
     assert torch.allclose(dense(stack), dense.linear(manual))
 
 
+def test_local_prior_starts_each_query_on_its_own_place():
+    prior = vt.LocalPrior(9, 6, extra=9)                                  # 3 x 3 queries over 6 x 6 patches, 9 latents
+    table = prior().detach()
+    assert table.shape == (9, 1 + 36 + 9) and (table[:, 0] == -10).all() and (table[:, 37:] == -10).all()
+    b = table[:, 1:37].reshape(3, 3, 6, 6)
+    for r in range(3):
+        for c in range(3):                                                # logit 0 on its own 2 x 2 block
+            assert b[r, c, 2 * r:2 * r + 2, 2 * c:2 * c + 2].abs().max() < 1e-5
+            assert (b[r, c] < -1).sum() == 32
+    # -|r - p|^2 / (2 sigma^2), sigma = 1/12 (half a patch), less its value at the nearest patch, by hand:
+    # query (1, 1) at (1/2, 1/2), nearest patch at (5/12, 5/12), patch (1, 3) at (3/12, 7/12)
+    assert b[1, 1, 1, 3].item() == pytest.approx(-72 * ((3 / 12 - 1 / 2) ** 2 + (7 / 12 - 1 / 2) ** 2 - 2 / 144))
+    assert b.min() == -10                                                 # floored: far patches stay learnable
+    weight = table[4].softmax(0)[1:37].reshape(6, 6)                      # the middle query: 96% on its own block
+    assert weight[2:4, 2:4].sum() > 0.96
+    with pytest.raises(vt.ConfigError, match="num_queries must be a square .* got 32"):
+        vt.LocalPrior(32, 6)
+    with pytest.raises(ValueError, match="query_prior must be 'none' or 'local', got 'gauss'"):
+        vt.VLMConfig(query_prior="gauss")
+
+
+def test_a_query_connector_with_a_local_prior_reads_near_its_place(cache):
+    """The prior is a trained parameter of both query connectors. Made a hard window (0 on a latent's own
+    block, -1e4 elsewhere), a one-layer Perceiver's latent reads only its block: changing the image
+    elsewhere leaves its output alone."""
+    for name in ("perceiver", "qformer"):
+        connector, _ = vt.make_connector(vt.VLMConfig.tiny(connector=name, query_prior="local"), 48, 1, 16, 32)
+        prior = connector.prior if name == "perceiver" else connector.qformer.cross_attention_bias
+        assert prior.bias.shape == (4, 1 + 16 + (4 if name == "perceiver" else 0))
+        assert any(p is prior.bias for p in connector.parameters())
+    torch.manual_seed(0)
+    feats = torch.randn(1, 1, 17, 48)                                     # the tiny ViT's 4 x 4 patches
+    far = feats.clone()
+    far[:, :, 1 + 10:] += torch.randn(1, 1, 6, 48)                        # patches 10-15: the bottom half but 8, 9
+    cfg = vt.VLMConfig.tiny(connector="perceiver", query_prior="local", image_pos="none", perceiver_layers=1)
+    perceiver, _ = vt.make_connector(cfg, 48, 1, 16, 32)
+    with torch.no_grad():
+        b = perceiver.prior.bias
+        b.copy_(torch.where(b > b.amax(-1, keepdim=True) - 1e-6, 0.0, -1e4))
+    out, moved = perceiver(feats)[0], perceiver(far)[0]                   # (Q, D): latents 0, 1 read the top half
+    assert torch.allclose(out[:2], moved[:2], atol=1e-5) and not torch.allclose(out[2:], moved[2:], atol=1e-3)
+
+
 def test_competing_attention_with_one_latent_reads_the_mean_of_the_patches():
     """One latent has nothing to compete with: it takes every patch whole, and reads their mean value
     (then, as the plain layer, its own value; the two averaged)."""
@@ -254,6 +297,14 @@ def test_demo_runs_on_the_tiny_preset(tmp_path, capsys):
     answers = vlm.answer_batch(images, questions)
     assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
     assert vlm.answer(images[0], questions[0]) == answers[0]
+
+
+def test_a_local_prior_is_trained_saved_and_loaded(tmp_path, capsys):
+    vt.main(["--out", str(tmp_path), "--device", "cpu", "--connector", "perceiver", "--set", "query_prior=local"])
+    prior = vt.load_vlm(tmp_path).connector.prior.bias                     # the tiny demo: 4 latents, 4 x 4 patches
+    saved = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert torch.equal(saved["connector.prior.bias"], prior)
+    assert not torch.allclose(prior, vt.LocalPrior(4, 4, extra=4).bias)    # stages 1 and 2 trained it
 
 
 # --- checkpoints: kill, resume, refuse --------------------------------------------------------------
