@@ -145,12 +145,10 @@ class VLMConfig:
     def __post_init__(self) -> None:
         if self.connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
-        if self.qformer_head not in ("linear", "mlp"):
-            raise ValueError(f"qformer_head must be 'linear' or 'mlp', got {self.qformer_head!r}")
-        if self.perceiver_attention not in ("softmax", "compete"):
-            raise ValueError(f"perceiver_attention must be 'softmax' or 'compete', got {self.perceiver_attention!r}")
-        if self.query_prior not in ("none", "local"):
-            raise ValueError(f"query_prior must be 'none' or 'local', got {self.query_prior!r}")
+        for name, allowed in (("qformer_head", ("linear", "mlp")), ("perceiver_attention", ("softmax", "compete")),
+                              ("query_prior", ("none", "local"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
         if self.image_pos not in ("none", "2d") or self.position_answer not in ("word", "named"):
             raise ValueError(f"image_pos must be 'none' or '2d' and position_answer 'word' or 'named', got "
                              f"{self.image_pos!r} and {self.position_answer!r}")
