@@ -127,12 +127,13 @@ class VLMConfig:
     lm_kv_heads: int = 4               # K: one key / value head per query head (1: multi-query, as Gemma 2B)
     lm_mlp: int = 256                  # F
     lm_init_std: float = 0.05
-    num_queries: int = 16              # Q of the Q-Former and the Perceiver's latents
+    num_queries: int = 0               # Q of the Q-Former and the Perceiver's latents; 0: the connector's own (16 / 9)
     qformer_head: str = "linear"       # after the Q-Former: "linear" (BLIP-2's projection) or "mlp" (an MLP adapter)
     qformer_vocab: tuple = ()          # the Q-Former's text words: () = clip.ShapesTokenizer's; --data: the folder's
     perceiver_layers: int = 2
     perceiver_attention: str = "softmax"   # "compete": the latents share out each patch (competing_attention)
-    query_prior: str = "none"          # "local": each query starts reading a place of its own (LocalPrior)
+    query_prior: str = ""              # "local": each query starts reading a place of its own (LocalPrior), or
+                                       # "none"; "": the connector's own (Q-Former "none", Perceiver "local")
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
     image_pos: str = "2d"              # learned row + column positions: GridPositions (per-patch), KeyPositions (queries)
@@ -145,6 +146,8 @@ class VLMConfig:
     def __post_init__(self) -> None:
         if self.connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
+        own = (9, "local") if self.connector == "perceiver" else (16, "none")     # the connector's own Q and prior
+        self.num_queries, self.query_prior = self.num_queries or own[0], self.query_prior or own[1]
         for name, allowed in (("qformer_head", ("linear", "mlp")), ("perceiver_attention", ("softmax", "compete")),
                               ("query_prior", ("none", "local"))):
             if getattr(self, name) not in allowed:

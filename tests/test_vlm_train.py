@@ -168,12 +168,13 @@ def test_connector_shapes_and_the_perceiver_ignores_patch_order(cache):
                            ("perceiver", 2, 4)):
         connector, M = vt.make_connector(vt.VLMConfig.tiny(connector=name, patch_merge=merge), 48, 1, 16, 32)
         assert connector(feats).shape == (2, m, 32) and M == m
-    perceiver, _ = vt.make_connector(vt.VLMConfig.tiny(connector="perceiver", image_pos="none"), 48, 1, 16, 32)
+    plain = dict(connector="perceiver", image_pos="none", query_prior="none")
+    perceiver, _ = vt.make_connector(vt.VLMConfig.tiny(**plain), 48, 1, 16, 32)
     shuffled = feats[:, :, torch.randperm(17)]
-    # without positions on its keys the latents attend to a set: reordering the patches cannot change what they read
+    # without positions on its keys or a prior the latents attend to a set: reordering the patches cannot
+    # change what they read
     assert torch.allclose(perceiver(feats), perceiver(shuffled), atol=1e-5)
-    competing, _ = vt.make_connector(vt.VLMConfig.tiny(connector="perceiver", image_pos="none",
-                                                       perceiver_attention="compete"), 48, 1, 16, 32)
+    competing, _ = vt.make_connector(vt.VLMConfig.tiny(**plain, perceiver_attention="compete"), 48, 1, 16, 32)
     assert competing.layers[0].compete and torch.allclose(competing(feats), competing(shuffled), atol=1e-5)
     # dense: [last ; mean of each group of earlier layers] through one linear map (one token per patch)
     dense = vt.DenseConnector(8, 4, groups=2)
@@ -201,6 +202,23 @@ def test_local_prior_starts_each_query_on_its_own_place():
         vt.LocalPrior(32, 6)
     with pytest.raises(ValueError, match="query_prior must be 'none' or 'local', got 'gauss'"):
         vt.VLMConfig(query_prior="gauss")
+
+
+def test_each_query_connector_has_its_own_number_of_queries_and_prior():
+    """Unset (0, ""), Q and the prior are the connector's own: the Perceiver 9 latents on places of their
+    own, the Q-Former BLIP-2's plain queries (16 here); what is set is kept, and the Perceiver without a
+    prior builds none."""
+    assert (vt.VLMConfig(connector="perceiver").num_queries, vt.VLMConfig(connector="perceiver").query_prior) == (9, "local")
+    for name in ("qformer", "mlp"):
+        assert (vt.VLMConfig(connector=name).num_queries, vt.VLMConfig(connector=name).query_prior) == (16, "none")
+    assert (vt.VLMConfig(connector="perceiver", num_queries=16, query_prior="none").num_queries,
+            vt.VLMConfig(connector="qformer", query_prior="local").query_prior) == (16, "local")
+    connector, M = vt.make_connector(vt.VLMConfig(connector="perceiver", tiny_vision=True), 48, 1, 36, 64)
+    assert M == 9 and connector.latents.shape == (9, 48) and connector.prior.bias.shape == (9, 1 + 36 + 9)
+    plain, M = vt.make_connector(vt.VLMConfig(connector="perceiver", query_prior="none"), 48, 1, 36, 64)
+    assert M == 9 and plain.prior is None
+    qf, M = vt.make_connector(vt.VLMConfig(connector="qformer"), 64, 1, 36, 64)
+    assert M == 16 and qf.qformer.cross_attention_bias is None
 
 
 def test_a_query_connector_with_a_local_prior_reads_near_its_place(cache):
@@ -300,7 +318,7 @@ def test_demo_runs_on_the_tiny_preset(tmp_path, capsys):
 
 
 def test_a_local_prior_is_trained_saved_and_loaded(tmp_path, capsys):
-    vt.main(["--out", str(tmp_path), "--device", "cpu", "--connector", "perceiver", "--set", "query_prior=local"])
+    vt.main(["--out", str(tmp_path), "--device", "cpu", "--connector", "perceiver"])   # the Perceiver's own prior
     prior = vt.load_vlm(tmp_path).connector.prior.bias                     # the tiny demo: 4 latents, 4 x 4 patches
     saved = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert torch.equal(saved["connector.prior.bias"], prior)
