@@ -520,8 +520,10 @@ class QFormer(nn.Module):
         self.apply(self._init_weights)
         # LAVIS draws the queries like every other weight
         nn.init.normal_(self.query_tokens, std=c.initializer_range)
-        # None, or a module whose output (Q, N) is added to every cross-attention's logits (BLIP-2 has none)
+        # None, or modules whose outputs are added to attention logits (BLIP-2 has neither): (Q, N) to every
+        # cross-attention's, (Q, Q) to the queries' self-attention logits among themselves, in every pass
         self.cross_attention_bias: nn.Module | None = None
+        self.query_attention_bias: nn.Module | None = None
 
     def _init_weights(self, module: nn.Module) -> None:
         """BERT's initialisation: N(0, initializer_range^2) weights, zero biases, LayerNorm = identity.
@@ -592,8 +594,14 @@ class QFormer(nn.Module):
             mask = build_attention_mask(mask_kind, num_queries, attention_mask)     # (B, Q+T, Q+T)
         if not parts:
             raise ValueError("give image_embeds, input_ids or both")
+        x = torch.cat(parts, dim=1)                                                 # (B, Q+T, D)
+        if self.query_attention_bias is not None and num_queries:                   # a float mask: logits + M
+            L = x.shape[1]
+            bias = F.pad(self.query_attention_bias(), (0, L - num_queries, 0, L - num_queries))   # (Q+T, Q+T)
+            mask = bias.expand(len(x), -1, -1) if mask is None else (
+                bias + torch.zeros(mask.shape, device=x.device).masked_fill(~mask, float("-inf")))
         bias = None if self.cross_attention_bias is None or not num_queries else self.cross_attention_bias()
-        return self.qformer(torch.cat(parts, dim=1), mask, image_embeds, num_queries, bias)
+        return self.qformer(x, mask, image_embeds, num_queries, bias)
 
     # -- features and logits --
 

@@ -32,9 +32,9 @@ alignment", "stage 2: fine-tuning end-to-end") and BLIP-2 (sec. 3.2-3.3):
   stage 0  (stands in for a pretrained LM) the small random Gemma decoder of paligemma.py learns the
            synthetic language text-only: captions, questions and their answers. Freezing an LM in
            stage 1 only makes sense for one that already speaks; real recipes download one. Cached.
-  stage 1  alignment, LM frozen: the connector alone learns to caption (image -> caption). For the
-           Q-Former, first BLIP-2's ITC + ITM + ITG on (image, caption) pairs (qformer.py), then the
-           same caption loss through the LM.
+  stage 1  alignment, LM frozen: the connector alone learns to caption (image -> caption). BLIP-2
+           trains its Q-Former first with ITC + ITM + ITG on (image, caption) pairs (qformer.py; here
+           with itc_steps > 0, as the blip2 and smolvlm presets do), then with the same caption loss.
   stage 2  VQA, vision still frozen: the connector plus the LM, fully (`full`), with LoRA
            (lora.py; h = W x + (alpha/r) B A x, Hu et al. 2021), or with QLoRA (the same LoRA around
            an NF4 base from nf4.py; Dettmers et al. 2023, sec. 3). Loss on answer tokens only.
@@ -52,10 +52,12 @@ each a field that switches it off: learned row + column vectors on what the LM o
 "red circle top left, blue square top right: left" (position_answer, named_position_answer); one-hop
 "which column / row is the red circle in?" training questions (grid_questions); and left, right,
 above and below drawn equally often in stage 2 (balance_position). The decoder keeps one key / value
-head per query head (lm_kv_heads = lm_heads).
+head per query head (lm_kv_heads = lm_heads). The query connectors (Q-Former, Perceiver) get one query
+per cell of the scenes' 3 x 3 layout, each starting on a place of its own (query_prior, LocalPrior;
+the Q-Former's also listening to itself, SelfPrior).
 
 Evaluation: exact match and ROUGE-1/2/L (rouge.py) of greedy answers, overall and per kind, after
-stage 1 and after stage 2; retrieval R@1/5 of the Q-Former's ITC features after stage 1.
+stage 1 and after stage 2; retrieval R@1/5 of the Q-Former's ITC features after stage 1a.
 
 Conventions: paligemma.py's, text left-padded; token_type_ids 0 = prefix, 1 = suffix; labels -100
 where no loss is taken. Shapes: B batch, T tokens, N image patches (+ class token), M image tokens
@@ -127,13 +129,13 @@ class VLMConfig:
     lm_kv_heads: int = 4               # K: one key / value head per query head (1: multi-query, as Gemma 2B)
     lm_mlp: int = 256                  # F
     lm_init_std: float = 0.05
-    num_queries: int = 0               # Q of the Q-Former and the Perceiver's latents; 0: the connector's own (16 / 9)
+    num_queries: int = 9               # Q of the Q-Former and the Perceiver's latents: one per cell of the scenes' 3 x 3
     qformer_head: str = "linear"       # after the Q-Former: "linear" (BLIP-2's projection) or "mlp" (an MLP adapter)
     qformer_vocab: tuple = ()          # the Q-Former's text words: () = clip.ShapesTokenizer's; --data: the folder's
     perceiver_layers: int = 2
     perceiver_attention: str = "softmax"   # "compete": the latents share out each patch (competing_attention)
-    query_prior: str = ""              # "local": each query starts reading a place of its own (LocalPrior), or
-                                       # "none"; "": the connector's own (Q-Former "none", Perceiver "local")
+    query_prior: str = "local"         # each query starts reading a place of its own (LocalPrior); "none": BLIP-2's, Flamingo's
+    qformer_self_prior: bool = True    # with query_prior="local", the Q-Former's queries start listening to themselves
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
     image_pos: str = "2d"              # learned row + column positions: GridPositions (per-patch), KeyPositions (queries)
@@ -146,8 +148,6 @@ class VLMConfig:
     def __post_init__(self) -> None:
         if self.connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
-        own = (9, "local") if self.connector == "perceiver" else (16, "none")     # the connector's own Q and prior
-        self.num_queries, self.query_prior = self.num_queries or own[0], self.query_prior or own[1]
         for name, allowed in (("qformer_head", ("linear", "mlp")), ("perceiver_attention", ("softmax", "compete")),
                               ("query_prior", ("none", "local"))):
             if getattr(self, name) not in allowed:
@@ -177,7 +177,7 @@ class TrainConfig:
     grad_accum: int = 1                # micro-batches per optimizer step
     pretrain_steps: int = 400          # stage 0: the LM on text alone
     pretrain_lr: float = 3e-3
-    itc_steps: int = 300               # stage 1a (qformer only): ITC + ITM + ITG
+    itc_steps: int = 0                 # stage 1a (qformer only): BLIP-2's ITC + ITM + ITG first (presets blip2, smolvlm)
     itc_lr: float = 1e-3
     qformer_lr_scale: float = 1.0      # stage 1: lr x this on the Q-Former's cross-attention and query tokens
     stage1_steps: int = 300
@@ -206,7 +206,8 @@ class TrainConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> TrainConfig:
-        # the demo and tests show LoRA, the homework's method (--train defaults to full: see README)
+        # the demo and tests show LoRA, the homework's method (--train defaults to full: see README), and
+        # the Q-Former's stage 1a (ITC + ITM + ITG), which --train's default recipe leaves out
         return cls(**{"stage2": "lora", "n_train": 48, "n_eval": 16, "batch_size": 8, "pretrain_steps": 6, "itc_steps": 4,
                       "stage1_steps": 6, "stage2_steps": 6, "save_every": 3, "pretrain_lr": 1e-2,
                       "stage1_lr": 1e-2, "stage2_lr": 1e-2, "itc_lr": 1e-2, **overrides})
@@ -220,10 +221,11 @@ PRESETS = {
     # connector alone on captions (lr 1e-3, batch 256), stage 2 the connector + the whole LM (lr 2e-5,
     # batch 128); warm-up ratio 0.03, cosine decay, no weight decay, AdamW.
     "llava": (dict(connector="mlp"), dict(stage2="full", warmup=0.03, weight_decay=0.0)),
-    # BLIP-2 (Li et al. 2023, sec. 3.2-3.4): Q-Former with 32 queries trained with ITC + ITM + ITG,
-    # then its projection through the frozen LM; AdamW, weight decay 0.05, cosine decay. BLIP-2 keeps
-    # the LM frozen; the course's Q-Former tutorial (MiniGPT-4-like) then tunes it with LoRA: so do we.
-    "blip2": (dict(connector="qformer"), dict(stage2="lora", weight_decay=0.05)),
+    # BLIP-2 (Li et al. 2023, sec. 3.2-3.4): Q-Former with 32 plain queries (16 here) trained with ITC +
+    # ITM + ITG, then its projection through the frozen LM; AdamW, weight decay 0.05, cosine decay. BLIP-2
+    # keeps the LM frozen; the course's Q-Former tutorial (MiniGPT-4-like) then tunes it with LoRA: so do we.
+    "blip2": (dict(connector="qformer", num_queries=16, query_prior="none"),
+              dict(stage2="lora", weight_decay=0.05, itc_steps=300)),
     # The homework fine-tunes PaliGemma with LoRA / QLoRA. The homework gives no numbers; these are
     # Hugging Face's PaliGemma fine-tuning notebook's (Noyan 2024), which such homeworks follow: AdamW,
     # lr 2e-5, batch 4 x 4 accumulation steps (16 rows a step), 2 warm-up steps, weight decay 1e-6, LoRA
@@ -240,8 +242,9 @@ PRESETS = {
     # outputs plus LoRA r = 64, alpha = 128 on every linear layer of the LM at lr 5e-4, batch 8 x 4
     # accumulation steps, bf16 autocast where the device has it, prompt "Describe this image".
     # Meant for --lm hf:DIR (a pretrained SmolLM); on the default from-scratch decoder it runs as well.
-    "smolvlm": (dict(connector="qformer", num_queries=32, qformer_head="mlp", lora_r=64, lora_alpha=128),
-                dict(stage2="lora", itc_lr=1e-4, stage1_lr=1e-4, qformer_lr_scale=10.0, stage2_qformer=False,
+    "smolvlm": (dict(connector="qformer", num_queries=32, query_prior="none", qformer_head="mlp", lora_r=64,
+                     lora_alpha=128),
+                dict(stage2="lora", itc_steps=300, itc_lr=1e-4, stage1_lr=1e-4, qformer_lr_scale=10.0, stage2_qformer=False,
                      stage2_lr=5e-4, batch_size=32, grad_accum=4, bf16=True, caption_prompt="Describe this image")),
 }
 
@@ -328,6 +331,8 @@ class QFormerConnector(nn.Module):
         self.key_pos = KeyPositions(g, vision_width) if cfg.image_pos == "2d" else nn.Identity()
         if cfg.query_prior == "local":                # the prior on every cross-attention's logits
             self.qformer.cross_attention_bias = LocalPrior(cfg.num_queries, g)
+            if cfg.qformer_self_prior:                # and on the queries' attention among themselves
+                self.qformer.query_attention_bias = SelfPrior(cfg.num_queries)
 
     def keys(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, Lk, 1+N, Dv) -> (B, 1+N, Dv): the last layer, what the queries attend to (+ KeyPositions)."""
@@ -486,6 +491,20 @@ class LocalPrior(nn.Module):
         b = -torch.cdist(centres(s), centres(g)).square() * 2 * g * g                  # (Q, N)
         b = F.pad(b - b.amax(1, keepdim=True), (1, extra), value=-10.0).clamp(min=-10.0)
         self.bias = nn.Parameter(b)                                                    # (Q, 1 + N + extra)
+
+    def forward(self) -> torch.Tensor:
+        return self.bias
+
+
+class SelfPrior(nn.Module):
+    """Learned logits on the Q-Former's self-attention among its Q queries, 0 on the diagonal and -10
+    elsewhere: between its reads of the image each query starts listening to itself alone, and training
+    may open it to the others. With LocalPrior on the cross-attention alone, the self-attention of every
+    layer blends each query's place into every other's (a Perceiver latent's own keys start at -10 instead)."""
+
+    def __init__(self, num_queries: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.eye(num_queries) * 10.0 - 10.0)                  # (Q, Q)
 
     def forward(self) -> torch.Tensor:
         return self.bias
@@ -1212,7 +1231,7 @@ def text_stage(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> Stage:
 
 
 def align_stages(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> list[Stage]:
-    """Stage 1: the connector alone, LM frozen: (qformer: BLIP-2's ITC + ITM + ITG first, then) the caption
+    """Stage 1: the connector alone, LM frozen: (qformer with itc_steps: BLIP-2's ITC + ITM + ITG first, then) the caption
     loss through the LM. Data without captions (CLEVR) aligns on its questions and answers instead.
     The Q-Former's parts that read the image and have no pretrained counterpart get lr x qformer_lr_scale."""
     params, vcfg = set_stage(vlm, 1), vlm.config
@@ -1313,7 +1332,7 @@ def train_vlm(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> tuple[dict, VLM]:
     evals = run.eval_sets(vlm, tcfg, metrics)
     if evals and run.evaluate_stage1:
         metrics["after stage 1"] = {s: run.score(vlm, d)[0] for s, d in evals.items()}
-        if vcfg.connector == "qformer" and run.init is None and evals["test"].captions:
+        if vcfg.connector == "qformer" and run.init is None and tcfg.itc_steps and evals["test"].captions:
             metrics["retrieval after stage 1"] = qformer_retrieval(vlm, evals["test"])
     if tcfg.stage2 != "full":
         add_lora(vlm, quantize=tcfg.stage2 == "qlora")

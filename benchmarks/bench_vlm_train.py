@@ -67,7 +67,7 @@ def one_run(connector, mode, args):
     start_rss = lora.peak_rss_bytes()
     vcfg, tcfg = row_configs(args, connector=connector, stage2=mode, seed=args.seed)
     if args.stage1_steps is not None:
-        tcfg = replace(tcfg, stage1_steps=args.stage1_steps, itc_steps=args.stage1_steps)
+        tcfg = replace(tcfg, stage1_steps=args.stage1_steps, itc_steps=args.stage1_steps if tcfg.itc_steps else 0)
     if args.stage2_steps is not None:
         tcfg = replace(tcfg, stage2_steps=args.stage2_steps)
     if args.n_eval is not None:

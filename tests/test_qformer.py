@@ -157,6 +157,41 @@ def test_a_cross_attention_bias_is_added_to_every_cross_attentions_logits():
     assert not torch.allclose(model(image), model(other), atol=1e-3)
 
 
+def test_a_query_attention_bias_is_added_to_the_queries_logits_among_themselves():
+    """Zeros: BLIP-2's Q-Former in every pass (queries alone, queries + text under ITM's and ITG's masks).
+    -inf off the diagonal: each query attends to itself alone among the queries, so changing query j's
+    learned token leaves every other query's output alone; the text still attends to every query."""
+    torch.manual_seed(0)
+    model = QFormer(QFormerConfig.tiny(num_hidden_layers=3, cross_attention_freq=1)).eval()
+    Q = model.config.num_query_tokens
+    image = torch.randn(2, 5, model.config.encoder_hidden_size)
+    ids = torch.randint(4, model.config.vocab_size, (2, 6))
+    passes = [dict(), dict(input_ids=ids, mask_kind="itm"), dict(input_ids=ids, mask_kind="itg")]
+    plain = [model(image, **kw) for kw in passes]
+
+    class Bias(torch.nn.Module):
+        def __init__(self, table: torch.Tensor):
+            super().__init__()
+            self.table = table
+
+        def forward(self) -> torch.Tensor:
+            return self.table
+
+    model.query_attention_bias = Bias(torch.zeros(Q, Q))
+    assert all(torch.allclose(model(image, **kw), p, atol=1e-6) for kw, p in zip(passes, plain))
+    model.query_attention_bias = Bias(torch.full((Q, Q), float("-inf")).fill_diagonal_(0.0))
+    before, before_itm = model(image), model(image, input_ids=ids, mask_kind="itm")
+    with torch.no_grad():
+        model.query_tokens[:, 1] += torch.randn(model.config.hidden_size)        # (LayerNorm: not a constant)
+    after = model(image)
+    assert torch.allclose(before[:, [0, *range(2, Q)]], after[:, [0, *range(2, Q)]], atol=1e-6)
+    assert not torch.allclose(before[:, 1], after[:, 1], atol=1e-3)
+    after_itm = model(image, input_ids=ids, mask_kind="itm")                     # (B, Q+T, D)
+    assert not torch.allclose(before_itm[:, Q:], after_itm[:, Q:], atol=1e-3)    # the text reads query 1
+    model.query_attention_bias = None
+    assert not torch.allclose(model(image)[:, 0], before[:, 0], atol=1e-3)       # plain: the queries mix
+
+
 # ------------------------------------------------------------------------------------------------
 # Losses and hard negatives, hand-computed
 # ------------------------------------------------------------------------------------------------

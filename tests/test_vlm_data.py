@@ -307,8 +307,9 @@ def test_two_gloo_processes_equal_one_process_and_resume_equals_the_uninterrupte
 
 
 def qformer_configs():
-    # the shapes captions repeat, so ITM's "never a negative that matches" spans ranks here
-    return vt.VLMConfig.tiny(connector="qformer"), vt.TrainConfig.tiny(stage2="full")
+    # the shapes captions repeat, so ITM's "never a negative that matches" spans ranks here; BLIP-2's plain
+    # queries, as in the presets that run stage 1a (blip2, smolvlm)
+    return vt.VLMConfig.tiny(connector="qformer", query_prior="none"), vt.TrainConfig.tiny(stage2="full")
 
 
 def qformer_ddp_worker(rank, world, tmp):

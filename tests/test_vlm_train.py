@@ -204,21 +204,21 @@ def test_local_prior_starts_each_query_on_its_own_place():
         vt.VLMConfig(query_prior="gauss")
 
 
-def test_each_query_connector_has_its_own_number_of_queries_and_prior():
-    """Unset (0, ""), Q and the prior are the connector's own: the Perceiver 9 latents on places of their
-    own, the Q-Former BLIP-2's plain queries (16 here); what is set is kept, and the Perceiver without a
-    prior builds none."""
-    assert (vt.VLMConfig(connector="perceiver").num_queries, vt.VLMConfig(connector="perceiver").query_prior) == (9, "local")
-    for name in ("qformer", "mlp"):
-        assert (vt.VLMConfig(connector=name).num_queries, vt.VLMConfig(connector=name).query_prior) == (16, "none")
-    assert (vt.VLMConfig(connector="perceiver", num_queries=16, query_prior="none").num_queries,
-            vt.VLMConfig(connector="qformer", query_prior="local").query_prior) == (16, "local")
-    connector, M = vt.make_connector(vt.VLMConfig(connector="perceiver", tiny_vision=True), 48, 1, 36, 64)
-    assert M == 9 and connector.latents.shape == (9, 48) and connector.prior.bias.shape == (9, 1 + 36 + 9)
+def test_the_query_connectors_read_places_by_default_and_the_paper_presets_keep_plain_queries():
+    """By default both query connectors have 9 queries, one per cell of the scenes' 3 x 3 layout, each
+    starting on a place of its own (and the Q-Former's listening to itself); BLIP-2's and the Q-Former
+    tutorial's presets keep their papers' plain queries; query_prior="none" builds no prior."""
+    for name in ("perceiver", "qformer"):
+        connector, M = vt.make_connector(vt.VLMConfig(connector=name), 64, 1, 36, 64)
+        prior = connector.prior if name == "perceiver" else connector.qformer.cross_attention_bias
+        assert M == 9 and prior.bias.shape == (9, 1 + 36 + (9 if name == "perceiver" else 0))
+    assert connector.qformer.query_attention_bias.bias.shape == (9, 9)
+    for preset, queries in (("blip2", 16), ("smolvlm", 32)):
+        vcfg, _ = vt.PRESETS[preset]
+        qf, M = vt.make_connector(vt.VLMConfig(**vcfg), 64, 1, 36, 64)
+        assert M == queries and qf.qformer.cross_attention_bias is None and qf.qformer.query_attention_bias is None
     plain, M = vt.make_connector(vt.VLMConfig(connector="perceiver", query_prior="none"), 48, 1, 36, 64)
     assert M == 9 and plain.prior is None
-    qf, M = vt.make_connector(vt.VLMConfig(connector="qformer"), 64, 1, 36, 64)
-    assert M == 16 and qf.qformer.cross_attention_bias is None
 
 
 def test_a_query_connector_with_a_local_prior_reads_near_its_place(cache):
@@ -230,6 +230,12 @@ def test_a_query_connector_with_a_local_prior_reads_near_its_place(cache):
         prior = connector.prior if name == "perceiver" else connector.qformer.cross_attention_bias
         assert prior.bias.shape == (4, 1 + 16 + (4 if name == "perceiver" else 0))
         assert any(p is prior.bias for p in connector.parameters())
+    own = connector.qformer.query_attention_bias.bias                     # the Q-Former's queries: 0 on the diagonal
+    assert torch.equal(own, torch.tensor([[0.0 if i == j else -10.0 for j in range(4)] for i in range(4)]))
+    assert any(p is own for p in connector.parameters())
+    alone, _ = vt.make_connector(vt.VLMConfig.tiny(connector="qformer", query_prior="local", qformer_self_prior=False),
+                                 48, 1, 16, 32)
+    assert alone.qformer.query_attention_bias is None and alone.qformer.cross_attention_bias is not None
     torch.manual_seed(0)
     feats = torch.randn(1, 1, 17, 48)                                     # the tiny ViT's 4 x 4 patches
     far = feats.clone()
@@ -318,7 +324,7 @@ def test_demo_runs_on_the_tiny_preset(tmp_path, capsys):
 
 
 def test_a_local_prior_is_trained_saved_and_loaded(tmp_path, capsys):
-    vt.main(["--out", str(tmp_path), "--device", "cpu", "--connector", "perceiver"])   # the Perceiver's own prior
+    vt.main(["--out", str(tmp_path), "--device", "cpu", "--connector", "perceiver"])   # the default prior
     prior = vt.load_vlm(tmp_path).connector.prior.bias                     # the tiny demo: 4 latents, 4 x 4 patches
     saved = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert torch.equal(saved["connector.prior.bias"], prior)
