@@ -132,6 +132,17 @@ def test_cross_attention_every_freq_layers_and_separate_ffns():
     assert layer.crossattention.attention.key.in_features == model.config.encoder_hidden_size
 
 
+class TableBias(torch.nn.Module):
+    """A fixed logit table in the place of a learned prior (vlm_train.LocalPrior, SelfPrior)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+
+    def forward(self) -> torch.Tensor:
+        return self.table
+
+
 def test_a_cross_attention_bias_is_added_to_every_cross_attentions_logits():
     torch.manual_seed(0)
     model = QFormer(QFormerConfig.tiny(num_hidden_layers=3, cross_attention_freq=1)).eval()
@@ -139,18 +150,10 @@ def test_a_cross_attention_bias_is_added_to_every_cross_attentions_logits():
     image = torch.randn(2, N, model.config.encoder_hidden_size)
     plain = model(image)
 
-    class Bias(torch.nn.Module):
-        def __init__(self, table: torch.Tensor):
-            super().__init__()
-            self.table = table
-
-        def forward(self) -> torch.Tensor:
-            return self.table
-
-    model.cross_attention_bias = Bias(torch.zeros(Q, N))
+    model.cross_attention_bias = TableBias(torch.zeros(Q, N))
     assert torch.equal(model(image), plain)                           # a zero bias: BLIP-2's Q-Former
     # -inf on every key but the first: each query reads image token 0 alone, in every cross-attention
-    model.cross_attention_bias = Bias(torch.full((Q, N), float("-inf")).index_fill(1, torch.tensor([0]), 0.0))
+    model.cross_attention_bias = TableBias(torch.full((Q, N), float("-inf")).index_fill(1, torch.tensor([0]), 0.0))
     other = torch.cat([image[:, :1], torch.randn(2, N - 1, image.shape[-1])], dim=1)
     assert torch.allclose(model(image), model(other), atol=1e-6) and not torch.allclose(model(image), plain)
     model.cross_attention_bias = None
@@ -169,17 +172,9 @@ def test_a_query_attention_bias_is_added_to_the_queries_logits_among_themselves(
     passes = [dict(), dict(input_ids=ids, mask_kind="itm"), dict(input_ids=ids, mask_kind="itg")]
     plain = [model(image, **kw) for kw in passes]
 
-    class Bias(torch.nn.Module):
-        def __init__(self, table: torch.Tensor):
-            super().__init__()
-            self.table = table
-
-        def forward(self) -> torch.Tensor:
-            return self.table
-
-    model.query_attention_bias = Bias(torch.zeros(Q, Q))
+    model.query_attention_bias = TableBias(torch.zeros(Q, Q))
     assert all(torch.allclose(model(image, **kw), p, atol=1e-6) for kw, p in zip(passes, plain))
-    model.query_attention_bias = Bias(torch.full((Q, Q), float("-inf")).fill_diagonal_(0.0))
+    model.query_attention_bias = TableBias(torch.full((Q, Q), float("-inf")).fill_diagonal_(0.0))
     before, before_itm = model(image), model(image, input_ids=ids, mask_kind="itm")
     with torch.no_grad():
         model.query_tokens[:, 1] += torch.randn(model.config.hidden_size)        # (LayerNorm: not a constant)
