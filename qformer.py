@@ -597,9 +597,8 @@ class QFormer(nn.Module):
         x = torch.cat(parts, dim=1)                                                 # (B, Q+T, D)
         if self.query_attention_bias is not None and num_queries:                   # a float mask: logits + M
             L = x.shape[1]
-            bias = F.pad(self.query_attention_bias(), (0, L - num_queries, 0, L - num_queries))   # (Q+T, Q+T)
-            mask = bias.expand(len(x), -1, -1) if mask is None else (
-                bias + torch.zeros(mask.shape, device=x.device).masked_fill(~mask, float("-inf")))
+            own = F.pad(self.query_attention_bias(), (0, L - num_queries, 0, L - num_queries))   # (Q+T, Q+T)
+            mask = own.expand(len(x), -1, -1) if mask is None else torch.where(mask, own, float("-inf"))
         bias = None if self.cross_attention_bias is None or not num_queries else self.cross_attention_bias()
         return self.qformer(x, mask, image_embeds, num_queries, bias)
 
