@@ -1353,7 +1353,7 @@ def load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str 
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - tensors.keys()), sorted(tensors.keys() - own.keys())
     if missing or unexpected:
-        raise CheckpointError(f"{source} does not match the CLIP architecture: missing {missing[:8]}"
+        raise CheckpointError(f"{source} does not match the {type(model).__name__} it is loaded into: missing {missing[:8]}"
                               f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
                               f"{' ...' if len(unexpected) > 8 else ''}")
     bad = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in tensors.items()

@@ -466,7 +466,8 @@ def test_folders_that_are_not_clip_checkpoints(tmp_path, hf_dir):
     tensors.pop("visual_projection.weight")
     tensors["extra.weight"] = torch.zeros(1)
     save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(clip.CheckpointError, match=r"missing \['visual_projection.weight'\], unexpected \['extra.weight'\]"):
+    with pytest.raises(clip.CheckpointError, match=r"does not match the CLIP it is loaded into: "
+                                                   r"missing \['visual_projection.weight'\], unexpected \['extra.weight'\]"):
         clip.CLIP.from_pretrained(tmp_path)
 
 

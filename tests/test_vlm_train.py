@@ -249,6 +249,27 @@ def test_a_query_connector_with_a_local_prior_reads_near_its_place(cache):
     assert torch.allclose(out[:2], moved[:2], atol=1e-5) and not torch.allclose(out[2:], moved[2:], atol=1e-3)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_the_query_priors_under_bf16_autocast(device):
+    """The priors are float32 logits added to the scores of bf16 queries and keys when a stage runs under
+    autocast (bf16=True on a GPU): the connectors must run, give what float32 gives to bf16's precision
+    (8 bits of mantissa: a few tenths of a percent per operation, 1.3% after the Q-Former's layers on
+    the CPU), and pass gradients to the priors."""
+    torch.manual_seed(0)
+    feats = torch.randn(2, 1, 37, 64, device=device)                      # the default ViT's 6 x 6 patches
+    for name, attention in (("qformer", "softmax"), ("perceiver", "softmax"), ("perceiver", "compete")):
+        connector, _ = vt.make_connector(vt.VLMConfig(connector=name, perceiver_attention=attention), 64, 1, 36, 64)
+        connector.to(device)
+        ref = connector(feats)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = connector(feats)
+        assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().max() < 0.04 * ref.abs().max()
+        out.float().square().sum().backward()
+        priors = ([connector.prior.bias] if name == "perceiver" else
+                  [connector.qformer.cross_attention_bias.bias, connector.qformer.query_attention_bias.bias])
+        assert all(p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0 for p in priors)
+
+
 def test_competing_attention_with_one_latent_reads_the_mean_of_the_patches():
     """One latent has nothing to compete with: it takes every patch whole, and reads their mean value
     (then, as the plain layer, its own value; the two averaged)."""
