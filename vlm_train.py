@@ -623,6 +623,8 @@ def set_stage(vlm: VLM, stage: int, mode: str = "full", train_qformer: bool = Tr
         vlm.connector.requires_grad_(True)
         if not train_qformer and isinstance(vlm.connector, QFormerConnector):      # and what its queries read
             vlm.connector.qformer.requires_grad_(False), vlm.connector.key_pos.requires_grad_(False)
+            if vlm.connector.head is None:                  # BLIP-2's head, language_projection, sits in the Q-Former
+                vlm.connector.qformer.language_projection.requires_grad_(True)
     return [p for p in vlm.model.parameters() if p.requires_grad]
 
 

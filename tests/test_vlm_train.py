@@ -249,6 +249,19 @@ def test_a_query_connector_with_a_local_prior_reads_near_its_place(cache):
     assert torch.allclose(out[:2], moved[:2], atol=1e-5) and not torch.allclose(out[2:], moved[2:], atol=1e-3)
 
 
+def test_stage2_with_the_qformer_frozen_still_trains_its_head(cache):
+    """stage2_qformer=False freezes the Q-Former and what its queries read, and trains its head with the
+    LM: the MLP adapter (qformer_head="mlp", tested with the smolvlm preset), or with BLIP-2's linear head
+    the language_projection, which lives inside the Q-Former."""
+    vlm, _, _, _ = build("qformer", cache)
+    params = vt.set_stage(vlm, 2, "full", train_qformer=False)
+    names = {n for n, p in vlm.model.named_parameters() if p.requires_grad}
+    assert {n for n in names if n.startswith("connector.")} == {"connector.qformer.language_projection.weight",
+                                                                 "connector.qformer.language_projection.bias"}
+    assert {id(p) for p in params} == {id(p) for n, p in vlm.model.named_parameters() if n in names}
+    assert {n for n in names if not n.startswith("connector.")} == {n for n, _ in vlm.lm.named_parameters(prefix="language_model")}
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_the_query_priors_under_bf16_autocast(device):
     """The priors are float32 logits added to the scores of bf16 queries and keys when a stage runs under
