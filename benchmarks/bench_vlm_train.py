@@ -242,7 +242,7 @@ def probe_table(vlm, n_train=2000, n_test=1000, test_seed=12345):
     occupied = tr["cells"][0] < empty, te["cells"][0] < empty
     for name, key in (("ViT, last layer: a cell's own token", "vit"), ("connector output: a cell's own token", "connector")):
         if tr[key].shape[1] != 9:
-            continue                                 # a query connector's tokens belong to no one cell
+            continue                                 # 16 plain queries: tokens that belong to no one cell
         for what, i in (("colour of the cell", 0), ("kind of the cell", 1)):
             rows.append((name, what, ridge_probe(tr[key].flatten(0, 1), tr["cells"][i].flatten(),
                                                  te[key].flatten(0, 1), te["cells"][i].flatten())))
