@@ -266,8 +266,8 @@ def test_stage2_with_the_qformer_frozen_still_trains_its_head(cache):
 def test_the_query_priors_under_bf16_autocast(device):
     """The priors are float32 logits added to the scores of bf16 queries and keys when a stage runs under
     autocast (bf16=True on a GPU): the connectors must run, give what float32 gives to bf16's precision
-    (8 bits of mantissa: a few tenths of a percent per operation, 1.3% after the Q-Former's layers on
-    the CPU), and pass gradients to the priors."""
+    (8 bits of mantissa: a few tenths of a percent per operation, compounding over the layers; 4% of the
+    largest output allows about ten), and pass gradients to the priors."""
     torch.manual_seed(0)
     feats = torch.randn(2, 1, 37, 64, device=device)                      # the default ViT's 6 x 6 patches
     for name, attention in (("qformer", "softmax"), ("perceiver", "softmax"), ("perceiver", "compete")):
