@@ -136,6 +136,7 @@ class VLMConfig:
     perceiver_attention: str = "softmax"   # "compete": the latents share out each patch (competing_attention)
     query_prior: str = "local"         # each query starts reading a place of its own (LocalPrior); "none": BLIP-2's, Flamingo's
     qformer_self_prior: bool = True    # with query_prior="local", the Q-Former's queries start listening to themselves
+    qformer_zero_ffn: bool = False     # the queries' feed-forward outputs start at zero: each layer starts passing on what they read
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
     image_pos: str = "2d"              # learned row + column positions: GridPositions (per-patch), KeyPositions (queries)
@@ -333,6 +334,9 @@ class QFormerConnector(nn.Module):
             self.qformer.cross_attention_bias = LocalPrior(cfg.num_queries, g)
             if cfg.qformer_self_prior:                # and on the queries' attention among themselves
                 self.qformer.query_attention_bias = SelfPrior(cfg.num_queries)
+        if cfg.qformer_zero_ffn:                      # FFN(x) = 0 at first: LayerNorm(x + FFN(x)) = x
+            for layer in self.qformer.qformer.encoder.layer:
+                nn.init.zeros_(layer.output_query.dense.weight)
 
     def keys(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, Lk, 1+N, Dv) -> (B, 1+N, Dv): the last layer, what the queries attend to (+ KeyPositions)."""

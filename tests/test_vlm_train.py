@@ -249,6 +249,23 @@ def test_a_query_connector_with_a_local_prior_reads_near_its_place(cache):
     assert torch.allclose(out[:2], moved[:2], atol=1e-5) and not torch.allclose(out[2:], moved[2:], atol=1e-3)
 
 
+def test_qformer_zero_ffn_starts_each_query_feed_forward_as_the_identity():
+    """qformer_zero_ffn: the queries' feed-forward output weights start at zero, so each post-norm layer
+    LayerNorm(x + W2 GELU(W1 x + b1) + b2) passes on a LayerNorm output x unchanged, and W2 still learns."""
+    torch.manual_seed(0)
+    plain, _ = vt.make_connector(vt.VLMConfig(connector="qformer"), 64, 1, 36, 64)
+    torch.manual_seed(0)
+    zero, _ = vt.make_connector(vt.VLMConfig(connector="qformer", qformer_zero_ffn=True), 64, 1, 36, 64)
+    x = torch.nn.functional.layer_norm(torch.randn(2, 9, 64), (64,))          # (B, Q, D), as a layer's queries
+    for a, b in zip(plain.qformer.qformer.encoder.layer, zero.qformer.qformer.encoder.layer):
+        assert (b.output_query.dense.weight == 0).all() and torch.equal(a.intermediate_query.dense.weight,
+                                                                         b.intermediate_query.dense.weight)
+        assert torch.allclose(b.output_query(b.intermediate_query(x), x), x, atol=1e-5)
+        assert not torch.allclose(a.output_query(a.intermediate_query(x), x), x, atol=1e-2)
+    zero(torch.randn(2, 1, 37, 64)).square().sum().backward()
+    assert all(layer.output_query.dense.weight.grad.abs().sum() > 0 for layer in zero.qformer.qformer.encoder.layer)
+
+
 def test_stage2_with_the_qformer_frozen_still_trains_its_head(cache):
     """stage2_qformer=False freezes the Q-Former and what its queries read, and trains its head with the
     LM: the MLP adapter (qformer_head="mlp", tested with the smolvlm preset), or with BLIP-2's linear head
