@@ -54,7 +54,8 @@ each a field that switches it off: learned row + column vectors on what the LM o
 above and below drawn equally often in stage 2 (balance_position). The decoder keeps one key / value
 head per query head (lm_kv_heads = lm_heads). The query connectors (Q-Former, Perceiver) get one query
 per cell of the scenes' 3 x 3 layout, each starting on a place of its own (query_prior, LocalPrior;
-the Q-Former's also listening to itself, SelfPrior).
+the Q-Former's also listening to itself, SelfPrior); query_prior="window" keeps each query inside its
+cell, and query_pos gives their output tokens the row and column of their cell (QueryPositions).
 
 Evaluation: exact match and ROUGE-1/2/L (rouge.py) of greedy answers, overall and per kind, after
 stage 1 and after stage 2; retrieval R@1/5 of the Q-Former's ITC features after stage 1a.
@@ -134,7 +135,9 @@ class VLMConfig:
     qformer_vocab: tuple = ()          # the Q-Former's text words: () = clip.ShapesTokenizer's; --data: the folder's
     perceiver_layers: int = 2
     perceiver_attention: str = "softmax"   # "compete": the latents share out each patch (competing_attention)
-    query_prior: str = "local"         # each query starts reading a place of its own (LocalPrior); "none": BLIP-2's, Flamingo's
+    query_prior: str = "local"         # each query starts reading a place of its own (LocalPrior); "none": BLIP-2's, Flamingo's;
+                                       # "window": and reads nothing outside its cell
+    query_pos: bool = False            # the query connectors' Q output tokens get GridPositions too (a row + column per query)
     qformer_self_prior: bool = True    # with query_prior="local", the Q-Former's queries start listening to themselves
     qformer_zero_ffn: bool = False     # the queries' feed-forward outputs start at zero: each layer starts passing on what they read
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
@@ -150,9 +153,12 @@ class VLMConfig:
         if self.connector not in CONNECTORS:
             raise ValueError(f"connector must be one of {CONNECTORS}, got {self.connector!r}")
         for name, allowed in (("qformer_head", ("linear", "mlp")), ("perceiver_attention", ("softmax", "compete")),
-                              ("query_prior", ("none", "local"))):
+                              ("query_prior", ("none", "local", "window"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {getattr(self, name)!r}")
+        if self.query_prior == "window" and self.perceiver_attention == "compete":
+            raise ValueError("query_prior='window' leaves the class token to no latent, and perceiver_attention="
+                             "'compete' shares each key out among the latents: use one or the other")
         if self.image_pos not in ("none", "2d") or self.position_answer not in ("word", "named"):
             raise ValueError(f"image_pos must be 'none' or '2d' and position_answer 'word' or 'named', got "
                              f"{self.image_pos!r} and {self.position_answer!r}")
@@ -330,13 +336,14 @@ class QFormerConnector(nn.Module):
                                                lm_hidden_size=width if cfg.qformer_head == "linear" else 0))
         self.head = MLPConnector.mlp(config.hidden_size, width) if cfg.qformer_head == "mlp" else None
         self.key_pos = KeyPositions(g, vision_width) if cfg.image_pos == "2d" else nn.Identity()
-        if cfg.query_prior == "local":                # the prior on every cross-attention's logits
-            self.qformer.cross_attention_bias = LocalPrior(cfg.num_queries, g)
+        if cfg.query_prior != "none":                 # the prior on every cross-attention's logits
+            self.qformer.cross_attention_bias = LocalPrior(cfg.num_queries, g, window=cfg.query_prior == "window")
             if cfg.qformer_self_prior:                # and on the queries' attention among themselves
                 self.qformer.query_attention_bias = SelfPrior(cfg.num_queries)
         if cfg.qformer_zero_ffn:                      # FFN(x) = 0 at first: LayerNorm(x + FFN(x)) = x
             for layer in self.qformer.qformer.encoder.layer:
                 nn.init.zeros_(layer.output_query.dense.weight)
+        self.query_pos = QueryPositions(cfg.num_queries, width) if cfg.query_pos else nn.Identity()
 
     def keys(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, Lk, 1+N, Dv) -> (B, 1+N, Dv): the last layer, what the queries attend to (+ KeyPositions)."""
@@ -344,8 +351,8 @@ class QFormerConnector(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if self.head is None:
-            return self.qformer.language_model_inputs(self.keys(feats))              # (B, N, Dv) -> (B, Q, D)
-        return self.head(self.qformer(self.keys(feats)))                             # (B, Q, Dq) -> (B, Q, D)
+            return self.query_pos(self.qformer.language_model_inputs(self.keys(feats)))   # (B, N, Dv) -> (B, Q, D)
+        return self.query_pos(self.head(self.qformer(self.keys(feats))))             # (B, Q, Dq) -> (B, Q, D)
 
 
 def competing_attention(attn: nn.MultiheadAttention, q: torch.Tensor, kv: torch.Tensor, n_media: int,
@@ -403,7 +410,7 @@ class PerceiverResampler(nn.Module):
     Simplified: one image, so Flamingo's learned time embeddings (added per frame, then the frames
     flattened) are left out; the ViT's position embeddings already mark where each patch is. Then a
     final LayerNorm and a linear map to the LM's width (Flamingo feeds its cross-attention instead).
-    g: the side of the ViT's patch grid; query_prior="local" adds LocalPrior's logits in every layer.
+    g: the side of the ViT's patch grid; query_prior="local" / "window" adds LocalPrior's logits in every layer.
     """
 
     def __init__(self, vision_width: int, width: int, cfg: VLMConfig, g: int, heads: int = 4):
@@ -414,7 +421,9 @@ class PerceiverResampler(nn.Module):
         self.norm = nn.LayerNorm(vision_width)
         self.linear = nn.Linear(vision_width, width)
         self.key_pos = KeyPositions(g, vision_width) if cfg.image_pos == "2d" else nn.Identity()
-        self.prior = LocalPrior(cfg.num_queries, g, cfg.num_queries) if cfg.query_prior == "local" else None
+        self.prior = (None if cfg.query_prior == "none" else
+                      LocalPrior(cfg.num_queries, g, cfg.num_queries, window=cfg.query_prior == "window"))
+        self.query_pos = QueryPositions(cfg.num_queries, width) if cfg.query_pos else nn.Identity()
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         x = self.key_pos(feats[:, -1])                                                # (B, 1+N, Dv)
@@ -422,7 +431,7 @@ class PerceiverResampler(nn.Module):
         bias = None if self.prior is None else self.prior()                           # (Q, 1+N+Q)
         for layer in self.layers:
             latents = layer(x, latents, bias)
-        return self.linear(self.norm(latents))                                        # (B, Q, Dv) -> (B, Q, D)
+        return self.query_pos(self.linear(self.norm(latents)))                        # (B, Q, Dv) -> (B, Q, D)
 
 
 class GridPositions(nn.Module):
@@ -469,6 +478,24 @@ class KeyPositions(nn.Module):
         return torch.cat([z[:, :1], z[:, 1:] + grid_table(self.rows, self.cols)], dim=1)
 
 
+class QueryPositions(nn.Module):
+    """GridPositions for a query connector (query_pos): query q of Q = s x s owns cell q of an s x s grid
+    (LocalPrior's places), and its output token gets that cell's R[r] + C[c], so the place is in what the
+    LM reads from it, as it is for a per-patch connector's tokens (KeyPositions put it only in what the
+    queries read, where a query may keep it or not)."""
+
+    def __init__(self, num_queries: int, width: int):
+        super().__init__()
+        s = math.isqrt(num_queries)
+        if s * s != num_queries:
+            raise ConfigError(f"query_pos gives each query a row and a column: num_queries must be a square "
+                              f"(4, 9, 16, ...), got {num_queries}")
+        self.rows, self.cols = nn.Embedding(s, width), nn.Embedding(s, width)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:                               # (B, Q, D)
+        return u + grid_table(self.rows, self.cols)
+
+
 class LocalPrior(nn.Module):
     """Learned attention logits that start each of Q = s x s queries reading a place of its own:
 
@@ -483,9 +510,14 @@ class LocalPrior(nn.Module):
     colour went with which shape; a query that starts on one place reads one shape. Honeybee's
     D-Abstractor (Cha et al. 2024, sec. 3.2) starts its queries' deformable attention from reference
     points on a grid for this locality; ConViT (d'Ascoli et al. 2021, sec. 3) starts its attention
-    local as a learned bias too."""
+    local as a learned bias too.
 
-    def __init__(self, num_queries: int, g: int, extra: int = 0):
+    window=True (query_prior="window") adds a fixed mask W: 0 on the patches whose centres lie in the
+    query's own cell (its 2 x 2 block), -inf on the others and on the class token, so the query reads
+    its cell and nothing else however its own logits q k^T / sqrt(d) grow (TokenPacker, Li et al. 2024,
+    sec. 3.2: each query attends only to its own region of the features); `extra` keys stay open."""
+
+    def __init__(self, num_queries: int, g: int, extra: int = 0, window: bool = False):
         super().__init__()
         s = math.isqrt(num_queries)
         if s * s != num_queries:
@@ -495,9 +527,16 @@ class LocalPrior(nn.Module):
         b = -torch.cdist(centres(s), centres(g)).square() * 2 * g * g                  # (Q, N)
         b = F.pad(b - b.amax(1, keepdim=True), (1, extra), value=-10.0).clamp(min=-10.0)
         self.bias = nn.Parameter(b)                                                    # (Q, 1 + N + extra)
+        outside = torch.cdist(centres(s), centres(g), p=float("inf")) > 0.5 / s + 1e-6   # (Q, N): not in its cell
+        if window and outside.all(1).any():
+            raise ConfigError(f"query_prior=window: {num_queries} queries make cells smaller than the {g} x {g} "
+                              f"patches, and a cell with no patch in it reads nothing; use at most {g * g} queries")
+        mask = F.pad(outside, (1, extra), value=False)
+        mask[:, 0] = True                                                              # the class token
+        self.register_buffer("window", torch.zeros_like(b).masked_fill(mask & window, float("-inf")), persistent=False)
 
     def forward(self) -> torch.Tensor:
-        return self.bias
+        return self.bias + self.window                                                 # (Q, 1 + N + extra)
 
 
 class SelfPrior(nn.Module):

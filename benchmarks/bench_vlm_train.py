@@ -23,7 +23,8 @@ peak is the step's own):
 where: linear probes fit on frozen features of training scenes and scored on scenes of a seed no run
 saw, each beside its chance level (always the test rows' most common class), on the ViT's tokens, the
 connector's output tokens and the LM's hidden states where the answer to a position question is
-predicted:
+predicted. On a 9-query Q-Former (query q = cell q) it also probes each query's state after every
+sub-layer for its own cell's colour and kind, and reports where each cross-attention's weight falls:
 
     python benchmarks/bench_vlm_train.py --probe DIR           # a minute or two on one thread
 
@@ -35,6 +36,7 @@ error):
     python benchmarks/bench_vlm_train.py --scratchpad DIR      # seconds
 """
 import argparse
+import math
 import multiprocessing as mp
 import sys
 import time
@@ -271,6 +273,79 @@ def probe_table(vlm, n_train=2000, n_test=1000, test_seed=12345):
     return [{"features": f, "target": t, **r} for f, t, r in rows]
 
 
+@torch.no_grad()
+def qformer_states(vlm, scenes):
+    """A 9-query Q-Former's query states after every sub-layer of every layer, (S, 9, D) each (first, for
+    reference, each cell's frozen ViT tokens side by side and their mean), and for each
+    cross-attention the weights of its queries on the 1+N keys, (S, H, 9, 1+N), with its content logits
+    q k^T / sqrt(d) alone (the prior left out)."""
+    images = vt.rendered(scenes, [], vlm.processor.image_size).images
+    states, reads, hooks = {}, [], []
+
+    def attention_weights(module, args):                  # MultiHeadAttention(x, context, mask), by hand
+        x, context, mask = args
+        heads = lambda t: t.unflatten(-1, (module.num_heads, -1)).transpose(1, 2)   # noqa: E731
+        logits = heads(module.query(x)) @ heads(module.key(context)).transpose(-1, -2) / (x.shape[-1] // module.num_heads) ** 0.5
+        reads.append(((logits if mask is None else logits + mask[:, None]).softmax(-1), logits))
+
+    for i, layer in enumerate(vlm.connector.qformer.qformer.encoder.layer):
+        for name, what in (("attention", "self-attention"), ("crossattention", "cross-attention (a read of the image)"),
+                           ("output_query", "feed-forward")):
+            if getattr(layer, name) is not None:
+                key = f"Q-Former layer {i + 1}, after its {what}: a query's token"
+                hooks.append(getattr(layer, name).register_forward_hook(
+                    lambda m, a, out, key=key: states.setdefault(key, []).append(out[:, :9])))
+        if layer.crossattention is not None:
+            hooks.append(layer.crossattention.attention.register_forward_pre_hook(attention_weights))
+    patches = []
+    try:
+        for s in range(0, len(images), 500):
+            feats = vlm.image_inputs(images[s:s + 500])
+            patches.append(feats[:, -1, 1:])                                    # (B, N, Dv): what the queries read
+            vlm.connector(feats)
+    finally:
+        for h in hooks:
+            h.remove()
+    # what a read can keep: a cell's patch tokens side by side (as merge_patches gives a per-patch
+    # connector) and their mean (what a read that weighs them evenly gets)
+    patches, own = torch.cat(patches), vt.LocalPrior(9, math.isqrt(patches[0].shape[1]), window=True).window[:, 1:].isfinite()
+    cells = {"ViT, last layer: the mean of a cell's patch tokens": (own.double() / own.sum(1, keepdim=True)) @ patches.double()}
+    if len(set(own.sum(1).tolist())) == 1:                                      # every cell holds as many patches
+        cells["ViT, last layer: a cell's patch tokens side by side"] = patches[:, own.nonzero()[:, 1].view(9, -1)].flatten(2)
+    n_reads = len(reads) // len(range(0, len(images), 500))
+    return ({**cells, **{k: torch.cat(v) for k, v in states.items()}},
+            [(torch.cat([w for w, _ in reads[r::n_reads]]), torch.cat([c for _, c in reads[r::n_reads]]))
+             for r in range(n_reads)])
+
+
+def qformer_layer_table(vlm, n_train=2000, n_test=1000, test_seed=12345):
+    """Where a 9-query Q-Former (query q = cell q of the scenes' 3 x 3 layout) keeps and loses what is in
+    its cell, sub-layer by sub-layer: each query's state probed for its cell's colour and kind, and the
+    share of each cross-attention's weight that falls on the query's own 2 x 2 block of patches."""
+    scenes = [vt.draw_scenes(n, seed, "train" if seed == 0 else "test")[0] for n, seed in ((n_train, 0), (n_test, test_seed))]
+    (tr, _), (te, reads) = (qformer_states(vlm, x) for x in scenes)
+    cells_tr, cells_te = (cell_labels(x) for x in scenes)
+    rows = [(key, what, ridge_probe(tr[key].flatten(0, 1), cells_tr[i].flatten(), te[key].flatten(0, 1),
+                                    cells_te[i].flatten()))
+            for key in tr for what, i in (("colour of its cell", 0), ("kind of its cell", 1))]
+    print(f"\n## the Q-Former's queries, sub-layer by sub-layer: fit on {n_train} training scenes, scored on "
+          f"{n_test} scenes of seed {test_seed}\n")
+    print("| features | target | accuracy | chance | n |")
+    print("|---|---|---:|---:|---:|")
+    for features, target, r in rows:
+        print(f"| {features} | {target} | {r['acc']:.1f}% | {r['chance']:.1f}% | {r['n']} |")
+    own = vt.LocalPrior(9, math.isqrt(reads[0][0].shape[-1] - 1), window=True).window[:, 1:].isfinite()   # (9, N)
+    print("\n| cross-attention | weight on the query's own cell (its share of the patches) | on the class token "
+          "| content logits' spread, max - min over the keys (mean over queries and heads) |")
+    print("|---|---:|---:|---:|")
+    for r, (weights, logits) in enumerate(reads):
+        share = (weights[..., 1:] * own).sum(-1).mean().item()
+        spread = (logits.amax(-1) - logits.amin(-1)).mean().item()
+        print(f"| read {r + 1} | {100 * share:.1f}% ({100 * own.double().mean().item():.1f}%) | {100 * weights[..., 0].mean().item():.1f}% "
+              f"| {spread:.1f} |")
+    return [{"features": f, "target": t, **r} for f, t, r in rows]
+
+
 def scratchpad_table(out):
     """Where a named-answer run's wrong position answers go wrong: the balanced position split of its
     evaluation (vlm_train.position_scenes, the run's seed + 1), each answer's shown work against the
@@ -354,7 +429,11 @@ def main(argv=None):
     if args.probe:
         torch.set_num_threads(args.threads)
         n_train, n_test = (int(x) for x in args.probe_scenes.split(","))
-        return probe_table(vt.load_vlm(args.probe), n_train, n_test)
+        vlm = vt.load_vlm(args.probe)
+        rows = probe_table(vlm, n_train, n_test)
+        if isinstance(vlm.connector, vt.QFormerConnector) and vlm.config.num_queries == 9:
+            rows += qformer_layer_table(vlm, n_train, n_test)
+        return rows
     if args.tiny:
         args.stage1_steps, args.stage2_steps, args.n_eval = None, None, None
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"

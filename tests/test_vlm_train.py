@@ -200,8 +200,63 @@ def test_local_prior_starts_each_query_on_its_own_place():
     assert weight[2:4, 2:4].sum() > 0.96
     with pytest.raises(vt.ConfigError, match="num_queries must be a square .* got 32"):
         vt.LocalPrior(32, 6)
-    with pytest.raises(ValueError, match="query_prior must be 'none' or 'local', got 'gauss'"):
+    with pytest.raises(ValueError, match="query_prior must be 'none' or 'local' or 'window', got 'gauss'"):
         vt.VLMConfig(query_prior="gauss")
+
+
+def test_a_windowed_prior_keeps_each_query_in_its_cell_however_its_logits_grow():
+    """query_prior="window": the same learned logits plus a fixed mask, 0 on the query's own cell (its
+    2 x 2 block of the 6 x 6 patches) and -inf on every other patch and the class token; a Perceiver
+    latent's own keys stay open. However large the content logits q k^T grow, a one-layer Perceiver's
+    latent reads nothing outside its cell."""
+    window = vt.LocalPrior(9, 6, extra=9, window=True)
+    table = window().detach()
+    assert torch.isinf(table[:, 0]).all() and torch.isfinite(table[:, 37:]).all()
+    b = table[:, 1:37].reshape(3, 3, 6, 6)
+    for r in range(3):
+        for c in range(3):
+            inside = torch.zeros(6, 6, dtype=torch.bool)
+            inside[2 * r:2 * r + 2, 2 * c:2 * c + 2] = True
+            assert torch.isfinite(b[r, c][inside]).all() and torch.isinf(b[r, c][~inside]).all()
+    assert torch.equal(window.bias, vt.LocalPrior(9, 6, extra=9).bias)      # the learned part is the same
+    assert "window" not in window.state_dict()                              # rebuilt from the config, not saved
+    cfg = vt.VLMConfig.tiny(connector="perceiver", query_prior="window", image_pos="none", perceiver_layers=1)
+    perceiver, _ = vt.make_connector(cfg, 48, 1, 16, 32)
+    with torch.no_grad():
+        perceiver.layers[0].attn.in_proj_weight.mul_(30.0)                  # content logits in the hundreds
+    torch.manual_seed(0)
+    feats = torch.randn(1, 1, 17, 48)                                       # the tiny ViT's 4 x 4 patches
+    far = feats.clone()
+    far[:, :, 0] += 5.0                                                     # the class token
+    far[:, :, 1 + 10:] += torch.randn(1, 1, 6, 48)                          # patches 10-15: the bottom half but 8, 9
+    out, moved = perceiver(feats)[0], perceiver(far)[0]                     # latents 0, 1 own the top half
+    assert torch.allclose(out[:2], moved[:2], atol=1e-5) and not torch.allclose(out[2:], moved[2:], atol=1e-3)
+    out.square().sum().backward()
+    grad = perceiver.prior.bias.grad
+    outside = torch.isinf(perceiver.prior()[:, :17]).detach()                 # (Q, 1 + N)
+    assert torch.isfinite(grad).all() and (grad[:, :17][outside] == 0).all() and grad[:, :17].abs().sum() > 0
+    with pytest.raises(vt.ConfigError, match="49 queries make cells smaller than the 6 x 6 patches"):
+        vt.LocalPrior(49, 6, window=True)
+    assert torch.isfinite(vt.LocalPrior(36, 6, window=True)()[:, 1:].diagonal()).all()   # one patch each
+    with pytest.raises(ValueError, match="query_prior='window' .* perceiver_attention='compete'"):
+        vt.VLMConfig(connector="perceiver", query_prior="window", perceiver_attention="compete")
+
+
+def test_query_pos_adds_each_query_cell_row_and_column_to_its_output_token():
+    """query_pos: the query connectors' output token q gets R[r] + C[c] of its cell (r, c) = divmod(q, s),
+    drawn after every other weight of the connector, so the rest starts as it would without them."""
+    feats = torch.randn(2, 1, 37, 64)
+    for name in ("qformer", "perceiver"):
+        torch.manual_seed(0)
+        plain, _ = vt.make_connector(vt.VLMConfig(connector=name), 64, 1, 36, 64)
+        torch.manual_seed(0)
+        placed, _ = vt.make_connector(vt.VLMConfig(connector=name, query_pos=True), 64, 1, 36, 64)
+        R, C = placed.query_pos.rows.weight, placed.query_pos.cols.weight  # (3, D) each
+        by_hand = torch.stack([R[q // 3] + C[q % 3] for q in range(9)])
+        assert torch.allclose(placed(feats) - plain(feats), by_hand.expand(2, -1, -1), atol=1e-5)
+    with pytest.raises(vt.ConfigError, match="query_pos .* num_queries must be a square .* got 32"):
+        vt.make_connector(vt.VLMConfig(connector="qformer", num_queries=32, query_prior="none", query_pos=True),
+                          64, 1, 36, 64)
 
 
 def test_the_query_connectors_read_places_by_default_and_the_paper_presets_keep_plain_queries():
@@ -287,8 +342,11 @@ def test_the_query_priors_under_bf16_autocast(device):
     largest output allows about ten), and pass gradients to the priors."""
     torch.manual_seed(0)
     feats = torch.randn(2, 1, 37, 64, device=device)                      # the default ViT's 6 x 6 patches
-    for name, attention in (("qformer", "softmax"), ("perceiver", "softmax"), ("perceiver", "compete")):
-        connector, _ = vt.make_connector(vt.VLMConfig(connector=name, perceiver_attention=attention), 64, 1, 36, 64)
+    for name, attention, prior in (("qformer", "softmax", "local"), ("perceiver", "softmax", "local"),
+                                   ("perceiver", "compete", "local"), ("qformer", "softmax", "window"),
+                                   ("perceiver", "softmax", "window")):
+        cfg = vt.VLMConfig(connector=name, perceiver_attention=attention, query_prior=prior)
+        connector, _ = vt.make_connector(cfg, 64, 1, 36, 64)
         connector.to(device)
         ref = connector(feats)
         with torch.autocast(device, dtype=torch.bfloat16):
@@ -821,6 +879,29 @@ def test_the_probe_command_runs_on_a_trained_run(tmp_path, capsys):
     assert {r["target"] for r in lm} == {"answer", "a column", "b column"} and len(lm) == 3 * vt.VLMConfig.tiny().lm_layers
     assert all(0 <= r["acc"] <= 100 and 0 < r["chance"] <= 100 and r["n"] > 0 for r in rows)
     assert "| features | target | accuracy | chance | n |" in capsys.readouterr().out
+
+
+def test_the_qformer_layer_probe_reads_every_sub_layer_and_each_read_of_the_image(cache, capsys):
+    """--probe on a 9-query Q-Former also probes each query's state after every sub-layer: the hooks
+    catch the states the Q-Former computes (the last one is its output), and each cross-attention's
+    weights, recomputed by hand, are a distribution whose share on the query's own cell is reported."""
+    vcfg = vt.VLMConfig.tiny(connector="qformer", num_queries=9, query_prior="window")
+    vlm, _ = vt.build_vlm(vcfg, vt.TrainConfig.tiny(), vt.Run(cache, CPU, progress=False))
+    scenes = vt.draw_scenes(20, 0, "train")[0]
+    states, reads = bench().qformer_states(vlm, scenes)
+    layers = len(vlm.connector.qformer.qformer.encoder.layer)
+    assert len(states) == 1 + 2 * layers + len(reads) and len(reads) == (layers + 1) // 2   # 1: the ViT's mean
+    feats = vlm.image_inputs(vt.rendered(scenes, [], vlm.processor.image_size).images)
+    with torch.no_grad():
+        out = vlm.connector.qformer(vlm.connector.keys(feats))                       # (S, 9, Dq)
+    assert torch.allclose(list(states.values())[-1], out, atol=1e-6)
+    weights, logits = reads[0]                                                          # (S, H, 9, 1+N)
+    assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[:-1]), atol=1e-5)
+    outside = vt.LocalPrior(9, 4, window=True).window.isinf()                           # the tiny ViT's 4 x 4 patches
+    assert (weights[..., outside] == 0).all() and torch.isfinite(logits).all()
+    rows = bench().qformer_layer_table(vlm, 40, 20)
+    assert len(rows) == 2 * len(states) and all(0 <= r["acc"] <= 100 and r["n"] == 20 * 9 for r in rows)
+    assert "| read 1 | 100.0% (" in capsys.readouterr().out                           # the window: all on its cell
 
 
 def test_the_probe_labels_each_cell_and_each_position_question_by_hand():
