@@ -138,7 +138,7 @@ class VLMConfig:
     query_prior: str = "local"         # each query starts reading a place of its own (LocalPrior); "none": BLIP-2's, Flamingo's;
                                        # "window": and reads nothing outside its cell
     query_pos: bool = False            # the query connectors' Q output tokens get GridPositions too (a row + column per query)
-    qformer_self_prior: bool = True    # with query_prior="local", the Q-Former's queries start listening to themselves
+    qformer_self_prior: bool = True    # with a query_prior, the Q-Former's queries start listening to themselves
     qformer_zero_ffn: bool = False     # the queries' feed-forward outputs start at zero: each layer starts passing on what they read
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
