@@ -527,16 +527,18 @@ class LocalPrior(nn.Module):
         b = -torch.cdist(centres(s), centres(g)).square() * 2 * g * g                  # (Q, N)
         b = F.pad(b - b.amax(1, keepdim=True), (1, extra), value=-10.0).clamp(min=-10.0)
         self.bias = nn.Parameter(b)                                                    # (Q, 1 + N + extra)
-        outside = torch.cdist(centres(s), centres(g), p=float("inf")) > 0.5 / s + 1e-6   # (Q, N): not in its cell
-        if window and outside.all(1).any():
-            raise ConfigError(f"query_prior=window: {num_queries} queries make cells smaller than the {g} x {g} "
-                              f"patches, and a cell with no patch in it reads nothing; use at most {g * g} queries")
-        mask = F.pad(outside, (1, extra), value=False)
-        mask[:, 0] = True                                                              # the class token
-        self.register_buffer("window", torch.zeros_like(b).masked_fill(mask & window, float("-inf")), persistent=False)
+        self.register_buffer("window", None, persistent=False)
+        if window:
+            outside = torch.cdist(centres(s), centres(g), p=float("inf")) > 0.5 / s + 1e-6   # (Q, N): not in its cell
+            if outside.all(1).any():
+                raise ConfigError(f"query_prior=window: {num_queries} queries make cells smaller than the {g} x {g} "
+                                  f"patches, and a cell with no patch in it reads nothing; use at most {g * g} queries")
+            mask = F.pad(outside, (1, extra), value=True)
+            mask[:, 1 + g * g:] = False                                                # `extra` keys stay open
+            self.window = torch.zeros_like(b).masked_fill(mask, float("-inf"))         # (Q, 1 + N + extra)
 
     def forward(self) -> torch.Tensor:
-        return self.bias + self.window                                                 # (Q, 1 + N + extra)
+        return self.bias if self.window is None else self.bias + self.window
 
 
 class SelfPrior(nn.Module):

@@ -265,12 +265,23 @@ def probe_table(vlm, n_train=2000, n_test=1000, test_seed=12345):
         for what in ("answer", "a column", "b column"):
             rows.append((f"LM layer {layer + 1}, last prompt token of a position question", what,
                          ridge_probe(tr["lm"][:, layer], tr[what], te["lm"][:, layer], te[what])))
-    print(f"\n## linear probes: fit on {n_train} training scenes, scored on {n_test} scenes of seed {test_seed}\n")
+    return print_probes(f"linear probes: fit on {n_train} training scenes, scored on {n_test} scenes of seed {test_seed}",
+                        rows)
+
+
+def print_probes(title, rows):
+    """Prints (features, target, ridge_probe result) rows as a markdown table; returns them as dicts."""
+    print(f"\n## {title}\n")
     print("| features | target | accuracy | chance | n |")
     print("|---|---|---:|---:|---:|")
     for features, target, r in rows:
         print(f"| {features} | {target} | {r['acc']:.1f}% | {r['chance']:.1f}% | {r['n']} |")
     return [{"features": f, "target": t, **r} for f, t, r in rows]
+
+
+def own_cells(num_patches):
+    """(9, N): True where patch n lies in query q's cell of the 3 x 3 grid (query_prior="window"'s cells)."""
+    return vt.LocalPrior(9, math.isqrt(num_patches), window=True).window[:, 1:].isfinite()
 
 
 @torch.no_grad()
@@ -308,7 +319,8 @@ def qformer_states(vlm, scenes):
             h.remove()
     # what a read can keep: a cell's patch tokens side by side (as merge_patches gives a per-patch
     # connector) and their mean (what a read that weighs them evenly gets)
-    patches, own = torch.cat(patches), vt.LocalPrior(9, math.isqrt(patches[0].shape[1]), window=True).window[:, 1:].isfinite()
+    patches = torch.cat(patches)
+    own = own_cells(patches.shape[1])
     cells = {"ViT, last layer: the mean of a cell's patch tokens": (own.double() / own.sum(1, keepdim=True)) @ patches.double()}
     if len(set(own.sum(1).tolist())) == 1:                                      # every cell holds as many patches
         cells["ViT, last layer: a cell's patch tokens side by side"] = patches[:, own.nonzero()[:, 1].view(9, -1)].flatten(2)
@@ -328,13 +340,9 @@ def qformer_layer_table(vlm, n_train=2000, n_test=1000, test_seed=12345):
     rows = [(key, what, ridge_probe(tr[key].flatten(0, 1), cells_tr[i].flatten(), te[key].flatten(0, 1),
                                     cells_te[i].flatten()))
             for key in tr for what, i in (("colour of its cell", 0), ("kind of its cell", 1))]
-    print(f"\n## the Q-Former's queries, sub-layer by sub-layer: fit on {n_train} training scenes, scored on "
-          f"{n_test} scenes of seed {test_seed}\n")
-    print("| features | target | accuracy | chance | n |")
-    print("|---|---|---:|---:|---:|")
-    for features, target, r in rows:
-        print(f"| {features} | {target} | {r['acc']:.1f}% | {r['chance']:.1f}% | {r['n']} |")
-    own = vt.LocalPrior(9, math.isqrt(reads[0][0].shape[-1] - 1), window=True).window[:, 1:].isfinite()   # (9, N)
+    rows = print_probes(f"the Q-Former's queries, sub-layer by sub-layer: fit on {n_train} training scenes, scored "
+                        f"on {n_test} scenes of seed {test_seed}", rows)
+    own = own_cells(reads[0][0].shape[-1] - 1)                                   # (9, N)
     print("\n| cross-attention | weight on the query's own cell (its share of the patches) | on the class token "
           "| content logits' spread, max - min over the keys (mean over queries and heads) |")
     print("|---|---:|---:|---:|")
@@ -343,7 +351,7 @@ def qformer_layer_table(vlm, n_train=2000, n_test=1000, test_seed=12345):
         spread = (logits.amax(-1) - logits.amin(-1)).mean().item()
         print(f"| read {r + 1} | {100 * share:.1f}% ({100 * own.double().mean().item():.1f}%) | {100 * weights[..., 0].mean().item():.1f}% "
               f"| {spread:.1f} |")
-    return [{"features": f, "target": t, **r} for f, t, r in rows]
+    return rows
 
 
 def scratchpad_table(out):
