@@ -55,7 +55,9 @@ above and below drawn equally often in stage 2 (balance_position). The decoder k
 head per query head (lm_kv_heads = lm_heads). The query connectors (Q-Former, Perceiver) get one query
 per cell of the scenes' 3 x 3 layout, each starting on a place of its own (query_prior, LocalPrior;
 the Q-Former's also listening to itself, SelfPrior); query_prior="window" keeps each query inside its
-cell, and query_pos gives their output tokens the row and column of their cell (QueryPositions).
+cell, and query_pos gives their output tokens the row and column of their cell (QueryPositions). The
+Q-Former, a post-LN transformer, takes both by default, with feed-forward layers that start at zero and
+a longer warm-up (CONNECTOR_DEFAULTS).
 
 Evaluation: exact match and ROUGE-1/2/L (rouge.py) of greedy answers, overall and per kind, after
 stage 1 and after stage 2; retrieval R@1/5 of the Q-Former's ITC features after stage 1a.
@@ -184,6 +186,7 @@ class TrainConfig:
     grad_accum: int = 1                # micro-batches per optimizer step
     pretrain_steps: int = 400          # stage 0: the LM on text alone
     pretrain_lr: float = 3e-3
+    pretrain_warmup: float = 0.03      # stage 0: a fraction of its steps, whatever the connector
     itc_steps: int = 0                 # stage 1a (qformer only): BLIP-2's ITC + ITM + ITG first (presets blip2, smolvlm)
     itc_lr: float = 1e-3
     qformer_lr_scale: float = 1.0      # stage 1: lr x this on the Q-Former's cross-attention and query tokens
@@ -195,7 +198,7 @@ class TrainConfig:
     balance_position: bool = True      # stage 2 draws left, right, above and below equally often (kind_weights)
     stage2_qformer: bool = True        # stage 2 also tunes the Q-Former (False: only its head, plus the LM)
     caption_prompt: str = "caption"    # the prompt of stage 1's captions
-    warmup: float = 0.03               # fraction of each stage's steps (LLaVA-1.5's warm-up ratio)
+    warmup: float = 0.03               # stages 1 and 2: a fraction of the stage's steps (LLaVA-1.5's warm-up ratio)
     weight_decay: float = 0.0          # LLaVA uses none
     clip_norm: float = 1.0
     bf16: bool = True                  # autocast where the device supports bf16 (CUDA with bf16); CPU: fp32
@@ -253,6 +256,17 @@ PRESETS = {
                      lora_alpha=128),
                 dict(stage2="lora", itc_steps=300, itc_lr=1e-4, stage1_lr=1e-4, qformer_lr_scale=10.0, stage2_qformer=False,
                      stage2_lr=5e-4, batch_size=32, grad_accum=4, bf16=True, caption_prompt="Describe this image")),
+}
+
+# A connector's own defaults, under --set, where no preset is named (make_configs). The Q-Former is BERT's
+# post-LN transformer, x <- LayerNorm(x + F(x)): its queries each read only their own cell (query_prior=window)
+# and hand the LM their cell's row and column (query_pos), its feed-forward layers start by passing on what the
+# queries read (qformer_zero_ffn), and stages 1 and 2 warm up over 10% of their steps, since a post-LN
+# network's last layers get large gradients at initialisation and a full learning rate from the first steps
+# sends them where training does not recover from (Xiong et al. 2020, sec. 3; the pre-LN Perceiver and Gemma
+# decoder do without). VLMConfig(connector="qformer") alone keeps the dataclass defaults.
+CONNECTOR_DEFAULTS = {
+    "qformer": (dict(query_prior="window", query_pos=True, qformer_zero_ffn=True), dict(warmup=0.1)),
 }
 
 
@@ -1264,6 +1278,7 @@ class Stage:
     params: list[nn.Parameter]         # what set_stage left trainable
     steps: int
     lr: float
+    warmup: float                      # a fraction of the steps (< 1) or a number of steps (schedule)
     config: dict                       # what a checkpoint must agree on to be resumed
     scaled: list = field(default_factory=list)      # trained at lr x qformer_lr_scale
     weights: torch.Tensor | None = None             # row sampling weights (stage 2: kinds balanced)
@@ -1274,7 +1289,7 @@ def text_stage(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> Stage:
     """Stage 0: the LM alone on the corpus' text, captions and questions with answers in turn."""
     phases = ("text_cap", "text_qa") if data.captions else ("text_qa",)
     return Stage("stage0", phases, data, vlm_loss, set_stage(vlm, 0), tcfg.pretrain_steps, tcfg.pretrain_lr,
-                 lm_fingerprint(vlm, tcfg), save_every=tcfg.save_every)
+                 tcfg.pretrain_warmup, lm_fingerprint(vlm, tcfg), save_every=tcfg.save_every)
 
 
 def align_stages(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> list[Stage]:
@@ -1284,10 +1299,12 @@ def align_stages(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> list[Stage]:
     params, vcfg = set_stage(vlm, 1), vlm.config
     scaled = [p for n, p in vlm.connector.named_parameters() if "crossattention" in n or "query_tokens" in n]
     stages = [Stage("stage1", ("caption" if data.captions else "vqa",), data, vlm_loss, params, tcfg.stage1_steps,
-                    tcfg.stage1_lr, stage_config(vcfg, tcfg, "stage1"), scaled, save_every=tcfg.save_every)]
+                    tcfg.stage1_lr, tcfg.warmup, stage_config(vcfg, tcfg, "stage1"), scaled,
+                    save_every=tcfg.save_every)]
     if vcfg.connector == "qformer" and tcfg.itc_steps and data.captions:
         stages.insert(0, Stage("stage1a", ("itc",), data, itc_itm_itg_loss, params, tcfg.itc_steps, tcfg.itc_lr,
-                               stage_config(vcfg, tcfg, "stage1a"), scaled, save_every=tcfg.save_every))
+                               tcfg.warmup, stage_config(vcfg, tcfg, "stage1a"), scaled,
+                               save_every=tcfg.save_every))
     return stages
 
 
@@ -1296,7 +1313,7 @@ def vqa_stage(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> Stage:
     if tcfg.grad_checkpointing:                       # memory for compute; the same gradients
         checkpoint_activations(vlm)
     return Stage("stage2", ("vqa",), data, vlm_loss, set_stage(vlm, 2, tcfg.stage2, tcfg.stage2_qformer),
-                 tcfg.stage2_steps, tcfg.stage2_lr, stage_config(vlm.config, tcfg, "stage2"),
+                 tcfg.stage2_steps, tcfg.stage2_lr, tcfg.warmup, stage_config(vlm.config, tcfg, "stage2"),
                  weights=kind_weights(data.qa, tcfg.balance_position), save_every=tcfg.save_every)
 
 
@@ -1318,7 +1335,7 @@ def lm_fingerprint(vlm: VLM, tcfg: TrainConfig) -> dict:
     weights (ShapesVLM builds the connector, then the LM), so runs that share --cache with another
     connector, vision encoder or Q-Former vocabulary each train the LM they would train alone."""
     keys = ("lm_width", "lm_layers", "lm_heads", "lm_kv_heads", "lm_mlp", "lm_init_std")
-    train = ("n_train", "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "warmup", "weight_decay",
+    train = ("n_train", "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "pretrain_warmup", "weight_decay",
              "clip_norm", "seed")
     lm = {**{k: getattr(vlm.config, k) for k in keys}, **{k: getattr(tcfg, k) for k in train},
           "vocab": vlm.processor.tokenizer.itos, **({"data": tcfg.data} if tcfg.data else {}),
@@ -1338,7 +1355,7 @@ def train_stage(vlm: VLM, stage: Stage, tcfg: TrainConfig, run: Run) -> list[flo
     start, history = run.resume_stage(stage, vlm.model, optimizer)
     net = run.wrap(StageLoss(vlm.model.train(), stage.loss))                  # DDP under torchrun
     for step in run.steps(stage, start):
-        lr = schedule(step, stage.lr, stage.steps, tcfg.warmup)
+        lr = schedule(step, stage.lr, stage.steps, stage.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         optimizer.zero_grad(set_to_none=True)
@@ -2299,6 +2316,14 @@ def split_settings(items: Iterable[str]) -> tuple[dict, dict]:
     return vcfg_over, tcfg_over
 
 
+def make_configs(vcfg_over: dict, tcfg_over: dict, tiny: bool = False, preset: bool = False) -> tuple[VLMConfig, TrainConfig]:
+    """VLMConfig and TrainConfig (or their tiny presets) of the given fields over the connector's
+    CONNECTOR_DEFAULTS; a preset is a whole recipe and takes none of them."""
+    vdef, tdef = ({}, {}) if preset else CONNECTOR_DEFAULTS.get(vcfg_over.get("connector", "mlp"), ({}, {}))
+    return ((VLMConfig.tiny if tiny else VLMConfig)(**{**vdef, **vcfg_over}),
+            (TrainConfig.tiny if tiny else TrainConfig)(**{**tdef, **tcfg_over}))
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]:
     vcfg_over, tcfg_over = PRESETS.get(args.preset, ({}, {})) if args.preset else ({}, {})
     vcfg_over = {**vcfg_over, **({"connector": args.connector} if args.connector else {}),
@@ -2311,10 +2336,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]
         tcfg_over["stage2_steps"] = args.steps
     vcfg_set, tcfg_set = split_settings(args.set or ())
     vcfg_over, tcfg_over = {**vcfg_over, **vcfg_set}, {**tcfg_over, **tcfg_set}
-    tiny = args.tiny or not (args.train or args.memory_report)
-    vcfg = (VLMConfig.tiny if tiny else VLMConfig)(**vcfg_over)
-    tcfg = (TrainConfig.tiny if tiny else TrainConfig)(**tcfg_over)
-    return vcfg, tcfg
+    return make_configs(vcfg_over, tcfg_over, args.tiny or not (args.train or args.memory_report), bool(args.preset))
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:

@@ -51,12 +51,11 @@ import vlm_train as vt  # noqa: E402
 
 
 def row_configs(args, connector=None, **train):
-    """A row's VLMConfig and TrainConfig: --tiny's or the defaults, then every --set KEY=VALUE
-    (vlm_train.split_settings), then the row's connector and TrainConfig fields."""
+    """A row's VLMConfig and TrainConfig: --tiny's or the defaults with the connector's own
+    (vlm_train.make_configs), then every --set KEY=VALUE, then the row's connector and TrainConfig fields."""
     vcfg_over, tcfg_over = vt.split_settings(args.set)
-    vcfg = (vt.VLMConfig.tiny if args.tiny else vt.VLMConfig)(**{**vcfg_over, **({"connector": connector} if connector else {})})
-    tcfg = (vt.TrainConfig.tiny if args.tiny else vt.TrainConfig)(**{**tcfg_over, **train})
-    return vcfg, tcfg
+    return vt.make_configs({**vcfg_over, **({"connector": connector} if connector else {})}, {**tcfg_over, **train},
+                           args.tiny)
 
 
 def one_run(connector, mode, args):

@@ -145,10 +145,10 @@ def test_every_concept_file_names_its_core_equation():
 
 def configuration_lines(path, before):
     """Lines of the configuration block above line `before`: from the first top-level `...Config` class
-    to the last `...Config` class or PRESETS table, comments between them included (0 without one)."""
+    to the last `...Config` class, PRESETS or CONNECTOR_DEFAULTS table, comments between them included (0 without one)."""
     body = [n for n in ast.parse(path.read_text()).body if n.lineno < before]
     config = [n for n in body if (isinstance(n, ast.ClassDef) and n.name.endswith("Config"))
-              or (isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "PRESETS" for t in n.targets))]
+              or (isinstance(n, ast.Assign) and any(getattr(t, "id", "") in ("PRESETS", "CONNECTOR_DEFAULTS") for t in n.targets))]
     if not config:
         return 0
     first = min(n.lineno - len(n.decorator_list) if isinstance(n, ast.ClassDef) else n.lineno for n in config)

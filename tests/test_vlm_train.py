@@ -527,7 +527,7 @@ def test_a_checkpoint_of_another_layout_is_refused(cache, tmp_path):
 def test_a_non_finite_loss_stops_without_overwriting_the_checkpoint(cache, tmp_path):
     vlm, data, vcfg, tcfg = build("linear", cache)
     run = vt.Run(tmp_path, CPU, cache=cache, progress=False)
-    stage = vt.Stage("stage1", ("caption",), data, vt.vlm_loss, vt.set_stage(vlm, 1), 3, 1e-2, {"x": 1})
+    stage = vt.Stage("stage1", ("caption",), data, vt.vlm_loss, vt.set_stage(vlm, 1), 3, 1e-2, 0.03, {"x": 1})
     vt.train_stage(vlm, stage, tcfg, run)
     folder = tmp_path / "stage1"
     before = (folder / "step-000003" / "trainer.safetensors").read_bytes()
@@ -570,6 +570,38 @@ def test_set_overrides_any_field_with_its_type():
     vcfg, tcfg = vt.configs_from_args(args)
     assert (vcfg.patch_merge, vcfg.lm_layers, vcfg.lora_targets) == (1, 3, ("q_proj", "v_proj"))
     assert (tcfg.stage2_lr, tcfg.bf16, tcfg.seed) == (1e-3, False, 3)
+
+
+def test_the_qformer_takes_its_own_defaults_under_set_and_a_preset_takes_none(cache):
+    """--connector qformer (and the benchmark's qformer rows) start from CONNECTOR_DEFAULTS: one cell per
+    query, positions on its output tokens, feed-forward layers starting at zero, 10% warm-up in stages 1 and
+    2; --set overrides them; the other connectors and the papers' presets are unchanged; stage 0 warms up
+    over pretrain_warmup whatever the connector, so every connector reads the same text-only LM."""
+    import argparse
+
+    def configs(connector=None, preset=None, *settings):
+        return vt.configs_from_args(argparse.Namespace(preset=preset, connector=connector, seed=0, stage2=None, steps=None,
+                                                       tiny=False, train=True, memory_report=False, set=list(settings)))
+    vcfg, tcfg = configs("qformer")
+    assert (vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == ("window", True, True, 0.1)
+    vcfg, tcfg = configs("qformer", None, "query_prior=local", "warmup=0.03")
+    assert (vcfg.query_prior, vcfg.query_pos, tcfg.warmup) == ("local", True, 0.03)
+    for connector in ("perceiver", "mlp"):
+        vcfg, tcfg = configs(connector)
+        assert (vcfg, tcfg) == (vt.VLMConfig(connector=connector), vt.TrainConfig())
+    for preset in ("blip2", "smolvlm"):
+        vcfg, tcfg = configs(None, preset)
+        assert (vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == ("none", False, False, 0.03)
+    vcfg, tcfg = vt.make_configs({"connector": "qformer"}, {"stage2": "full", "stage2_steps": 50,
+                                                         "pretrain_steps": 40}, tiny=True)
+    assert vcfg.query_prior == "window" and tcfg.warmup == 0.1
+    vlm, data = vt.build_vlm(vcfg, tcfg, vt.Run(cache, CPU, progress=False))
+    stage0 = vt.text_stage(vlm, data, tcfg)
+    assert (stage0.warmup, vt.vqa_stage(vlm, data, tcfg).warmup) == (tcfg.pretrain_warmup, 0.1)
+    assert "warmup" not in stage0.config["lm"] and stage0.config["lm"]["pretrain_warmup"] == 0.03
+    mlp, mlp_data, _, mlp_tcfg = build("mlp", cache, stage2="full", stage2_steps=50, pretrain_steps=40)   # warmup 0.03
+    assert vt.text_stage(mlp, mlp_data, mlp_tcfg).config["lm"] == stage0.config["lm"]
+    assert [round(vt.schedule(s, 1.0, 50, 0.1), 2) for s in (0, 4)] == [0.2, 1.0]   # 5 warm-up steps of 50
 
 
 def test_an_incomplete_init_folder_lists_what_is_missing(tmp_path, capsys):
