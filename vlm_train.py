@@ -56,8 +56,8 @@ head per query head (lm_kv_heads = lm_heads). The query connectors (Q-Former, Pe
 per cell of the scenes' 3 x 3 layout, each starting on a place of its own (query_prior, LocalPrior;
 the Q-Former's also listening to itself, SelfPrior); query_prior="window" keeps each query inside its
 cell, and query_pos gives their output tokens the row and column of their cell (QueryPositions). The
-Q-Former, a post-LN transformer, takes both by default, with feed-forward layers that start at zero and
-a longer warm-up (CONNECTOR_DEFAULTS).
+Q-Former takes both by default, reading one key per cell (qformer_merge: merge_patches' blocks), with
+feed-forward layers that start at zero and a longer warm-up for its post-LN layers (CONNECTOR_DEFAULTS).
 
 Evaluation: exact match and ROUGE-1/2/L (rouge.py) of greedy answers, overall and per kind, after
 stage 1 and after stage 2; retrieval R@1/5 of the Q-Former's ITC features after stage 1a.
@@ -141,6 +141,7 @@ class VLMConfig:
                                        # "window": and reads nothing outside its cell
     query_pos: bool = False            # the query connectors' Q output tokens get GridPositions too (a row + column per query)
     qformer_self_prior: bool = True    # with a query_prior, the Q-Former's queries start listening to themselves
+    qformer_merge: int = 1             # m: the Q-Former's keys are merge_patches' m x m blocks (2 with 9 queries: one key per cell)
     qformer_zero_ffn: bool = False     # the queries' feed-forward outputs start at zero: each layer starts passing on what they read
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
@@ -258,15 +259,15 @@ PRESETS = {
                      stage2_lr=5e-4, batch_size=32, grad_accum=4, bf16=True, caption_prompt="Describe this image")),
 }
 
-# A connector's own defaults, under --set, where no preset is named (make_configs). The Q-Former is BERT's
-# post-LN transformer, x <- LayerNorm(x + F(x)): its queries each read only their own cell (query_prior=window)
-# and hand the LM their cell's row and column (query_pos), its feed-forward layers start by passing on what the
-# queries read (qformer_zero_ffn), and stages 1 and 2 warm up over 10% of their steps, since a post-LN
-# network's last layers get large gradients at initialisation and a full learning rate from the first steps
-# sends them where training does not recover from (Xiong et al. 2020, sec. 3; the pre-LN Perceiver and Gemma
-# decoder do without). VLMConfig(connector="qformer") alone keeps the dataclass defaults.
+# A connector's own defaults, under --set, where no preset is named (make_configs). The Q-Former's queries each
+# read one key, their whole cell (qformer_merge=2 and query_prior=window), and hand the LM their cell's row and
+# column (query_pos); it is BERT's post-LN transformer, x <- LayerNorm(x + F(x)), so its feed-forward layers
+# start by passing on what the queries read (qformer_zero_ffn) and stages 1 and 2 warm up over 10% of their
+# steps: a post-LN network's last layers get large gradients at initialisation, and a full learning rate from
+# the first steps sends them where training does not recover from (Xiong et al. 2020, sec. 3; the pre-LN
+# Perceiver and Gemma decoder do without). VLMConfig(connector="qformer") alone keeps the dataclass defaults.
 CONNECTOR_DEFAULTS = {
-    "qformer": (dict(query_prior="window", query_pos=True, qformer_zero_ffn=True), dict(warmup=0.1)),
+    "qformer": (dict(qformer_merge=2, query_prior="window", query_pos=True, qformer_zero_ffn=True), dict(warmup=0.1)),
 }
 
 
@@ -340,10 +341,20 @@ class DenseConnector(nn.Module):
 class QFormerConnector(nn.Module):
     """qformer.QFormer's Q query outputs through its language_projection (BLIP-2 sec. 3.3), or, with
     qformer_head="mlp", through an MLP adapter u = W2 GELU(W1 q + b1) + b2 (the course's Q-Former tutorial).
-    g: the side of the ViT's patch grid (KeyPositions, LocalPrior)."""
+    g: the side of the ViT's patch grid (KeyPositions, LocalPrior).
+
+    qformer_merge = m > 1: the queries read merge_patches' m x m blocks (and the class token, m^2 times side
+    by side) instead of single patches. A read is a weighted mean of the keys, and the mean of a cell's
+    patches keeps less of a shape's outline than the patches side by side; with one key per cell and
+    query_prior="window" a query's read is a linear map of its whole cell, the locality that Honeybee's
+    C-Abstractor keeps with convolutions (Cha et al. 2024, sec. 3.2)."""
 
     def __init__(self, vision_width: int, width: int, cfg: VLMConfig, g: int):
         super().__init__()
+        self.merge = m = cfg.qformer_merge
+        if m < 1 or g % m:
+            raise ConfigError(f"qformer_merge must divide the side of the {g} x {g} patch grid, got {m}")
+        vision_width, g = vision_width * m * m, g // m                             # the keys' width and grid
         self.tokenizer = clip.ShapesTokenizer(words=cfg.qformer_vocab or None)   # its text side's words (ITC, ITM, ITG)
         config = qformer.shapes_qformer_config(self.tokenizer, vision_width, tiny=cfg.tiny_vision)
         self.qformer = qformer.QFormer(replace(config, num_query_tokens=cfg.num_queries,
@@ -360,8 +371,11 @@ class QFormerConnector(nn.Module):
         self.query_pos = QueryPositions(cfg.num_queries, width) if cfg.query_pos else nn.Identity()
 
     def keys(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, Lk, 1+N, Dv) -> (B, 1+N, Dv): the last layer, what the queries attend to (+ KeyPositions)."""
-        return self.key_pos(feats[:, -1])
+        """(B, Lk, 1+N, Dv) -> (B, 1+N/m^2, m^2 Dv): the last layer, what the queries attend to (+ KeyPositions)."""
+        z = feats[:, -1]
+        if self.merge > 1:
+            z = torch.cat([z[:, :1].repeat(1, 1, self.merge ** 2), merge_patches(z, self.merge)], 1)
+        return self.key_pos(z)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         if self.head is None:

@@ -242,6 +242,26 @@ def test_a_windowed_prior_keeps_each_query_in_its_cell_however_its_logits_grow()
         vt.VLMConfig(connector="perceiver", query_prior="window", perceiver_attention="compete")
 
 
+def test_qformer_merge_gives_each_query_its_whole_cell_as_one_key():
+    """qformer_merge=2: the Q-Former's keys are the class token (4 times side by side) and merge_patches'
+    2 x 2 blocks, so with 9 queries and query_prior="window" each query's window holds one key, its whole
+    cell; a merge that does not divide the patch grid is refused."""
+    cfg = vt.VLMConfig(connector="qformer", num_queries=9, query_prior="window", qformer_merge=2, image_pos="none")
+    connector, M = vt.make_connector(cfg, 48, 1, 36, 64)
+    torch.manual_seed(0)
+    feats = torch.randn(2, 1, 37, 48)                                     # a 6 x 6 grid of patches + the class token
+    keys = connector.keys(feats)
+    assert keys.shape == (2, 1 + 9, 4 * 48)
+    assert torch.equal(keys[:, 0], feats[:, -1, 0].repeat(1, 4))
+    assert torch.equal(keys[:, 1:], vt.merge_patches(feats[:, -1], 2))
+    assert connector.qformer.qformer.encoder.layer[0].crossattention.attention.key.in_features == 4 * 48
+    window = connector.qformer.cross_attention_bias.window                 # (9, 1 + 9)
+    assert torch.equal(window[:, 1:].isfinite(), torch.eye(9, dtype=torch.bool)) and not window[:, 0].isfinite().any()
+    assert M == 9 and connector(feats).shape == (2, 9, 64)
+    with pytest.raises(vt.ConfigError, match="qformer_merge must divide the side of the 6 x 6 patch grid, got 4"):
+        vt.make_connector(replace(cfg, qformer_merge=4), 48, 1, 36, 64)
+
+
 def test_query_pos_adds_each_query_cell_row_and_column_to_its_output_token():
     """query_pos: the query connectors' output token q gets R[r] + C[c] of its cell (r, c) = divmod(q, s),
     drawn after every other weight of the connector, so the rest starts as it would without them."""
@@ -356,6 +376,16 @@ def test_the_query_priors_under_bf16_autocast(device):
         priors = ([connector.prior.bias] if name == "perceiver" else
                   [connector.qformer.cross_attention_bias.bias, connector.qformer.query_attention_bias.bias])
         assert all(p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0 for p in priors)
+    connector, _ = vt.make_connector(vt.make_configs({"connector": "qformer"}, {})[0], 64, 1, 36, 64)   # its defaults:
+    connector.to(device)                                                  # one merged key per query
+    ref = connector(feats)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = connector(feats)                                            # float32: + QueryPositions' float32 rows
+    assert (out.float() - ref).abs().max() < 0.04 * ref.abs().max()
+    out.float().square().sum().backward()
+    read = connector.qformer.qformer.encoder.layer[0].crossattention.attention.value.weight    # (D, 4 Dv): merged keys
+    for p in (connector.qformer.query_attention_bias.bias, read, connector.query_pos.rows.weight):
+        assert p.grad is not None and p.grad.isfinite().all() and p.grad.abs().sum() > 0
 
 
 def test_competing_attention_with_one_latent_reads_the_mean_of_the_patches():
@@ -574,7 +604,7 @@ def test_set_overrides_any_field_with_its_type():
 
 def test_the_qformer_takes_its_own_defaults_under_set_and_a_preset_takes_none(cache):
     """--connector qformer (and the benchmark's qformer rows) start from CONNECTOR_DEFAULTS: one cell per
-    query, positions on its output tokens, feed-forward layers starting at zero, 10% warm-up in stages 1 and
+    query, read as one merged key, positions on its output tokens, feed-forward layers starting at zero, 10% warm-up in stages 1 and
     2; --set overrides them; the other connectors and the papers' presets are unchanged; stage 0 warms up
     over pretrain_warmup whatever the connector, so every connector reads the same text-only LM."""
     import argparse
@@ -583,7 +613,8 @@ def test_the_qformer_takes_its_own_defaults_under_set_and_a_preset_takes_none(ca
         return vt.configs_from_args(argparse.Namespace(preset=preset, connector=connector, seed=0, stage2=None, steps=None,
                                                        tiny=False, train=True, memory_report=False, set=list(settings)))
     vcfg, tcfg = configs("qformer")
-    assert (vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == ("window", True, True, 0.1)
+    assert (vcfg.qformer_merge, vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == (2, "window", True,
+                                                                                                       True, 0.1)
     vcfg, tcfg = configs("qformer", None, "query_prior=local", "warmup=0.03")
     assert (vcfg.query_prior, vcfg.query_pos, tcfg.warmup) == ("local", True, 0.03)
     for connector in ("perceiver", "mlp"):
@@ -591,7 +622,8 @@ def test_the_qformer_takes_its_own_defaults_under_set_and_a_preset_takes_none(ca
         assert (vcfg, tcfg) == (vt.VLMConfig(connector=connector), vt.TrainConfig())
     for preset in ("blip2", "smolvlm"):
         vcfg, tcfg = configs(None, preset)
-        assert (vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == ("none", False, False, 0.03)
+        assert (vcfg.qformer_merge, vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == (1, "none", False,
+                                                                                                           False, 0.03)
     vcfg, tcfg = vt.make_configs({"connector": "qformer"}, {"stage2": "full", "stage2_steps": 50,
                                                          "pretrain_steps": 40}, tiny=True)
     assert vcfg.query_prior == "window" and tcfg.warmup == 0.1
