@@ -2333,7 +2333,7 @@ def split_settings(items: Iterable[str]) -> tuple[dict, dict]:
 def make_configs(vcfg_over: dict, tcfg_over: dict, tiny: bool = False, preset: bool = False) -> tuple[VLMConfig, TrainConfig]:
     """VLMConfig and TrainConfig (or their tiny presets) of the given fields over the connector's
     CONNECTOR_DEFAULTS; a preset is a whole recipe and takes none of them."""
-    vdef, tdef = ({}, {}) if preset else CONNECTOR_DEFAULTS.get(vcfg_over.get("connector", "mlp"), ({}, {}))
+    vdef, tdef = ({}, {}) if preset else CONNECTOR_DEFAULTS.get(vcfg_over.get("connector", VLMConfig.connector), ({}, {}))
     return ((VLMConfig.tiny if tiny else VLMConfig)(**{**vdef, **vcfg_over}),
             (TrainConfig.tiny if tiny else TrainConfig)(**{**tdef, **tcfg_over}))
 

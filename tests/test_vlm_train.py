@@ -604,9 +604,10 @@ def test_set_overrides_any_field_with_its_type():
 
 def test_the_qformer_takes_its_own_defaults_under_set_and_a_preset_takes_none(cache):
     """--connector qformer (and the benchmark's qformer rows) start from CONNECTOR_DEFAULTS: one cell per
-    query, read as one merged key, positions on its output tokens, feed-forward layers starting at zero, 10% warm-up in stages 1 and
-    2; --set overrides them; the other connectors and the papers' presets are unchanged; stage 0 warms up
-    over pretrain_warmup whatever the connector, so every connector reads the same text-only LM."""
+    query, read as one merged key, positions on its output tokens, feed-forward layers starting at zero,
+    10% warm-up in stages 1 and 2; --set overrides them; the other connectors and the papers' presets are
+    unchanged; stage 0 warms up over pretrain_warmup whatever the connector, so every connector reads the
+    same text-only LM."""
     import argparse
 
     def configs(connector=None, preset=None, *settings):
