@@ -55,9 +55,10 @@ above and below drawn equally often in stage 2 (balance_position). The decoder k
 head per query head (lm_kv_heads = lm_heads). The query connectors (Q-Former, Perceiver) get one query
 per cell of the scenes' 3 x 3 layout, each starting on a place of its own (query_prior, LocalPrior;
 the Q-Former's also listening to itself, SelfPrior); query_prior="window" keeps each query inside its
-cell, and query_pos gives their output tokens the row and column of their cell (QueryPositions). The
-Q-Former takes both by default, reading one key per cell (qformer_merge: merge_patches' blocks), with
-feed-forward layers that start at zero and a longer warm-up for its post-LN layers (CONNECTOR_DEFAULTS).
+cell, and query_pos gives their output tokens the row and column of their cell (QueryPositions). Both
+take the window by default, each query reading one key, its whole cell (query_merge: merge_patches'
+blocks); the Q-Former also takes query_pos, feed-forward layers that start at zero and a longer
+warm-up for its post-LN layers (CONNECTOR_DEFAULTS).
 
 Evaluation: exact match and ROUGE-1/2/L (rouge.py) of greedy answers, overall and per kind, after
 stage 1 and after stage 2; retrieval R@1/5 of the Q-Former's ITC features after stage 1a.
@@ -141,7 +142,7 @@ class VLMConfig:
                                        # "window": and reads nothing outside its cell
     query_pos: bool = False            # the query connectors' Q output tokens get GridPositions too (a row + column per query)
     qformer_self_prior: bool = True    # with a query_prior, the Q-Former's queries start listening to themselves
-    qformer_merge: int = 1             # m: the Q-Former's keys are merge_patches' m x m blocks (2 with 9 queries: one key per cell)
+    query_merge: int = 1               # m: the query connectors' keys are merge_patches' m x m blocks (2 with 9 queries: one key per cell)
     qformer_zero_ffn: bool = False     # the queries' feed-forward outputs start at zero: each layer starts passing on what they read
     dense_groups: int = 2              # G groups of earlier vision layers (clamped to the ViT's depth)
     patch_merge: int = 2               # m: each m x m block of patches -> one image token (linear, mlp, dense)
@@ -259,15 +260,17 @@ PRESETS = {
                      stage2_lr=5e-4, batch_size=32, grad_accum=4, bf16=True, caption_prompt="Describe this image")),
 }
 
-# A connector's own defaults, under --set, where no preset is named (make_configs). The Q-Former's queries each
-# read one key, their whole cell (qformer_merge=2 and query_prior=window), and hand the LM their cell's row and
-# column (query_pos); it is BERT's post-LN transformer, x <- LayerNorm(x + F(x)), so its feed-forward layers
-# start by passing on what the queries read (qformer_zero_ffn) and stages 1 and 2 warm up over 10% of their
-# steps: a post-LN network's last layers get large gradients at initialisation, and a full learning rate from
-# the first steps sends them where training does not recover from (Xiong et al. 2020, sec. 3; the pre-LN
-# Perceiver and Gemma decoder do without). VLMConfig(connector="qformer") alone keeps the dataclass defaults.
+# A connector's own defaults, under --set, where no preset is named (make_configs). Both query connectors' queries
+# each read one key, their whole cell (query_merge=2 and query_prior=window). The Q-Former's also hand the LM
+# their cell's row and column (query_pos); it is BERT's post-LN transformer, x <- LayerNorm(x + F(x)), so its
+# feed-forward layers start by passing on what the queries read (qformer_zero_ffn) and stages 1 and 2 warm up
+# over 10% of their steps: a post-LN network's last layers get large gradients at initialisation, and a full
+# learning rate from the first steps sends them where training does not recover from (Xiong et al. 2020,
+# sec. 3; the pre-LN Perceiver and Gemma decoder do without). VLMConfig(connector=...) alone keeps the
+# dataclass defaults.
 CONNECTOR_DEFAULTS = {
-    "qformer": (dict(qformer_merge=2, query_prior="window", query_pos=True, qformer_zero_ffn=True), dict(warmup=0.1)),
+    "qformer": (dict(query_merge=2, query_prior="window", query_pos=True, qformer_zero_ffn=True), dict(warmup=0.1)),
+    "perceiver": (dict(query_merge=2, query_prior="window"), {}),
 }
 
 
@@ -338,12 +341,19 @@ class DenseConnector(nn.Module):
         return self.linear(merge_patches(dense, self.merge))                         # (B, M, m^2 (G+1) Dv) -> (B, M, D)
 
 
+def merged_grid(g: int, m: int) -> int:
+    """The side of the grid of m x m blocks that a query connector's keys become (query_merge = m)."""
+    if m < 1 or g % m:
+        raise ConfigError(f"query_merge must divide the side of the {g} x {g} patch grid, got {m}")
+    return g // m
+
+
 class QFormerConnector(nn.Module):
     """qformer.QFormer's Q query outputs through its language_projection (BLIP-2 sec. 3.3), or, with
     qformer_head="mlp", through an MLP adapter u = W2 GELU(W1 q + b1) + b2 (the course's Q-Former tutorial).
     g: the side of the ViT's patch grid (KeyPositions, LocalPrior).
 
-    qformer_merge = m > 1: the queries read merge_patches' m x m blocks (and the class token, m^2 times side
+    query_merge = m > 1: the queries read merge_patches' m x m blocks (and the class token, m^2 times side
     by side) instead of single patches. A read is a weighted mean of the keys, and the mean of a cell's
     patches keeps less of a shape's outline than the patches side by side; with one key per cell and
     query_prior="window" a query's read is a linear map of its whole cell, the locality that Honeybee's
@@ -351,10 +361,8 @@ class QFormerConnector(nn.Module):
 
     def __init__(self, vision_width: int, width: int, cfg: VLMConfig, g: int):
         super().__init__()
-        self.merge = m = cfg.qformer_merge
-        if m < 1 or g % m:
-            raise ConfigError(f"qformer_merge must divide the side of the {g} x {g} patch grid, got {m}")
-        vision_width, g = vision_width * m * m, g // m                             # the keys' width and grid
+        self.merge = m = cfg.query_merge
+        vision_width, g = vision_width * m * m, merged_grid(g, m)                   # the keys' width and grid
         self.tokenizer = clip.ShapesTokenizer(words=cfg.qformer_vocab or None)   # its text side's words (ITC, ITM, ITG)
         config = qformer.shapes_qformer_config(self.tokenizer, vision_width, tiny=cfg.tiny_vision)
         self.qformer = qformer.QFormer(replace(config, num_query_tokens=cfg.num_queries,
@@ -439,10 +447,19 @@ class PerceiverResampler(nn.Module):
     flattened) are left out; the ViT's position embeddings already mark where each patch is. Then a
     final LayerNorm and a linear map to the LM's width (Flamingo feeds its cross-attention instead).
     g: the side of the ViT's patch grid; query_prior="local" / "window" adds LocalPrior's logits in every layer.
+
+    query_merge = m > 1: the latents read x = [class token ; W merge_patches(z, m)], each m x m block of
+    patches as one key, W (m^2 Dv -> Dv) mapping it back to the width the latents' own keys have
+    (the Q-Former's keys keep the m^2 Dv channels instead). With one key per cell and
+    query_prior="window", a latent's read of the image is that one key: a linear map of its whole cell
+    (Honeybee's C-Abstractor keeps this locality with convolutions, Cha et al. 2024, sec. 3.2).
     """
 
     def __init__(self, vision_width: int, width: int, cfg: VLMConfig, g: int, heads: int = 4):
         super().__init__()
+        self.merge = m = cfg.query_merge
+        self.merged = nn.Linear(m * m * vision_width, vision_width) if m > 1 else None   # W
+        g = merged_grid(g, m)                                                          # the keys' grid
         self.latents = nn.Parameter(torch.randn(cfg.num_queries, vision_width) * vision_width ** -0.5)   # (Q, Dv)
         self.layers = nn.ModuleList(PerceiverLayer(vision_width, heads, cfg.perceiver_attention == "compete")
                                     for _ in range(cfg.perceiver_layers))
@@ -453,8 +470,15 @@ class PerceiverResampler(nn.Module):
                       LocalPrior(cfg.num_queries, g, cfg.num_queries, window=cfg.query_prior == "window"))
         self.query_pos = QueryPositions(cfg.num_queries, width) if cfg.query_pos else nn.Identity()
 
+    def keys(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, Lk, 1+N, Dv) -> (B, 1+N/m^2, Dv): the last layer, what the latents read (+ KeyPositions)."""
+        z = feats[:, -1]
+        if self.merged is not None:
+            z = torch.cat([z[:, :1], self.merged(merge_patches(z, self.merge))], dim=1)
+        return self.key_pos(z)
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        x = self.key_pos(feats[:, -1])                                                # (B, 1+N, Dv)
+        x = self.keys(feats)                                                          # (B, 1+N/m^2, Dv)
         latents = self.latents.expand(x.shape[0], -1, -1)                             # (B, Q, Dv)
         bias = None if self.prior is None else self.prior()                           # (Q, 1+N+Q)
         for layer in self.layers:
@@ -2166,6 +2190,9 @@ def save_vlm(vlm: VLM, folder: str | Path, init: str | None = None) -> None:
     write_json(folder / "vlm.json", meta)
 
 
+RENAMED_FIELDS = {"qformer_merge": "query_merge"}      # VLMConfig fields by their earlier names (load_vlm)
+
+
 def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
     """The trained VLM of a `--train` run (out_dir or out_dir/model), ready for answer()."""
     folder = Path(out_dir)
@@ -2173,7 +2200,12 @@ def load_vlm(out_dir: str | Path, device: torch.device | str = "cpu") -> VLM:
     if not (folder / "vlm.json").exists():
         raise CheckpointError(f"{folder} has no vlm.json: expected the `model` folder a vlm_train.py run writes")
     meta = json.loads((folder / "vlm.json").read_text())
-    vcfg, parts = VLMConfig(**meta["model"]), meta.get("parts", ())      # older manifests name none
+    model = {RENAMED_FIELDS.get(k, k): v for k, v in meta["model"].items()}   # manifests from before a rename
+    unknown = sorted(set(model) - {f.name for f in fields(VLMConfig)})
+    if unknown:
+        raise CheckpointError(f"{folder / 'vlm.json'} names model fields this vlm_train.py does not have: {unknown}; "
+                              f"expected those of VLMConfig (a newer vlm_train.py may have written it)")
+    vcfg, parts = VLMConfig(**model), meta.get("parts", ())              # older manifests name none
     if "base" in parts:
         vlm = checkpoint_vlm(folder / "base", vcfg, device)
     else:

@@ -242,24 +242,41 @@ def test_a_windowed_prior_keeps_each_query_in_its_cell_however_its_logits_grow()
         vt.VLMConfig(connector="perceiver", query_prior="window", perceiver_attention="compete")
 
 
-def test_qformer_merge_gives_each_query_its_whole_cell_as_one_key():
-    """qformer_merge=2: the Q-Former's keys are the class token (4 times side by side) and merge_patches'
-    2 x 2 blocks, so with 9 queries and query_prior="window" each query's window holds one key, its whole
-    cell; a merge that does not divide the patch grid is refused."""
-    cfg = vt.VLMConfig(connector="qformer", num_queries=9, query_prior="window", qformer_merge=2, image_pos="none")
-    connector, M = vt.make_connector(cfg, 48, 1, 36, 64)
+def test_query_merge_gives_each_query_its_whole_cell_as_one_key():
+    """query_merge=2: the Q-Former's keys are the class token (4 times side by side) and merge_patches'
+    2 x 2 blocks; the Perceiver's are the class token and W times those blocks (back to the width of its
+    latents). With 9 queries and query_prior="window" each query's window holds one key, its whole cell,
+    so a one-layer Perceiver's latent changes with its own cell's patches and no other's. A merge that
+    does not divide the patch grid is refused."""
     torch.manual_seed(0)
     feats = torch.randn(2, 1, 37, 48)                                     # a 6 x 6 grid of patches + the class token
-    keys = connector.keys(feats)
+    cfg = vt.VLMConfig(connector="qformer", num_queries=9, query_prior="window", query_merge=2, image_pos="none",
+                       perceiver_layers=1)
+    qf, M = vt.make_connector(cfg, 48, 1, 36, 64)
+    keys = qf.keys(feats)
     assert keys.shape == (2, 1 + 9, 4 * 48)
     assert torch.equal(keys[:, 0], feats[:, -1, 0].repeat(1, 4))
     assert torch.equal(keys[:, 1:], vt.merge_patches(feats[:, -1], 2))
-    assert connector.qformer.qformer.encoder.layer[0].crossattention.attention.key.in_features == 4 * 48
-    window = connector.qformer.cross_attention_bias.window                 # (9, 1 + 9)
+    assert qf.qformer.qformer.encoder.layer[0].crossattention.attention.key.in_features == 4 * 48
+    window = qf.qformer.cross_attention_bias.window                       # (9, 1 + 9)
     assert torch.equal(window[:, 1:].isfinite(), torch.eye(9, dtype=torch.bool)) and not window[:, 0].isfinite().any()
-    assert M == 9 and connector(feats).shape == (2, 9, 64)
-    with pytest.raises(vt.ConfigError, match="qformer_merge must divide the side of the 6 x 6 patch grid, got 4"):
-        vt.make_connector(replace(cfg, qformer_merge=4), 48, 1, 36, 64)
+    assert M == 9 and qf(feats).shape == (2, 9, 64)
+
+    pr, M = vt.make_connector(replace(cfg, connector="perceiver"), 48, 1, 36, 64)
+    keys = pr.keys(feats)
+    assert keys.shape == (2, 1 + 9, 48) and pr.merged.in_features == 4 * 48
+    assert torch.equal(keys[:, 0], feats[:, -1, 0])
+    assert torch.equal(keys[:, 1:], pr.merged(vt.merge_patches(feats[:, -1], 2)))
+    window = pr.prior.window                                              # (9, 1 + 9 + 9): patches, then the latents
+    assert torch.equal(window[:, 1:10].isfinite(), torch.eye(9, dtype=torch.bool)) and window[:, 10:].isfinite().all()
+    changed = feats.clone()
+    changed[:, :, 1 + 6 * 2 + 4:1 + 6 * 2 + 6] += 1.0                     # patches (row 2, cols 4-5): cell (1, 2), query 5
+    out, out_changed = pr(feats), pr(changed)
+    moved = (out - out_changed).abs().amax(dim=(0, 2))                    # (9,): how far each latent's token moved
+    assert M == 9 and out.shape == (2, 9, 64) and moved[5] > 1e-3 and (moved[torch.arange(9) != 5] == 0).all()
+    for connector in ("qformer", "perceiver"):
+        with pytest.raises(vt.ConfigError, match="query_merge must divide the side of the 6 x 6 patch grid, got 4"):
+            vt.make_connector(replace(cfg, connector=connector, query_merge=4), 48, 1, 36, 64)
 
 
 def test_query_pos_adds_each_query_cell_row_and_column_to_its_output_token():
@@ -463,11 +480,25 @@ def test_demo_runs_on_the_tiny_preset(tmp_path, capsys):
 
 
 def test_a_local_prior_is_trained_saved_and_loaded(tmp_path, capsys):
-    vt.main(["--out", str(tmp_path), "--device", "cpu", "--connector", "perceiver"])   # the default prior
-    prior = vt.load_vlm(tmp_path).connector.prior.bias                     # the tiny demo: 4 latents, 4 x 4 patches
-    saved = load_file(str(tmp_path / "model" / "model.safetensors"))
-    assert torch.equal(saved["connector.prior.bias"], prior)
-    assert not torch.allclose(prior, vt.LocalPrior(4, 4, extra=4).bias)    # stages 1 and 2 trained it
+    """The Perceiver's prior and merged keys are saved and loaded; a manifest that names query_merge by its
+    earlier name, qformer_merge, loads the same model, and one naming a field VLMConfig lacks is refused."""
+    vt.main(["--out", str(tmp_path), "--device", "cpu", "--connector", "perceiver"])   # its default: the window
+    loaded = vt.load_vlm(tmp_path).connector
+    prior = loaded.prior.bias                                              # the tiny demo: 4 latents, 4 x 4 patches
+    saved = load_file(str(tmp_path / "model" / "model.safetensors"))       # merged into 2 x 2 keys
+    assert torch.equal(saved["connector.prior.bias"], prior) and torch.equal(saved["connector.merged.weight"],
+                                                                            loaded.merged.weight)
+    assert not torch.allclose(prior, vt.LocalPrior(4, 2, extra=4, window=True).bias)   # stages 1 and 2 trained it
+    manifest = tmp_path / "model" / "vlm.json"
+    meta = json.loads(manifest.read_text())
+    meta["model"]["qformer_merge"] = meta["model"].pop("query_merge")
+    manifest.write_text(json.dumps(meta))
+    again = vt.load_vlm(tmp_path)
+    assert again.config.query_merge == 2 and torch.equal(again.connector.merged.weight, loaded.merged.weight)
+    meta["model"]["perceiver_depth"] = 3
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(vt.CheckpointError, match=r"names model fields this vlm_train.py does not have: \['perceiver_depth'\]"):
+        vt.load_vlm(tmp_path)
 
 
 # --- checkpoints: kill, resume, refuse --------------------------------------------------------------
@@ -602,29 +633,32 @@ def test_set_overrides_any_field_with_its_type():
     assert (tcfg.stage2_lr, tcfg.bf16, tcfg.seed) == (1e-3, False, 3)
 
 
-def test_the_qformer_takes_its_own_defaults_under_set_and_a_preset_takes_none(cache):
-    """--connector qformer (and the benchmark's qformer rows) start from CONNECTOR_DEFAULTS: one cell per
-    query, read as one merged key, positions on its output tokens, feed-forward layers starting at zero,
-    10% warm-up in stages 1 and 2; --set overrides them; the other connectors and the papers' presets are
-    unchanged; stage 0 warms up over pretrain_warmup whatever the connector, so every connector reads the
-    same text-only LM."""
+def test_the_query_connectors_take_their_own_defaults_under_set_and_a_preset_takes_none(cache):
+    """--connector qformer / perceiver (and the benchmark's rows) start from CONNECTOR_DEFAULTS: one cell
+    per query, read as one merged key; the Q-Former's also positions on its output tokens, feed-forward
+    layers starting at zero, 10% warm-up in stages 1 and 2; --set overrides them; the per-patch
+    connectors and the papers' presets are unchanged; stage 0 warms up over pretrain_warmup whatever the
+    connector, so every connector reads the same text-only LM."""
     import argparse
 
     def configs(connector=None, preset=None, *settings):
         return vt.configs_from_args(argparse.Namespace(preset=preset, connector=connector, seed=0, stage2=None, steps=None,
                                                        tiny=False, train=True, memory_report=False, set=list(settings)))
     vcfg, tcfg = configs("qformer")
-    assert (vcfg.qformer_merge, vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == (2, "window", True,
-                                                                                                       True, 0.1)
+    assert (vcfg.query_merge, vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == (2, "window", True,
+                                                                                                     True, 0.1)
     vcfg, tcfg = configs("qformer", None, "query_prior=local", "warmup=0.03")
     assert (vcfg.query_prior, vcfg.query_pos, tcfg.warmup) == ("local", True, 0.03)
-    for connector in ("perceiver", "mlp"):
+    vcfg, tcfg = configs("perceiver")
+    assert (vcfg, tcfg) == (vt.VLMConfig(connector="perceiver", query_merge=2, query_prior="window"), vt.TrainConfig())
+    assert configs("perceiver", None, "query_merge=1")[0].query_merge == 1
+    for connector in ("mlp", "linear", "dense"):
         vcfg, tcfg = configs(connector)
         assert (vcfg, tcfg) == (vt.VLMConfig(connector=connector), vt.TrainConfig())
     for preset in ("blip2", "smolvlm"):
         vcfg, tcfg = configs(None, preset)
-        assert (vcfg.qformer_merge, vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == (1, "none", False,
-                                                                                                           False, 0.03)
+        assert (vcfg.query_merge, vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == (1, "none", False,
+                                                                                                         False, 0.03)
     vcfg, tcfg = vt.make_configs({"connector": "qformer"}, {"stage2": "full", "stage2_steps": 50,
                                                          "pretrain_steps": 40}, tiny=True)
     assert vcfg.query_prior == "window" and tcfg.warmup == 0.1
