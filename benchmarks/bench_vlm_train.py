@@ -1,11 +1,11 @@
 """vlm_train.py's five connectors x three stage-2 modes on the same shapes VQA task, in one table.
 
 Every run shares one cache (the shapes ViT of clip.py, the rendered data) and one text-only LM, the
-one the default connector's configuration trains (`Run.lm_dir`: every connector reads the same
+one the MLP connector's configuration trains (`Run.lm_dir`: every connector reads the same
 pretrained LM, as they would read one downloaded LM), and the three stage-2 modes of a connector
 share its stage 1. Each (connector, mode) runs in a fresh process
 (forked from a server that imported vlm_train once), so its peak RSS is its own. By default every run
-uses `vlm_train.py --train`'s schedule, so the "mlp / full" row is the --train run; --stage1-steps /
+uses `vlm_train.py --train`'s schedule, so the "mlp / full" row is `--train --connector mlp`; --stage1-steps /
 --stage2-steps shorten it. --jobs 2 runs two rows at a time, one thread each (a 2-core machine): the
 first mode of every connector first (it trains the connector's stage 1), then the others.
 
@@ -392,10 +392,11 @@ def scratchpad_table(out):
 
 
 def fill_cache(args):
-    """The ViT, the data and the text-only LM, trained once into the shared cache before the runs
-    start, so that parallel runs never train them side by side."""
+    """The ViT, the data and the text-only LM (the one the MLP connector's configuration trains),
+    made once into the shared cache before the runs start, so that parallel runs never train them side
+    by side."""
     torch.set_num_threads(max(args.threads, args.jobs))
-    vcfg, tcfg = row_configs(args, seed=args.seed)
+    vcfg, tcfg = row_configs(args, connector="mlp", seed=args.seed)
     if args.n_eval is not None:
         tcfg = replace(tcfg, n_eval=args.n_eval)
     cache = Path(args.out) / "cache"

@@ -279,7 +279,7 @@ def ddp_worker(rank, world, tmp):
     except vt.Killed:
         pass
     os.environ["WORLD_SIZE"] = str(world)
-    vt.main(["--train", "--tiny", "--stage2", "full", "--set", "image_pos=none", "--out", f"{tmp}/resumed",
+    vt.main(["--train", "--tiny", "--connector", "mlp", "--stage2", "full", "--set", "image_pos=none", "--out", f"{tmp}/resumed",
              "--cache", f"{tmp}/cache", "--resume", "--device", "cpu"])
 
 
