@@ -12,6 +12,12 @@ first mode of every connector first (it trains the connector's stage 1), then th
     python benchmarks/bench_vlm_train.py --out DIR --jobs 2    # CPU, the default model: over an hour on 2 cores
     python benchmarks/bench_vlm_train.py --tiny --out /tmp/b   # seconds: the tiny model (a smoke test)
 
+One seed is one draw: --seeds runs every row once per seed, each seed with its own stage-0 LM (the MLP
+configuration's, as above), stage 1 and training scenes, and the table gives each row's min and mean
+over the seeds beside every seed's scores:
+
+    python benchmarks/bench_vlm_train.py --out DIR --jobs 2 --seeds 0,1,2   # three times one seed's time
+
 --memory measures instead one stage-2 step of the default model per mode (full, LoRA, QLoRA), each in a
 fresh process: weights, gradients and AdamW state counted tensor by tensor, the tensors autograd keeps
 for backward (activations), and the process's peak RSS (glibc told to hand freed memory back, so the
@@ -58,15 +64,15 @@ def row_configs(args, connector=None, **train):
                            args.tiny)
 
 
-def one_run(connector, mode, args):
-    """Stage 1 (shared per connector), stage 2, evaluation; returns the row of the table."""
+def one_run(connector, mode, seed, args):
+    """Stage 1 (shared per connector and seed), stage 2, evaluation; returns the row of the table."""
     import lora
     torch.set_num_threads(args.threads)
     # no lora.return_freed_memory_to_the_os() here: its fixed mmap threshold sends every block over
     # 128 KiB through mmap / munmap and doubled the stage-2 time (half of it in the kernel). So the
     # peak RSS below includes glibc's slack; `vlm_train.py --memory-report` measures memory exactly.
     start_rss = lora.peak_rss_bytes()
-    vcfg, tcfg = row_configs(args, connector=connector, stage2=mode, seed=args.seed)
+    vcfg, tcfg = row_configs(args, connector=connector, stage2=mode, seed=seed)
     if args.stage1_steps is not None:
         tcfg = replace(tcfg, stage1_steps=args.stage1_steps, itc_steps=args.stage1_steps if tcfg.itc_steps else 0)
     if args.stage2_steps is not None:
@@ -74,12 +80,13 @@ def one_run(connector, mode, args):
     if args.n_eval is not None:
         tcfg = replace(tcfg, n_eval=args.n_eval)
     out = Path(args.out)
+    tag = f"-seed{seed}" if len(args.seed_list) > 1 else ""      # one seed: the folders of a single-seed table
     t0 = time.time()
-    run = vt.Run(out / f"{connector}-{mode}", torch.device(args.device), cache=out / "cache", progress=False,
-                 evaluate_stage1=False, stage1_dir=out / connector / "stage1", lm_dir=args.lm_dir)
+    run = vt.Run(out / f"{connector}-{mode}{tag}", torch.device(args.device), cache=out / "cache", progress=False,
+                 evaluate_stage1=False, stage1_dir=out / f"{connector}{tag}" / "stage1", lm_dir=args.lm_dirs[seed])
     metrics, _ = vt.train_vlm(vcfg, tcfg, run)
     after = metrics["after stage 2"]
-    return {"connector": connector, "mode": mode, "test": after["test"]["all"]["exact"],
+    return {"connector": connector, "mode": mode, "seed": seed, "test": after["test"]["all"]["exact"],
             "heldout": after["heldout"]["all"]["exact"], "rougeL": after["test"]["all"]["rougeL"],
             "position": after["position"]["all"]["exact"], "position majority": after["position"]["all"]["majority"],
             "trainable": metrics["trainable parameters"], "stage2 s": metrics["seconds"]["stage 2"],
@@ -391,12 +398,12 @@ def scratchpad_table(out):
     return counts
 
 
-def fill_cache(args):
+def fill_cache(args, seed):
     """The ViT, the data and the text-only LM (the one the MLP connector's configuration trains),
     made once into the shared cache before the runs start, so that parallel runs never train them side
     by side."""
     torch.set_num_threads(max(args.threads, args.jobs))
-    vcfg, tcfg = row_configs(args, connector="mlp", seed=args.seed)
+    vcfg, tcfg = row_configs(args, connector="mlp", seed=seed)
     if args.n_eval is not None:
         tcfg = replace(tcfg, n_eval=args.n_eval)
     cache = Path(args.out) / "cache"
@@ -407,6 +414,44 @@ def fill_cache(args):
     vt.train_stage(vlm, stage0, tcfg, run)                                    # stage 0, into cache/lm-HASH
     vt.eval_sets(cache, tcfg, vlm.processor.image_size)
     return run.folder(stage0)
+
+
+def seed_list(args):
+    """--seeds N,N,... as distinct ints, or [--seed]."""
+    if args.seeds is None:
+        return [args.seed]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds expects one or more distinct integers, got {args.seeds!r}")
+    return seeds
+
+
+def seeds_table(groups, args):
+    """One row per (connector, mode): min and mean over its seeds of each score, each seed's scores
+    beside them (a mean alone would hide the weak seed). Prints the table, returns its rows."""
+    r0, seeds = groups[0][0], args.seed_list
+    print(f"\nshapes VQA, {r0['stage1_steps']} stage-1 and {r0['stage2_steps']} stage-2 steps, seeds "
+          f"{', '.join(map(str, seeds))} (each its own stage-0 LM, stage 1 and data): exact match on {r0['n_eval']} "
+          f"unseen scenes, on {r0['n_eval']} scenes with held-out colour-shape pairs and on the balanced position "
+          f"split (always one answer: {r0['position majority']:.1f}%), min / mean over the seeds; "
+          f"{args.threads} thread(s) per run, {args.jobs} run(s) at a time, {args.device}\n")
+    print("| connector | stage 2 | exact match min / mean | held-out pairs min / mean | position min / mean "
+          "| per seed: exact / held-out / position | trainable params | stage-2 time s, mean |")
+    print("|---|---|---:|---:|---:|---|---:|---:|")
+    rows = []
+    for runs in groups:
+        row = {"connector": runs[0]["connector"], "mode": runs[0]["mode"], "seeds": seeds, "runs": runs,
+               **{k: (min(r[k] for r in runs), sum(r[k] for r in runs) / len(runs))
+                  for k in ("test", "heldout", "position")}}
+        rows.append(row)
+        cells = " | ".join(f"{row[k][0]:.1f} / {row[k][1]:.1f}%" for k in ("test", "heldout", "position"))
+        each = "; ".join(f"{r['test']:.1f} / {r['heldout']:.1f} / {r['position']:.1f}" for r in runs)
+        print(f"| {row['connector']} | {row['mode']} | {cells} | {each} | {runs[0]['trainable']:,} | "
+              f"{sum(r['stage2 s'] for r in runs) / len(runs):.0f} |")
+    return rows
 
 
 def main(argv=None):
@@ -421,6 +466,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=str, default=None, metavar="N,N,...",
+                        help="every row once per seed (each with its stage-0 LM and stage 1); the table gives "
+                             "min / mean over them. Default: --seed alone")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a VLMConfig / TrainConfig field for every row, as vlm_train.py --set")
     parser.add_argument("--device", type=str, default="cpu")
@@ -451,20 +499,24 @@ def main(argv=None):
     if args.memory:
         return memory_table(ctx, row_configs(args)[0], args.batch_size)
     connectors, modes = args.connectors.split(","), args.modes.split(",")
+    args.seed_list = seed_list(args)
     with ctx.Pool(1) as pool:
-        args.lm_dir = pool.apply(fill_cache, (args,))
-    # the first mode of each connector trains its stage 1, which the other modes then read
-    waves = [[(c, modes[0]) for c in connectors], [(c, m) for c in connectors for m in modes[1:]]]
+        args.lm_dirs = {seed: pool.apply(fill_cache, (args, seed)) for seed in args.seed_list}
+    # the first mode of each connector trains its stage 1 (one per seed), which the other modes then read
+    waves = [[(c, modes[0], s) for c in connectors for s in args.seed_list],
+             [(c, m, s) for c in connectors for m in modes[1:] for s in args.seed_list]]
     done = {}
     for wave in waves:
         with ctx.Pool(args.jobs, maxtasksperchild=1) as pool:       # a fresh process per row
             pending = [(key, pool.apply_async(one_run, (*key, args))) for key in wave]
             for key, result in pending:
                 r = done[key] = result.get()
-                print(f"{key[0]:9s} {key[1]:5s} test {r['test']:5.1f}%  held-out {r['heldout']:5.1f}%  "
+                print(f"{key[0]:9s} {key[1]:5s} seed {key[2]}  test {r['test']:5.1f}%  held-out {r['heldout']:5.1f}%  "
                       f"position {r['position']:5.1f}%  "
                       f"{r['total s']:.0f} s", file=sys.stderr, flush=True)
-    rows = [done[(c, m)] for c in connectors for m in modes]
+    if len(args.seed_list) > 1:
+        return seeds_table([[done[(c, m, s)] for s in args.seed_list] for c in connectors for m in modes], args)
+    rows = [done[(c, m, args.seed_list[0])] for c in connectors for m in modes]
     r0 = rows[0]
     print(f"\nshapes VQA, {r0['stage1_steps']} stage-1 and {r0['stage2_steps']} stage-2 steps (--train uses "
           f"{vt.TrainConfig().stage1_steps} and {vt.TrainConfig().stage2_steps}), exact match of greedy answers "

@@ -1076,3 +1076,27 @@ def test_the_benchmark_rows_take_set_fields():
     vcfg, tcfg = bench().row_configs(args, connector="qformer", stage2="lora", seed=3)
     assert (vcfg.connector, vcfg.position_answer, vcfg.lm_width) == ("qformer", "named", vt.VLMConfig.tiny().lm_width)
     assert (tcfg.grid_questions, tcfg.stage2_steps, tcfg.stage2, tcfg.seed) == ((), 7, "lora", 3)
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_each_row_once_per_seed_and_gives_min_and_mean(tmp_path, capsys):
+    """--seeds: each seed trains its own stage-0 LM, stage 1 and stage 2, and a row's min / mean are those
+    of its seeds' scores."""
+    rows = bench().main(["--tiny", "--out", str(tmp_path), "--connectors", "linear", "--modes", "full,lora",
+                         "--seeds", "0,1", "--jobs", "2"])
+    assert [(r["connector"], r["mode"], r["seeds"]) for r in rows] == [("linear", "full", [0, 1]), ("linear", "lora", [0, 1])]
+    for row in rows:
+        assert [r["seed"] for r in row["runs"]] == [0, 1]
+        for key in ("test", "heldout", "position"):
+            scores = [r[key] for r in row["runs"]]
+            assert row[key] == (min(scores), sum(scores) / 2) and all(0 <= x <= 100 for x in scores)
+    assert len(list((tmp_path / "cache").glob("lm-*"))) == 2                          # one stage-0 LM per seed
+    for seed in (0, 1):                                                                 # one stage 1 per seed,
+        assert (tmp_path / f"linear-seed{seed}" / "stage1").is_dir()                    # read by both modes
+    weights = [load_file(tmp_path / f"linear-full-seed{seed}" / "model" / "model.safetensors") for seed in (0, 1)]
+    assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])      # two runs, not one twice
+    out = capsys.readouterr().out
+    assert "| exact match min / mean |" in out and "| linear | lora |" in out
+    for bad in ("1,1", "a,2"):
+        with pytest.raises(SystemExit, match="--seeds expects"):
+            bench().main(["--tiny", "--out", str(tmp_path / "bad"), "--seeds", bad])
