@@ -429,15 +429,24 @@ def seed_list(args):
     return seeds
 
 
+def caption(r0, args):
+    """The line above a table: the schedule, the seeds when there are several, what is scored, how it ran."""
+    seeds = args.seed_list
+    several = (f"seeds {', '.join(map(str, seeds))} (each its own stage-0 LM, stage 1 and data), "
+               if len(seeds) > 1 else "")
+    return (f"\nshapes VQA, {r0['stage1_steps']} stage-1 and {r0['stage2_steps']} stage-2 steps (--train uses "
+            f"{vt.TrainConfig().stage1_steps} and {vt.TrainConfig().stage2_steps}), {several}exact match of greedy "
+            f"answers on {r0['n_eval']} unseen scenes (one question each), on {r0['n_eval']} scenes with held-out "
+            f"colour-shape pairs and on the balanced position split (always one answer: "
+            f"{r0['position majority']:.1f}%){', min / mean over the seeds' if several else ''}; {args.threads} "
+            f"thread(s) per run, {args.jobs} run(s) at a time, {args.device}\n")
+
+
 def seeds_table(groups, args):
     """One row per (connector, mode): min and mean over its seeds of each score, each seed's scores
     beside them (a mean alone would hide the weak seed). Prints the table, returns its rows."""
-    r0, seeds = groups[0][0], args.seed_list
-    print(f"\nshapes VQA, {r0['stage1_steps']} stage-1 and {r0['stage2_steps']} stage-2 steps, seeds "
-          f"{', '.join(map(str, seeds))} (each its own stage-0 LM, stage 1 and data): exact match on {r0['n_eval']} "
-          f"unseen scenes, on {r0['n_eval']} scenes with held-out colour-shape pairs and on the balanced position "
-          f"split (always one answer: {r0['position majority']:.1f}%), min / mean over the seeds; "
-          f"{args.threads} thread(s) per run, {args.jobs} run(s) at a time, {args.device}\n")
+    seeds = args.seed_list
+    print(caption(groups[0][0], args))
     print("| connector | stage 2 | exact match min / mean | held-out pairs min / mean | position min / mean "
           "| per seed: exact / held-out / position | trainable params | stage-2 time s, mean |")
     print("|---|---|---:|---:|---:|---|---:|---:|")
@@ -517,12 +526,7 @@ def main(argv=None):
     if len(args.seed_list) > 1:
         return seeds_table([[done[(c, m, s)] for s in args.seed_list] for c in connectors for m in modes], args)
     rows = [done[(c, m, args.seed_list[0])] for c in connectors for m in modes]
-    r0 = rows[0]
-    print(f"\nshapes VQA, {r0['stage1_steps']} stage-1 and {r0['stage2_steps']} stage-2 steps (--train uses "
-          f"{vt.TrainConfig().stage1_steps} and {vt.TrainConfig().stage2_steps}), exact match of greedy answers "
-          f"on {r0['n_eval']} unseen scenes (one question each), on {r0['n_eval']} scenes with held-out "
-          f"colour-shape pairs and on the balanced position split (always one answer: "
-          f"{r0['position majority']:.1f}%); {args.threads} thread(s) per run, {args.jobs} run(s) at a time, {args.device}\n")
+    print(caption(rows[0], args))
     print("| connector | stage 2 | exact match | held-out pairs | position | ROUGE-L | trainable params | stage-2 time s "
           "| run time s | peak RSS above start MiB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
