@@ -371,6 +371,11 @@ class QFormerConnector(nn.Module):
         self.qformer = qformer.QFormer(replace(config, num_query_tokens=cfg.num_queries,
                                                lm_hidden_size=width if cfg.qformer_head == "linear" else 0))
         self.head = MLPConnector.mlp(config.hidden_size, width) if cfg.qformer_head == "mlp" else None
+        # the adapter starts as the Q-Former's own layers and linear head do (N(0, 1/D) weights, zero biases):
+        # torch's default, U(-1/sqrt(D), 1/sqrt(D)), would start its tokens at a fifth of the linear head's size
+        # on the default decoder (RMS 0.2 against 1.0)
+        if self.head is not None:
+            self.head.apply(self.qformer._init_weights)
         self.key_pos = KeyPositions(g, vision_width) if cfg.image_pos == "2d" else nn.Identity()
         if cfg.query_prior != "none":                 # the prior on every cross-attention's logits
             self.qformer.cross_attention_bias = LocalPrior(cfg.num_queries, g, window=cfg.query_prior == "window")

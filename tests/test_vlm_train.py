@@ -358,6 +358,19 @@ def test_qformer_zero_ffn_starts_each_query_feed_forward_as_the_identity():
     assert all(layer.output_query.dense.weight.grad.abs().sum() > 0 for layer in zero.qformer.qformer.encoder.layer)
 
 
+def test_the_qformer_mlp_adapter_starts_as_its_linear_head_does():
+    """qformer_head="mlp": both layers of the adapter are drawn as the Q-Former's linear head and every other
+    layer of it (BERT's N(0, initializer_range^2) weights, zero biases), not with torch's default
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), whose standard deviation here is 0.072 against 0.125."""
+    torch.manual_seed(0)
+    connector, _ = vt.make_connector(vt.VLMConfig(connector="qformer", qformer_head="mlp"), 64, 1, 36, 64)
+    std = connector.qformer.config.initializer_range
+    assert std == 64 ** -0.5
+    for layer in (connector.head[0], connector.head[2]):
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+        assert abs(layer.weight.std().item() / std - 1) < 0.05       # 4,096 draws: about 1% standard error
+
+
 def test_stage2_with_the_qformer_frozen_still_trains_its_head(cache):
     """stage2_qformer=False freezes the Q-Former and what its queries read, and trains its head with the
     LM: the MLP adapter (qformer_head="mlp", tested with the smolvlm preset), or with BLIP-2's linear head
