@@ -37,7 +37,7 @@ alignment", "stage 2: fine-tuning end-to-end") and BLIP-2 (sec. 3.2-3.3):
            stage 1 only makes sense for one that already speaks; real recipes download one. Cached.
   stage 1  alignment, LM frozen: the connector alone learns to caption (image -> caption). BLIP-2
            trains its Q-Former first with ITC + ITM + ITG on (image, caption) pairs (qformer.py; here
-           with itc_steps > 0, as the blip2 and smolvlm presets do), then with the same caption loss.
+           with itc_steps > 0, as the blip2 preset and smolvlm's with --lm hf: do), then with the same caption loss.
   stage 2  VQA, vision still frozen: the connector plus the LM, fully (`full`), with LoRA
            (lora.py; h = W x + (alpha/r) B A x, Hu et al. 2021), or with QLoRA (the same LoRA around
            an NF4 base from nf4.py; Dettmers et al. 2023, sec. 3). Loss on answer tokens only.
@@ -77,7 +77,7 @@ data on disk (`--data clevr:DIR | captions:DIR | img2dataset:DIR`), transformers
 folders (`--lm hf:DIR`, any causal LM with its tokenizer, LLaVA-style causal attention; `--vision
 hf:DIR`, a CLIP or SigLIP tower), `--init paligemma:DIR`, saving and loading, the command line. They
 change where rows, weights and tokens come from and which rank computes them, not what a stage
-computes. `--preset smolvlm` is the course's Q-Former tutorial recipe (see PRESETS).
+computes. `--preset smolvlm` is the course's Q-Former tutorial recipe (PRESETS, FROM_SCRATCH).
 
 Left out: several images per prompt (Flamingo's gated cross-attention and its time embeddings), and
 unfreezing the vision encoder.
@@ -192,7 +192,7 @@ class TrainConfig:
     pretrain_steps: int = 400          # stage 0: the LM on text alone
     pretrain_lr: float = 3e-3
     pretrain_warmup: float = 0.03      # stage 0: a fraction of its steps, whatever the connector
-    itc_steps: int = 0                 # stage 1a (qformer only): BLIP-2's ITC + ITM + ITG first (presets blip2, smolvlm)
+    itc_steps: int = 0                 # stage 1a (qformer only): BLIP-2's ITC + ITM + ITG first (presets blip2, smolvlm + hf:)
     itc_lr: float = 1e-3
     qformer_lr_scale: float = 1.0      # stage 1: lr x this on the Q-Former's cross-attention and query tokens
     stage1_steps: int = 300
@@ -229,8 +229,9 @@ class TrainConfig:
 
 
 # Presets: the structure of each paper's recipe. The papers' own learning rates are for pretrained
-# billion-parameter models; ours are for a few-hundred-thousand-weight LM from scratch, so only
-# --preset paligemma-homework (meant for --init paligemma:DIR, a real checkpoint) keeps its numbers.
+# billion-parameter models; ours are for a few-hundred-thousand-weight LM from scratch, so only the
+# presets meant for a pretrained LM keep their numbers: paligemma-homework (--init paligemma:DIR, a real
+# checkpoint) and smolvlm with --lm hf:DIR (on the default decoder it is FROM_SCRATCH's).
 PRESETS = {
     # LLaVA-1.5 (Liu et al. 2024, sec. 3.2 and appendix Table 9): MLP connector; stage 1 trains the
     # connector alone on captions (lr 1e-3, batch 256), stage 2 the connector + the whole LM (lr 2e-5,
@@ -256,11 +257,19 @@ PRESETS = {
     # that are new to a BERT-initialised Q-Former; stage 2 freezes it and trains an MLP adapter on its
     # outputs plus LoRA r = 64, alpha = 128 on every linear layer of the LM at lr 5e-4, batch 8 x 4
     # accumulation steps, bf16 autocast where the device has it, prompt "Describe this image".
-    # Meant for --lm hf:DIR (a pretrained SmolLM); on the default from-scratch decoder it runs as well.
+    # Meant for --lm hf:DIR (a pretrained SmolLM); without it, FROM_SCRATCH["smolvlm"].
     "smolvlm": (dict(connector="qformer", num_queries=32, query_prior="none", qformer_head="mlp", lora_r=64,
                      lora_alpha=128),
                 dict(stage2="lora", itc_steps=300, itc_lr=1e-4, stage1_lr=1e-4, qformer_lr_scale=10.0, stage2_qformer=False,
                      stage2_lr=5e-4, batch_size=32, grad_accum=4, bf16=True, caption_prompt="Describe this image")),
+}
+
+# What a preset meant for a pretrained LM becomes on the default decoder (no --lm hf:DIR), an LM trained from
+# scratch: the tutorial's structure (a Q-Former trained on captions first, then frozen behind an MLP adapter,
+# LoRA on every linear layer of the LM) over the Q-Former's own defaults (CONNECTOR_DEFAULTS) and this file's
+# numbers. With the Q-Former frozen, stage 2 lowers its loss more slowly, so it takes twice the steps.
+FROM_SCRATCH = {
+    "smolvlm": (dict(connector="qformer", qformer_head="mlp"), dict(stage2="lora", stage2_qformer=False, stage2_steps=8000)),
 }
 
 # A connector's own defaults, under --set, where no preset is named (make_configs). Both query connectors' queries
@@ -2379,7 +2388,12 @@ def make_configs(vcfg_over: dict, tcfg_over: dict, tiny: bool = False, preset: b
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]:
-    vcfg_over, tcfg_over = PRESETS.get(args.preset, ({}, {})) if args.preset else ({}, {})
+    tiny = args.tiny or not (args.train or args.memory_report)
+    # a preset meant for a pretrained LM, run on the default decoder, is its FROM_SCRATCH recipe
+    scratch = args.preset in FROM_SCRATCH and not (getattr(args, "lm", None) or getattr(args, "init", None))
+    vcfg_over, tcfg_over = (FROM_SCRATCH if scratch else PRESETS)[args.preset] if args.preset else ({}, {})
+    if tiny:                 # the demo and --tiny keep their own step counts; a stage a preset skips stays skipped
+        tcfg_over = {k: v for k, v in tcfg_over.items() if not (k.endswith("_steps") and v)}
     vcfg_over = {**vcfg_over, **({"connector": args.connector} if args.connector else {}),
                  **{k: getattr(args, k) for k in ("lm", "vision") if getattr(args, k, None)}}
     if getattr(args, "init", None):          # a checkpoint's trained projector reads no new positions
@@ -2390,7 +2404,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[VLMConfig, TrainConfig]
         tcfg_over["stage2_steps"] = args.steps
     vcfg_set, tcfg_set = split_settings(args.set or ())
     vcfg_over, tcfg_over = {**vcfg_over, **vcfg_set}, {**tcfg_over, **tcfg_set}
-    return make_configs(vcfg_over, tcfg_over, args.tiny or not (args.train or args.memory_report), bool(args.preset))
+    return make_configs(vcfg_over, tcfg_over, tiny, bool(args.preset) and not scratch)
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:

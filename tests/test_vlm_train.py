@@ -646,12 +646,12 @@ def test_set_overrides_any_field_with_its_type():
     assert (tcfg.stage2_lr, tcfg.bf16, tcfg.seed) == (1e-3, False, 3)
 
 
-def test_the_query_connectors_take_their_own_defaults_under_set_and_a_preset_takes_none(cache):
+def test_the_query_connectors_take_their_own_defaults_under_set_and_blip2s_preset_takes_none(cache):
     """--connector qformer / perceiver (and the benchmark's rows) start from CONNECTOR_DEFAULTS: one cell
     per query, read as one merged key; the Q-Former's also positions on its output tokens, feed-forward
     layers starting at zero, 10% warm-up in stages 1 and 2; --set overrides them; the per-patch
-    connectors and the papers' presets are unchanged; stage 0 warms up over pretrain_warmup whatever the
-    connector, so every connector reads the same text-only LM."""
+    connectors and BLIP-2's preset are unchanged (the smolvlm preset takes them on the default decoder); stage 0
+    warms up over pretrain_warmup whatever the connector, so every connector reads the same text-only LM."""
     import argparse
 
     def configs(connector=None, preset=None, *settings):
@@ -668,10 +668,20 @@ def test_the_query_connectors_take_their_own_defaults_under_set_and_a_preset_tak
     for connector in ("mlp", "linear", "dense"):
         vcfg, tcfg = configs(connector)
         assert (vcfg, tcfg) == (vt.VLMConfig(connector=connector), vt.TrainConfig())
-    for preset in ("blip2", "smolvlm"):
-        vcfg, tcfg = configs(None, preset)
-        assert (vcfg.query_merge, vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == (1, "none", False,
-                                                                                                         False, 0.03)
+    vcfg, tcfg = configs(None, "blip2")
+    assert (vcfg.query_merge, vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == (1, "none", False,
+                                                                                                     False, 0.03)
+    # the smolvlm preset (the tutorial's, tested in test_vlm_hf.py with --lm hf:) on the default decoder: its
+    # structure over the Q-Former's defaults, the recipe's numbers, twice the stage-2 steps
+    vcfg, tcfg = configs(None, "smolvlm")
+    assert vcfg == vt.make_configs({"connector": "qformer", "qformer_head": "mlp"}, {})[0]
+    assert tcfg == vt.make_configs({"connector": "qformer"}, {"stage2": "lora", "stage2_qformer": False,
+                                                              "stage2_steps": 2 * vt.TrainConfig.stage2_steps})[1]
+    # the demo and --tiny keep their own step counts under a preset, but not a stage that the preset skips
+    tiny = lambda preset: vt.configs_from_args(argparse.Namespace(     # noqa: E731
+        preset=preset, connector=None, seed=0, stage2=None, steps=None, tiny=True, train=True, memory_report=False, set=[]))[1]
+    assert tiny("smolvlm").stage2_steps == tiny("blip2").stage2_steps == vt.TrainConfig.tiny().stage2_steps
+    assert tiny("blip2").itc_steps == vt.TrainConfig.tiny().itc_steps > 0 and tiny("paligemma-homework").stage1_steps == 0
     vcfg, tcfg = vt.make_configs({"connector": "qformer"}, {"stage2": "full", "stage2_steps": 50,
                                                          "pretrain_steps": 40}, tiny=True)
     assert vcfg.query_prior == "window" and tcfg.warmup == 0.1
