@@ -269,7 +269,8 @@ PRESETS = {
 # LoRA on every linear layer of the LM) over the Q-Former's own defaults (CONNECTOR_DEFAULTS) and this file's
 # numbers. With the Q-Former frozen, stage 2 lowers its loss more slowly, so it takes twice the steps.
 FROM_SCRATCH = {
-    "smolvlm": (dict(connector="qformer", qformer_head="mlp"), dict(stage2="lora", stage2_qformer=False, stage2_steps=8000)),
+    "smolvlm": (dict(connector="qformer", qformer_head="mlp"),
+                dict(stage2="lora", stage2_qformer=False, stage2_steps=2 * TrainConfig.stage2_steps)),
 }
 
 # A connector's own defaults, under --set, where no preset is named (make_configs). Both query connectors' queries
