@@ -404,9 +404,11 @@ class QFormerConnector(nn.Module):
         return self.key_pos(z)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        if self.head is None:
-            return self.query_pos(self.qformer.language_model_inputs(self.keys(feats)))   # (B, N, Dv) -> (B, Q, D)
-        return self.query_pos(self.head(self.qformer(self.keys(feats))))             # (B, Q, Dq) -> (B, Q, D)
+        """(B, Lk, 1+N, Dv) vision features -> (B, Q, D) image tokens. Given (B, Q, Dq) instead, the input is
+        the Q-Former's own query outputs, computed once while it is frozen (frozen_queries), and only the head runs."""
+        q = feats if feats.dim() == 3 else self.qformer(self.keys(feats))                # (B, Q, Dq)
+        head = self.head if self.head is not None else self.qformer.language_projection   # BLIP-2's linear head
+        return self.query_pos(head(q))                                                   # (B, Q, D)
 
 
 def competing_attention(attn: nn.MultiheadAttention, q: torch.Tensor, kv: torch.Tensor, n_media: int,
@@ -1368,9 +1370,23 @@ def vqa_stage(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> Stage:
     """Stage 2: connector + LM (full, LoRA or QLoRA) on questions, loss on the answer only, kinds balanced."""
     if tcfg.grad_checkpointing:                       # memory for compute; the same gradients
         checkpoint_activations(vlm)
-    return Stage("stage2", ("vqa",), data, vlm_loss, set_stage(vlm, 2, tcfg.stage2, tcfg.stage2_qformer),
+    params = set_stage(vlm, 2, tcfg.stage2, tcfg.stage2_qformer)
+    if isinstance(vlm.connector, QFormerConnector) and not tcfg.stage2_qformer:
+        data = frozen_queries(vlm, data, tcfg.bf16)   # the frozen Q-Former runs once per training image
+    return Stage("stage2", ("vqa",), data, vlm_loss, params,
                  tcfg.stage2_steps, tcfg.stage2_lr, tcfg.warmup, stage_config(vlm.config, tcfg, "stage2"),
                  weights=kind_weights(data.qa, tcfg.balance_position), save_every=tcfg.save_every)
+
+
+@torch.no_grad()
+def frozen_queries(vlm: VLM, data: VQAData, bf16: bool, batch_size: int = 500) -> VQAData:
+    """The data with the frozen Q-Former's query outputs (n, Q, Dq) as its features: stage 2 trains only what comes
+    after them (the head, the LM), so they are the same at every step, and computed once, as the ViT's are."""
+    def queries(s: int) -> torch.Tensor:
+        feats = vlm.image_inputs(data.images[s:s + batch_size], None if data.features is None else data.features[s:s + batch_size])
+        with autocast(vlm.model.device, bf16):        # in the dtype the step would compute them in
+            return vlm.connector.qformer(vlm.connector.keys(feats.to(vlm.model.device)))
+    return replace(data, features=torch.cat([queries(s) for s in range(0, len(data.images), batch_size)]))
 
 
 STAGE2_ONLY = ("stage2", "stage2_steps", "stage2_lr", "stage2_qformer", "lora_r", "lora_alpha", "lora_targets",

@@ -384,6 +384,32 @@ def test_stage2_with_the_qformer_frozen_still_trains_its_head(cache):
     assert {n for n in names if not n.startswith("connector.")} == {n for n, _ in vlm.lm.named_parameters(prefix="language_model")}
 
 
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_stage2_with_the_qformer_frozen_reads_its_outputs_computed_once(head, cache):
+    """With stage2_qformer=False the stage's data hold the frozen Q-Former's query outputs (n, Q, Dq) instead of
+    the ViT's features, and a step on them gives the loss and gradients that the live Q-Former gives; with the
+    Q-Former trained, the data stay the ViT's."""
+    vcfg, tcfg = vt.VLMConfig.tiny(connector="qformer", qformer_head=head), vt.TrainConfig.tiny(stage2="full")
+    vlm, data = vt.build_vlm(vcfg, tcfg, vt.Run(cache, CPU, progress=False))
+    vt.cache_features(vlm, data)
+    assert vt.vqa_stage(vlm, data, tcfg).data is data                          # stage2_qformer=True: runs live
+    stage = vt.vqa_stage(vlm, data, replace(tcfg, stage2_qformer=False))
+    Q, Dq = vcfg.num_queries, vlm.connector.qformer.config.hidden_size
+    assert stage.data.features.shape == (len(data.images), Q, Dq) and data.features.dim() == 4
+    assert stage.data.images is data.images and stage.data.qa is data.qa
+    rows = list(range(0, 2 * tcfg.batch_size, 2))
+    results = []
+    for d in (data, stage.data):
+        vlm.model.zero_grad(set_to_none=True)
+        loss = vt.vlm_loss(vlm.model, vt.make_batch(vlm, d, rows, "vqa"))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in stage.params]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
+    for live, once in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(once, live, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in results[1][1][:4])
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_the_query_priors_under_bf16_autocast(device):
     """The priors are float32 logits added to the scores of bf16 queries and keys when a stage runs under
