@@ -138,6 +138,7 @@ class VLMConfig:
     lm_init_std: float = 0.05
     num_queries: int = 9               # Q of the Q-Former and the Perceiver's latents: one per cell of the scenes' 3 x 3
     qformer_head: str = "linear"       # after the Q-Former: "linear" (BLIP-2's projection) or "mlp" (an MLP adapter)
+    adapter_width: int = 0             # the MLP adapter's hidden width; 0: the LM's (LLaVA's two layers)
     qformer_vocab: tuple = ()          # the Q-Former's text words: () = clip.ShapesTokenizer's; --data: the folder's
     perceiver_layers: int = 2
     perceiver_attention: str = "softmax"   # "compete": the latents share out each patch (competing_attention)
@@ -166,6 +167,8 @@ class VLMConfig:
         if self.query_prior == "window" and self.perceiver_attention == "compete":
             raise ValueError("query_prior='window' leaves the class token to no latent, and perceiver_attention="
                              "'compete' shares each key out among the latents: use one or the other")
+        if self.adapter_width < 0:
+            raise ValueError(f"adapter_width must be 0 (the LM's width) or a positive width, got {self.adapter_width}")
         if self.image_pos not in ("none", "2d") or self.position_answer not in ("word", "named"):
             raise ValueError(f"image_pos must be 'none' or '2d' and position_answer 'word' or 'named', got "
                              f"{self.image_pos!r} and {self.position_answer!r}")
@@ -267,10 +270,11 @@ PRESETS = {
 # What a preset meant for a pretrained LM becomes on the default decoder (no --lm hf:DIR), an LM trained from
 # scratch: the tutorial's structure (a Q-Former trained on captions first, then frozen behind an MLP adapter,
 # LoRA on every linear layer of the LM) over the Q-Former's own defaults (CONNECTOR_DEFAULTS) and this file's
-# numbers. With the Q-Former frozen, stage 2 lowers its loss more slowly, so it takes twice the steps.
+# numbers; the adapter 4x the LM's width inside, as a transformer's feed-forward layer (one as narrow as the LM
+# passes on less of a cell's colour, README), and 1.5x the steps: stage 2 learns from a frozen Q-Former slowly.
 FROM_SCRATCH = {
-    "smolvlm": (dict(connector="qformer", qformer_head="mlp"),
-                dict(stage2="lora", stage2_qformer=False, stage2_steps=2 * TrainConfig.stage2_steps)),
+    "smolvlm": (dict(connector="qformer", qformer_head="mlp", adapter_width=4 * VLMConfig.lm_width),
+                dict(stage2="lora", stage2_qformer=False, stage2_steps=3 * TrainConfig.stage2_steps // 2)),
 }
 
 # A connector's own defaults, under --set, where no preset is named (make_configs). Both query connectors' queries
@@ -335,9 +339,9 @@ class MLPConnector(nn.Module):
         return self.fc2(F.gelu(self.fc1(merge_patches(feats[:, -1], self.merge))))  # (B, M, D)
 
     @staticmethod
-    def mlp(in_width: int, width: int) -> nn.Sequential:
-        """The same two layers as a module of its own (the Q-Former's MLP adapter)."""
-        return nn.Sequential(nn.Linear(in_width, width), nn.GELU(), nn.Linear(width, width))
+    def mlp(in_width: int, width: int, hidden: int) -> nn.Sequential:
+        """The same two layers as a module of its own, hidden wide in between (the Q-Former's MLP adapter)."""
+        return nn.Sequential(nn.Linear(in_width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
 
 class DenseConnector(nn.Module):
@@ -363,7 +367,8 @@ def merged_grid(g: int, m: int) -> int:
 
 class QFormerConnector(nn.Module):
     """qformer.QFormer's Q query outputs through its language_projection (BLIP-2 sec. 3.3), or, with
-    qformer_head="mlp", through an MLP adapter u = W2 GELU(W1 q + b1) + b2 (the course's Q-Former tutorial).
+    qformer_head="mlp", through an MLP adapter u = W2 GELU(W1 q + b1) + b2, W1 q of width adapter_width (the course's
+    Q-Former tutorial).
     g: the side of the ViT's patch grid (KeyPositions, LocalPrior).
 
     query_merge = m > 1: the queries read merge_patches' m x m blocks (and the class token, m^2 times side
@@ -380,7 +385,8 @@ class QFormerConnector(nn.Module):
         config = qformer.shapes_qformer_config(self.tokenizer, vision_width, tiny=cfg.tiny_vision)
         self.qformer = qformer.QFormer(replace(config, num_query_tokens=cfg.num_queries,
                                                lm_hidden_size=width if cfg.qformer_head == "linear" else 0))
-        self.head = MLPConnector.mlp(config.hidden_size, width) if cfg.qformer_head == "mlp" else None
+        self.head = (MLPConnector.mlp(config.hidden_size, width, cfg.adapter_width or width)
+                     if cfg.qformer_head == "mlp" else None)
         # the adapter starts as the Q-Former's own layers and linear head do (N(0, 1/D) weights, zero biases):
         # torch's default, U(-1/sqrt(D), 1/sqrt(D)), would start its tokens at a fifth of the linear head's size
         # on the default decoder (RMS 0.2 against 1.0)

@@ -358,14 +358,21 @@ def test_qformer_zero_ffn_starts_each_query_feed_forward_as_the_identity():
     assert all(layer.output_query.dense.weight.grad.abs().sum() > 0 for layer in zero.qformer.qformer.encoder.layer)
 
 
-def test_the_qformer_mlp_adapter_starts_as_its_linear_head_does():
+@pytest.mark.parametrize("adapter_width, hidden", [(0, 64), (256, 256)])
+def test_the_qformer_mlp_adapter_starts_as_its_linear_head_does(adapter_width, hidden):
     """qformer_head="mlp": both layers of the adapter are drawn as the Q-Former's linear head and every other
     layer of it (BERT's N(0, initializer_range^2) weights, zero biases), not with torch's default
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), whose standard deviation here is 0.072 against 0.125."""
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), whose standard deviation here is 0.072 against 0.125. Its hidden
+    layer is the LM's width (64) unless adapter_width says otherwise."""
     torch.manual_seed(0)
-    connector, _ = vt.make_connector(vt.VLMConfig(connector="qformer", qformer_head="mlp"), 64, 1, 36, 64)
+    cfg = vt.VLMConfig(connector="qformer", qformer_head="mlp", adapter_width=adapter_width)
+    connector, _ = vt.make_connector(cfg, 64, 1, 36, 64)
     std = connector.qformer.config.initializer_range
     assert std == 64 ** -0.5
+    assert connector.head[0].weight.shape == (hidden, 64) and connector.head[2].weight.shape == (64, hidden)
+    assert connector(torch.randn(2, 1, 37, 64)).shape == (2, cfg.num_queries, 64)
+    with pytest.raises(ValueError, match="adapter_width must be 0 .* got -1"):
+        vt.VLMConfig(adapter_width=-1)
     for layer in (connector.head[0], connector.head[2]):
         assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
         assert abs(layer.weight.std().item() / std - 1) < 0.05       # 4,096 draws: about 1% standard error
@@ -698,11 +705,12 @@ def test_the_query_connectors_take_their_own_defaults_under_set_and_blip2s_prese
     assert (vcfg.query_merge, vcfg.query_prior, vcfg.query_pos, vcfg.qformer_zero_ffn, tcfg.warmup) == (1, "none", False,
                                                                                                      False, 0.03)
     # the smolvlm preset (the tutorial's, tested in test_vlm_hf.py with --lm hf:) on the default decoder: its
-    # structure over the Q-Former's defaults, the recipe's numbers, twice the stage-2 steps (8,000, as measured)
+    # structure over the Q-Former's defaults, the recipe's numbers, an adapter 256 wide inside and 1.5x the stage-2
+    # steps (6,000, as measured)
     vcfg, tcfg = configs(None, "smolvlm")
-    assert vcfg == vt.make_configs({"connector": "qformer", "qformer_head": "mlp"}, {})[0]
+    assert vcfg == vt.make_configs({"connector": "qformer", "qformer_head": "mlp", "adapter_width": 256}, {})[0]
     assert tcfg == vt.make_configs({"connector": "qformer"}, {"stage2": "lora", "stage2_qformer": False,
-                                                              "stage2_steps": 8000})[1]
+                                                              "stage2_steps": 6000})[1]
     # the demo and --tiny keep their own step counts under a preset, but not a stage that the preset skips
     tiny = {preset: configs(None, preset, tiny=True)[1] for preset in ("smolvlm", "blip2", "paligemma-homework")}
     assert tiny["smolvlm"].stage2_steps == tiny["blip2"].stage2_steps == vt.TrainConfig.tiny().stage2_steps
