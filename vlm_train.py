@@ -812,7 +812,8 @@ def stage_optimizer(params: Sequence[nn.Parameter], lr: float, weight_decay: flo
     groups = [{"params": [p for p in params if (p.dim() >= 2) == big and (id(p) in scaled) == fast],
                "weight_decay": weight_decay if big else 0.0, "lr_scale": scale if fast else 1.0}
               for fast in (False, True) for big in (True, False)]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    # foreach: each update is one call over a group's tensors instead of a Python loop, the same arithmetic
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, foreach=True)
 
 
 def bf16_device(device: torch.device, enabled: bool = True) -> bool:
@@ -1151,14 +1152,13 @@ def prefix_suffix_batch(prefixes: Sequence[list[int]], suffixes: Sequence[list[i
     labels keep the suffix ids and are -100 elsewhere (paligemma.suffix_labels): answer-only loss.
     """
     width = max(len(p) + len(s) for p, s in zip(prefixes, suffixes))
-    input_ids = torch.full((len(prefixes), width), pad_id, dtype=torch.long)         # (B, T)
-    attention_mask = torch.zeros_like(input_ids)
-    token_type_ids = torch.zeros_like(input_ids)
-    for b, (p, s) in enumerate(zip(prefixes, suffixes)):
-        n = len(p) + len(s)
-        input_ids[b, width - n:] = torch.tensor(p + s)
-        attention_mask[b, width - n:] = 1
-        token_type_ids[b, width - len(s):] = 1 if s else 0
+    input_ids = torch.tensor([[pad_id] * (width - len(p) - len(s)) + p + s for p, s in zip(prefixes, suffixes)],
+                             dtype=torch.long)                                      # (B, T)
+    column = torch.arange(width)
+    tokens = torch.tensor([len(p) + len(s) for p, s in zip(prefixes, suffixes)])[:, None]
+    answer = torch.tensor([len(s) for s in suffixes])[:, None]
+    attention_mask = (column >= width - tokens).long()                               # a row's last n_b columns
+    token_type_ids = (column >= width - answer).long()                               # ... and its last |suffix_b|
     labels = pg.suffix_labels(input_ids, token_type_ids, attention_mask)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
             "labels": labels}

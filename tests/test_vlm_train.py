@@ -106,6 +106,15 @@ def test_answer_only_masking_and_the_loss_it_gives(cache):
     assert logits.grad[~scored].abs().max() == 0 and logits.grad[scored].abs().sum() > 0
 
 
+def test_prefix_suffix_batch_pads_on_the_left_and_labels_only_the_answer():
+    batch = vt.prefix_suffix_batch([[5, 6], [7], [9, 9, 9]], [[8], [], [4, 3]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[0, 0, 5, 6, 8], [0, 0, 0, 0, 7], [9, 9, 9, 4, 3]]
+    assert batch["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]]
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 1], [0, 0, 0, 0, 0], [0, 0, 0, 1, 1]]
+    assert batch["labels"].tolist() == [[-100] * 4 + [8], [-100] * 5, [-100] * 3 + [4, 3]]
+    assert all(v.dtype == torch.long for v in batch.values())
+
+
 # --- which parameters each stage trains ---------------------------------------------------------------
 
 def grads_after_one_step(vlm, data, stage, mode, vcfg):
