@@ -879,7 +879,7 @@ def make_batch(vlm: VLM, data: VQAData, rows: Sequence[int], phase: str) -> dict
     text_only = phase.startswith("text")
     batch = vlm.processor(prompts if phase != "itc" else [""] * len(prompts), answers, images=not text_only)
     if not text_only:
-        batch["image_inputs"] = vlm.image_inputs(data.images[index], None if data.features is None else data.features[index])
+        batch["image_inputs"] = vlm.image_inputs(*data.image_rows(index))
     if phase == "itc":
         ids, mask = qformer_text(vlm.connector.tokenizer, answers)
         T = int(mask.sum(1).max())
@@ -968,6 +968,10 @@ class VQAData:
     skipped: int = 0                   # unreadable images
     malformed: int = 0                 # unusable lines of an annotation file (load_data)
     features: torch.Tensor = None      # (n, Lk, 1+N, Dv) frozen vision features, when cached
+
+    def image_rows(self, index: Sequence[int] | torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(images, their cached features or None) at `index`: what VLM.image_inputs reads."""
+        return self.images[index], None if self.features is None else self.features[index]
 
     @classmethod
     def from_iterables(cls, vqa: Iterable[tuple] = (), captions: Iterable[tuple] = (), image_size: int = 48) -> VQAData:
@@ -1246,8 +1250,8 @@ def answer_questions(vlm: VLM, data: VQAData, prompt_prefix: str = "", rows: sli
     longest = max(len(x[2].split()) for x in data.qa) + 1           # words of the longest answer, + <eos>
     if vlm.config.position_answer == "named" and any(x[3] == "position" for x in data.qa):
         longest = max(longest, 10)                                  # 9 words of work, then the relation
-    return generate_answers(vlm, data.images[idx], [prompt_prefix + x[1] for x in qa], max(4, longest),
-                            features=None if data.features is None else data.features[idx])
+    images, features = data.image_rows(idx)
+    return generate_answers(vlm, images, [prompt_prefix + x[1] for x in qa], max(4, longest), features=features)
 
 
 def evaluate_vqa(vlm: VLM, data: VQAData, prompt_prefix: str = "",
@@ -1273,7 +1277,7 @@ def qformer_retrieval(vlm: VLM, data: VQAData, ks: Sequence[int] = (1, 5)) -> di
     device = model.device
     captions = [c for _, c in data.captions]
     index = [i for i, _ in data.captions]
-    feats = vlm.image_inputs(data.images[index], None if data.features is None else data.features[index]).to(device)
+    feats = vlm.image_inputs(*data.image_rows(index)).to(device)
     tok = vlm.connector.tokenizer
     ids, mask = qformer_text(tok, captions)
     sim = vlm.connector.qformer.itc_logits(vlm.connector.keys(feats), ids.to(device), mask.to(device)).cpu()   # (n, n)
@@ -1389,7 +1393,7 @@ def frozen_queries(vlm: VLM, data: VQAData, bf16: bool, batch_size: int = 500) -
     """The data with the frozen Q-Former's query outputs (n, Q, Dq) as its features: stage 2 trains only what comes
     after them (the head, the LM), so they are the same at every step, and computed once, as the ViT's are."""
     def queries(s: int) -> torch.Tensor:
-        feats = vlm.image_inputs(data.images[s:s + batch_size], None if data.features is None else data.features[s:s + batch_size])
+        feats = vlm.image_inputs(*data.image_rows(slice(s, s + batch_size)))
         with autocast(vlm.model.device, bf16):        # in the dtype the step would compute them in
             return vlm.connector.qformer(vlm.connector.keys(feats.to(vlm.model.device)))
     return replace(data, features=torch.cat([queries(s) for s in range(0, len(data.images), batch_size)]))
