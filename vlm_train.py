@@ -1155,13 +1155,13 @@ def prefix_suffix_batch(prefixes: Sequence[list[int]], suffixes: Sequence[list[i
     token type 0 = prefix (image + prompt, full attention), 1 = suffix (answer, causal, scored);
     labels keep the suffix ids and are -100 elsewhere (paligemma.suffix_labels): answer-only loss.
     """
-    width = max(len(p) + len(s) for p, s in zip(prefixes, suffixes))
-    input_ids = torch.tensor([[pad_id] * (width - len(p) - len(s)) + p + s for p, s in zip(prefixes, suffixes)],
+    lengths = [len(p) + len(s) for p, s in zip(prefixes, suffixes)]                  # n_b, real tokens of row b
+    width = max(lengths)
+    input_ids = torch.tensor([[pad_id] * (width - n) + p + s for n, p, s in zip(lengths, prefixes, suffixes)],
                              dtype=torch.long)                                      # (B, T)
     column = torch.arange(width)
-    tokens = torch.tensor([len(p) + len(s) for p, s in zip(prefixes, suffixes)])[:, None]
     answer = torch.tensor([len(s) for s in suffixes])[:, None]
-    attention_mask = (column >= width - tokens).long()                               # a row's last n_b columns
+    attention_mask = (column >= width - torch.tensor(lengths)[:, None]).long()       # a row's last n_b columns
     token_type_ids = (column >= width - answer).long()                               # ... and its last |suffix_b|
     labels = pg.suffix_labels(input_ids, token_type_ids, attention_mask)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
