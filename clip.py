@@ -1708,6 +1708,24 @@ def setup_distributed(device: str) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def leave_distributed() -> None:
+    """End a rank that torchrun started, once its work is done: wait for every rank, leave the process
+    group, and end the process at once (os._exit), skipping the interpreter's shutdown. A model wrapped
+    in DistributedDataParallel keeps gloo's threads running past destroy_process_group, and a rank whose
+    interpreter shut down around them was now and then aborted (SIGABRT, "terminate called without an
+    active exception") as the other rank exited, so torchrun called a finished run failed. Without
+    torchrun (WORLD_SIZE unset or 1) it does nothing."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_demo(device: str, out: str | Path = "runs/clip/demo") -> None:
     """Seconds: the loss on made-up features, then a tiny CLIP trained for a few steps on shapes."""
     B = 8
@@ -1790,3 +1808,4 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
 
 if __name__ == "__main__":
     main()
+    leave_distributed()

@@ -1543,6 +1543,24 @@ def setup_distributed(device: str) -> tuple[str, bool]:
     return device, True
 
 
+def leave_distributed() -> None:
+    """End a rank that torchrun started, once its work is done: wait for every rank, leave the process
+    group, and end the process at once (os._exit), skipping the interpreter's shutdown. A model wrapped
+    in DistributedDataParallel keeps gloo's threads running past destroy_process_group, and a rank whose
+    interpreter shut down around them was now and then aborted (SIGABRT, "terminate called without an
+    active exception") as the other rank exited, so torchrun called a finished run failed. Without
+    torchrun (WORLD_SIZE unset or 1) it does nothing."""
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def config_from_args(args: argparse.Namespace) -> FlowConfig:
     """--tiny / --homework preset, then the flags given."""
     preset = FlowConfig.tiny if args.tiny else FlowConfig.homework if args.homework else FlowConfig
@@ -1776,3 +1794,4 @@ def method_panels(model: nn.Module, cfg: FlowConfig, result: dict, device: str =
 
 if __name__ == "__main__":
     main()
+    leave_distributed()

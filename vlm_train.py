@@ -2503,3 +2503,4 @@ def run_demo(vcfg: VLMConfig, tcfg: TrainConfig, run: Run) -> dict:
 
 if __name__ == "__main__":
     main()
+    clip.leave_distributed()

@@ -6,6 +6,8 @@
 3. One command-line grammar: the shared flags (--train, --out, --resume, --seed, --device, --tiny) say
    the same words in every file's --help; a file without one of them says so in its --help.
 4. One text of each shared helper: files that may not import clip.py keep byte-identical copies.
+5. Under torchrun a finished rank ends with exit code 0: each file that joins a process group ends its
+   `python FILE.py` with leave_distributed, which skips the interpreter's shutdown.
 """
 import ast
 import importlib
@@ -122,9 +124,11 @@ def test_runs_write_only_under_their_out(tmp_path, monkeypatch, capsys):
 
 
 # Helpers every file needs. clip.py holds the canonical text; a file the import graph lets import
-# clip.py uses it (qformer.py, paligemma.py; lora.py uses nf4.py's), the stand-alone ones copy it.
+# clip.py uses it (qformer.py, paligemma.py; lora.py uses nf4.py's), the stand-alone ones copy it;
+# flow_matching.py, which runs under torchrun, copies leave_distributed too.
 SHARED_HELPERS = ("pick_device", "CheckpointError", "check_finite", "fsync_path", "atomic_write")
-COPIES = {"flow_matching.py": SHARED_HELPERS, "nf4.py": SHARED_HELPERS, "rouge.py": ("fsync_path", "atomic_write")}
+COPIES = {"flow_matching.py": SHARED_HELPERS + ("leave_distributed",), "nf4.py": SHARED_HELPERS,
+          "rouge.py": ("fsync_path", "atomic_write")}
 
 
 def source_of(file, name):
@@ -153,6 +157,39 @@ def test_files_that_may_import_the_helpers_do_not_copy_them():
         assert source_of("lora.py", name) is None, f"lora.py should use nf4.{name}, not a copy"
     assert lora.nf4.CheckpointError is nf4.CheckpointError
     assert source_of("paligemma.py", "CheckpointError") is None and source_of("qformer.py", "CheckpointError") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun: a rank that finished its work ends with exit code 0
+# ---------------------------------------------------------------------------------------------
+
+def leaving_rank(rank, world, tmp):
+    """A rank as torchrun starts it (WORLD_SIZE set): DDP work in the group, an exit handler registered,
+    then clip.leave_distributed(), which should end the process without returning or running it."""
+    import atexit
+    import os
+    os.environ["WORLD_SIZE"] = str(world)
+    net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    net(torch.ones(2, 4)).sum().backward()
+    atexit.register(lambda: (Path(tmp) / f"shutdown-{rank}").write_text("the interpreter shut down"))
+    clip.leave_distributed()
+    (Path(tmp) / f"returned-{rank}").write_text("leave_distributed returned")
+
+
+def test_leave_distributed_ends_each_rank_at_once_and_does_nothing_in_one_process(tmp_path, monkeypatch):
+    from conftest import run_gloo_workers
+    assert run_gloo_workers(leaving_rank, 2, tmp_path) == [0, 0]
+    assert not list(tmp_path.glob("returned-*")) and not list(tmp_path.glob("shutdown-*"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert clip.leave_distributed() is None                       # one process: back to the caller
+
+
+@pytest.mark.parametrize("file", ["clip.py", "flow_matching.py", "vlm_train.py"])
+def test_files_that_join_a_process_group_leave_it_at_the_end_of_their_command(file):
+    tree = ast.parse((ROOT / file).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "__name__ == '__main__'")
+    assert [ast.unparse(n) for n in block.body] in (["main()", "leave_distributed()"],
+                                                    ["main()", "clip.leave_distributed()"]), file
 
 
 # ---------------------------------------------------------------------------------------------
