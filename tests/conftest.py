@@ -63,24 +63,17 @@ def one_thread():
 
 def in_gloo_group(target, rank, world, tmp):
     """One spawned rank: join a gloo group through a file in tmp (as torchrun's ranks would), on one
-    torch thread, run target(rank, world, tmp), then leave the group together and end the process.
-
-    The barrier lets every rank finish its last collective before any rank tears the group down. The
-    rank then ends with os._exit, as a forked multiprocessing child ends, not through the interpreter's
-    shutdown: once DistributedDataParallel has used the group, gloo's threads outlive
-    destroy_process_group (they still run after it and a gc.collect()), and a rank still shutting down
-    its interpreter when the other rank's process exited was aborted now and then ("terminate called
-    without an active exception", exit code -6), after all its work was done."""
-    import sys
+    torch thread, run target(rank, world, tmp), then leave the group and end the process as a torchrun
+    rank of the root files does (clip.leave_distributed: a barrier, so that no rank tears the group
+    down while another still has a collective in flight, then os._exit, which skips the interpreter
+    shutdown that gloo's threads made abort now and then, after all the work was done)."""
     import torch.distributed as dist
+    import clip
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     target(rank, world, tmp)
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    os.environ["WORLD_SIZE"] = str(world)
+    clip.leave_distributed()
 
 
 def run_gloo_workers(target, world, tmp, timeout=120):
