@@ -211,6 +211,8 @@ class TrainConfig:
     clip_norm: float = 1.0
     bf16: bool = True                  # autocast where the device supports bf16 (CUDA with bf16); CPU: fp32
     grad_checkpointing: bool = False   # stage 2: backward re-runs each LM layer instead of keeping its activations
+    length_split: int = 512            # stage 2: a micro-batch runs as two, by row length, where that skips at least
+                                       # this many padding tokens (split_by_length); 0: never
     save_every: int = 200
     seed: int = 0
     data: str = ""                     # "" = the embedded shapes data; else KIND:PATH (see load_data)
@@ -782,9 +784,10 @@ def checkpoint_activations(vlm: VLM) -> None:
 # == Training: the losses of each stage, the optimizer, the schedule, the rows of a step, a batch ===
 
 def vlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Answer-only next-token loss of a batch of (image, prefix, suffix) sequences (paligemma.suffix_loss).
-    Under torchrun, times this rank's `token_share` (Run.micro_batch), so that DDP's mean of the ranks'
-    gradients is the gradient of one process's loss over the whole batch."""
+    """Answer-only next-token loss of a batch of (image, prefix, suffix) sequences (paligemma.suffix_loss),
+    times the batch's `token_share` where it has one: its share of the step's answer tokens, so that the
+    parts of a batch split by length (split_by_length), and under torchrun DDP's mean of the ranks'
+    gradients (Run.micro_batch), give the gradient of one process's loss over the whole batch."""
     loss = model(batch["input_ids"], batch.get("image_inputs"), batch["attention_mask"],
                  batch["token_type_ids"], batch["labels"]).loss
     return loss * batch["token_share"] if "token_share" in batch else loss
@@ -842,6 +845,47 @@ def kind_weights(qa: Sequence[tuple[int, str, str, str]], balance_position: bool
     counts = collections.Counter(key(row) for row in qa)
     answers = collections.Counter(group[0] for group in counts)     # groups per kind: 4 for balanced position, else 1
     return torch.tensor([1.0 / (counts[key(row)] * answers[row[3]]) for row in qa])
+
+
+TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "labels")     # prefix_suffix_batch's (B, T) tensors
+
+
+def split_by_length(batch: dict[str, torch.Tensor], min_saved: int) -> list[dict[str, torch.Tensor]]:
+    """A left-padded batch as one part, or as two parts by row length where that skips >= min_saved padding tokens.
+
+    Every row of a batch is padded to its longest (prefix_suffix_batch), so a few long rows make every
+    row pay for their length: in the default recipe's stage 2 a named position answer (ten words) pads
+    the other 56 or so rows of a step from about 19 tokens to 31, and a third of the tokens computed are
+    padding. A cut at length c puts the rows of at most c tokens in one part, padded to c, and the rest
+    in another, padded to the longest; the c that leaves the fewest tokens is taken. Left padding makes
+    the cut a slice: a row's last n_b columns are the same row in a narrower batch, with the same
+    positions (counted over real tokens) and the same mask over them.
+
+    Each part's loss is the mean over its answer tokens (suffix_loss), n_p of them; weighted by
+    token_share = n_p / n, the parts' losses sum to the whole batch's mean over its n answer tokens,
+    and so do their gradients: the same gradient, summed in another order (so not the same bits).
+    A part costs a forward and a backward of its own, whatever its size (a few ms here), which is why
+    a cut must skip at least min_saved tokens; 0 never splits. Under torchrun the batch's own
+    token_share (Run.micro_batch) is scaled alike.
+    """
+    mask = batch["attention_mask"]
+    B, T = mask.shape
+    lengths = mask.sum(1)                                                      # (B,) real tokens per row
+
+    def cost(c: int) -> int:                                                   # tokens computed with the cut at c
+        return int((lengths <= c).sum()) * c + int((lengths > c).sum()) * T
+
+    cut = min(lengths.unique().tolist()[:-1], key=cost, default=None)          # any length but the longest
+    if min_saved <= 0 or cut is None or B * T - cost(cut) < min_saved:
+        return [batch]
+    n = (batch["labels"] != -100).sum()                                        # answer tokens of the batch
+    parts = []
+    for rows, width in (((lengths <= cut).nonzero()[:, 0], cut), ((lengths > cut).nonzero()[:, 0], T)):
+        part = {k: v[rows, T - width:] if k in TEXT_KEYS else v[rows] for k, v in batch.items() if k != "token_share"}
+        share = (part["labels"] != -100).sum() / n                             # n_p / n
+        part["token_share"] = share * batch["token_share"] if "token_share" in batch else share
+        parts.append(part)
+    return parts
 
 
 def step_rows(stage: Stage, batch_size: int, seed: int, step: int) -> tuple[str, torch.Tensor]:
@@ -1351,6 +1395,7 @@ class Stage:
     scaled: list = field(default_factory=list)      # trained at lr x qformer_lr_scale
     weights: torch.Tensor | None = None             # row sampling weights (stage 2: kinds balanced)
     save_every: int = 200                           # checkpoint interval (and always at the last step)
+    length_split: int = 0                           # split_by_length's min_saved (stage 2: TrainConfig.length_split)
 
 
 def text_stage(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> Stage:
@@ -1385,7 +1430,8 @@ def vqa_stage(vlm: VLM, data: VQAData, tcfg: TrainConfig) -> Stage:
         data = frozen_queries(vlm, data, tcfg.bf16)   # the frozen Q-Former runs once per training image
     return Stage("stage2", ("vqa",), data, vlm_loss, params,
                  tcfg.stage2_steps, tcfg.stage2_lr, tcfg.warmup, stage_config(vlm.config, tcfg, "stage2"),
-                 weights=kind_weights(data.qa, tcfg.balance_position), save_every=tcfg.save_every)
+                 weights=kind_weights(data.qa, tcfg.balance_position), save_every=tcfg.save_every,
+                 length_split=tcfg.length_split)
 
 
 @torch.no_grad()
@@ -1400,7 +1446,7 @@ def frozen_queries(vlm: VLM, data: VQAData, bf16: bool, batch_size: int = 500) -
 
 
 STAGE2_ONLY = ("stage2", "stage2_steps", "stage2_lr", "stage2_qformer", "lora_r", "lora_alpha", "lora_targets",
-               "grad_checkpointing", "balance_position")
+               "grad_checkpointing", "balance_position", "length_split")
 
 
 def stage_config(vcfg: VLMConfig, tcfg: TrainConfig, phase: str) -> dict:
@@ -1444,15 +1490,17 @@ def train_stage(vlm: VLM, stage: Stage, tcfg: TrainConfig, run: Run) -> list[flo
         phase, rows = step_rows(stage, tcfg.batch_size, tcfg.seed, step)
         b, total = tcfg.batch_size // tcfg.grad_accum, 0.0
         for k in range(tcfg.grad_accum):                                      # gradients accumulate
-            batch = run.micro_batch(vlm, stage.data, phase, rows[k * b:(k + 1) * b])
-            with run.no_sync(net, k < tcfg.grad_accum - 1):                   # DDP: average at the last only
-                with autocast(vlm.model.device, tcfg.bf16):
-                    loss = net(batch) / tcfg.grad_accum
-                if not torch.isfinite(loss):
-                    raise clip.NonFiniteLossError(f"the loss is {loss.item()} at lr {lr:.2e}; stopping before the "
-                                                  f"update (the last checkpoint is kept). Lower the learning rate.")
-                loss.backward()
-            total += loss.item()
+            parts = split_by_length(run.micro_batch(vlm, stage.data, phase, rows[k * b:(k + 1) * b]), stage.length_split)
+            for j, batch in enumerate(parts):                                 # one part, or two by row length
+                last = k == tcfg.grad_accum - 1 and j == len(parts) - 1
+                with run.no_sync(net, not last):                              # DDP: average at the last only
+                    with autocast(vlm.model.device, tcfg.bf16):
+                        loss = net(batch) / tcfg.grad_accum
+                    if not torch.isfinite(loss):
+                        raise clip.NonFiniteLossError(f"the loss is {loss.item()} at lr {lr:.2e}; stopping before the "
+                                                      f"update (the last checkpoint is kept). Lower the learning rate.")
+                    loss.backward()
+                total += loss.item()
         # g <- g min(1, c / ||g||): one global norm over all trainable parameters
         torch.nn.utils.clip_grad_norm_(stage.params, tcfg.clip_norm)
         optimizer.step()

@@ -263,8 +263,10 @@ def tiny_configs():
     # stage 2 "full": every weight of the LM moves, so any difference between the runs would show. No image
     # positions: their N(0, 1) rows swamp this tiny connector's output, its gradients sit near float noise
     # (sqrt of AdamW's v ~ 3e-6), and AdamW's division by sqrt(v) turns the ranks' other summation order
-    # into weight differences of ~3e-4 there, while the losses still agree to 5e-7
-    return vt.VLMConfig.tiny(connector="mlp", image_pos="none"), vt.TrainConfig.tiny(stage2="full")
+    # into weight differences of ~3e-4 there, while the losses still agree to 5e-7. length_split=1: stage 2
+    # splits each rank's rows, and the one process's, by length wherever a row is shorter than another
+    # (split_by_length), so the parts' token shares are checked across ranks too
+    return vt.VLMConfig.tiny(connector="mlp", image_pos="none"), vt.TrainConfig.tiny(stage2="full", length_split=1)
 
 
 def ddp_worker(rank, world, tmp):
@@ -279,7 +281,7 @@ def ddp_worker(rank, world, tmp):
     except vt.Killed:
         pass
     os.environ["WORLD_SIZE"] = str(world)
-    vt.main(["--train", "--tiny", "--connector", "mlp", "--stage2", "full", "--set", "image_pos=none", "--out", f"{tmp}/resumed",
+    vt.main(["--train", "--tiny", "--connector", "mlp", "--stage2", "full", "--set", "image_pos=none", "--set", "length_split=1", "--out", f"{tmp}/resumed",
              "--cache", f"{tmp}/cache", "--resume", "--device", "cpu"])
 
 

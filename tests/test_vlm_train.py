@@ -115,6 +115,68 @@ def test_prefix_suffix_batch_pads_on_the_left_and_labels_only_the_answer():
     assert all(v.dtype == torch.long for v in batch.values())
 
 
+def test_split_by_length_cuts_where_the_least_padding_is_left():
+    # rows of 3, 3, 3 and 8 tokens: one batch computes 4 x 8 = 32 tokens, the cut at 3 gives 3 x 3 + 8 = 17
+    batch = vt.prefix_suffix_batch([[5, 6], [7, 7], [9, 9], [4] * 6], [[8], [8], [3], [2, 2]], pad_id=0)
+    batch["image_inputs"] = torch.arange(4.0)[:, None].repeat(1, 3)          # anything indexed by row
+    assert vt.split_by_length(batch, 0) == [batch] and vt.split_by_length(batch, 16) == [batch]   # never / not enough
+    short, long = vt.split_by_length(batch, 15)
+    assert short["input_ids"].tolist() == [[5, 6, 8], [7, 7, 8], [9, 9, 3]]   # left padding sliced off, order kept
+    assert short["attention_mask"].tolist() == [[1, 1, 1]] * 3 and short["labels"].tolist() == [[-100, -100, 8]] * 2 + [[-100, -100, 3]]
+    assert long["input_ids"].tolist() == [[4] * 6 + [2, 2]] and long["token_type_ids"].tolist() == [[0] * 6 + [1, 1]]
+    assert short["image_inputs"][:, 0].tolist() == [0, 1, 2] and long["image_inputs"][:, 0].tolist() == [3]
+    assert [short["token_share"].item(), long["token_share"].item()] == pytest.approx([3 / 5, 2 / 5])   # 3 and 2 answer tokens of 5
+    batch["token_share"] = torch.tensor(1.5)                                 # torchrun: this rank's share, scaled alike
+    assert [p["token_share"].item() for p in vt.split_by_length(batch, 15)] == pytest.approx([1.5 * 3 / 5, 1.5 * 2 / 5])
+    same = vt.prefix_suffix_batch([[5, 6]] * 3, [[8]] * 3, pad_id=0)          # one length: nothing to cut
+    assert vt.split_by_length(same, 1) == [same]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_the_parts_of_a_split_batch_give_the_whole_batch_loss_and_gradients(mode, cache):
+    vlm, data, _, tcfg = build("linear", cache)
+    if mode != "full":
+        vt.add_lora(vlm)
+        with torch.no_grad():                  # B = 0 would leave A without a gradient: give B values
+            for layer in lora.lora_layers(vlm.lm).values():
+                layer.lora_B.normal_(0.0, 0.1)
+    params = vt.set_stage(vlm, 2, mode)
+    named = [i for i, row in enumerate(data.qa) if row[3] == "position"][:3]   # ten-word answers among one-word ones
+    batch = vt.make_batch(vlm, data, named + [i for i, row in enumerate(data.qa) if row[3] == "count"][:9], "vqa")
+    parts = vt.split_by_length(batch, 1)
+    assert len(parts) == 2 and sum(p["input_ids"].numel() for p in parts) < batch["input_ids"].numel()
+
+    def gradients(batches):
+        vlm.model.zero_grad(set_to_none=True)
+        loss = sum(vt.vlm_loss(vlm.model.train(), b) for b in batches)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    (whole, g_whole), (split, g_split) = gradients([batch]), gradients(parts)
+    assert torch.allclose(whole, split, rtol=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g_whole, g_split))
+    assert sum(g.abs().sum() for g in g_whole) > 0
+
+
+def test_a_run_that_splits_its_batches_resumes_after_a_kill_to_the_same_weights(cache, tmp_path, monkeypatch):
+    vcfg, tcfg = tiny("linear", stage2="full", stage2_steps=5, length_split=1)
+    split, parts = vt.split_by_length, []
+    monkeypatch.setattr(vt, "split_by_length", lambda batch, n: parts.append(len(split(batch, n))) or split(batch, n))
+    straight, _ = vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path / "a", CPU, cache=cache, progress=False, evaluate=False))
+    assert parts[-5:] == [2] * 5                           # stage 2: every step in two parts (stages 0 and 1: one)
+    assert set(parts[:-5]) == {1}
+    padded, _ = vt.train_vlm(vcfg, replace_cfg(tcfg, length_split=0),
+                             vt.Run(tmp_path / "c", CPU, cache=cache, progress=False, evaluate=False))
+    # the same first loss, from the same weights (later steps move apart by rounding)
+    assert straight["history"]["stage2"][0] == pytest.approx(padded["history"]["stage2"][0], rel=1e-6)
+    with pytest.raises(vt.Killed):
+        vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path / "b", CPU, cache=cache, progress=False, evaluate=False,
+                                        stop_after=("stage2", 3)))
+    vt.train_vlm(vcfg, tcfg, vt.Run(tmp_path / "b", CPU, resume=True, cache=cache, progress=False, evaluate=False))
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- which parameters each stage trains ---------------------------------------------------------------
 
 def grads_after_one_step(vlm, data, stage, mode, vcfg):
