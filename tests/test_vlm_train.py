@@ -134,7 +134,7 @@ def test_split_by_length_cuts_where_the_least_padding_is_left():
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_the_parts_of_a_split_batch_give_the_whole_batch_loss_and_gradients(mode, cache):
-    vlm, data, _, tcfg = build("linear", cache)
+    vlm, data, _, _ = build("linear", cache)
     if mode != "full":
         vt.add_lora(vlm)
         with torch.no_grad():                  # B = 0 would leave A without a gradient: give B values
